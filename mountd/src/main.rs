@@ -1,0 +1,205 @@
+//! `aifs-mountd`: parses the command line, sets up logging, opens the store,
+//! mounts, and unmounts on SIGINT/SIGTERM. It only wires the library
+//! together; everything it mounts is `aifs::fs::Fs`.
+
+use std::fs::OpenOptions;
+use std::io::{IsTerminal, Read, Write};
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+use std::sync::Arc;
+
+use aifs::backend::{find_onnxruntime, Backend, Backends, OnnxRuntime};
+use aifs::device::{Cpu, Probe};
+use aifs::fs::Fs;
+use clap::Parser;
+use signal_hook::consts::{SIGINT, SIGTERM};
+
+/// Mount the aifs tree: AI models, compute devices and inference jobs as files.
+///
+/// Detaches once the mount is ready unless --foreground is given. Logging
+/// follows RUST_LOG (default "info").
+#[derive(Parser, Debug)]
+#[command(version)]
+struct Cli {
+    /// Directory to mount the tree on (created if missing).
+    mountpoint: PathBuf,
+
+    /// Where blobs and the catalog live [default: $XDG_DATA_HOME/aifs, else ~/.local/share/aifs].
+    #[arg(long, env = "AIFS_DATA_DIR")]
+    data_dir: Option<PathBuf>,
+
+    /// Stay in the foreground and log to stderr (otherwise detach once mounted and log to <data-dir>/aifs-mountd.log).
+    #[arg(long, short)]
+    foreground: bool,
+
+    /// Path of libonnxruntime.so [default: next to this binary, then .deps/ of the checkout it was built in, then /usr/local/lib, /usr/lib].
+    #[arg(long, env = "AIFS_ONNXRUNTIME")]
+    onnxruntime: Option<PathBuf>,
+
+    /// Let other users and containers use the mount (the kernel still enforces each file's mode).
+    #[arg(long)]
+    allow_other: bool,
+
+    /// FUSE worker threads.
+    #[arg(long, default_value_t = 4)]
+    threads: usize,
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    match run(cli) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(msg) => {
+            eprintln!("aifs-mountd: {msg}");
+            tracing::error!("{msg}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn default_data_dir() -> Result<PathBuf, String> {
+    if let Some(xdg) = std::env::var_os("XDG_DATA_HOME").filter(|v| !v.is_empty()) {
+        return Ok(PathBuf::from(xdg).join("aifs"));
+    }
+    let home =
+        std::env::var_os("HOME").ok_or("neither XDG_DATA_HOME nor HOME is set; pass --data-dir")?;
+    Ok(PathBuf::from(home).join(".local/share/aifs"))
+}
+
+fn run(cli: Cli) -> Result<(), String> {
+    let data_dir = match cli.data_dir.clone() {
+        Some(d) => d,
+        None => default_data_dir()?,
+    };
+    std::fs::create_dir_all(&data_dir)
+        .map_err(|e| format!("data dir {}: {e}", data_dir.display()))?;
+    std::fs::create_dir_all(&cli.mountpoint).or_else(|e| {
+        // A stale mount answers ENOTCONN; it is cleared below.
+        if e.raw_os_error() == Some(libc::ENOTCONN) {
+            Ok(())
+        } else {
+            Err(format!("mount point {}: {e}", cli.mountpoint.display()))
+        }
+    })?;
+    let library = find_onnxruntime(cli.onnxruntime.as_deref())?;
+
+    // Detach before any thread exists; the parent waits for "mounted".
+    let ready = if cli.foreground {
+        None
+    } else {
+        Some(detach(&data_dir.join("aifs-mountd.log"))?)
+    };
+    init_logging();
+    tracing::info!(version = env!("CARGO_PKG_VERSION"), data_dir = %data_dir.display(), onnxruntime = %library.display(), "starting");
+
+    let result = serve(&cli, &data_dir, &library, ready);
+    if let Err(msg) = &result {
+        tracing::error!("{msg}");
+    }
+    result
+}
+
+fn serve(cli: &Cli, data_dir: &Path, library: &Path, ready: Option<OwnedFd>) -> Result<(), String> {
+    let mountpoint = std::path::absolute(&cli.mountpoint).map_err(|e| e.to_string())?;
+    let store = aifs::store::Store::open(data_dir)
+        .map_err(|e| format!("opening the store in {}: {e}", data_dir.display()))?;
+    let onnx: Arc<dyn Backend> = OnnxRuntime::load(library).map_err(|e| e.to_string())?;
+    let devices: Vec<Box<dyn Probe>> = vec![Box::new(Cpu::new())];
+    let fs = Arc::new(Fs::new(
+        store,
+        Backends::new(vec![onnx]),
+        devices,
+        &mountpoint,
+    ));
+
+    if aifs::fuse::clear_stale_mount(&mountpoint).map_err(|e| e.to_string())? {
+        tracing::warn!(mountpoint = %mountpoint.display(), "cleared a stale mount left by a daemon that died");
+    }
+    let config = aifs::fuse::mount_config(cli.allow_other, cli.threads);
+    let mut session =
+        fuser::Session::new(aifs::fuse::Adapter::new(fs.clone()), &mountpoint, &config)
+            .map_err(|e| format!("mounting on {}: {e}", mountpoint.display()))?;
+    tracing::info!(mountpoint = %mountpoint.display(), "mounted");
+
+    let mut unmounter = session.unmount_callable();
+    let mut signals =
+        signal_hook::iterator::Signals::new([SIGINT, SIGTERM]).map_err(|e| e.to_string())?;
+    std::thread::Builder::new()
+        .name("signals".into())
+        .spawn(move || {
+            if let Some(sig) = signals.forever().next() {
+                tracing::info!(signal = sig, "unmounting");
+                if let Err(e) = unmounter.unmount() {
+                    tracing::error!("unmount failed: {e}");
+                }
+            }
+        })
+        .map_err(|e| e.to_string())?;
+
+    if let Some(fd) = ready {
+        let mut pipe = std::fs::File::from(fd);
+        let _ = pipe.write_all(b"ok");
+    }
+    session
+        .run()
+        .map_err(|e| format!("serving the mount: {e}"))?;
+    tracing::info!("unmounted; bye");
+    Ok(())
+}
+
+fn init_logging() {
+    let filter =
+        tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into());
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_ansi(std::io::stderr().is_terminal())
+        .with_writer(std::io::stderr)
+        .init();
+}
+
+/// Forks. The parent waits until the child writes "ok" on the returned pipe
+/// (the mount is ready) and exits 0, or exits 1 if the child dies first
+/// (its error is in the log). The child starts a new session and sends its
+/// stdio to `log`.
+fn detach(log: &Path) -> Result<OwnedFd, String> {
+    let log_file = OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(log)
+        .map_err(|e| format!("log file {}: {e}", log.display()))?;
+    let mut fds = [0; 2];
+    // SAFETY: pipe writes two fds into the array.
+    if unsafe { libc::pipe2(fds.as_mut_ptr(), libc::O_CLOEXEC) } != 0 {
+        return Err(format!("pipe: {}", std::io::Error::last_os_error()));
+    }
+    // SAFETY: both fds were just created and are owned here only.
+    let (read_end, write_end) =
+        unsafe { (OwnedFd::from_raw_fd(fds[0]), OwnedFd::from_raw_fd(fds[1])) };
+    // SAFETY: no other threads exist yet, so the child may keep running Rust.
+    match unsafe { libc::fork() } {
+        -1 => Err(format!("fork: {}", std::io::Error::last_os_error())),
+        0 => {
+            drop(read_end);
+            // SAFETY: plain syscalls on fds we own.
+            unsafe {
+                libc::setsid();
+                let null = libc::open(c"/dev/null".as_ptr(), libc::O_RDONLY);
+                libc::dup2(null, 0);
+                libc::dup2(log_file.as_raw_fd(), 1);
+                libc::dup2(log_file.as_raw_fd(), 2);
+            }
+            Ok(write_end)
+        }
+        _child => {
+            drop(write_end);
+            let mut status = String::new();
+            let _ = std::fs::File::from(read_end).read_to_string(&mut status);
+            if status == "ok" {
+                std::process::exit(0);
+            }
+            eprintln!("aifs-mountd: failed to start; see {}", log.display());
+            std::process::exit(1);
+        }
+    }
+}

@@ -1,0 +1,87 @@
+"""Writes the model fixtures the tests and examples use into DIR (default
+target/fixtures). Real ONNX models only: the ones the onnxruntime wheel
+ships, and small graphs built here with the onnx package. Idempotent: a
+file already present is left alone.
+
+    .venv/bin/python scripts/fixtures.py [DIR]
+"""
+
+import os
+import shutil
+import sys
+
+import numpy as np
+import onnx
+import onnxruntime
+from onnx import TensorProto, helper, numpy_helper
+
+OPSET = [helper.make_opsetid("", 17)]
+
+
+def save(model, path):
+    onnx.checker.check_model(model)
+    tmp = path + ".tmp"
+    onnx.save(model, tmp)
+    os.replace(tmp, path)
+
+
+def mlp(path):
+    """The 16x16 Gemm+ReLU MLP: x[N,16] float32 -> y[N,16]."""
+    rng = np.random.default_rng(16)
+    w = numpy_helper.from_array(rng.standard_normal((16, 16)).astype(np.float32), "w")
+    b = numpy_helper.from_array(rng.standard_normal(16).astype(np.float32), "b")
+    graph = helper.make_graph(
+        [
+            helper.make_node("Gemm", ["x", "w", "b"], ["h"]),
+            helper.make_node("Relu", ["h"], ["y"]),
+        ],
+        "mlp",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 16])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 16])],
+        [w, b],
+    )
+    save(helper.make_model(graph, opset_imports=OPSET), path)
+
+
+def big(path, megabytes=100):
+    """A valid model of about `megabytes` MB: y = x + W, W a large initializer."""
+    n = megabytes * 1024 * 1024 // 4
+    w = numpy_helper.from_array(np.arange(n, dtype=np.float32), "w")
+    graph = helper.make_graph(
+        [helper.make_node("Add", ["x", "w"], ["y"])],
+        "big",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [n])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [n])],
+        [w],
+    )
+    save(helper.make_model(graph, opset_imports=OPSET), path)
+
+
+def main():
+    out = sys.argv[1] if len(sys.argv) > 1 else "target/fixtures"
+    os.makedirs(out, exist_ok=True)
+    datasets = os.path.join(os.path.dirname(onnxruntime.__file__), "datasets")
+    for name in ["mul_1.onnx", "sigmoid.onnx", "logreg_iris.onnx"]:
+        dest = os.path.join(out, name)
+        if not os.path.exists(dest):
+            shutil.copyfile(os.path.join(datasets, name), dest)
+    made = {"mlp.onnx": mlp, "big.onnx": big}
+    for name, make in made.items():
+        dest = os.path.join(out, name)
+        if not os.path.exists(dest):
+            make(dest)
+    # Bad inputs: each must be refused on import.
+    with open(os.path.join(out, "mlp.onnx"), "rb") as f:
+        good = f.read()
+    bad = {
+        "empty.onnx": b"",
+        "garbage.onnx": bytes(np.random.default_rng(7).integers(0, 256, 4096, dtype=np.uint8)),
+        "truncated.onnx": good[: len(good) // 2],
+    }
+    for name, data in bad.items():
+        with open(os.path.join(out, name), "wb") as f:
+            f.write(data)
+
+
+if __name__ == "__main__":
+    main()

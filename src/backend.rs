@@ -1,0 +1,251 @@
+//! Backends: what can load a model file and say what it takes and returns.
+//!
+//! One trait, [`Backend`]; the daemon holds a list of them ([`Backends`]) and
+//! picks one by file name. Today that is ONNX Runtime through `ort`, loaded
+//! at run time (`load-dynamic`) from the `libonnxruntime.so` that
+//! `scripts/setup.sh` installs. [`find_onnxruntime`] says where it looks;
+//! nothing here panics when the library is missing or broken: `ort` would,
+//! so we load it ourselves first and turn failure into an [`Error`].
+
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, OnceLock};
+
+use crate::error::{Error, Result};
+use crate::store::Inspected;
+use crate::tensor::{DType, Signature, TensorSpec};
+
+pub trait Backend: Send + Sync {
+    /// Short name shown in `meta.json` and `/status`, e.g. `onnxruntime`.
+    fn name(&self) -> &'static str;
+    /// The model format it reads, e.g. `onnx`.
+    fn format(&self) -> &'static str;
+    /// Whether this backend reads files with this name (by extension).
+    fn handles(&self, file_name: &str) -> bool;
+    /// Loads the model to check it and report its signature. An unloadable
+    /// file is [`Error::InvalidModel`] with the backend's reason on one line.
+    fn inspect(&self, path: &Path, file_name: &str) -> Result<Signature>;
+    /// Facts for `/status`.
+    fn describe(&self) -> serde_json::Value;
+}
+
+/// The backends a daemon runs with, in order of preference.
+#[derive(Clone, Default)]
+pub struct Backends(Vec<Arc<dyn Backend>>);
+
+impl Backends {
+    pub fn new(list: Vec<Arc<dyn Backend>>) -> Self {
+        Backends(list)
+    }
+
+    pub fn for_file(&self, file_name: &str) -> Result<&Arc<dyn Backend>> {
+        self.0.iter().find(|b| b.handles(file_name)).ok_or_else(|| {
+            let formats: Vec<&str> = self.0.iter().map(|b| b.format()).collect();
+            Error::InvalidModel {
+                name: file_name.to_string(),
+                why: format!(
+                    "no backend reads this file type (known: {})",
+                    formats.join(", ")
+                ),
+            }
+        })
+    }
+
+    /// Loads `path` with the backend for `file_name`: the store's inspector.
+    pub fn inspect(&self, path: &Path, file_name: &str) -> Result<Inspected> {
+        let backend = self.for_file(file_name)?;
+        let size = std::fs::metadata(path)
+            .map_err(|e| Error::io(path.display().to_string(), e))?
+            .len();
+        if size == 0 {
+            return Err(Error::InvalidModel {
+                name: file_name.to_string(),
+                why: "empty file".into(),
+            });
+        }
+        Ok(Inspected {
+            format: backend.format().to_string(),
+            backend: backend.name().to_string(),
+            signature: backend.inspect(path, file_name)?,
+        })
+    }
+
+    pub fn describe(&self) -> Vec<serde_json::Value> {
+        self.0.iter().map(|b| b.describe()).collect()
+    }
+}
+
+/// The ONNX Runtime library file name inside the PyPI wheel.
+pub const ONNXRUNTIME_LIB: &str = "libonnxruntime.so.1.32.0";
+
+/// Where the daemon looks for ONNX Runtime, in order:
+/// 1. `explicit` (the `--onnxruntime` flag or `AIFS_ONNXRUNTIME`);
+/// 2. next to the executable (an installed layout);
+/// 3. `.deps/onnxruntime/onnxruntime/capi/` in the executable's ancestors
+///    (what `scripts/setup.sh` makes in a checkout, so `target/*/aifs-mountd`
+///    finds it with nothing exported);
+/// 4. `/usr/local/lib`, `/usr/lib`.
+pub fn find_onnxruntime(explicit: Option<&Path>) -> Result<PathBuf, String> {
+    if let Some(path) = explicit {
+        return if path.is_file() {
+            Ok(path.to_path_buf())
+        } else {
+            Err(format!(
+                "ONNX Runtime library {} does not exist",
+                path.display()
+            ))
+        };
+    }
+    let mut candidates = Vec::new();
+    if let Ok(exe) = std::env::current_exe() {
+        if let Some(dir) = exe.parent() {
+            candidates.push(dir.join(ONNXRUNTIME_LIB));
+            for ancestor in dir.ancestors() {
+                candidates.push(
+                    ancestor
+                        .join(".deps/onnxruntime/onnxruntime/capi")
+                        .join(ONNXRUNTIME_LIB),
+                );
+            }
+        }
+    }
+    candidates.push(Path::new("/usr/local/lib").join(ONNXRUNTIME_LIB));
+    candidates.push(Path::new("/usr/lib").join(ONNXRUNTIME_LIB));
+    candidates.iter().find(|p| p.is_file()).cloned().ok_or_else(|| {
+        format!(
+            "ONNX Runtime library {ONNXRUNTIME_LIB} not found (run scripts/setup.sh, or pass --onnxruntime PATH / set AIFS_ONNXRUNTIME)"
+        )
+    })
+}
+
+/// ONNX Runtime through `ort`. `ort` keeps one process-wide library and
+/// environment, so this is a handle onto that global.
+pub struct OnnxRuntime {
+    library: PathBuf,
+    env: ort::environment::Environment,
+}
+
+static ORT: OnceLock<std::result::Result<Arc<OnnxRuntime>, String>> = OnceLock::new();
+
+impl OnnxRuntime {
+    /// Loads the library at `library` (first call wins for the process).
+    pub fn load(library: &Path) -> Result<Arc<OnnxRuntime>> {
+        ORT.get_or_init(|| {
+            let builder = ort::init_from(library)
+                .map_err(|e| format!("loading {}: {e}", library.display()))?;
+            let env = builder
+                .with_name("aifs")
+                .build()
+                .map_err(|e| format!("starting ONNX Runtime from {}: {e}", library.display()))?;
+            Ok(Arc::new(OnnxRuntime {
+                library: library.to_path_buf(),
+                env,
+            }))
+        })
+        .clone()
+        .map_err(Error::Runtime)
+    }
+}
+
+impl Backend for OnnxRuntime {
+    fn name(&self) -> &'static str {
+        "onnxruntime"
+    }
+
+    fn format(&self) -> &'static str {
+        "onnx"
+    }
+
+    fn handles(&self, file_name: &str) -> bool {
+        file_name.ends_with(".onnx")
+    }
+
+    fn inspect(&self, path: &Path, file_name: &str) -> Result<Signature> {
+        // ONNX Runtime names the temp file it read; the user knows it by its name.
+        let invalid = |e: ort::Error| Error::InvalidModel {
+            name: file_name.to_string(),
+            why: first_line(&e.to_string()).replace(&*path.to_string_lossy(), file_name),
+        };
+        let session = ort::session::Session::builder(&self.env)
+            .and_then(|b| b.with_intra_threads(1).map_err(Into::into))
+            .map_err(|e| Error::Runtime(e.to_string()))?
+            .commit_from_file(path)
+            .map_err(invalid)?;
+        let specs = |outlets: &[ort::value::Outlet]| -> Vec<TensorSpec> {
+            outlets
+                .iter()
+                .map(|o| TensorSpec {
+                    name: o.name().to_string(),
+                    dtype: o.dtype().tensor_type().map_or(DType::Other, dtype_of),
+                    shape: o
+                        .dtype()
+                        .tensor_shape()
+                        .map(|s| s.to_vec())
+                        .unwrap_or_default(),
+                })
+                .collect()
+        };
+        Ok(Signature {
+            inputs: specs(session.inputs()),
+            outputs: specs(session.outputs()),
+        })
+    }
+
+    fn describe(&self) -> serde_json::Value {
+        serde_json::json!({
+            "name": self.name(),
+            "format": self.format(),
+            "library": self.library,
+        })
+    }
+}
+
+fn dtype_of(t: ort::value::TensorElementType) -> DType {
+    use ort::value::TensorElementType as T;
+    match t {
+        T::Bool => DType::Bool,
+        T::Uint8 => DType::Uint8,
+        T::Int8 => DType::Int8,
+        T::Uint16 => DType::Uint16,
+        T::Int16 => DType::Int16,
+        T::Uint32 => DType::Uint32,
+        T::Int32 => DType::Int32,
+        T::Uint64 => DType::Uint64,
+        T::Int64 => DType::Int64,
+        T::Float16 => DType::Float16,
+        T::Bfloat16 => DType::Bfloat16,
+        T::Float32 => DType::Float32,
+        T::Float64 => DType::Float64,
+        T::String => DType::String,
+        _ => DType::Other,
+    }
+}
+
+fn first_line(s: &str) -> String {
+    s.lines()
+        .map(str::trim)
+        .find(|l| !l.is_empty())
+        .unwrap_or("unknown error")
+        .to_string()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_missing_library_is_an_error_not_a_panic() {
+        let err = find_onnxruntime(Some(Path::new("/nonexistent/libonnxruntime.so"))).unwrap_err();
+        assert!(err.contains("does not exist"), "{err}");
+    }
+
+    #[test]
+    fn unknown_file_types_are_refused_by_name() {
+        let backends = Backends::default();
+        let err = backends.for_file("weights.bin").err().unwrap();
+        assert_eq!(err.errno(), libc::EINVAL);
+        assert!(
+            err.to_string().contains("no backend reads this file type"),
+            "{err}"
+        );
+    }
+}

@@ -1,0 +1,128 @@
+//! The one error type of the library, and the one place where an error
+//! becomes an errno.
+//!
+//! Every fallible operation in `store`, `backend` and `fs` returns [`Error`].
+//! [`Error::errno`] is an exhaustive `match` (no catch-all arm), so adding a
+//! variant forces a decision about what a shell user will see. The `Display`
+//! text is the one readable line that goes to the daemon log (and, for jobs,
+//! to their `error` file); [`Error::level`] says how loud that line is.
+
+use std::io;
+
+pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// No such model, version, alias, blob or file.
+    #[error("{0}: no such file or directory")]
+    NotFound(String),
+    #[error("{0}: already exists")]
+    Exists(String),
+    #[error("invalid name {name:?}: {why}")]
+    InvalidName { name: String, why: &'static str },
+    /// A file copied in as a model that no backend can load.
+    #[error("invalid model {name:?}: {why}")]
+    InvalidModel { name: String, why: String },
+    #[error("{0}")]
+    InvalidArgument(String),
+    #[error("{0}: directory not empty")]
+    NotEmpty(String),
+    #[error("{0}")]
+    Busy(String),
+    #[error("{0}: read-only (versions are immutable)")]
+    ReadOnly(String),
+    #[error("{0}")]
+    NotPermitted(String),
+    /// A file the daemon writes (README, status, device files).
+    #[error("{0}: read-only file")]
+    AccessDenied(String),
+    #[error("{0}: not a directory")]
+    NotDir(String),
+    #[error("{0}: is a directory")]
+    IsDir(String),
+    /// A file handle that this filesystem did not hand out (or already released).
+    #[error("bad file handle {0}")]
+    BadHandle(u64),
+    #[error("{context}: {source}")]
+    Io {
+        context: String,
+        #[source]
+        source: io::Error,
+    },
+    #[error("catalog: {0}")]
+    Catalog(#[from] sled::Error),
+    /// The catalog holds a record this build cannot read.
+    #[error("catalog record {key}: {why}")]
+    CorruptRecord { key: String, why: String },
+    #[error("ONNX Runtime: {0}")]
+    Runtime(String),
+}
+
+impl Error {
+    /// Wraps an I/O error with what was being done, e.g. the path.
+    pub fn io(context: impl Into<String>, source: io::Error) -> Self {
+        Error::Io {
+            context: context.into(),
+            source,
+        }
+    }
+
+    /// The errno a FUSE reply carries for this error.
+    pub fn errno(&self) -> i32 {
+        match self {
+            Error::NotFound(_) => libc::ENOENT,
+            Error::Exists(_) => libc::EEXIST,
+            Error::InvalidName { .. } => libc::EINVAL,
+            Error::InvalidModel { .. } => libc::EINVAL,
+            Error::InvalidArgument(_) => libc::EINVAL,
+            Error::NotEmpty(_) => libc::ENOTEMPTY,
+            Error::Busy(_) => libc::EBUSY,
+            Error::ReadOnly(_) => libc::EROFS,
+            Error::NotPermitted(_) => libc::EPERM,
+            Error::AccessDenied(_) => libc::EACCES,
+            Error::NotDir(_) => libc::ENOTDIR,
+            Error::IsDir(_) => libc::EISDIR,
+            Error::BadHandle(_) => libc::EBADF,
+            Error::Io { source, .. } => source.raw_os_error().unwrap_or(libc::EIO),
+            Error::Catalog(_) => libc::EIO,
+            Error::CorruptRecord { .. } => libc::EIO,
+            Error::Runtime(_) => libc::EIO,
+        }
+    }
+
+    /// How loudly the daemon logs this error: lookups of names that do not
+    /// exist are routine; a failed disk write is not.
+    pub fn level(&self) -> tracing::Level {
+        match self {
+            Error::NotFound(_) | Error::Exists(_) => tracing::Level::DEBUG,
+            Error::InvalidName { .. }
+            | Error::InvalidModel { .. }
+            | Error::InvalidArgument(_)
+            | Error::NotEmpty(_)
+            | Error::Busy(_)
+            | Error::ReadOnly(_)
+            | Error::NotPermitted(_)
+            | Error::AccessDenied(_)
+            | Error::NotDir(_)
+            | Error::IsDir(_)
+            | Error::BadHandle(_) => tracing::Level::INFO,
+            Error::Io { .. }
+            | Error::Catalog(_)
+            | Error::CorruptRecord { .. }
+            | Error::Runtime(_) => tracing::Level::WARN,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn io_errors_keep_their_errno() {
+        let e = Error::io("x", io::Error::from_raw_os_error(libc::ENOSPC));
+        assert_eq!(e.errno(), libc::ENOSPC);
+        let e = Error::io("x", io::Error::other("no os error"));
+        assert_eq!(e.errno(), libc::EIO);
+    }
+}

@@ -1,0 +1,1160 @@
+//! The aifs tree and its semantics, as plain Rust: no FUSE types here, so
+//! every rule is testable without a kernel (see `tests/fs.rs`).
+//!
+//! ```text
+//! /README  /status
+//! /models/<name>/{latest,<alias>} -> v<N>
+//! /models/<name>/v<N>/{<model file>,digest,meta.json}
+//! /devices/<id>/{name,util,memory.total,memory.used}
+//! /jobs/
+//! /blobs/sha256-<hex>
+//! ```
+//!
+//! **Inodes.** A [`Node`] says what a path *is* (model `m`, version 3 of
+//! `m`, ...). Inode numbers are interned from nodes on first sight and
+//! never reused, so a number always means the same thing; a node that no
+//! longer exists answers ENOENT. The kernel's `forget` is ignored: the
+//! table grows with the number of distinct names ever looked up, which is
+//! small for models and versions. (Jobs will need reclaiming.)
+//!
+//! **Handles.** `open` snapshots generated files (status, device values,
+//! meta.json) so that one read sequence sees one consistent text; model
+//! files and blobs are read straight from the blob file.
+//!
+//! **Imports.** `create` in `models/<name>/` starts an [`Upload`]: a temp
+//! file in the store being hashed as it is written. The first `flush` (the
+//! `close()` a process sees) after data was written commits it as the next
+//! version, or fails the `close()` with the reason (EINVAL for a model no
+//! backend loads), leaving nothing behind. A `flush` with no data yet
+//! reports EINVAL ("empty file") but keeps the upload open, because shells
+//! close a duplicate of the descriptor before the program writes to it.
+//!
+//! **Removal.** Files inside a version cannot be removed one by one:
+//! `unlink` of them succeeds only if the whole version could be deleted, and
+//! changes nothing; the version goes when `rmdir v<N>` comes. That is what
+//! makes `rm -r models/<name>/v<N>` work. `latest` likewise accepts `unlink`
+//! as a no-op: it is derived from the versions and goes with the last one.
+
+use std::collections::HashMap;
+use std::ffi::OsStr;
+use std::fs::File;
+use std::os::unix::fs::FileExt;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use crate::backend::Backends;
+use crate::device::{Probe, DEVICE_FILES};
+use crate::error::{Error, Result};
+use crate::store::{self, Digest, Imported, Model, Store, Upload, Version, LATEST};
+
+pub const ROOT_INO: u64 = 1;
+
+/// Names a version directory holds besides its model files.
+const VERSION_FILES: [&str; 2] = ["digest", "meta.json"];
+
+/// What a path in the tree is.
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+pub enum Node {
+    Root,
+    Readme,
+    Status,
+    Models,
+    Devices,
+    Jobs,
+    Blobs,
+    Model(String),
+    /// `latest` or a user alias: a symlink to `v<N>`.
+    Link {
+        model: String,
+        alias: String,
+    },
+    Version {
+        model: String,
+        number: u32,
+    },
+    VersionFile {
+        model: String,
+        number: u32,
+        file: VersionFile,
+    },
+    Device(String),
+    DeviceFile {
+        device: String,
+        file: &'static str,
+    },
+    Blob(Digest),
+    /// A model file being copied in; the number is its file handle.
+    Upload(u64),
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+pub enum VersionFile {
+    /// A model file, by name.
+    Model(String),
+    Digest,
+    Meta,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Kind {
+    Dir,
+    File,
+    Symlink,
+}
+
+/// Attributes of a node, as `stat` shows them.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Attr {
+    pub ino: u64,
+    pub kind: Kind,
+    pub size: u64,
+    pub perm: u16,
+    pub uid: u32,
+    pub gid: u32,
+    pub mtime: SystemTime,
+    /// Whether the kernel may cache this entry (false while it may vanish
+    /// or change identity soon, like an upload).
+    pub cacheable: bool,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct DirEntry {
+    pub ino: u64,
+    pub kind: Kind,
+    pub name: String,
+}
+
+/// Who is asking: from the FUSE request header.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Caller {
+    pub uid: u32,
+    pub gid: u32,
+    pub pid: u32,
+}
+
+/// An open file: its handle and how the kernel should cache it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Opened {
+    pub fh: u64,
+    /// Content is generated per open: bypass the page cache and `i_size`.
+    pub direct_io: bool,
+    /// Content never changes: keep the page cache across opens.
+    pub keep_cache: bool,
+}
+
+/// `setattr` changes; `None` leaves a field alone. Time changes are
+/// accepted and ignored.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct SetAttr {
+    pub mode: Option<u32>,
+    pub uid: Option<u32>,
+    pub gid: Option<u32>,
+    pub size: Option<u64>,
+}
+
+/// `statfs` numbers: those of the file system under the data directory.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct StatFs {
+    pub blocks: u64,
+    pub bfree: u64,
+    pub bavail: u64,
+    pub files: u64,
+    pub ffree: u64,
+    pub bsize: u32,
+    pub namelen: u32,
+    pub frsize: u32,
+}
+
+enum Handle {
+    Content(Vec<u8>),
+    Blob(File),
+    Upload(Mutex<Pending>),
+}
+
+/// An import in progress (see the module header).
+struct Pending {
+    model: String,
+    file_name: String,
+    uid: u32,
+    gid: u32,
+    perm: u16,
+    /// `None` once committed or failed.
+    upload: Option<Upload>,
+}
+
+#[derive(Default)]
+struct Inodes {
+    next: u64,
+    by_node: HashMap<Node, u64>,
+    by_ino: HashMap<u64, Node>,
+}
+
+pub struct Fs {
+    store: Store,
+    backends: Backends,
+    devices: Vec<Box<dyn Probe>>,
+    inodes: Mutex<Inodes>,
+    handles: Mutex<HashMap<u64, Arc<Handle>>>,
+    next_fh: AtomicU64,
+    mountpoint: PathBuf,
+    /// Owner of the daemon's own nodes (root, README, ...).
+    uid: u32,
+    gid: u32,
+    started: SystemTime,
+    started_at: Instant,
+}
+
+impl Fs {
+    /// `mountpoint` is only used to write copy-paste examples in README.
+    pub fn new(
+        store: Store,
+        backends: Backends,
+        devices: Vec<Box<dyn Probe>>,
+        mountpoint: &Path,
+    ) -> Fs {
+        let mut inodes = Inodes {
+            next: ROOT_INO + 1,
+            ..Default::default()
+        };
+        inodes.by_node.insert(Node::Root, ROOT_INO);
+        inodes.by_ino.insert(ROOT_INO, Node::Root);
+        // SAFETY: getuid/getgid cannot fail.
+        let (uid, gid) = unsafe { (libc::getuid(), libc::getgid()) };
+        Fs {
+            store,
+            backends,
+            devices,
+            inodes: Mutex::new(inodes),
+            handles: Mutex::new(HashMap::new()),
+            next_fh: AtomicU64::new(1),
+            mountpoint: mountpoint.to_path_buf(),
+            uid,
+            gid,
+            started: SystemTime::now(),
+            started_at: Instant::now(),
+        }
+    }
+
+    pub fn store(&self) -> &Store {
+        &self.store
+    }
+
+    // ---- inodes -------------------------------------------------------
+
+    fn ino(&self, node: &Node) -> u64 {
+        let mut t = self.inodes.lock().unwrap();
+        if let Some(&ino) = t.by_node.get(node) {
+            return ino;
+        }
+        let ino = t.next;
+        t.next += 1;
+        t.by_node.insert(node.clone(), ino);
+        t.by_ino.insert(ino, node.clone());
+        ino
+    }
+
+    fn node(&self, ino: u64) -> Result<Node> {
+        self.inodes
+            .lock()
+            .unwrap()
+            .by_ino
+            .get(&ino)
+            .cloned()
+            .ok_or_else(|| Error::NotFound(format!("inode {ino}")))
+    }
+
+    // ---- resolving names ------------------------------------------------
+
+    fn version(&self, model: &str, number: u32) -> Result<(Arc<Model>, Version)> {
+        let m = self.store.model(model)?;
+        let v = m
+            .versions
+            .get(&number)
+            .cloned()
+            .ok_or_else(|| Error::NotFound(format!("models/{model}/v{number}")))?;
+        Ok((m, v))
+    }
+
+    fn device(&self, id: &str) -> Result<&dyn Probe> {
+        self.devices
+            .iter()
+            .find(|d| d.id() == id)
+            .map(|d| d.as_ref())
+            .ok_or_else(|| Error::NotFound(format!("devices/{id}")))
+    }
+
+    /// The node `name` names inside `parent`, if it exists.
+    fn child(&self, parent: &Node, name: &str) -> Result<Node> {
+        let missing = || Error::NotFound(name.to_string());
+        Ok(match parent {
+            Node::Root => match name {
+                "README" => Node::Readme,
+                "status" => Node::Status,
+                "models" => Node::Models,
+                "devices" => Node::Devices,
+                "jobs" => Node::Jobs,
+                "blobs" => Node::Blobs,
+                _ => return Err(missing()),
+            },
+            Node::Models => Node::Model(self.store.model(name)?.name.clone()),
+            Node::Model(model) => {
+                let m = self.store.model(model)?;
+                if let Some(number) =
+                    store::parse_version_name(name).filter(|n| m.versions.contains_key(n))
+                {
+                    Node::Version {
+                        model: model.clone(),
+                        number,
+                    }
+                } else if m.resolve_alias(name).is_some() {
+                    Node::Link {
+                        model: model.clone(),
+                        alias: name.to_string(),
+                    }
+                } else {
+                    return Err(Error::NotFound(format!("models/{model}/{name}")));
+                }
+            }
+            Node::Version { model, number } => {
+                let (_, v) = self.version(model, *number)?;
+                let file = match name {
+                    "digest" => VersionFile::Digest,
+                    "meta.json" => VersionFile::Meta,
+                    _ if v.files.contains_key(name) => VersionFile::Model(name.to_string()),
+                    _ => return Err(Error::NotFound(format!("models/{model}/v{number}/{name}"))),
+                };
+                Node::VersionFile {
+                    model: model.clone(),
+                    number: *number,
+                    file,
+                }
+            }
+            Node::Devices => Node::Device(self.device(name)?.id().to_string()),
+            Node::Device(id) => {
+                self.device(id)?;
+                let file = DEVICE_FILES
+                    .iter()
+                    .find(|f| **f == name)
+                    .ok_or_else(missing)?;
+                Node::DeviceFile {
+                    device: id.clone(),
+                    file,
+                }
+            }
+            Node::Blobs => {
+                let digest: Digest = name.parse().map_err(|_| missing())?;
+                if !self.store.blob_path(&digest).is_file() {
+                    return Err(missing());
+                }
+                Node::Blob(digest)
+            }
+            Node::Jobs => return Err(missing()),
+            _ => return Err(Error::NotDir(name.to_string())),
+        })
+    }
+
+    /// A directory's entries, without `.` and `..`. In a model directory
+    /// links come before versions, so `rm -r` meets aliases first.
+    fn children(&self, node: &Node) -> Result<Vec<(String, Node)>> {
+        Ok(match node {
+            Node::Root => [
+                ("README", Node::Readme),
+                ("status", Node::Status),
+                ("models", Node::Models),
+                ("devices", Node::Devices),
+                ("jobs", Node::Jobs),
+                ("blobs", Node::Blobs),
+            ]
+            .into_iter()
+            .map(|(n, node)| (n.to_string(), node))
+            .collect(),
+            Node::Models => self
+                .store
+                .models()
+                .iter()
+                .map(|m| (m.name.clone(), Node::Model(m.name.clone())))
+                .collect(),
+            Node::Model(model) => {
+                let m = self.store.model(model)?;
+                let link = |alias: &str| {
+                    (
+                        alias.to_string(),
+                        Node::Link {
+                            model: model.clone(),
+                            alias: alias.to_string(),
+                        },
+                    )
+                };
+                m.latest()
+                    .map(|_| link(LATEST))
+                    .into_iter()
+                    .chain(m.aliases.keys().map(|a| link(a)))
+                    .chain(m.versions.keys().map(|&number| {
+                        (
+                            format!("v{number}"),
+                            Node::Version {
+                                model: model.clone(),
+                                number,
+                            },
+                        )
+                    }))
+                    .collect()
+            }
+            Node::Version { model, number } => {
+                let (_, v) = self.version(model, *number)?;
+                let file = |file| Node::VersionFile {
+                    model: model.clone(),
+                    number: *number,
+                    file,
+                };
+                v.files
+                    .keys()
+                    .map(|name| (name.clone(), file(VersionFile::Model(name.clone()))))
+                    .chain([
+                        ("digest".to_string(), file(VersionFile::Digest)),
+                        ("meta.json".to_string(), file(VersionFile::Meta)),
+                    ])
+                    .collect()
+            }
+            Node::Devices => self
+                .devices
+                .iter()
+                .map(|d| (d.id().to_string(), Node::Device(d.id().to_string())))
+                .collect(),
+            Node::Device(id) => {
+                self.device(id)?;
+                DEVICE_FILES
+                    .iter()
+                    .map(|f| {
+                        (
+                            f.to_string(),
+                            Node::DeviceFile {
+                                device: id.clone(),
+                                file: f,
+                            },
+                        )
+                    })
+                    .collect()
+            }
+            Node::Blobs => self
+                .store
+                .blobs()
+                .into_iter()
+                .map(|d| (d.file_name(), Node::Blob(d)))
+                .collect(),
+            Node::Jobs => Vec::new(),
+            _ => return Err(Error::NotDir(format!("inode {}", self.ino(node)))),
+        })
+    }
+
+    // ---- attributes and content -------------------------------------------
+
+    fn attr(&self, node: &Node) -> Result<Attr> {
+        let daemon_dir = |perm| (Kind::Dir, 0u64, perm, self.uid, self.gid, self.started);
+        let (kind, size, perm, uid, gid, mtime) = match node {
+            Node::Root | Node::Devices | Node::Blobs | Node::Jobs => daemon_dir(0o755),
+            // Anyone may create a model; only its owner may remove it (/tmp's rule).
+            Node::Models => daemon_dir(0o1777),
+            Node::Device(id) => {
+                self.device(id)?;
+                daemon_dir(0o555)
+            }
+            Node::Model(model) => {
+                let m = self.store.model(model)?;
+                (Kind::Dir, 0, m.mode as u16, m.uid, m.gid, secs(m.created))
+            }
+            Node::Link { model, alias } => {
+                let m = self.store.model(model)?;
+                let n = m
+                    .resolve_alias(alias)
+                    .ok_or_else(|| Error::NotFound(format!("models/{model}/{alias}")))?;
+                let len = format!("v{n}").len() as u64;
+                (Kind::Symlink, len, 0o777, m.uid, m.gid, secs(m.created))
+            }
+            Node::Version { model, number } => {
+                let (m, v) = self.version(model, *number)?;
+                (Kind::Dir, 0, 0o555, m.uid, m.gid, secs(v.created))
+            }
+            Node::VersionFile {
+                model,
+                number,
+                file,
+            } => {
+                let (m, v) = self.version(model, *number)?;
+                let size = match file {
+                    VersionFile::Model(name) => self.blob_len(&v.files[name])?,
+                    _ => self.content(node)?.len() as u64,
+                };
+                (Kind::File, size, 0o444, m.uid, m.gid, secs(v.created))
+            }
+            Node::Blob(digest) => (
+                Kind::File,
+                self.blob_len(digest)?,
+                0o444,
+                self.uid,
+                self.gid,
+                self.started,
+            ),
+            Node::Upload(fh) => {
+                let handle = self
+                    .handle(*fh)
+                    .map_err(|_| Error::NotFound(format!("upload {fh}")))?;
+                let Handle::Upload(pending) = &*handle else {
+                    return Err(Error::NotFound(format!("upload {fh}")));
+                };
+                let p = pending.lock().unwrap();
+                let len = p.upload.as_ref().map_or(0, |u| u.len());
+                (Kind::File, len, p.perm, p.uid, p.gid, SystemTime::now())
+            }
+            Node::Readme | Node::Status | Node::DeviceFile { .. } => (
+                Kind::File,
+                self.content(node)?.len() as u64,
+                0o444,
+                self.uid,
+                self.gid,
+                self.started,
+            ),
+        };
+        Ok(Attr {
+            ino: self.ino(node),
+            kind,
+            size,
+            perm,
+            uid,
+            gid,
+            mtime,
+            cacheable: !matches!(node, Node::Upload(_)),
+        })
+    }
+
+    fn blob_len(&self, digest: &Digest) -> Result<u64> {
+        let path = self.store.blob_path(digest);
+        std::fs::metadata(&path)
+            .map(|m| m.len())
+            .map_err(|e| Error::io(path.display().to_string(), e))
+    }
+
+    /// The text of a generated file.
+    fn content(&self, node: &Node) -> Result<Vec<u8>> {
+        let text = match node {
+            Node::Readme => self.readme(),
+            Node::Status => {
+                let mut s = serde_json::to_string_pretty(&self.status()).expect("json");
+                s.push('\n');
+                s
+            }
+            Node::DeviceFile { device, file } => {
+                let reading = self.device(device)?.read();
+                let (_, value) = reading
+                    .files()
+                    .into_iter()
+                    .find(|(f, _)| f == file)
+                    .expect("known file");
+                format!("{value}\n")
+            }
+            Node::VersionFile {
+                model,
+                number,
+                file: VersionFile::Digest,
+            } => {
+                format!("{}\n", self.version(model, *number)?.1.digest)
+            }
+            Node::VersionFile {
+                model,
+                number,
+                file: VersionFile::Meta,
+            } => {
+                let mut s =
+                    serde_json::to_string_pretty(&self.version(model, *number)?.1.meta_json())
+                        .expect("json");
+                s.push('\n');
+                s
+            }
+            _ => return Err(Error::InvalidArgument("not a generated file".into())),
+        };
+        Ok(text.into_bytes())
+    }
+
+    /// `/status`: daemon facts as JSON.
+    pub fn status(&self) -> serde_json::Value {
+        let models = self.store.models();
+        serde_json::json!({
+            "version": env!("CARGO_PKG_VERSION"),
+            "uptime_s": self.started_at.elapsed().as_secs(),
+            "mountpoint": self.mountpoint,
+            "data_dir": self.store.root(),
+            "store": {
+                "bytes": self.store.size(),
+                "blobs": self.store.blobs().len(),
+                "models": models.len(),
+                "versions": models.iter().map(|m| m.versions.len()).sum::<usize>(),
+            },
+            "backends": self.backends.describe(),
+            "devices": self.devices.iter().map(|d| d.id()).collect::<Vec<_>>(),
+        })
+    }
+
+    /// `/README`, with examples written for this mount point and, where one
+    /// exists, a real model in it, so that they work by copy-paste.
+    fn readme(&self) -> String {
+        let mnt = self.mountpoint.display();
+        let sample = self.store.models().into_iter().find_map(|m| {
+            let v = m.versions.values().next_back()?;
+            Some(format!(
+                "{mnt}/models/{}/v{}/{}",
+                m.name,
+                v.number,
+                v.files.keys().next()?
+            ))
+        });
+        let source = match &sample {
+            Some(path) => format!("cp {path} /tmp/model.onnx"),
+            None => "cp /path/to/your/model.onnx /tmp/model.onnx".to_string(),
+        };
+        format!(
+            "aifs: AI models as files.
+
+The tree
+  README            this help
+  status            daemon facts as JSON (version, uptime, store size, backends, devices)
+  models/<name>/    mkdir makes a model; cp a model file into it to make a new version
+    latest -> vN    the newest version (kept by the daemon)
+    <alias> -> vN   your symlinks: ln -s v1 stable; ln -sfn v2 stable; rm stable
+    vN/             an immutable version: the model file, digest, meta.json
+  devices/cpu/      name, util (percent over the last second), memory.total, memory.used (bytes)
+  jobs/             inference jobs
+  blobs/            the content-addressed store, read-only: sha256-<hex>
+
+Example 1: look around
+  ls {mnt}/models/
+  cat {mnt}/status
+  cat {mnt}/devices/cpu/util
+
+Example 2: import a model as a new version
+  {source}
+  mkdir {mnt}/models/demo
+  cp /tmp/model.onnx {mnt}/models/demo/
+  ls {mnt}/models/demo/
+  cat {mnt}/models/demo/v1/meta.json
+  cat {mnt}/models/demo/latest/digest
+
+Example 3: aliases and removal
+  ln -s v1 {mnt}/models/demo/stable
+  readlink {mnt}/models/demo/stable
+  cat {mnt}/models/demo/stable/digest
+  rm {mnt}/models/demo/stable
+  rm -r {mnt}/models/demo/v1
+  rmdir {mnt}/models/demo
+
+Errors are errnos: EINVAL for a file no backend can load (cp says
+\"Invalid argument\"), EROFS for writes into a version, EBUSY for removing
+a version an alias points at. The daemon log has the reason.
+"
+        )
+    }
+
+    // ---- operations ---------------------------------------------------------
+
+    pub fn lookup(&self, parent: u64, name: &OsStr) -> Result<Attr> {
+        let parent = self.node(parent)?;
+        let name = name
+            .to_str()
+            .ok_or_else(|| Error::NotFound(name.to_string_lossy().into_owned()))?;
+        let child = self.child(&parent, name)?;
+        self.attr(&child)
+    }
+
+    pub fn getattr(&self, ino: u64) -> Result<Attr> {
+        self.attr(&self.node(ino)?)
+    }
+
+    pub fn setattr(&self, ino: u64, change: SetAttr) -> Result<Attr> {
+        let node = self.node(ino)?;
+        let owner_or_mode = change.mode.is_some() || change.uid.is_some() || change.gid.is_some();
+        match &node {
+            Node::Model(model) => {
+                if change.size.is_some() {
+                    return Err(Error::IsDir(format!("models/{model}")));
+                }
+                if owner_or_mode {
+                    self.store
+                        .set_owner_mode(model, change.uid, change.gid, change.mode)?;
+                }
+            }
+            Node::Upload(fh) => {
+                if let Some(size) = change.size {
+                    self.with_pending(*fh, |p| match &mut p.upload {
+                        Some(u) => u.set_len(size),
+                        None => Ok(()),
+                    })?;
+                }
+            }
+            Node::Version { .. } | Node::VersionFile { .. } | Node::Blob(_) | Node::Link { .. } => {
+                if owner_or_mode || change.size.is_some() {
+                    return Err(Error::ReadOnly(self.describe(&node)));
+                }
+            }
+            _ => {
+                if owner_or_mode || change.size.is_some() {
+                    return Err(Error::NotPermitted(format!(
+                        "{}: belongs to the daemon",
+                        self.describe(&node)
+                    )));
+                }
+            }
+        }
+        self.attr(&node)
+    }
+
+    pub fn readlink(&self, ino: u64) -> Result<String> {
+        match self.node(ino)? {
+            Node::Link { model, alias } => {
+                let n = self
+                    .store
+                    .model(&model)?
+                    .resolve_alias(&alias)
+                    .ok_or_else(|| Error::NotFound(format!("models/{model}/{alias}")))?;
+                Ok(format!("v{n}"))
+            }
+            _ => Err(Error::InvalidArgument("not a symlink".into())),
+        }
+    }
+
+    pub fn readdir(&self, ino: u64) -> Result<Vec<DirEntry>> {
+        let node = self.node(ino)?;
+        let entries = self.children(&node)?;
+        Ok(entries
+            .into_iter()
+            .map(|(name, child)| DirEntry {
+                ino: self.ino(&child),
+                kind: match child {
+                    Node::Link { .. } => Kind::Symlink,
+                    Node::Root | Node::Models | Node::Devices | Node::Jobs | Node::Blobs => {
+                        Kind::Dir
+                    }
+                    Node::Model(_) | Node::Version { .. } | Node::Device(_) => Kind::Dir,
+                    _ => Kind::File,
+                },
+                name,
+            })
+            .collect())
+    }
+
+    pub fn mkdir(&self, parent: u64, name: &OsStr, mode: u32, caller: Caller) -> Result<Attr> {
+        match self.node(parent)? {
+            Node::Models => {
+                let name = store::validate_name(name.as_encoded_bytes())?;
+                let m = self
+                    .store
+                    .create_model(name, caller.uid, caller.gid, mode)?;
+                tracing::info!(model = %m.name, uid = caller.uid, "created model");
+                self.attr(&Node::Model(m.name.clone()))
+            }
+            Node::Model(model) => Err(Error::NotPermitted(format!(
+                "models/{model}: versions are made by copying a model file in, not by mkdir"
+            ))),
+            node @ (Node::Version { .. } | Node::Blobs) => {
+                Err(Error::ReadOnly(self.describe(&node)))
+            }
+            node => Err(Error::NotPermitted(format!(
+                "{}: cannot make directories here",
+                self.describe(&node)
+            ))),
+        }
+    }
+
+    pub fn rmdir(&self, parent: u64, name: &OsStr) -> Result<()> {
+        let parent = self.node(parent)?;
+        let name = name
+            .to_str()
+            .ok_or_else(|| Error::NotFound(name.to_string_lossy().into_owned()))?;
+        match self.child(&parent, name)? {
+            Node::Model(model) => {
+                self.store.remove_model(&model)?;
+                tracing::info!(model = %model, "removed model");
+                Ok(())
+            }
+            Node::Version { model, number } => {
+                self.store.delete_version(&model, number)?;
+                tracing::info!(model = %model, version = number, "deleted version");
+                Ok(())
+            }
+            node @ (Node::Link { .. } | Node::VersionFile { .. } | Node::Blob(_)) => {
+                Err(Error::NotDir(self.describe(&node)))
+            }
+            node => Err(Error::NotPermitted(format!(
+                "{}: belongs to the daemon",
+                self.describe(&node)
+            ))),
+        }
+    }
+
+    pub fn unlink(&self, parent: u64, name: &OsStr) -> Result<()> {
+        let parent = self.node(parent)?;
+        let name = name
+            .to_str()
+            .ok_or_else(|| Error::NotFound(name.to_string_lossy().into_owned()))?;
+        match self.child(&parent, name)? {
+            Node::Link { alias, .. } if alias == LATEST => Ok(()),
+            Node::Link { model, alias } => {
+                self.store.remove_alias(&model, &alias)?;
+                tracing::info!(model = %model, alias = %alias, "removed alias");
+                Ok(())
+            }
+            Node::VersionFile { model, number, .. } => {
+                let m = self.store.model(&model)?;
+                self.store.check_deletable(&m, number)
+            }
+            node @ (Node::Model(_) | Node::Version { .. }) => {
+                Err(Error::IsDir(self.describe(&node)))
+            }
+            node @ Node::Blob(_) => Err(Error::ReadOnly(self.describe(&node))),
+            node => Err(Error::NotPermitted(format!(
+                "{}: belongs to the daemon",
+                self.describe(&node)
+            ))),
+        }
+    }
+
+    pub fn symlink(&self, parent: u64, name: &OsStr, target: &Path) -> Result<Attr> {
+        match self.node(parent)? {
+            Node::Model(model) => {
+                let alias = store::validate_name(name.as_encoded_bytes())?;
+                let target = target
+                    .to_str()
+                    .ok_or_else(|| Error::InvalidArgument("alias target is not UTF-8".into()))?;
+                let number = self.store.create_alias(&model, alias, target)?;
+                tracing::info!(model = %model, alias = %alias, version = number, "created alias");
+                self.attr(&Node::Link {
+                    model,
+                    alias: alias.to_string(),
+                })
+            }
+            node => Err(Error::NotPermitted(format!(
+                "{}: symlinks are aliases and live in a model directory",
+                self.describe(&node)
+            ))),
+        }
+    }
+
+    /// Renames an alias within one model (what `ln -sfn` does), replacing
+    /// the target alias unless `no_replace`.
+    pub fn rename(
+        &self,
+        parent: u64,
+        name: &OsStr,
+        new_parent: u64,
+        new_name: &OsStr,
+        no_replace: bool,
+    ) -> Result<()> {
+        let parent_node = self.node(parent)?;
+        let name = name
+            .to_str()
+            .ok_or_else(|| Error::NotFound(name.to_string_lossy().into_owned()))?;
+        let new_name = store::validate_name(new_name.as_encoded_bytes())?;
+        match self.child(&parent_node, name)? {
+            Node::Link { model, alias } if alias != LATEST && parent == new_parent => {
+                if let Ok(existing @ (Node::Version { .. } | Node::Link { .. })) =
+                    self.child(&parent_node, new_name)
+                {
+                    if !matches!(&existing, Node::Link { alias, .. } if alias != LATEST) {
+                        return Err(Error::NotPermitted(format!(
+                            "{}: cannot be replaced",
+                            self.describe(&existing)
+                        )));
+                    }
+                }
+                self.store
+                    .rename_alias(&model, &alias, new_name, no_replace)?;
+                tracing::info!(model = %model, from = %alias, to = %new_name, "renamed alias");
+                Ok(())
+            }
+            node => Err(Error::NotPermitted(format!(
+                "{}: only aliases can be renamed, within their model",
+                self.describe(&node)
+            ))),
+        }
+    }
+
+    pub fn open(&self, ino: u64, flags: i32) -> Result<Opened> {
+        let node = self.node(ino)?;
+        let writing = flags & libc::O_ACCMODE != libc::O_RDONLY || flags & libc::O_TRUNC != 0;
+        let (handle, direct_io, keep_cache) = match &node {
+            Node::VersionFile { .. } | Node::Blob(_) if writing => {
+                return Err(Error::ReadOnly(self.describe(&node)))
+            }
+            Node::Readme | Node::Status | Node::DeviceFile { .. } if writing => {
+                return Err(Error::AccessDenied(self.describe(&node)))
+            }
+            Node::VersionFile {
+                model,
+                number,
+                file: VersionFile::Model(name),
+            } => {
+                let (_, v) = self.version(model, *number)?;
+                (Handle::Blob(self.open_blob(&v.files[name])?), false, true)
+            }
+            Node::Blob(digest) => (Handle::Blob(self.open_blob(digest)?), false, true),
+            Node::VersionFile { .. } | Node::Readme | Node::Status | Node::DeviceFile { .. } => {
+                (Handle::Content(self.content(&node)?), true, false)
+            }
+            Node::Upload(_) => {
+                return Err(Error::Busy(format!(
+                    "{}: being copied in",
+                    self.describe(&node)
+                )))
+            }
+            Node::Link { .. } => {
+                return Err(Error::InvalidArgument("cannot open a symlink".into()))
+            }
+            _ => return Err(Error::IsDir(self.describe(&node))),
+        };
+        let fh = self.add_handle(handle);
+        Ok(Opened {
+            fh,
+            direct_io,
+            keep_cache,
+        })
+    }
+
+    fn open_blob(&self, digest: &Digest) -> Result<File> {
+        let path = self.store.blob_path(digest);
+        File::open(&path).map_err(|e| Error::io(path.display().to_string(), e))
+    }
+
+    /// Starts copying a model file into `models/<name>/`.
+    pub fn create(
+        &self,
+        parent: u64,
+        name: &OsStr,
+        mode: u32,
+        caller: Caller,
+    ) -> Result<(Attr, Opened)> {
+        let model = match self.node(parent)? {
+            Node::Model(model) => model,
+            node @ (Node::Version { .. } | Node::Blobs) => return Err(Error::ReadOnly(self.describe(&node))),
+            Node::Models => {
+                return Err(Error::NotPermitted(
+                    "models/ holds model directories: mkdir models/NAME, then copy the model file into it".into(),
+                ))
+            }
+            node => return Err(Error::NotPermitted(format!("{}: cannot create files here", self.describe(&node)))),
+        };
+        let file_name = store::validate_name(name.as_encoded_bytes())?;
+        if VERSION_FILES.contains(&file_name) {
+            return Err(Error::InvalidName {
+                name: file_name.to_string(),
+                why: "reserved for the files aifs adds to every version",
+            });
+        }
+        if let Ok(node) = self.child(&Node::Model(model.clone()), file_name) {
+            return Err(Error::Exists(self.describe(&node)));
+        }
+        self.backends.for_file(file_name)?;
+        let pending = Pending {
+            model,
+            file_name: file_name.to_string(),
+            uid: caller.uid,
+            gid: caller.gid,
+            perm: (mode & 0o777) as u16,
+            upload: Some(self.store.begin_upload()?),
+        };
+        let fh = self.add_handle(Handle::Upload(Mutex::new(pending)));
+        let attr = self.attr(&Node::Upload(fh))?;
+        Ok((
+            attr,
+            Opened {
+                fh,
+                direct_io: false,
+                keep_cache: false,
+            },
+        ))
+    }
+
+    pub fn read(&self, fh: u64, offset: u64, size: u32) -> Result<Vec<u8>> {
+        match &*self.handle(fh)? {
+            Handle::Content(bytes) => {
+                let start = (offset as usize).min(bytes.len());
+                let end = start.saturating_add(size as usize).min(bytes.len());
+                Ok(bytes[start..end].to_vec())
+            }
+            Handle::Blob(file) => {
+                let mut buf = vec![0u8; size as usize];
+                let mut filled = 0;
+                while filled < buf.len() {
+                    let n = file
+                        .read_at(&mut buf[filled..], offset + filled as u64)
+                        .map_err(|e| Error::io("reading blob", e))?;
+                    if n == 0 {
+                        break;
+                    }
+                    filled += n;
+                }
+                buf.truncate(filled);
+                Ok(buf)
+            }
+            Handle::Upload(_) => Err(Error::BadHandle(fh)),
+        }
+    }
+
+    pub fn write(&self, fh: u64, offset: u64, data: &[u8]) -> Result<u32> {
+        self.with_pending(fh, |p| match &mut p.upload {
+            Some(u) => u.write_at(offset, data),
+            None => Err(Error::InvalidArgument(format!(
+                "models/{}/{}: already committed; open it again to make another version",
+                p.model, p.file_name
+            ))),
+        })?;
+        Ok(data.len() as u32)
+    }
+
+    /// `close()`: commits an upload that has data (see the module header).
+    pub fn flush(&self, fh: u64) -> Result<()> {
+        let handle = self.handle(fh)?;
+        let Handle::Upload(pending) = &*handle else {
+            return Ok(());
+        };
+        let mut p = pending.lock().unwrap();
+        match &p.upload {
+            None => Ok(()),
+            Some(u) if u.is_empty() => Err(Error::InvalidModel {
+                name: p.file_name.clone(),
+                why: "empty file".into(),
+            }),
+            Some(_) => self.commit(&mut p),
+        }
+    }
+
+    pub fn fsync(&self, fh: u64) -> Result<()> {
+        self.with_pending(fh, |p| p.upload.as_ref().map_or(Ok(()), |u| u.sync()))
+            .or_else(|e| {
+                if matches!(e, Error::BadHandle(_)) {
+                    Ok(())
+                } else {
+                    Err(e)
+                }
+            })
+    }
+
+    /// The last close of a handle. An upload that still holds data (its
+    /// `flush` never came) is committed now; the error can only be logged.
+    pub fn release(&self, fh: u64) -> Result<()> {
+        let handle = self
+            .handles
+            .lock()
+            .unwrap()
+            .remove(&fh)
+            .ok_or(Error::BadHandle(fh))?;
+        if let Handle::Upload(pending) = &*handle {
+            let mut p = pending.lock().unwrap();
+            if p.upload.as_ref().is_some_and(|u| !u.is_empty()) {
+                self.commit(&mut p)?;
+            }
+        }
+        Ok(())
+    }
+
+    fn commit(&self, p: &mut Pending) -> Result<()> {
+        let upload = p.upload.take().expect("caller checked");
+        let bytes = upload.len();
+        let file_name = p.file_name.clone();
+        let imported = self.store.import(&p.model, &file_name, upload, |path| {
+            self.backends.inspect(path, &file_name)
+        })?;
+        match imported {
+            Imported::New(n) => {
+                tracing::info!(model = %p.model, version = n, file = %file_name, bytes, "imported new version")
+            }
+            Imported::Existing(n) => {
+                tracing::info!(model = %p.model, version = n, file = %file_name, "content identical to an existing version; no new version")
+            }
+        }
+        Ok(())
+    }
+
+    pub fn statfs(&self) -> Result<StatFs> {
+        let path = std::ffi::CString::new(self.store.root().as_os_str().as_encoded_bytes())
+            .map_err(|_| Error::InvalidArgument("data dir path has a NUL".into()))?;
+        // SAFETY: statvfs only writes into the zeroed struct we pass.
+        let mut s: libc::statvfs = unsafe { std::mem::zeroed() };
+        if unsafe { libc::statvfs(path.as_ptr(), &mut s) } != 0 {
+            return Err(Error::io("statfs", std::io::Error::last_os_error()));
+        }
+        Ok(StatFs {
+            blocks: s.f_blocks,
+            bfree: s.f_bfree,
+            bavail: s.f_bavail,
+            files: s.f_files,
+            ffree: s.f_ffree,
+            bsize: s.f_bsize as u32,
+            namelen: 255,
+            frsize: s.f_frsize as u32,
+        })
+    }
+
+    // ---- helpers ------------------------------------------------------------
+
+    fn add_handle(&self, handle: Handle) -> u64 {
+        let fh = self.next_fh.fetch_add(1, Ordering::Relaxed);
+        self.handles.lock().unwrap().insert(fh, Arc::new(handle));
+        fh
+    }
+
+    fn handle(&self, fh: u64) -> Result<Arc<Handle>> {
+        self.handles
+            .lock()
+            .unwrap()
+            .get(&fh)
+            .cloned()
+            .ok_or(Error::BadHandle(fh))
+    }
+
+    fn with_pending<T>(&self, fh: u64, f: impl FnOnce(&mut Pending) -> Result<T>) -> Result<T> {
+        let handle = self.handle(fh)?;
+        let Handle::Upload(pending) = &*handle else {
+            return Err(Error::BadHandle(fh));
+        };
+        let mut p = pending.lock().unwrap();
+        f(&mut p)
+    }
+
+    /// A node's path in the tree, for error messages.
+    fn describe(&self, node: &Node) -> String {
+        match node {
+            Node::Root => "/".into(),
+            Node::Readme => "README".into(),
+            Node::Status => "status".into(),
+            Node::Models => "models".into(),
+            Node::Devices => "devices".into(),
+            Node::Jobs => "jobs".into(),
+            Node::Blobs => "blobs".into(),
+            Node::Model(m) => format!("models/{m}"),
+            Node::Link { model, alias } => format!("models/{model}/{alias}"),
+            Node::Version { model, number } => format!("models/{model}/v{number}"),
+            Node::VersionFile {
+                model,
+                number,
+                file,
+            } => {
+                let name = match file {
+                    VersionFile::Model(name) => name.as_str(),
+                    VersionFile::Digest => "digest",
+                    VersionFile::Meta => "meta.json",
+                };
+                format!("models/{model}/v{number}/{name}")
+            }
+            Node::Device(id) => format!("devices/{id}"),
+            Node::DeviceFile { device, file } => format!("devices/{device}/{file}"),
+            Node::Blob(d) => format!("blobs/{}", d.file_name()),
+            Node::Upload(fh) => self
+                .with_pending(*fh, |p| Ok(format!("models/{}/{}", p.model, p.file_name)))
+                .unwrap_or_else(|_| format!("upload {fh}")),
+        }
+    }
+}
+
+fn secs(s: u64) -> SystemTime {
+    UNIX_EPOCH + Duration::from_secs(s)
+}

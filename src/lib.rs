@@ -1,0 +1,22 @@
+//! aifs: AI models, compute devices and inference jobs as files.
+//!
+//! The library holds everything but the process (`mountd/` is the binary):
+//!
+//! - [`store`]: content-addressed blobs and the sled catalog of models,
+//!   versions and aliases; atomic imports, dedup, GC, crash recovery.
+//! - [`tensor`]: element types and model signatures.
+//! - [`backend`]: the [`backend::Backend`] trait and ONNX Runtime behind it.
+//! - [`device`]: device probes ([`device::Probe`]); the CPU from `/proc`.
+//! - [`fs`]: the tree and its semantics as plain Rust, testable without FUSE.
+//! - [`fuse`]: the thin `fuser::Filesystem` adapter over [`fs::Fs`].
+//! - [`error`]: the one error type and the one errno mapping.
+
+pub mod backend;
+pub mod device;
+pub mod error;
+pub mod fs;
+pub mod fuse;
+pub mod store;
+pub mod tensor;
+
+pub use error::{Error, Result};
