@@ -42,10 +42,7 @@ impl Backends {
             let formats: Vec<&str> = self.0.iter().map(|b| b.format()).collect();
             Error::InvalidModel {
                 name: file_name.to_string(),
-                why: format!(
-                    "no backend reads this file type (known: {})",
-                    formats.join(", ")
-                ),
+                why: format!("no backend reads this file type (known: {})", formats.join(", ")),
             }
         })
     }
@@ -89,10 +86,7 @@ pub fn find_onnxruntime(explicit: Option<&Path>) -> Result<PathBuf, String> {
         return if path.is_file() {
             Ok(path.to_path_buf())
         } else {
-            Err(format!(
-                "ONNX Runtime library {} does not exist",
-                path.display()
-            ))
+            Err(format!("ONNX Runtime library {} does not exist", path.display()))
         };
     }
     let mut candidates = Vec::new();
@@ -130,8 +124,7 @@ impl OnnxRuntime {
     /// Loads the library at `library` (first call wins for the process).
     pub fn load(library: &Path) -> Result<Arc<OnnxRuntime>> {
         ORT.get_or_init(|| {
-            let builder = ort::init_from(library)
-                .map_err(|e| format!("loading {}: {e}", library.display()))?;
+            let builder = ort::init_from(library).map_err(|e| format!("loading {}: {e}", library.display()))?;
             let env = builder
                 .with_name("aifs")
                 .build()
@@ -176,11 +169,7 @@ impl Backend for OnnxRuntime {
                 .map(|o| TensorSpec {
                     name: o.name().to_string(),
                     dtype: o.dtype().tensor_type().map_or(DType::Other, dtype_of),
-                    shape: o
-                        .dtype()
-                        .tensor_shape()
-                        .map(|s| s.to_vec())
-                        .unwrap_or_default(),
+                    shape: o.dtype().tensor_shape().map(|s| s.to_vec()).unwrap_or_default(),
                 })
                 .collect()
         };
@@ -243,9 +232,6 @@ mod tests {
         let backends = Backends::default();
         let err = backends.for_file("weights.bin").err().unwrap();
         assert_eq!(err.errno(), libc::EINVAL);
-        assert!(
-            err.to_string().contains("no backend reads this file type"),
-            "{err}"
-        );
+        assert!(err.to_string().contains("no backend reads this file type"), "{err}");
     }
 }

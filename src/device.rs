@@ -119,11 +119,7 @@ fn parse_cpu_name(cpuinfo: &str) -> Option<String> {
 /// Idle time is `idle + iowait`.
 fn parse_proc_stat(stat: &str) -> Option<(u64, u64)> {
     let line = stat.lines().find(|l| l.starts_with("cpu "))?;
-    let fields: Vec<u64> = line
-        .split_whitespace()
-        .skip(1)
-        .map_while(|f| f.parse().ok())
-        .collect();
+    let fields: Vec<u64> = line.split_whitespace().skip(1).map_while(|f| f.parse().ok()).collect();
     if fields.len() < 4 {
         return None;
     }
@@ -146,12 +142,7 @@ fn percent_busy((busy0, total0): (u64, u64), (busy1, total1): (u64, u64)) -> u8 
 fn parse_meminfo(meminfo: &str) -> Option<(u64, u64)> {
     let field = |key: &str| -> Option<u64> {
         let line = meminfo.lines().find(|l| l.starts_with(key))?;
-        let kib: u64 = line[key.len()..]
-            .trim()
-            .trim_end_matches("kB")
-            .trim()
-            .parse()
-            .ok()?;
+        let kib: u64 = line[key.len()..].trim().trim_end_matches("kB").trim().parse().ok()?;
         Some(kib * 1024)
     };
     Some((field("MemTotal:")?, field("MemAvailable:")?))
@@ -174,10 +165,7 @@ mod tests {
     #[test]
     fn meminfo_in_bytes() {
         let text = "MemTotal:       24576000 kB\nMemFree:  1 kB\nMemAvailable:   20480000 kB\n";
-        assert_eq!(
-            parse_meminfo(text),
-            Some((24576000 * 1024, 20480000 * 1024))
-        );
+        assert_eq!(parse_meminfo(text), Some((24576000 * 1024, 20480000 * 1024)));
         assert_eq!(parse_meminfo("MemTotal: 1 kB\n"), None);
     }
 
@@ -190,10 +178,7 @@ mod tests {
     #[test]
     fn the_real_cpu_reads_sane_values() {
         let r = Cpu::new().read();
-        assert!(
-            r.memory_total > 0 && r.memory_used <= r.memory_total,
-            "{r:?}"
-        );
+        assert!(r.memory_total > 0 && r.memory_used <= r.memory_total, "{r:?}");
         assert!(r.util <= 100);
         assert!(!r.name.is_empty());
     }

@@ -23,6 +23,11 @@ pub enum Error {
     /// A file copied in as a model that no backend can load.
     #[error("invalid model {name:?}: {why}")]
     InvalidModel { name: String, why: String },
+    /// `close()` of a model file with no data yet. Shells close a duplicate
+    /// descriptor before the program writes, so this is routine (DEBUG); an
+    /// upload released empty is logged as an invalid model then.
+    #[error("invalid model {0:?}: empty file")]
+    EmptyUpload(String),
     #[error("{0}")]
     InvalidArgument(String),
     #[error("{0}: directory not empty")]
@@ -74,6 +79,7 @@ impl Error {
             Error::Exists(_) => libc::EEXIST,
             Error::InvalidName { .. } => libc::EINVAL,
             Error::InvalidModel { .. } => libc::EINVAL,
+            Error::EmptyUpload(_) => libc::EINVAL,
             Error::InvalidArgument(_) => libc::EINVAL,
             Error::NotEmpty(_) => libc::ENOTEMPTY,
             Error::Busy(_) => libc::EBUSY,
@@ -94,7 +100,7 @@ impl Error {
     /// exist are routine; a failed disk write is not.
     pub fn level(&self) -> tracing::Level {
         match self {
-            Error::NotFound(_) | Error::Exists(_) => tracing::Level::DEBUG,
+            Error::NotFound(_) | Error::Exists(_) | Error::EmptyUpload(_) => tracing::Level::DEBUG,
             Error::InvalidName { .. }
             | Error::InvalidModel { .. }
             | Error::InvalidArgument(_)
@@ -106,10 +112,9 @@ impl Error {
             | Error::NotDir(_)
             | Error::IsDir(_)
             | Error::BadHandle(_) => tracing::Level::INFO,
-            Error::Io { .. }
-            | Error::Catalog(_)
-            | Error::CorruptRecord { .. }
-            | Error::Runtime(_) => tracing::Level::WARN,
+            Error::Io { .. } | Error::Catalog(_) | Error::CorruptRecord { .. } | Error::Runtime(_) => {
+                tracing::Level::WARN
+            }
         }
     }
 }

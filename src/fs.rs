@@ -208,12 +208,7 @@ pub struct Fs {
 
 impl Fs {
     /// `mountpoint` is only used to write copy-paste examples in README.
-    pub fn new(
-        store: Store,
-        backends: Backends,
-        devices: Vec<Box<dyn Probe>>,
-        mountpoint: &Path,
-    ) -> Fs {
+    pub fn new(store: Store, backends: Backends, devices: Vec<Box<dyn Probe>>, mountpoint: &Path) -> Fs {
         let mut inodes = Inodes {
             next: ROOT_INO + 1,
             ..Default::default()
@@ -253,6 +248,16 @@ impl Fs {
         t.by_node.insert(node.clone(), ino);
         t.by_ino.insert(ino, node.clone());
         ino
+    }
+
+    /// After a rename the kernel keeps the inode under its new name, so the
+    /// inode must mean the new node from now on.
+    fn move_ino(&self, from: &Node, to: &Node) {
+        let mut t = self.inodes.lock().unwrap();
+        if let Some(ino) = t.by_node.remove(from) {
+            t.by_ino.insert(ino, to.clone());
+            t.by_node.insert(to.clone(), ino);
+        }
     }
 
     fn node(&self, ino: u64) -> Result<Node> {
@@ -301,9 +306,7 @@ impl Fs {
             Node::Models => Node::Model(self.store.model(name)?.name.clone()),
             Node::Model(model) => {
                 let m = self.store.model(model)?;
-                if let Some(number) =
-                    store::parse_version_name(name).filter(|n| m.versions.contains_key(n))
-                {
+                if let Some(number) = store::parse_version_name(name).filter(|n| m.versions.contains_key(n)) {
                     Node::Version {
                         model: model.clone(),
                         number,
@@ -334,10 +337,7 @@ impl Fs {
             Node::Devices => Node::Device(self.device(name)?.id().to_string()),
             Node::Device(id) => {
                 self.device(id)?;
-                let file = DEVICE_FILES
-                    .iter()
-                    .find(|f| **f == name)
-                    .ok_or_else(missing)?;
+                let file = DEVICE_FILES.iter().find(|f| **f == name).ok_or_else(missing)?;
                 Node::DeviceFile {
                     device: id.clone(),
                     file,
@@ -477,11 +477,7 @@ impl Fs {
                 let (m, v) = self.version(model, *number)?;
                 (Kind::Dir, 0, 0o555, m.uid, m.gid, secs(v.created))
             }
-            Node::VersionFile {
-                model,
-                number,
-                file,
-            } => {
+            Node::VersionFile { model, number, file } => {
                 let (m, v) = self.version(model, *number)?;
                 let size = match file {
                     VersionFile::Model(name) => self.blob_len(&v.files[name])?,
@@ -498,9 +494,7 @@ impl Fs {
                 self.started,
             ),
             Node::Upload(fh) => {
-                let handle = self
-                    .handle(*fh)
-                    .map_err(|_| Error::NotFound(format!("upload {fh}")))?;
+                let handle = self.handle(*fh).map_err(|_| Error::NotFound(format!("upload {fh}")))?;
                 let Handle::Upload(pending) = &*handle else {
                     return Err(Error::NotFound(format!("upload {fh}")));
                 };
@@ -566,9 +560,7 @@ impl Fs {
                 number,
                 file: VersionFile::Meta,
             } => {
-                let mut s =
-                    serde_json::to_string_pretty(&self.version(model, *number)?.1.meta_json())
-                        .expect("json");
+                let mut s = serde_json::to_string_pretty(&self.version(model, *number)?.1.meta_json()).expect("json");
                 s.push('\n');
                 s
             }
@@ -679,8 +671,7 @@ a version an alias points at. The daemon log has the reason.
                     return Err(Error::IsDir(format!("models/{model}")));
                 }
                 if owner_or_mode {
-                    self.store
-                        .set_owner_mode(model, change.uid, change.gid, change.mode)?;
+                    self.store.set_owner_mode(model, change.uid, change.gid, change.mode)?;
                 }
             }
             Node::Upload(fh) => {
@@ -731,9 +722,7 @@ a version an alias points at. The daemon log has the reason.
                 ino: self.ino(&child),
                 kind: match child {
                     Node::Link { .. } => Kind::Symlink,
-                    Node::Root | Node::Models | Node::Devices | Node::Jobs | Node::Blobs => {
-                        Kind::Dir
-                    }
+                    Node::Root | Node::Models | Node::Devices | Node::Jobs | Node::Blobs => Kind::Dir,
                     Node::Model(_) | Node::Version { .. } | Node::Device(_) => Kind::Dir,
                     _ => Kind::File,
                 },
@@ -746,18 +735,14 @@ a version an alias points at. The daemon log has the reason.
         match self.node(parent)? {
             Node::Models => {
                 let name = store::validate_name(name.as_encoded_bytes())?;
-                let m = self
-                    .store
-                    .create_model(name, caller.uid, caller.gid, mode)?;
+                let m = self.store.create_model(name, caller.uid, caller.gid, mode)?;
                 tracing::info!(model = %m.name, uid = caller.uid, "created model");
                 self.attr(&Node::Model(m.name.clone()))
             }
             Node::Model(model) => Err(Error::NotPermitted(format!(
                 "models/{model}: versions are made by copying a model file in, not by mkdir"
             ))),
-            node @ (Node::Version { .. } | Node::Blobs) => {
-                Err(Error::ReadOnly(self.describe(&node)))
-            }
+            node @ (Node::Version { .. } | Node::Blobs) => Err(Error::ReadOnly(self.describe(&node))),
             node => Err(Error::NotPermitted(format!(
                 "{}: cannot make directories here",
                 self.describe(&node)
@@ -807,9 +792,7 @@ a version an alias points at. The daemon log has the reason.
                 let m = self.store.model(&model)?;
                 self.store.check_deletable(&m, number)
             }
-            node @ (Node::Model(_) | Node::Version { .. }) => {
-                Err(Error::IsDir(self.describe(&node)))
-            }
+            node @ (Node::Model(_) | Node::Version { .. }) => Err(Error::IsDir(self.describe(&node))),
             node @ Node::Blob(_) => Err(Error::ReadOnly(self.describe(&node))),
             node => Err(Error::NotPermitted(format!(
                 "{}: belongs to the daemon",
@@ -841,14 +824,7 @@ a version an alias points at. The daemon log has the reason.
 
     /// Renames an alias within one model (what `ln -sfn` does), replacing
     /// the target alias unless `no_replace`.
-    pub fn rename(
-        &self,
-        parent: u64,
-        name: &OsStr,
-        new_parent: u64,
-        new_name: &OsStr,
-        no_replace: bool,
-    ) -> Result<()> {
+    pub fn rename(&self, parent: u64, name: &OsStr, new_parent: u64, new_name: &OsStr, no_replace: bool) -> Result<()> {
         let parent_node = self.node(parent)?;
         let name = name
             .to_str()
@@ -856,9 +832,7 @@ a version an alias points at. The daemon log has the reason.
         let new_name = store::validate_name(new_name.as_encoded_bytes())?;
         match self.child(&parent_node, name)? {
             Node::Link { model, alias } if alias != LATEST && parent == new_parent => {
-                if let Ok(existing @ (Node::Version { .. } | Node::Link { .. })) =
-                    self.child(&parent_node, new_name)
-                {
+                if let Ok(existing @ (Node::Version { .. } | Node::Link { .. })) = self.child(&parent_node, new_name) {
                     if !matches!(&existing, Node::Link { alias, .. } if alias != LATEST) {
                         return Err(Error::NotPermitted(format!(
                             "{}: cannot be replaced",
@@ -866,8 +840,18 @@ a version an alias points at. The daemon log has the reason.
                         )));
                     }
                 }
-                self.store
-                    .rename_alias(&model, &alias, new_name, no_replace)?;
+                self.store.rename_alias(&model, &alias, new_name, no_replace)?;
+                let renamed = Node::Link {
+                    model: model.clone(),
+                    alias: new_name.to_string(),
+                };
+                self.move_ino(
+                    &Node::Link {
+                        model: model.clone(),
+                        alias: alias.clone(),
+                    },
+                    &renamed,
+                );
                 tracing::info!(model = %model, from = %alias, to = %new_name, "renamed alias");
                 Ok(())
             }
@@ -882,9 +866,7 @@ a version an alias points at. The daemon log has the reason.
         let node = self.node(ino)?;
         let writing = flags & libc::O_ACCMODE != libc::O_RDONLY || flags & libc::O_TRUNC != 0;
         let (handle, direct_io, keep_cache) = match &node {
-            Node::VersionFile { .. } | Node::Blob(_) if writing => {
-                return Err(Error::ReadOnly(self.describe(&node)))
-            }
+            Node::VersionFile { .. } | Node::Blob(_) if writing => return Err(Error::ReadOnly(self.describe(&node))),
             Node::Readme | Node::Status | Node::DeviceFile { .. } if writing => {
                 return Err(Error::AccessDenied(self.describe(&node)))
             }
@@ -900,15 +882,8 @@ a version an alias points at. The daemon log has the reason.
             Node::VersionFile { .. } | Node::Readme | Node::Status | Node::DeviceFile { .. } => {
                 (Handle::Content(self.content(&node)?), true, false)
             }
-            Node::Upload(_) => {
-                return Err(Error::Busy(format!(
-                    "{}: being copied in",
-                    self.describe(&node)
-                )))
-            }
-            Node::Link { .. } => {
-                return Err(Error::InvalidArgument("cannot open a symlink".into()))
-            }
+            Node::Upload(_) => return Err(Error::Busy(format!("{}: being copied in", self.describe(&node)))),
+            Node::Link { .. } => return Err(Error::InvalidArgument("cannot open a symlink".into())),
             _ => return Err(Error::IsDir(self.describe(&node))),
         };
         let fh = self.add_handle(handle);
@@ -925,13 +900,7 @@ a version an alias points at. The daemon log has the reason.
     }
 
     /// Starts copying a model file into `models/<name>/`.
-    pub fn create(
-        &self,
-        parent: u64,
-        name: &OsStr,
-        mode: u32,
-        caller: Caller,
-    ) -> Result<(Attr, Opened)> {
+    pub fn create(&self, parent: u64, name: &OsStr, mode: u32, caller: Caller) -> Result<(Attr, Opened)> {
         let model = match self.node(parent)? {
             Node::Model(model) => model,
             node @ (Node::Version { .. } | Node::Blobs) => return Err(Error::ReadOnly(self.describe(&node))),
@@ -940,7 +909,12 @@ a version an alias points at. The daemon log has the reason.
                     "models/ holds model directories: mkdir models/NAME, then copy the model file into it".into(),
                 ))
             }
-            node => return Err(Error::NotPermitted(format!("{}: cannot create files here", self.describe(&node)))),
+            node => {
+                return Err(Error::NotPermitted(format!(
+                    "{}: cannot create files here",
+                    self.describe(&node)
+                )))
+            }
         };
         let file_name = store::validate_name(name.as_encoded_bytes())?;
         if VERSION_FILES.contains(&file_name) {
@@ -1019,10 +993,7 @@ a version an alias points at. The daemon log has the reason.
         let mut p = pending.lock().unwrap();
         match &p.upload {
             None => Ok(()),
-            Some(u) if u.is_empty() => Err(Error::InvalidModel {
-                name: p.file_name.clone(),
-                why: "empty file".into(),
-            }),
+            Some(u) if u.is_empty() => Err(Error::EmptyUpload(p.file_name.clone())),
             Some(_) => self.commit(&mut p),
         }
     }
@@ -1041,16 +1012,22 @@ a version an alias points at. The daemon log has the reason.
     /// The last close of a handle. An upload that still holds data (its
     /// `flush` never came) is committed now; the error can only be logged.
     pub fn release(&self, fh: u64) -> Result<()> {
-        let handle = self
-            .handles
-            .lock()
-            .unwrap()
-            .remove(&fh)
-            .ok_or(Error::BadHandle(fh))?;
+        let handle = self.handles.lock().unwrap().remove(&fh).ok_or(Error::BadHandle(fh))?;
         if let Handle::Upload(pending) = &*handle {
             let mut p = pending.lock().unwrap();
-            if p.upload.as_ref().is_some_and(|u| !u.is_empty()) {
-                self.commit(&mut p)?;
+            match &p.upload {
+                Some(u) if u.is_empty() => {
+                    let why = "empty file".to_string();
+                    tracing::info!(
+                        "{}",
+                        Error::InvalidModel {
+                            name: p.file_name.clone(),
+                            why
+                        }
+                    );
+                }
+                Some(_) => self.commit(&mut p)?,
+                None => {}
             }
         }
         Ok(())
@@ -1133,11 +1110,7 @@ a version an alias points at. The daemon log has the reason.
             Node::Model(m) => format!("models/{m}"),
             Node::Link { model, alias } => format!("models/{model}/{alias}"),
             Node::Version { model, number } => format!("models/{model}/v{number}"),
-            Node::VersionFile {
-                model,
-                number,
-                file,
-            } => {
+            Node::VersionFile { model, number, file } => {
                 let name = match file {
                     VersionFile::Model(name) => name.as_str(),
                     VersionFile::Digest => "digest",

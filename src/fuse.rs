@@ -10,10 +10,9 @@ use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
 use fuser::{
-    Errno, FileAttr, FileHandle, FileType, Filesystem, FopenFlags, Generation, INodeNo,
-    KernelConfig, LockOwner, MountOption, OpenFlags, RenameFlags, ReplyAttr, ReplyCreate,
-    ReplyData, ReplyDirectory, ReplyEmpty, ReplyEntry, ReplyOpen, ReplyStatfs, ReplyWrite, Request,
-    SessionACL, TimeOrNow, WriteFlags,
+    Errno, FileAttr, FileHandle, FileType, Filesystem, FopenFlags, Generation, INodeNo, KernelConfig, LockOwner,
+    MountOption, OpenFlags, RenameFlags, ReplyAttr, ReplyCreate, ReplyData, ReplyDirectory, ReplyEmpty, ReplyEntry,
+    ReplyOpen, ReplyStatfs, ReplyWrite, ReplyXattr, Request, SessionACL, TimeOrNow, WriteFlags,
 };
 
 use crate::error::Error;
@@ -141,15 +140,7 @@ impl Filesystem for Adapter {
         _flags: Option<fuser::BsdFileFlags>,
         reply: ReplyAttr,
     ) {
-        match self.fs.setattr(
-            ino.0,
-            SetAttr {
-                mode,
-                uid,
-                gid,
-                size,
-            },
-        ) {
+        match self.fs.setattr(ino.0, SetAttr { mode, uid, gid, size }) {
             Ok(a) => reply.attr(&ttl(&a), &file_attr(&a)),
             Err(e) => reply.error(Self::fail("setattr", e)),
         }
@@ -162,15 +153,7 @@ impl Filesystem for Adapter {
         }
     }
 
-    fn mkdir(
-        &self,
-        req: &Request,
-        parent: INodeNo,
-        name: &OsStr,
-        mode: u32,
-        umask: u32,
-        reply: ReplyEntry,
-    ) {
+    fn mkdir(&self, req: &Request, parent: INodeNo, name: &OsStr, mode: u32, umask: u32, reply: ReplyEntry) {
         match self.fs.mkdir(parent.0, name, mode & !umask, caller(req)) {
             Ok(a) => reply.entry(&ttl(&a), &file_attr(&a), Generation(0)),
             Err(e) => reply.error(Self::fail("mkdir", e)),
@@ -191,14 +174,7 @@ impl Filesystem for Adapter {
         }
     }
 
-    fn symlink(
-        &self,
-        _req: &Request,
-        parent: INodeNo,
-        link_name: &OsStr,
-        target: &Path,
-        reply: ReplyEntry,
-    ) {
+    fn symlink(&self, _req: &Request, parent: INodeNo, link_name: &OsStr, target: &Path, reply: ReplyEntry) {
         match self.fs.symlink(parent.0, link_name, target) {
             Ok(a) => reply.entry(&ttl(&a), &file_attr(&a), Generation(0)),
             Err(e) => reply.error(Self::fail("symlink", e)),
@@ -222,10 +198,7 @@ impl Filesystem for Adapter {
             ));
         }
         let no_replace = flags.contains(RenameFlags::RENAME_NOREPLACE);
-        match self
-            .fs
-            .rename(parent.0, name, newparent.0, newname, no_replace)
-        {
+        match self.fs.rename(parent.0, name, newparent.0, newname, no_replace) {
             Ok(()) => reply.ok(),
             Err(e) => reply.error(Self::fail("rename", e)),
         }
@@ -241,10 +214,7 @@ impl Filesystem for Adapter {
         _rdev: u32,
         reply: ReplyEntry,
     ) {
-        let why = format!(
-            "{}: special files cannot be made here",
-            name.to_string_lossy()
-        );
+        let why = format!("{}: special files cannot be made here", name.to_string_lossy());
         reply.error(Self::fail("mknod", Error::NotPermitted(why)));
     }
 
@@ -312,28 +282,14 @@ impl Filesystem for Adapter {
         }
     }
 
-    fn flush(
-        &self,
-        _req: &Request,
-        _ino: INodeNo,
-        fh: FileHandle,
-        _lock_owner: LockOwner,
-        reply: ReplyEmpty,
-    ) {
+    fn flush(&self, _req: &Request, _ino: INodeNo, fh: FileHandle, _lock_owner: LockOwner, reply: ReplyEmpty) {
         match self.fs.flush(fh.0) {
             Ok(()) => reply.ok(),
             Err(e) => reply.error(Self::fail("flush", e)),
         }
     }
 
-    fn fsync(
-        &self,
-        _req: &Request,
-        _ino: INodeNo,
-        fh: FileHandle,
-        _datasync: bool,
-        reply: ReplyEmpty,
-    ) {
+    fn fsync(&self, _req: &Request, _ino: INodeNo, fh: FileHandle, _datasync: bool, reply: ReplyEmpty) {
         match self.fs.fsync(fh.0) {
             Ok(()) => reply.ok(),
             Err(e) => reply.error(Self::fail("fsync", e)),
@@ -356,23 +312,13 @@ impl Filesystem for Adapter {
         }
     }
 
-    fn readdir(
-        &self,
-        _req: &Request,
-        ino: INodeNo,
-        _fh: FileHandle,
-        offset: u64,
-        mut reply: ReplyDirectory,
-    ) {
+    fn readdir(&self, _req: &Request, ino: INodeNo, _fh: FileHandle, offset: u64, mut reply: ReplyDirectory) {
         let entries = match self.fs.readdir(ino.0) {
             Ok(entries) => entries,
             Err(e) => return reply.error(Self::fail("readdir", e)),
         };
         // Offsets: 1 and 2 are "." and "..", entry i is i + 3.
-        let dots = [
-            (ino.0, FileType::Directory, "."),
-            (ino.0, FileType::Directory, ".."),
-        ];
+        let dots = [(ino.0, FileType::Directory, "."), (ino.0, FileType::Directory, "..")];
         let all = dots.into_iter().chain(entries.iter().map(|e| {
             let kind = match e.kind {
                 Kind::Dir => FileType::Directory,
@@ -387,6 +333,20 @@ impl Filesystem for Adapter {
             }
         }
         reply.ok();
+    }
+
+    /// No extended attributes; answering saves the kernel's repeated
+    /// `security.capability` probes a round trip to fuser's default.
+    fn getxattr(&self, _req: &Request, _ino: INodeNo, _name: &OsStr, _size: u32, reply: ReplyXattr) {
+        reply.error(Errno::ENODATA);
+    }
+
+    fn listxattr(&self, _req: &Request, _ino: INodeNo, size: u32, reply: ReplyXattr) {
+        if size == 0 {
+            reply.size(0)
+        } else {
+            reply.data(&[])
+        }
     }
 
     fn statfs(&self, _req: &Request, _ino: INodeNo, reply: ReplyStatfs) {

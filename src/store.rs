@@ -76,11 +76,7 @@ impl FromStr for Digest {
             .strip_prefix("sha256:")
             .or_else(|| s.strip_prefix("sha256-"))
             .ok_or_else(|| bad("expected sha256:<hex> or sha256-<hex>"))?;
-        if hex_part.len() != 64
-            || !hex_part
-                .bytes()
-                .all(|b| matches!(b, b'0'..=b'9' | b'a'..=b'f'))
-        {
+        if hex_part.len() != 64 || !hex_part.bytes().all(|b| matches!(b, b'0'..=b'9' | b'a'..=b'f')) {
             return Err(bad("expected 64 lower-case hex digits"));
         }
         let mut bytes = [0u8; 32];
@@ -172,10 +168,7 @@ impl Version {
     /// The manifest whose sha256 is the version's digest: one line per file,
     /// `sha256:<hex>  <name>`, sorted by name (`sha256sum`'s shape).
     pub fn manifest(files: &BTreeMap<String, Digest>) -> String {
-        files
-            .iter()
-            .map(|(name, d)| format!("{d}  {name}\n"))
-            .collect()
+        files.iter().map(|(name, d)| format!("{d}  {name}\n")).collect()
     }
 
     /// The version's `meta.json`.
@@ -269,11 +262,10 @@ impl Store {
         for entry in db.iter() {
             let (key, value) = entry?;
             let key = String::from_utf8_lossy(&key).into_owned();
-            let model: Model =
-                serde_json::from_slice(&value).map_err(|e| Error::CorruptRecord {
-                    key: key.clone(),
-                    why: e.to_string(),
-                })?;
+            let model: Model = serde_json::from_slice(&value).map_err(|e| Error::CorruptRecord {
+                key: key.clone(),
+                why: e.to_string(),
+            })?;
             models.insert(key, Arc::new(model));
         }
         let store = Store {
@@ -298,15 +290,12 @@ impl Store {
         let _w = self.writer.lock().unwrap();
         let referenced = self.referenced_blobs();
         let mut bytes = 0;
-        let dir = fs::read_dir(&self.blobs)
-            .map_err(|e| Error::io(self.blobs.display().to_string(), e))?;
+        let dir = fs::read_dir(&self.blobs).map_err(|e| Error::io(self.blobs.display().to_string(), e))?;
         for entry in dir {
             let entry = entry.map_err(|e| Error::io(self.blobs.display().to_string(), e))?;
             let name = entry.file_name();
             let name = name.to_string_lossy();
-            let keep = name
-                .parse::<Digest>()
-                .is_ok_and(|d| referenced.contains(&d));
+            let keep = name.parse::<Digest>().is_ok_and(|d| referenced.contains(&d));
             if keep {
                 bytes += entry.metadata().map(|m| m.len()).unwrap_or(0);
             } else {
@@ -365,10 +354,7 @@ impl Store {
         self.db.insert(model.name.as_bytes(), json)?;
         self.db.flush()?;
         let model = Arc::new(model);
-        self.models
-            .write()
-            .unwrap()
-            .insert(model.name.clone(), model.clone());
+        self.models.write().unwrap().insert(model.name.clone(), model.clone());
         Ok(model)
     }
 
@@ -592,9 +578,7 @@ impl Store {
 fn validate_alias(alias: &str) -> Result<()> {
     validate_name(alias.as_bytes())?;
     if alias == LATEST {
-        return Err(Error::NotPermitted(format!(
-            "{LATEST} is kept by the daemon"
-        )));
+        return Err(Error::NotPermitted(format!("{LATEST} is kept by the daemon")));
     }
     if alias.starts_with('v') && alias[1..].bytes().all(|b| b.is_ascii_digit()) {
         return Err(Error::InvalidName {
@@ -654,9 +638,7 @@ impl Upload {
 
     pub fn set_len(&mut self, len: u64) -> Result<()> {
         if len != self.len {
-            self.file
-                .set_len(len)
-                .map_err(|e| Error::io("truncating upload", e))?;
+            self.file.set_len(len).map_err(|e| Error::io("truncating upload", e))?;
             self.len = len;
             self.hashed_in_order = false;
         }
@@ -664,9 +646,7 @@ impl Upload {
     }
 
     pub fn sync(&self) -> Result<()> {
-        self.file
-            .sync_all()
-            .map_err(|e| Error::io("syncing upload", e))
+        self.file.sync_all().map_err(|e| Error::io("syncing upload", e))
     }
 
     /// Fixes the content: digest computed, data fsynced.
@@ -677,12 +657,9 @@ impl Upload {
             let mut hasher = Sha256::new();
             let mut buf = vec![0u8; 1 << 20];
             let mut f = &self.file;
-            f.seek(SeekFrom::Start(0))
-                .map_err(|e| Error::io("hashing upload", e))?;
+            f.seek(SeekFrom::Start(0)).map_err(|e| Error::io("hashing upload", e))?;
             loop {
-                let n = f
-                    .read(&mut buf)
-                    .map_err(|e| Error::io("hashing upload", e))?;
+                let n = f.read(&mut buf).map_err(|e| Error::io("hashing upload", e))?;
                 if n == 0 {
                     break;
                 }
@@ -718,10 +695,7 @@ struct Finished {
 
 impl Finished {
     fn path(&self) -> &Path {
-        self.upload
-            .path
-            .as_deref()
-            .expect("a live upload has a path")
+        self.upload.path.as_deref().expect("a live upload has a path")
     }
 
     /// Moves the temp file to `dest` unless a blob is already there (same
@@ -754,9 +728,7 @@ fn sync_dir(dir: &Path) -> Result<()> {
 }
 
 fn now_secs() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map_or(0, |d| d.as_secs())
+    SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs())
 }
 
 #[cfg(test)]
@@ -826,10 +798,7 @@ mod tests {
 
     #[test]
     fn names_are_validated() {
-        assert_eq!(
-            validate_name(b"resnet-50_v2.onnx").unwrap(),
-            "resnet-50_v2.onnx"
-        );
+        assert_eq!(validate_name(b"resnet-50_v2.onnx").unwrap(), "resnet-50_v2.onnx");
         assert!(validate_name(&[b'a'; 255]).is_ok());
         for bad in [
             &b""[..],
@@ -895,27 +864,19 @@ mod tests {
         let (_dir, store) = new_store();
         store.create_model("other", 0, 0, 0o755).unwrap();
         assert_eq!(
-            store
-                .import("m", "a.onnx", upload(&store, b"one"), ok_inspect)
-                .unwrap(),
+            store.import("m", "a.onnx", upload(&store, b"one"), ok_inspect).unwrap(),
             Imported::New(1)
         );
         assert_eq!(
-            store
-                .import("m", "a.onnx", upload(&store, b"one"), ok_inspect)
-                .unwrap(),
+            store.import("m", "a.onnx", upload(&store, b"one"), ok_inspect).unwrap(),
             Imported::Existing(1)
         );
         assert_eq!(
-            store
-                .import("m", "b.onnx", upload(&store, b"one"), ok_inspect)
-                .unwrap(),
+            store.import("m", "b.onnx", upload(&store, b"one"), ok_inspect).unwrap(),
             Imported::Existing(1)
         );
         assert_eq!(
-            store
-                .import("m", "a.onnx", upload(&store, b"two"), ok_inspect)
-                .unwrap(),
+            store.import("m", "a.onnx", upload(&store, b"two"), ok_inspect).unwrap(),
             Imported::New(2)
         );
         // Same bytes in another model: a version there, one blob on disk.
@@ -954,19 +915,13 @@ mod tests {
             .import("other", "a.onnx", upload(&store, b"shared"), ok_inspect)
             .unwrap();
         store.delete_version("m", 1).unwrap();
-        assert_eq!(
-            blob_dir(&store).len(),
-            2,
-            "shared blob still used by other/v1"
-        );
+        assert_eq!(blob_dir(&store).len(), 2, "shared blob still used by other/v1");
         store.delete_version("m", 2).unwrap();
         assert_eq!(blob_dir(&store), vec![Digest::of(b"shared").file_name()]);
         assert_eq!(store.size(), 6);
         // Numbers are not reused.
         assert_eq!(
-            store
-                .import("m", "a.onnx", upload(&store, b"new"), ok_inspect)
-                .unwrap(),
+            store.import("m", "a.onnx", upload(&store, b"new"), ok_inspect).unwrap(),
             Imported::New(3)
         );
     }
@@ -974,40 +929,24 @@ mod tests {
     #[test]
     fn aliases_pin_versions() {
         let (_dir, store) = new_store();
-        store
-            .import("m", "a.onnx", upload(&store, b"1"), ok_inspect)
-            .unwrap();
-        store
-            .import("m", "a.onnx", upload(&store, b"2"), ok_inspect)
-            .unwrap();
+        store.import("m", "a.onnx", upload(&store, b"1"), ok_inspect).unwrap();
+        store.import("m", "a.onnx", upload(&store, b"2"), ok_inspect).unwrap();
         store.create_alias("m", "stable", "v1").unwrap();
         assert_eq!(
             store.create_alias("m", "stable", "v2").unwrap_err().errno(),
             libc::EEXIST
         );
+        assert_eq!(store.create_alias("m", "x", "v9").unwrap_err().errno(), libc::ENOENT);
         assert_eq!(
-            store.create_alias("m", "x", "v9").unwrap_err().errno(),
-            libc::ENOENT
-        );
-        assert_eq!(
-            store
-                .create_alias("m", "x", "../other")
-                .unwrap_err()
-                .errno(),
+            store.create_alias("m", "x", "../other").unwrap_err().errno(),
             libc::EINVAL
         );
         assert_eq!(
             store.create_alias("m", "latest", "v1").unwrap_err().errno(),
             libc::EPERM
         );
-        assert_eq!(
-            store.create_alias("m", "v7", "v1").unwrap_err().errno(),
-            libc::EINVAL
-        );
-        assert_eq!(
-            store.delete_version("m", 1).unwrap_err().errno(),
-            libc::EBUSY
-        );
+        assert_eq!(store.create_alias("m", "v7", "v1").unwrap_err().errno(), libc::EINVAL);
+        assert_eq!(store.delete_version("m", 1).unwrap_err().errno(), libc::EBUSY);
         // ln -sfn v2 stable: a temp alias renamed over the old one.
         store.create_alias("m", "tmp123", "./v2").unwrap();
         store.rename_alias("m", "tmp123", "stable", false).unwrap();
@@ -1015,10 +954,7 @@ mod tests {
         assert_eq!(m.aliases, BTreeMap::from([("stable".to_string(), 2)]));
         store.delete_version("m", 1).unwrap();
         store.remove_alias("m", "stable").unwrap();
-        assert_eq!(
-            store.remove_model("m").unwrap_err().errno(),
-            libc::ENOTEMPTY
-        );
+        assert_eq!(store.remove_model("m").unwrap_err().errno(), libc::ENOTEMPTY);
         store.delete_version("m", 2).unwrap();
         store.remove_model("m").unwrap();
         assert_eq!(store.model("m").unwrap_err().errno(), libc::ENOENT);

@@ -62,8 +62,7 @@ fn default_data_dir() -> Result<PathBuf, String> {
     if let Some(xdg) = std::env::var_os("XDG_DATA_HOME").filter(|v| !v.is_empty()) {
         return Ok(PathBuf::from(xdg).join("aifs"));
     }
-    let home =
-        std::env::var_os("HOME").ok_or("neither XDG_DATA_HOME nor HOME is set; pass --data-dir")?;
+    let home = std::env::var_os("HOME").ok_or("neither XDG_DATA_HOME nor HOME is set; pass --data-dir")?;
     Ok(PathBuf::from(home).join(".local/share/aifs"))
 }
 
@@ -72,16 +71,11 @@ fn run(cli: Cli) -> Result<(), String> {
         Some(d) => d,
         None => default_data_dir()?,
     };
-    std::fs::create_dir_all(&data_dir)
-        .map_err(|e| format!("data dir {}: {e}", data_dir.display()))?;
-    std::fs::create_dir_all(&cli.mountpoint).or_else(|e| {
-        // A stale mount answers ENOTCONN; it is cleared below.
-        if e.raw_os_error() == Some(libc::ENOTCONN) {
-            Ok(())
-        } else {
-            Err(format!("mount point {}: {e}", cli.mountpoint.display()))
-        }
-    })?;
+    std::fs::create_dir_all(&data_dir).map_err(|e| format!("data dir {}: {e}", data_dir.display()))?;
+    // A daemon that died leaves its mount behind ("Transport endpoint is not connected").
+    let cleared_stale = aifs::fuse::clear_stale_mount(&cli.mountpoint)
+        .map_err(|e| format!("mount point {}: {e}", cli.mountpoint.display()))?;
+    std::fs::create_dir_all(&cli.mountpoint).map_err(|e| format!("mount point {}: {e}", cli.mountpoint.display()))?;
     let library = find_onnxruntime(cli.onnxruntime.as_deref())?;
 
     // Detach before any thread exists; the parent waits for "mounted".
@@ -93,6 +87,9 @@ fn run(cli: Cli) -> Result<(), String> {
     init_logging();
     tracing::info!(version = env!("CARGO_PKG_VERSION"), data_dir = %data_dir.display(), onnxruntime = %library.display(), "starting");
 
+    if cleared_stale {
+        tracing::warn!(mountpoint = %cli.mountpoint.display(), "cleared a stale mount left by a daemon that died");
+    }
     let result = serve(&cli, &data_dir, &library, ready);
     if let Err(msg) = &result {
         tracing::error!("{msg}");
@@ -102,29 +99,19 @@ fn run(cli: Cli) -> Result<(), String> {
 
 fn serve(cli: &Cli, data_dir: &Path, library: &Path, ready: Option<OwnedFd>) -> Result<(), String> {
     let mountpoint = std::path::absolute(&cli.mountpoint).map_err(|e| e.to_string())?;
-    let store = aifs::store::Store::open(data_dir)
-        .map_err(|e| format!("opening the store in {}: {e}", data_dir.display()))?;
+    let store =
+        aifs::store::Store::open(data_dir).map_err(|e| format!("opening the store in {}: {e}", data_dir.display()))?;
     let onnx: Arc<dyn Backend> = OnnxRuntime::load(library).map_err(|e| e.to_string())?;
     let devices: Vec<Box<dyn Probe>> = vec![Box::new(Cpu::new())];
-    let fs = Arc::new(Fs::new(
-        store,
-        Backends::new(vec![onnx]),
-        devices,
-        &mountpoint,
-    ));
+    let fs = Arc::new(Fs::new(store, Backends::new(vec![onnx]), devices, &mountpoint));
 
-    if aifs::fuse::clear_stale_mount(&mountpoint).map_err(|e| e.to_string())? {
-        tracing::warn!(mountpoint = %mountpoint.display(), "cleared a stale mount left by a daemon that died");
-    }
     let config = aifs::fuse::mount_config(cli.allow_other, cli.threads);
-    let mut session =
-        fuser::Session::new(aifs::fuse::Adapter::new(fs.clone()), &mountpoint, &config)
-            .map_err(|e| format!("mounting on {}: {e}", mountpoint.display()))?;
+    let mut session = fuser::Session::new(aifs::fuse::Adapter::new(fs.clone()), &mountpoint, &config)
+        .map_err(|e| format!("mounting on {}: {e}", mountpoint.display()))?;
     tracing::info!(mountpoint = %mountpoint.display(), "mounted");
 
     let mut unmounter = session.unmount_callable();
-    let mut signals =
-        signal_hook::iterator::Signals::new([SIGINT, SIGTERM]).map_err(|e| e.to_string())?;
+    let mut signals = signal_hook::iterator::Signals::new([SIGINT, SIGTERM]).map_err(|e| e.to_string())?;
     std::thread::Builder::new()
         .name("signals".into())
         .spawn(move || {
@@ -141,16 +128,13 @@ fn serve(cli: &Cli, data_dir: &Path, library: &Path, ready: Option<OwnedFd>) -> 
         let mut pipe = std::fs::File::from(fd);
         let _ = pipe.write_all(b"ok");
     }
-    session
-        .run()
-        .map_err(|e| format!("serving the mount: {e}"))?;
+    session.run().map_err(|e| format!("serving the mount: {e}"))?;
     tracing::info!("unmounted; bye");
     Ok(())
 }
 
 fn init_logging() {
-    let filter =
-        tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into());
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into());
     tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_ansi(std::io::stderr().is_terminal())
@@ -174,8 +158,7 @@ fn detach(log: &Path) -> Result<OwnedFd, String> {
         return Err(format!("pipe: {}", std::io::Error::last_os_error()));
     }
     // SAFETY: both fds were just created and are owned here only.
-    let (read_end, write_end) =
-        unsafe { (OwnedFd::from_raw_fd(fds[0]), OwnedFd::from_raw_fd(fds[1])) };
+    let (read_end, write_end) = unsafe { (OwnedFd::from_raw_fd(fds[0]), OwnedFd::from_raw_fd(fds[1])) };
     // SAFETY: no other threads exist yet, so the child may keep running Rust.
     match unsafe { libc::fork() } {
         -1 => Err(format!("fork: {}", std::io::Error::last_os_error())),

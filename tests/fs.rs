@@ -1,0 +1,374 @@
+//! The tree's semantics, driven through `aifs::fs::Fs` directly: no FUSE,
+//! no kernel. Real store on disk, real ONNX Runtime.
+
+mod common;
+
+use std::ffi::OsStr;
+use std::os::unix::ffi::OsStrExt;
+use std::path::Path;
+use std::sync::Arc;
+
+use aifs::backend::{Backend, Backends, OnnxRuntime};
+use aifs::device::{Cpu, Probe};
+use aifs::fs::{Caller, Fs, Kind, SetAttr, ROOT_INO};
+use aifs::store::Store;
+
+struct Tree {
+    fs: Fs,
+    dir: tempfile::TempDir,
+}
+
+const ME: Caller = Caller {
+    uid: 1000,
+    gid: 1000,
+    pid: 1,
+};
+
+fn tree() -> Tree {
+    let dir = tempfile::tempdir().unwrap();
+    let store = Store::open(dir.path()).unwrap();
+    let onnx: Arc<dyn Backend> = OnnxRuntime::load(&common::onnxruntime()).unwrap();
+    let devices: Vec<Box<dyn Probe>> = vec![Box::new(Cpu::new())];
+    let fs = Fs::new(store, Backends::new(vec![onnx]), devices, Path::new("/mnt/aifs"));
+    Tree { fs, dir }
+}
+
+impl Tree {
+    /// The inode of a path like `models/m/v1`.
+    fn ino(&self, path: &str) -> u64 {
+        self.try_ino(path).unwrap_or_else(|e| panic!("{path}: {e}"))
+    }
+
+    fn try_ino(&self, path: &str) -> aifs::Result<u64> {
+        let mut ino = ROOT_INO;
+        for part in path.split('/').filter(|p| !p.is_empty()) {
+            ino = self.fs.lookup(ino, OsStr::new(part))?.ino;
+        }
+        Ok(ino)
+    }
+
+    fn names(&self, path: &str) -> Vec<String> {
+        self.fs
+            .readdir(self.ino(path))
+            .unwrap()
+            .into_iter()
+            .map(|e| e.name)
+            .collect()
+    }
+
+    fn read_all(&self, path: &str) -> Vec<u8> {
+        let o = self.fs.open(self.ino(path), libc::O_RDONLY).unwrap();
+        let mut out = Vec::new();
+        loop {
+            let chunk = self.fs.read(o.fh, out.len() as u64, 4096).unwrap();
+            if chunk.is_empty() {
+                break;
+            }
+            out.extend(chunk);
+        }
+        self.fs.release(o.fh).unwrap();
+        out
+    }
+
+    /// What `cp <bytes> models/<model>/<name>` does: create, write, close.
+    fn copy_in(&self, model: &str, name: &str, bytes: &[u8]) -> aifs::Result<()> {
+        let (_, o) = self
+            .fs
+            .create(self.ino(&format!("models/{model}")), OsStr::new(name), 0o644, ME)?;
+        for (i, chunk) in bytes.chunks(1000).enumerate() {
+            self.fs.write(o.fh, (i * 1000) as u64, chunk)?;
+        }
+        let flushed = self.fs.flush(o.fh);
+        self.fs.release(o.fh).ok();
+        flushed
+    }
+
+    fn mkdir(&self, name: &[u8]) -> aifs::Result<()> {
+        self.fs
+            .mkdir(self.ino("models"), OsStr::from_bytes(name), 0o755, ME)
+            .map(|_| ())
+    }
+
+    /// Files in the data dir's blob directory (temp files included).
+    fn blob_files(&self) -> Vec<String> {
+        let mut v: Vec<String> = std::fs::read_dir(self.dir.path().join("blobs"))
+            .unwrap()
+            .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+            .collect();
+        v.sort();
+        v
+    }
+}
+
+fn fixture(name: &str) -> Vec<u8> {
+    std::fs::read(common::fixture(name)).unwrap()
+}
+
+#[test]
+fn root_lists_the_tree() {
+    let t = tree();
+    assert_eq!(t.names("/"), ["README", "status", "models", "devices", "jobs", "blobs"]);
+    assert_eq!(t.names("devices"), ["cpu"]);
+    assert_eq!(t.names("devices/cpu"), ["name", "util", "memory.total", "memory.used"]);
+    assert!(t.names("jobs").is_empty());
+    let readme = String::from_utf8(t.read_all("README")).unwrap();
+    assert!(readme.contains("mkdir /mnt/aifs/models/demo"), "{readme}");
+    let status: serde_json::Value = serde_json::from_slice(&t.read_all("status")).unwrap();
+    assert_eq!(status["backends"][0]["name"], "onnxruntime");
+    assert_eq!(status["store"]["bytes"], 0);
+}
+
+#[test]
+fn invalid_model_names_create_nothing() {
+    let t = tree();
+    let long = vec![b'a'; 256];
+    for name in [&b""[..], b".", b"..", b".hidden", b"a/b", b"a\0b", &long] {
+        let err = t.mkdir(name).unwrap_err();
+        assert_eq!(err.errno(), libc::EINVAL, "{:?}", String::from_utf8_lossy(name));
+    }
+    assert!(t.names("models").is_empty());
+    t.mkdir(&[b'a'; 255]).unwrap();
+    assert_eq!(t.mkdir(&[b'a'; 255]).unwrap_err().errno(), libc::EEXIST);
+}
+
+#[test]
+fn copy_in_makes_a_version_with_its_files() {
+    let t = tree();
+    t.mkdir(b"m").unwrap();
+    let mlp = fixture("mlp.onnx");
+    t.copy_in("m", "mlp.onnx", &mlp).unwrap();
+    assert_eq!(t.names("models/m"), ["latest", "v1"]);
+    assert_eq!(t.names("models/m/v1"), ["mlp.onnx", "digest", "meta.json"]);
+    assert_eq!(t.read_all("models/m/v1/mlp.onnx"), mlp);
+    assert_eq!(t.fs.readlink(t.ino("models/m/latest")).unwrap(), "v1");
+    let meta: serde_json::Value = serde_json::from_slice(&t.read_all("models/m/v1/meta.json")).unwrap();
+    assert_eq!(
+        meta["inputs"],
+        serde_json::json!([{"name": "x", "dtype": "float32", "shape": [-1, 16]}])
+    );
+    assert_eq!(meta["size"], mlp.len());
+    // The same bytes again: no new version.
+    t.copy_in("m", "mlp.onnx", &mlp).unwrap();
+    assert_eq!(t.names("models/m"), ["latest", "v1"]);
+}
+
+#[test]
+fn a_shell_redirect_closes_a_duplicate_before_writing() {
+    // `cat f > models/m/f.onnx`: the shell closes its own descriptor after
+    // dup2, before cat writes. That first close must not commit (or lose)
+    // anything; the last one commits.
+    let t = tree();
+    t.mkdir(b"m").unwrap();
+    let (_, o) = t.fs.create(t.ino("models/m"), OsStr::new("s.onnx"), 0o644, ME).unwrap();
+    assert_eq!(t.fs.flush(o.fh).unwrap_err().errno(), libc::EINVAL);
+    t.fs.write(o.fh, 0, &fixture("sigmoid.onnx")).unwrap();
+    t.fs.flush(o.fh).unwrap();
+    t.fs.release(o.fh).unwrap();
+    assert_eq!(t.names("models/m"), ["latest", "v1"]);
+}
+
+#[test]
+fn bad_models_fail_the_close_and_leave_nothing() {
+    let t = tree();
+    t.mkdir(b"m").unwrap();
+    for name in ["empty.onnx", "garbage.onnx", "truncated.onnx"] {
+        let err = t.copy_in("m", name, &fixture(name)).unwrap_err();
+        assert_eq!(err.errno(), libc::EINVAL, "{name}: {err}");
+        assert!(err.to_string().contains(name), "{err}");
+        assert!(!err.to_string().contains("tmp-"), "reason names the temp file: {err}");
+    }
+    assert!(t.names("models/m").is_empty());
+    assert!(t.blob_files().is_empty(), "{:?}", t.blob_files());
+}
+
+#[test]
+fn files_that_cannot_be_models_are_refused_at_create() {
+    let t = tree();
+    t.mkdir(b"m").unwrap();
+    let m = t.ino("models/m");
+    let create = |parent, name: &str| {
+        t.fs.create(parent, OsStr::new(name), 0o644, ME)
+            .map(|_| ())
+            .unwrap_err()
+            .errno()
+    };
+    assert_eq!(create(m, "weights.bin"), libc::EINVAL);
+    assert_eq!(create(m, "digest"), libc::EINVAL);
+    assert_eq!(create(m, ".x.onnx"), libc::EINVAL);
+    assert_eq!(create(t.ino("models"), "x.onnx"), libc::EPERM);
+    assert_eq!(create(ROOT_INO, "x.onnx"), libc::EPERM);
+    t.copy_in("m", "mlp.onnx", &fixture("mlp.onnx")).unwrap();
+    assert_eq!(create(t.ino("models/m/v1"), "x.onnx"), libc::EROFS);
+    assert_eq!(create(m, "v1"), libc::EEXIST);
+    assert!(t.blob_files().len() == 1);
+}
+
+#[test]
+fn versions_are_read_only() {
+    let t = tree();
+    t.mkdir(b"m").unwrap();
+    t.copy_in("m", "mlp.onnx", &fixture("mlp.onnx")).unwrap();
+    for path in ["models/m/v1/mlp.onnx", "models/m/v1/digest", "models/m/v1/meta.json"] {
+        for flags in [libc::O_WRONLY, libc::O_RDWR, libc::O_RDONLY | libc::O_TRUNC] {
+            assert_eq!(
+                t.fs.open(t.ino(path), flags).unwrap_err().errno(),
+                libc::EROFS,
+                "{path}"
+            );
+        }
+    }
+    let chmod = SetAttr {
+        mode: Some(0o777),
+        ..Default::default()
+    };
+    assert_eq!(
+        t.fs.setattr(t.ino("models/m/v1"), chmod).unwrap_err().errno(),
+        libc::EROFS
+    );
+    let truncate = SetAttr {
+        size: Some(0),
+        ..Default::default()
+    };
+    assert_eq!(
+        t.fs.setattr(t.ino("models/m/v1/mlp.onnx"), truncate)
+            .unwrap_err()
+            .errno(),
+        libc::EROFS
+    );
+    assert_eq!(
+        t.fs.mkdir(t.ino("models/m/v1"), OsStr::new("d"), 0o755, ME)
+            .unwrap_err()
+            .errno(),
+        libc::EROFS
+    );
+    assert_eq!(
+        t.fs.open(t.ino("README"), libc::O_WRONLY).unwrap_err().errno(),
+        libc::EACCES
+    );
+    assert_eq!(
+        t.fs.open(t.ino("status"), libc::O_RDWR).unwrap_err().errno(),
+        libc::EACCES
+    );
+    let blob = t.names("blobs").remove(0);
+    assert_eq!(
+        t.fs.open(t.ino(&format!("blobs/{blob}")), libc::O_WRONLY)
+            .unwrap_err()
+            .errno(),
+        libc::EROFS
+    );
+}
+
+#[test]
+fn aliases_rename_and_pin() {
+    let t = tree();
+    t.mkdir(b"m").unwrap();
+    t.copy_in("m", "a.onnx", &fixture("mul_1.onnx")).unwrap();
+    t.copy_in("m", "b.onnx", &fixture("sigmoid.onnx")).unwrap();
+    let m = t.ino("models/m");
+    t.fs.symlink(m, OsStr::new("stable"), Path::new("v1")).unwrap();
+    assert_eq!(t.fs.getattr(t.ino("models/m/stable")).unwrap().kind, Kind::Symlink);
+    // ln -sfn v2 stable == symlink to a temp name, rename over.
+    t.fs.symlink(m, OsStr::new("CuTmp"), Path::new("v2")).unwrap();
+    assert_eq!(
+        t.fs.rename(m, OsStr::new("CuTmp"), m, OsStr::new("stable"), true)
+            .unwrap_err()
+            .errno(),
+        libc::EEXIST
+    );
+    t.fs.rename(m, OsStr::new("CuTmp"), m, OsStr::new("stable"), false)
+        .unwrap();
+    assert_eq!(t.fs.readlink(t.ino("models/m/stable")).unwrap(), "v2");
+    assert_eq!(t.names("models/m"), ["latest", "stable", "v1", "v2"]);
+    // Neither versions nor latest can be renamed or replaced.
+    assert_eq!(
+        t.fs.rename(m, OsStr::new("stable"), m, OsStr::new("latest"), false)
+            .unwrap_err()
+            .errno(),
+        libc::EPERM
+    );
+    assert_eq!(
+        t.fs.rename(m, OsStr::new("stable"), m, OsStr::new("v1"), false)
+            .unwrap_err()
+            .errno(),
+        libc::EPERM
+    );
+    assert_eq!(
+        t.fs.rename(m, OsStr::new("latest"), m, OsStr::new("x"), false)
+            .unwrap_err()
+            .errno(),
+        libc::EPERM
+    );
+    assert_eq!(
+        t.fs.rename(m, OsStr::new("v1"), m, OsStr::new("x"), false)
+            .unwrap_err()
+            .errno(),
+        libc::EPERM
+    );
+    // A dangling alias is refused.
+    assert_eq!(
+        t.fs.symlink(m, OsStr::new("x"), Path::new("v9")).unwrap_err().errno(),
+        libc::ENOENT
+    );
+    assert_eq!(
+        t.fs.symlink(m, OsStr::new("x"), Path::new("/etc")).unwrap_err().errno(),
+        libc::EINVAL
+    );
+    assert_eq!(
+        t.fs.symlink(t.ino("models"), OsStr::new("x"), Path::new("m"))
+            .unwrap_err()
+            .errno(),
+        libc::EPERM
+    );
+}
+
+#[test]
+fn removing_a_version_file_by_file_follows_rmdir_rules() {
+    let t = tree();
+    t.mkdir(b"m").unwrap();
+    t.copy_in("m", "a.onnx", &fixture("mul_1.onnx")).unwrap();
+    let m = t.ino("models/m");
+    let v1 = t.ino("models/m/v1");
+    t.fs.symlink(m, OsStr::new("stable"), Path::new("v1")).unwrap();
+    assert_eq!(t.fs.unlink(v1, OsStr::new("a.onnx")).unwrap_err().errno(), libc::EBUSY);
+    assert_eq!(t.fs.rmdir(m, OsStr::new("v1")).unwrap_err().errno(), libc::EBUSY);
+    assert_eq!(
+        t.fs.rmdir(t.ino("models"), OsStr::new("m")).unwrap_err().errno(),
+        libc::ENOTEMPTY
+    );
+    t.fs.unlink(m, OsStr::new("stable")).unwrap();
+    // rm -r v1: unlink each file (accepted, nothing changes yet), then rmdir.
+    for f in ["a.onnx", "digest", "meta.json"] {
+        t.fs.unlink(v1, OsStr::new(f)).unwrap();
+    }
+    assert_eq!(t.names("models/m/v1").len(), 3);
+    t.fs.unlink(m, OsStr::new("latest")).unwrap();
+    t.fs.rmdir(m, OsStr::new("v1")).unwrap();
+    assert!(t.names("models/m").is_empty());
+    assert!(t.blob_files().is_empty());
+    assert_eq!(t.try_ino("models/m/v1").unwrap_err().errno(), libc::ENOENT);
+    t.fs.rmdir(t.ino("models"), OsStr::new("m")).unwrap();
+    assert_eq!(t.fs.getattr(m).unwrap_err().errno(), libc::ENOENT);
+}
+
+#[test]
+fn chmod_and_chown_of_models_are_kept() {
+    let t = tree();
+    t.mkdir(b"m").unwrap();
+    let m = t.ino("models/m");
+    let a = t.fs.getattr(m).unwrap();
+    assert_eq!((a.uid, a.gid, a.perm), (1000, 1000, 0o755));
+    let a =
+        t.fs.setattr(
+            m,
+            SetAttr {
+                mode: Some(0o40700),
+                uid: Some(7),
+                gid: Some(8),
+                size: None,
+            },
+        )
+        .unwrap();
+    assert_eq!((a.uid, a.gid, a.perm), (7, 8, 0o700));
+    let m = t.fs.store().model("m").unwrap();
+    assert_eq!((m.uid, m.gid, m.mode), (7, 8, 0o700));
+}
