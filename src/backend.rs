@@ -1,7 +1,10 @@
-//! Backends: what can load a model file and say what it takes and returns.
+//! Backends: what can load a model file, say what it takes and returns, and
+//! run it.
 //!
 //! One trait, [`Backend`]; the daemon holds a list of them ([`Backends`]) and
-//! picks one by file name. Today that is ONNX Runtime through `ort`, loaded
+//! picks one by file name. A loaded model is an [`Instance`]: one at a time
+//! runs on it (ONNX Runtime sessions are not safe to run concurrently from
+//! `ort`), so the engine keeps a pool of instances per version. Today that is ONNX Runtime through `ort`, loaded
 //! at run time (`load-dynamic`) from the `libonnxruntime.so` that
 //! `scripts/setup.sh` installs. [`find_onnxruntime`] says where it looks;
 //! nothing here panics when the library is missing or broken: `ort` would,
@@ -12,7 +15,8 @@ use std::sync::{Arc, OnceLock};
 
 use crate::error::{Error, Result};
 use crate::store::Inspected;
-use crate::tensor::{DType, Signature, TensorSpec};
+use crate::tensor::{DType, Data, Signature, Tensor, TensorSpec};
+use crate::with_data;
 
 pub trait Backend: Send + Sync {
     /// Short name shown in `meta.json` and `/status`, e.g. `onnxruntime`.
@@ -26,6 +30,15 @@ pub trait Backend: Send + Sync {
     fn inspect(&self, path: &Path, file_name: &str) -> Result<Signature>;
     /// Facts for `/status`.
     fn describe(&self) -> serde_json::Value;
+    /// Loads a model from its (already verified) bytes, ready to run.
+    fn load(&self, bytes: &[u8], file_name: &str) -> Result<Box<dyn Instance>>;
+}
+
+/// One loaded copy of a model.
+pub trait Instance: Send {
+    /// Runs one request: inputs in the model's order (already checked
+    /// against its signature); outputs in the model's order.
+    fn run(&mut self, inputs: Vec<Tensor>) -> Result<Vec<Tensor>>;
 }
 
 /// The backends a daemon runs with, in order of preference.
@@ -50,14 +63,9 @@ impl Backends {
     /// Loads `path` with the backend for `file_name`: the store's inspector.
     pub fn inspect(&self, path: &Path, file_name: &str) -> Result<Inspected> {
         let backend = self.for_file(file_name)?;
-        let size = std::fs::metadata(path)
-            .map_err(|e| Error::io(path.display().to_string(), e))?
-            .len();
+        let size = std::fs::metadata(path).map_err(|e| Error::io(path.display().to_string(), e))?.len();
         if size == 0 {
-            return Err(Error::InvalidModel {
-                name: file_name.to_string(),
-                why: "empty file".into(),
-            });
+            return Err(Error::InvalidModel { name: file_name.to_string(), why: "empty file".into() });
         }
         Ok(Inspected {
             format: backend.format().to_string(),
@@ -94,11 +102,7 @@ pub fn find_onnxruntime(explicit: Option<&Path>) -> Result<PathBuf, String> {
         if let Some(dir) = exe.parent() {
             candidates.push(dir.join(ONNXRUNTIME_LIB));
             for ancestor in dir.ancestors() {
-                candidates.push(
-                    ancestor
-                        .join(".deps/onnxruntime/onnxruntime/capi")
-                        .join(ONNXRUNTIME_LIB),
-                );
+                candidates.push(ancestor.join(".deps/onnxruntime/onnxruntime/capi").join(ONNXRUNTIME_LIB));
             }
         }
     }
@@ -129,10 +133,7 @@ impl OnnxRuntime {
                 .with_name("aifs")
                 .build()
                 .map_err(|e| format!("starting ONNX Runtime from {}: {e}", library.display()))?;
-            Ok(Arc::new(OnnxRuntime {
-                library: library.to_path_buf(),
-                env,
-            }))
+            Ok(Arc::new(OnnxRuntime { library: library.to_path_buf(), env }))
         })
         .clone()
         .map_err(Error::Runtime)
@@ -173,10 +174,7 @@ impl Backend for OnnxRuntime {
                 })
                 .collect()
         };
-        Ok(Signature {
-            inputs: specs(session.inputs()),
-            outputs: specs(session.outputs()),
-        })
+        Ok(Signature { inputs: specs(session.inputs()), outputs: specs(session.outputs()) })
     }
 
     fn describe(&self) -> serde_json::Value {
@@ -186,6 +184,61 @@ impl Backend for OnnxRuntime {
             "library": self.library,
         })
     }
+
+    fn load(&self, bytes: &[u8], file_name: &str) -> Result<Box<dyn Instance>> {
+        // One intra-op thread: the engine runs independent requests in
+        // parallel, one per core, which beats splitting each small one.
+        let session = ort::session::Session::builder(&self.env)
+            .and_then(|b| b.with_intra_threads(1).map_err(Into::into))
+            .and_then(|mut b| b.commit_from_memory(bytes))
+            .map_err(|e| Error::Runtime(format!("loading {file_name}: {}", first_line(&e.to_string()))))?;
+        Ok(Box::new(OnnxInstance { session }))
+    }
+}
+
+struct OnnxInstance {
+    session: ort::session::Session,
+}
+
+impl Instance for OnnxInstance {
+    fn run(&mut self, inputs: Vec<Tensor>) -> Result<Vec<Tensor>> {
+        let runtime = |e: ort::Error| Error::Runtime(first_line(&e.to_string()));
+        let mut values: Vec<(String, ort::session::SessionInputValue)> = Vec::with_capacity(inputs.len());
+        for t in inputs {
+            let value: ort::value::DynValue =
+                with_data!(t.data, v => ort::value::Tensor::from_array((t.shape, v)).map_err(runtime)?.into_dyn());
+            values.push((t.name, value.into()));
+        }
+        let outputs = self.session.run(values).map_err(runtime)?;
+        outputs.iter().map(|(name, value)| output_tensor(name, &value)).collect()
+    }
+}
+
+fn output_tensor(name: &str, value: &ort::value::DynValueRef<'_>) -> Result<Tensor> {
+    use ort::value::TensorElementType as T;
+    let runtime = |e: ort::Error| Error::Runtime(format!("output {name:?}: {}", first_line(&e.to_string())));
+    macro_rules! extract {
+        ($variant:ident, $t:ty) => {{
+            let (shape, data) = value.try_extract_tensor::<$t>().map_err(runtime)?;
+            (shape.iter().map(|&d| d as usize).collect(), Data::$variant(data.to_vec()))
+        }};
+    }
+    let (shape, data): (Vec<usize>, Data) = match value.dtype().tensor_type() {
+        Some(T::Bool) => extract!(Bool, bool),
+        Some(T::Uint8) => extract!(Uint8, u8),
+        Some(T::Int8) => extract!(Int8, i8),
+        Some(T::Uint16) => extract!(Uint16, u16),
+        Some(T::Int16) => extract!(Int16, i16),
+        Some(T::Uint32) => extract!(Uint32, u32),
+        Some(T::Int32) => extract!(Int32, i32),
+        Some(T::Uint64) => extract!(Uint64, u64),
+        Some(T::Int64) => extract!(Int64, i64),
+        Some(T::Float16) => extract!(Float16, half::f16),
+        Some(T::Float32) => extract!(Float32, f32),
+        Some(T::Float64) => extract!(Float64, f64),
+        other => return Err(Error::Runtime(format!("output {name:?}: element type {other:?} is not supported"))),
+    };
+    Tensor::new(name, shape, data)
 }
 
 fn dtype_of(t: ort::value::TensorElementType) -> DType {
@@ -210,11 +263,7 @@ fn dtype_of(t: ort::value::TensorElementType) -> DType {
 }
 
 fn first_line(s: &str) -> String {
-    s.lines()
-        .map(str::trim)
-        .find(|l| !l.is_empty())
-        .unwrap_or("unknown error")
-        .to_string()
+    s.lines().map(str::trim).find(|l| !l.is_empty()).unwrap_or("unknown error").to_string()
 }
 
 #[cfg(test)]

@@ -71,11 +71,7 @@ impl Default for Cpu {
 }
 
 fn sample_util(util: Weak<AtomicU8>) {
-    let read = || {
-        std::fs::read_to_string("/proc/stat")
-            .ok()
-            .and_then(|s| parse_proc_stat(&s))
-    };
+    let read = || std::fs::read_to_string("/proc/stat").ok().and_then(|s| parse_proc_stat(&s));
     let mut last = read();
     loop {
         std::thread::sleep(Duration::from_secs(1));
@@ -94,10 +90,8 @@ impl Probe for Cpu {
     }
 
     fn read(&self) -> Reading {
-        let (total, available) = std::fs::read_to_string("/proc/meminfo")
-            .ok()
-            .and_then(|s| parse_meminfo(&s))
-            .unwrap_or((0, 0));
+        let (total, available) =
+            std::fs::read_to_string("/proc/meminfo").ok().and_then(|s| parse_meminfo(&s)).unwrap_or((0, 0));
         Reading {
             name: self.name.clone(),
             util: self.util.load(Ordering::Relaxed),

@@ -30,6 +30,19 @@ pub enum Error {
     EmptyUpload(String),
     #[error("{0}")]
     InvalidArgument(String),
+    /// A request that does not fit the model: malformed, wrong name, dtype, shape.
+    #[error("{0}")]
+    BadInput(String),
+    #[error("input larger than the limit of {limit} bytes")]
+    TooBig { limit: u64 },
+    /// A read of `infer` with no request of the caller's session.
+    #[error("{0}: no request from this session (write one first)")]
+    NoRequest(String),
+    #[error("job {0} was cancelled")]
+    Cancelled(u64),
+    /// A job that failed earlier: its errno and reason, as recorded.
+    #[error("{message}")]
+    Job { errno: i32, message: String },
     #[error("{0}: directory not empty")]
     NotEmpty(String),
     #[error("{0}")]
@@ -66,10 +79,7 @@ pub enum Error {
 impl Error {
     /// Wraps an I/O error with what was being done, e.g. the path.
     pub fn io(context: impl Into<String>, source: io::Error) -> Self {
-        Error::Io {
-            context: context.into(),
-            source,
-        }
+        Error::Io { context: context.into(), source }
     }
 
     /// The errno a FUSE reply carries for this error.
@@ -81,6 +91,11 @@ impl Error {
             Error::InvalidModel { .. } => libc::EINVAL,
             Error::EmptyUpload(_) => libc::EINVAL,
             Error::InvalidArgument(_) => libc::EINVAL,
+            Error::BadInput(_) => libc::EINVAL,
+            Error::TooBig { .. } => libc::EFBIG,
+            Error::NoRequest(_) => libc::ENODATA,
+            Error::Cancelled(_) => libc::ECANCELED,
+            Error::Job { errno, .. } => *errno,
             Error::NotEmpty(_) => libc::ENOTEMPTY,
             Error::Busy(_) => libc::EBUSY,
             Error::ReadOnly(_) => libc::EROFS,
@@ -104,6 +119,11 @@ impl Error {
             Error::InvalidName { .. }
             | Error::InvalidModel { .. }
             | Error::InvalidArgument(_)
+            | Error::BadInput(_)
+            | Error::TooBig { .. }
+            | Error::NoRequest(_)
+            | Error::Cancelled(_)
+            | Error::Job { .. }
             | Error::NotEmpty(_)
             | Error::Busy(_)
             | Error::ReadOnly(_)

@@ -46,13 +46,32 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use crate::backend::Backends;
 use crate::device::{Probe, DEVICE_FILES};
+use crate::engine::{Engine, EngineConfig, Job, Status};
 use crate::error::{Error, Result};
 use crate::store::{self, Digest, Imported, Model, Store, Upload, Version, LATEST};
 
 pub const ROOT_INO: u64 = 1;
 
 /// Names a version directory holds besides its model files.
-const VERSION_FILES: [&str; 2] = ["digest", "meta.json"];
+const VERSION_FILES: [&str; 5] = ["digest", "meta.json", "infer", "clone", "stats"];
+
+/// Job inodes are computed, not interned: `JOB_INO_BASE + id * 16` for the
+/// directory, `+ 1 + index in JOB_FILES` for its files. So any number of
+/// jobs costs the inode table nothing.
+const JOB_INO_BASE: u64 = 1 << 48;
+
+/// The files of `jobs/<id>/`, in listing order.
+const JOB_FILES: [(&str, JobFile); 9] = [
+    ("status", JobFile::Status),
+    ("model", JobFile::Model),
+    ("input", JobFile::Input),
+    ("output", JobFile::Output),
+    ("error", JobFile::Error),
+    ("priority", JobFile::Priority),
+    ("device", JobFile::Device),
+    ("times", JobFile::Times),
+    ("ctl", JobFile::Ctl),
+];
 
 /// What a path in the tree is.
 #[derive(Clone, Debug, PartialEq, Eq, Hash)]
@@ -79,6 +98,18 @@ pub enum Node {
         number: u32,
         file: VersionFile,
     },
+    /// `vN/infer`: write a request, read its response (a stream).
+    Infer {
+        model: String,
+        number: u32,
+    },
+    /// `vN/clone`: each open allocates a new job.
+    Clone {
+        model: String,
+        number: u32,
+    },
+    Job(u64),
+    JobFile(u64, JobFile),
     Device(String),
     DeviceFile {
         device: String,
@@ -95,6 +126,29 @@ pub enum VersionFile {
     Model(String),
     Digest,
     Meta,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum JobFile {
+    Status,
+    Model,
+    Input,
+    Output,
+    Error,
+    Priority,
+    Device,
+    Times,
+    Ctl,
+}
+
+impl JobFile {
+    fn index(self) -> u64 {
+        JOB_FILES.iter().position(|(_, f)| *f == self).expect("every file is listed") as u64
+    }
+
+    fn name(self) -> &'static str {
+        JOB_FILES[self.index() as usize].0
+    }
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -142,6 +196,9 @@ pub struct Opened {
     pub direct_io: bool,
     /// Content never changes: keep the page cache across opens.
     pub keep_cache: bool,
+    /// A stream, not a file with offsets (`infer`): reads and writes
+    /// ignore positions.
+    pub stream: bool,
 }
 
 /// `setattr` changes; `None` leaves a field alone. Time changes are
@@ -171,6 +228,33 @@ enum Handle {
     Content(Vec<u8>),
     Blob(File),
     Upload(Mutex<Pending>),
+    Infer(Mutex<InferStream>),
+    JobInput(Mutex<JobInput>),
+    JobOutput(Arc<Job>),
+    /// `ctl` or `priority` opened for writing: each write is one command.
+    JobCommand(Arc<Job>, JobFile),
+}
+
+/// An open `infer`: the request being written, then the job answering it.
+struct InferStream {
+    model: String,
+    number: u32,
+    caller: Caller,
+    /// The caller's session (getsid), for the write-then-read way.
+    sid: u32,
+    input: Vec<u8>,
+    /// The request sent from this handle (or, for a handle that wrote
+    /// nothing, the session's last one), once there is one.
+    job: Option<Arc<Job>>,
+    /// Bytes of the response already read.
+    read_pos: usize,
+}
+
+/// `jobs/<id>/input` opened for writing.
+struct JobInput {
+    job: Arc<Job>,
+    input: Vec<u8>,
+    written: bool,
 }
 
 /// An import in progress (see the module header).
@@ -192,8 +276,11 @@ struct Inodes {
 }
 
 pub struct Fs {
-    store: Store,
+    store: Arc<Store>,
+    engine: Engine,
     backends: Backends,
+    /// The last request of each (version, session): what `cat infer` reads.
+    sessions: Mutex<HashMap<(String, u32, u32), Arc<Job>>>,
     devices: Vec<Box<dyn Probe>>,
     inodes: Mutex<Inodes>,
     handles: Mutex<HashMap<u64, Arc<Handle>>>,
@@ -208,18 +295,24 @@ pub struct Fs {
 
 impl Fs {
     /// `mountpoint` is only used to write copy-paste examples in README.
-    pub fn new(store: Store, backends: Backends, devices: Vec<Box<dyn Probe>>, mountpoint: &Path) -> Fs {
-        let mut inodes = Inodes {
-            next: ROOT_INO + 1,
-            ..Default::default()
-        };
+    pub fn new(
+        store: Store,
+        backends: Backends,
+        devices: Vec<Box<dyn Probe>>,
+        mountpoint: &Path,
+        engine: EngineConfig,
+    ) -> Fs {
+        let mut inodes = Inodes { next: ROOT_INO + 1, ..Default::default() };
         inodes.by_node.insert(Node::Root, ROOT_INO);
         inodes.by_ino.insert(ROOT_INO, Node::Root);
         // SAFETY: getuid/getgid cannot fail.
         let (uid, gid) = unsafe { (libc::getuid(), libc::getgid()) };
+        let store = Arc::new(store);
         Fs {
+            engine: Engine::start(store.clone(), backends.clone(), engine),
             store,
             backends,
+            sessions: Mutex::new(HashMap::new()),
             devices,
             inodes: Mutex::new(inodes),
             handles: Mutex::new(HashMap::new()),
@@ -239,6 +332,11 @@ impl Fs {
     // ---- inodes -------------------------------------------------------
 
     fn ino(&self, node: &Node) -> u64 {
+        match node {
+            Node::Job(id) => return JOB_INO_BASE + id * 16,
+            Node::JobFile(id, f) => return JOB_INO_BASE + id * 16 + 1 + f.index(),
+            _ => {}
+        }
         let mut t = self.inodes.lock().unwrap();
         if let Some(&ino) = t.by_node.get(node) {
             return ino;
@@ -261,24 +359,24 @@ impl Fs {
     }
 
     fn node(&self, ino: u64) -> Result<Node> {
-        self.inodes
-            .lock()
-            .unwrap()
-            .by_ino
-            .get(&ino)
-            .cloned()
-            .ok_or_else(|| Error::NotFound(format!("inode {ino}")))
+        if ino >= JOB_INO_BASE {
+            let (id, k) = ((ino - JOB_INO_BASE) / 16, (ino - JOB_INO_BASE) % 16);
+            return match k {
+                0 => Ok(Node::Job(id)),
+                k => JOB_FILES
+                    .get(k as usize - 1)
+                    .map(|(_, f)| Node::JobFile(id, *f))
+                    .ok_or_else(|| Error::NotFound(format!("inode {ino}"))),
+            };
+        }
+        self.inodes.lock().unwrap().by_ino.get(&ino).cloned().ok_or_else(|| Error::NotFound(format!("inode {ino}")))
     }
 
     // ---- resolving names ------------------------------------------------
 
     fn version(&self, model: &str, number: u32) -> Result<(Arc<Model>, Version)> {
         let m = self.store.model(model)?;
-        let v = m
-            .versions
-            .get(&number)
-            .cloned()
-            .ok_or_else(|| Error::NotFound(format!("models/{model}/v{number}")))?;
+        let v = m.versions.get(&number).cloned().ok_or_else(|| Error::NotFound(format!("models/{model}/v{number}")))?;
         Ok((m, v))
     }
 
@@ -307,41 +405,31 @@ impl Fs {
             Node::Model(model) => {
                 let m = self.store.model(model)?;
                 if let Some(number) = store::parse_version_name(name).filter(|n| m.versions.contains_key(n)) {
-                    Node::Version {
-                        model: model.clone(),
-                        number,
-                    }
+                    Node::Version { model: model.clone(), number }
                 } else if m.resolve_alias(name).is_some() {
-                    Node::Link {
-                        model: model.clone(),
-                        alias: name.to_string(),
-                    }
+                    Node::Link { model: model.clone(), alias: name.to_string() }
                 } else {
                     return Err(Error::NotFound(format!("models/{model}/{name}")));
                 }
             }
             Node::Version { model, number } => {
                 let (_, v) = self.version(model, *number)?;
+                let (model, number) = (model.clone(), *number);
                 let file = match name {
                     "digest" => VersionFile::Digest,
                     "meta.json" => VersionFile::Meta,
+                    "infer" => return Ok(Node::Infer { model, number }),
+                    "clone" => return Ok(Node::Clone { model, number }),
                     _ if v.files.contains_key(name) => VersionFile::Model(name.to_string()),
                     _ => return Err(Error::NotFound(format!("models/{model}/v{number}/{name}"))),
                 };
-                Node::VersionFile {
-                    model: model.clone(),
-                    number: *number,
-                    file,
-                }
+                Node::VersionFile { model, number, file }
             }
             Node::Devices => Node::Device(self.device(name)?.id().to_string()),
             Node::Device(id) => {
                 self.device(id)?;
                 let file = DEVICE_FILES.iter().find(|f| **f == name).ok_or_else(missing)?;
-                Node::DeviceFile {
-                    device: id.clone(),
-                    file,
-                }
+                Node::DeviceFile { device: id.clone(), file }
             }
             Node::Blobs => {
                 let digest: Digest = name.parse().map_err(|_| missing())?;
@@ -350,7 +438,16 @@ impl Fs {
                 }
                 Node::Blob(digest)
             }
-            Node::Jobs => return Err(missing()),
+            Node::Jobs => {
+                let id: u64 = name.parse().map_err(|_| missing())?;
+                self.job(id)?;
+                Node::Job(id)
+            }
+            Node::Job(id) => {
+                self.job(*id)?;
+                let (_, file) = JOB_FILES.iter().find(|(n, _)| *n == name).ok_or_else(missing)?;
+                Node::JobFile(*id, *file)
+            }
             _ => return Err(Error::NotDir(name.to_string())),
         })
     }
@@ -370,81 +467,49 @@ impl Fs {
             .into_iter()
             .map(|(n, node)| (n.to_string(), node))
             .collect(),
-            Node::Models => self
-                .store
-                .models()
-                .iter()
-                .map(|m| (m.name.clone(), Node::Model(m.name.clone())))
-                .collect(),
+            Node::Models => self.store.models().iter().map(|m| (m.name.clone(), Node::Model(m.name.clone()))).collect(),
             Node::Model(model) => {
                 let m = self.store.model(model)?;
-                let link = |alias: &str| {
-                    (
-                        alias.to_string(),
-                        Node::Link {
-                            model: model.clone(),
-                            alias: alias.to_string(),
-                        },
-                    )
-                };
+                let link =
+                    |alias: &str| (alias.to_string(), Node::Link { model: model.clone(), alias: alias.to_string() });
                 m.latest()
                     .map(|_| link(LATEST))
                     .into_iter()
                     .chain(m.aliases.keys().map(|a| link(a)))
-                    .chain(m.versions.keys().map(|&number| {
-                        (
-                            format!("v{number}"),
-                            Node::Version {
-                                model: model.clone(),
-                                number,
-                            },
-                        )
-                    }))
+                    .chain(
+                        m.versions
+                            .keys()
+                            .map(|&number| (format!("v{number}"), Node::Version { model: model.clone(), number })),
+                    )
                     .collect()
             }
             Node::Version { model, number } => {
                 let (_, v) = self.version(model, *number)?;
-                let file = |file| Node::VersionFile {
-                    model: model.clone(),
-                    number: *number,
-                    file,
-                };
+                let file = |file| Node::VersionFile { model: model.clone(), number: *number, file };
                 v.files
                     .keys()
                     .map(|name| (name.clone(), file(VersionFile::Model(name.clone()))))
                     .chain([
                         ("digest".to_string(), file(VersionFile::Digest)),
                         ("meta.json".to_string(), file(VersionFile::Meta)),
+                        ("infer".to_string(), Node::Infer { model: model.clone(), number: *number }),
+                        ("clone".to_string(), Node::Clone { model: model.clone(), number: *number }),
                     ])
                     .collect()
             }
-            Node::Devices => self
-                .devices
-                .iter()
-                .map(|d| (d.id().to_string(), Node::Device(d.id().to_string())))
-                .collect(),
+            Node::Devices => {
+                self.devices.iter().map(|d| (d.id().to_string(), Node::Device(d.id().to_string()))).collect()
+            }
             Node::Device(id) => {
                 self.device(id)?;
-                DEVICE_FILES
-                    .iter()
-                    .map(|f| {
-                        (
-                            f.to_string(),
-                            Node::DeviceFile {
-                                device: id.clone(),
-                                file: f,
-                            },
-                        )
-                    })
-                    .collect()
+                DEVICE_FILES.iter().map(|f| (f.to_string(), Node::DeviceFile { device: id.clone(), file: f })).collect()
             }
-            Node::Blobs => self
-                .store
-                .blobs()
-                .into_iter()
-                .map(|d| (d.file_name(), Node::Blob(d)))
-                .collect(),
-            Node::Jobs => Vec::new(),
+            Node::Blobs => self.store.blobs().into_iter().map(|d| (d.file_name(), Node::Blob(d))).collect(),
+            Node::Jobs => self.engine.job_ids().into_iter().map(|id| (id.to_string(), Node::Job(id))).collect(),
+            Node::Job(id) => {
+                self.job(*id)?;
+                JOB_FILES.iter().map(|(name, f)| (name.to_string(), Node::JobFile(*id, *f))).collect()
+            }
             _ => return Err(Error::NotDir(format!("inode {}", self.ino(node)))),
         })
     }
@@ -467,9 +532,7 @@ impl Fs {
             }
             Node::Link { model, alias } => {
                 let m = self.store.model(model)?;
-                let n = m
-                    .resolve_alias(alias)
-                    .ok_or_else(|| Error::NotFound(format!("models/{model}/{alias}")))?;
+                let n = m.resolve_alias(alias).ok_or_else(|| Error::NotFound(format!("models/{model}/{alias}")))?;
                 let len = format!("v{n}").len() as u64;
                 (Kind::Symlink, len, 0o777, m.uid, m.gid, secs(m.created))
             }
@@ -485,14 +548,31 @@ impl Fs {
                 };
                 (Kind::File, size, 0o444, m.uid, m.gid, secs(v.created))
             }
-            Node::Blob(digest) => (
-                Kind::File,
-                self.blob_len(digest)?,
-                0o444,
-                self.uid,
-                self.gid,
-                self.started,
-            ),
+            Node::Infer { model, number } | Node::Clone { model, number } => {
+                let (m, v) = self.version(model, *number)?;
+                let perm = if matches!(node, Node::Infer { .. }) { 0o666 } else { 0o444 };
+                (Kind::File, 0, perm, m.uid, m.gid, secs(v.created))
+            }
+            Node::Job(id) => {
+                let job = self.job(*id)?;
+                (Kind::Dir, 0, 0o700, job.uid, job.gid, job.snapshot().created)
+            }
+            Node::JobFile(id, file) => {
+                let job = self.job(*id)?;
+                let state = job.snapshot();
+                let (size, perm) = match file {
+                    JobFile::Input if state.status == Status::New => (0, 0o600),
+                    JobFile::Input => (state.input.len() as u64, 0o400),
+                    JobFile::Output => {
+                        (state.outcome.as_ref().and_then(|o| o.as_ref().ok()).map_or(0, |o| o.len() as u64), 0o400)
+                    }
+                    JobFile::Priority => (self.content(node)?.len() as u64, 0o600),
+                    JobFile::Ctl => (0, 0o200),
+                    _ => (self.content(node)?.len() as u64, 0o400),
+                };
+                (Kind::File, size, perm, job.uid, job.gid, state.created)
+            }
+            Node::Blob(digest) => (Kind::File, self.blob_len(digest)?, 0o444, self.uid, self.gid, self.started),
             Node::Upload(fh) => {
                 let handle = self.handle(*fh).map_err(|_| Error::NotFound(format!("upload {fh}")))?;
                 let Handle::Upload(pending) = &*handle else {
@@ -502,32 +582,16 @@ impl Fs {
                 let len = p.upload.as_ref().map_or(0, |u| u.len());
                 (Kind::File, len, p.perm, p.uid, p.gid, SystemTime::now())
             }
-            Node::Readme | Node::Status | Node::DeviceFile { .. } => (
-                Kind::File,
-                self.content(node)?.len() as u64,
-                0o444,
-                self.uid,
-                self.gid,
-                self.started,
-            ),
+            Node::Readme | Node::Status | Node::DeviceFile { .. } => {
+                (Kind::File, self.content(node)?.len() as u64, 0o444, self.uid, self.gid, self.started)
+            }
         };
-        Ok(Attr {
-            ino: self.ino(node),
-            kind,
-            size,
-            perm,
-            uid,
-            gid,
-            mtime,
-            cacheable: !matches!(node, Node::Upload(_)),
-        })
+        Ok(Attr { ino: self.ino(node), kind, size, perm, uid, gid, mtime, cacheable: !matches!(node, Node::Upload(_)) })
     }
 
     fn blob_len(&self, digest: &Digest) -> Result<u64> {
         let path = self.store.blob_path(digest);
-        std::fs::metadata(&path)
-            .map(|m| m.len())
-            .map_err(|e| Error::io(path.display().to_string(), e))
+        std::fs::metadata(&path).map(|m| m.len()).map_err(|e| Error::io(path.display().to_string(), e))
     }
 
     /// The text of a generated file.
@@ -541,32 +605,65 @@ impl Fs {
             }
             Node::DeviceFile { device, file } => {
                 let reading = self.device(device)?.read();
-                let (_, value) = reading
-                    .files()
-                    .into_iter()
-                    .find(|(f, _)| f == file)
-                    .expect("known file");
+                let (_, value) = reading.files().into_iter().find(|(f, _)| f == file).expect("known file");
                 format!("{value}\n")
             }
-            Node::VersionFile {
-                model,
-                number,
-                file: VersionFile::Digest,
-            } => {
+            Node::VersionFile { model, number, file: VersionFile::Digest } => {
                 format!("{}\n", self.version(model, *number)?.1.digest)
             }
-            Node::VersionFile {
-                model,
-                number,
-                file: VersionFile::Meta,
-            } => {
+            Node::VersionFile { model, number, file: VersionFile::Meta } => {
                 let mut s = serde_json::to_string_pretty(&self.version(model, *number)?.1.meta_json()).expect("json");
                 s.push('\n');
                 s
             }
+            Node::JobFile(id, file) => {
+                let job = self.job(*id)?;
+                let state = job.snapshot();
+                let failure = state.outcome.as_ref().and_then(|o| o.as_ref().err());
+                match file {
+                    JobFile::Status => match (state.status, failure) {
+                        (Status::Failed, Some(f)) => format!("failed\n{}\n", f.reason),
+                        (status, _) => format!("{}\n", status.name()),
+                    },
+                    JobFile::Model => format!("{}/v{} {}\n", job.model, job.version, job.digest),
+                    JobFile::Error => failure.map_or(String::new(), |f| format!("{}\n", f.reason)),
+                    JobFile::Priority => format!("{}\n", state.priority),
+                    JobFile::Device => format!("{}\n", state.device),
+                    JobFile::Times => {
+                        let time = |t: Option<SystemTime>| t.map(|t| humantime::format_rfc3339_micros(t).to_string());
+                        let mut s = serde_json::to_string_pretty(&serde_json::json!({
+                            "created": time(Some(state.created)),
+                            "submitted": time(state.submitted),
+                            "started": time(state.started),
+                            "finished": time(state.finished),
+                            "queue_us": state.queue_us,
+                            "compute_us": state.compute_us,
+                            "batch_size": state.started.map(|_| 1),
+                        }))
+                        .expect("json");
+                        s.push('\n');
+                        s
+                    }
+                    JobFile::Input | JobFile::Output | JobFile::Ctl => {
+                        return Err(Error::InvalidArgument("not a generated file".into()))
+                    }
+                }
+            }
             _ => return Err(Error::InvalidArgument("not a generated file".into())),
         };
         Ok(text.into_bytes())
+    }
+
+    /// EBUSY while unfinished jobs use the version.
+    fn check_no_jobs(&self, model: &str, number: u32) -> Result<()> {
+        match self.engine.unfinished_jobs(model, number).as_slice() {
+            [] => Ok(()),
+            ids => Err(Error::Busy(format!("models/{model}/v{number}: in use by job {ids:?}"))),
+        }
+    }
+
+    fn job(&self, id: u64) -> Result<Arc<Job>> {
+        self.engine.job(id).ok_or_else(|| Error::NotFound(format!("jobs/{id}")))
     }
 
     /// `/status`: daemon facts as JSON.
@@ -594,12 +691,7 @@ impl Fs {
         let mnt = self.mountpoint.display();
         let sample = self.store.models().into_iter().find_map(|m| {
             let v = m.versions.values().next_back()?;
-            Some(format!(
-                "{mnt}/models/{}/v{}/{}",
-                m.name,
-                v.number,
-                v.files.keys().next()?
-            ))
+            Some(format!("{mnt}/models/{}/v{}/{}", m.name, v.number, v.files.keys().next()?))
         });
         let source = match &sample {
             Some(path) => format!("cp {path} /tmp/model.onnx"),
@@ -651,9 +743,7 @@ a version an alias points at. The daemon log has the reason.
 
     pub fn lookup(&self, parent: u64, name: &OsStr) -> Result<Attr> {
         let parent = self.node(parent)?;
-        let name = name
-            .to_str()
-            .ok_or_else(|| Error::NotFound(name.to_string_lossy().into_owned()))?;
+        let name = name.to_str().ok_or_else(|| Error::NotFound(name.to_string_lossy().into_owned()))?;
         let child = self.child(&parent, name)?;
         self.attr(&child)
     }
@@ -682,17 +772,23 @@ a version an alias points at. The daemon log has the reason.
                     })?;
                 }
             }
-            Node::Version { .. } | Node::VersionFile { .. } | Node::Blob(_) | Node::Link { .. } => {
+            // `>` truncates before writing a request or command: nothing to truncate.
+            Node::Infer { .. } | Node::JobFile(_, JobFile::Input | JobFile::Priority | JobFile::Ctl)
+                if !owner_or_mode && change.size.is_none_or(|s| s == 0) => {}
+            Node::Version { .. }
+            | Node::VersionFile { .. }
+            | Node::Blob(_)
+            | Node::Link { .. }
+            | Node::Infer { .. }
+            | Node::Clone { .. }
+            | Node::JobFile(..) => {
                 if owner_or_mode || change.size.is_some() {
                     return Err(Error::ReadOnly(self.describe(&node)));
                 }
             }
             _ => {
                 if owner_or_mode || change.size.is_some() {
-                    return Err(Error::NotPermitted(format!(
-                        "{}: belongs to the daemon",
-                        self.describe(&node)
-                    )));
+                    return Err(Error::NotPermitted(format!("{}: belongs to the daemon", self.describe(&node))));
                 }
             }
         }
@@ -723,7 +819,7 @@ a version an alias points at. The daemon log has the reason.
                 kind: match child {
                     Node::Link { .. } => Kind::Symlink,
                     Node::Root | Node::Models | Node::Devices | Node::Jobs | Node::Blobs => Kind::Dir,
-                    Node::Model(_) | Node::Version { .. } | Node::Device(_) => Kind::Dir,
+                    Node::Model(_) | Node::Version { .. } | Node::Device(_) | Node::Job(_) => Kind::Dir,
                     _ => Kind::File,
                 },
                 name,
@@ -743,18 +839,13 @@ a version an alias points at. The daemon log has the reason.
                 "models/{model}: versions are made by copying a model file in, not by mkdir"
             ))),
             node @ (Node::Version { .. } | Node::Blobs) => Err(Error::ReadOnly(self.describe(&node))),
-            node => Err(Error::NotPermitted(format!(
-                "{}: cannot make directories here",
-                self.describe(&node)
-            ))),
+            node => Err(Error::NotPermitted(format!("{}: cannot make directories here", self.describe(&node)))),
         }
     }
 
     pub fn rmdir(&self, parent: u64, name: &OsStr) -> Result<()> {
         let parent = self.node(parent)?;
-        let name = name
-            .to_str()
-            .ok_or_else(|| Error::NotFound(name.to_string_lossy().into_owned()))?;
+        let name = name.to_str().ok_or_else(|| Error::NotFound(name.to_string_lossy().into_owned()))?;
         match self.child(&parent, name)? {
             Node::Model(model) => {
                 self.store.remove_model(&model)?;
@@ -762,6 +853,7 @@ a version an alias points at. The daemon log has the reason.
                 Ok(())
             }
             Node::Version { model, number } => {
+                self.check_no_jobs(&model, number)?;
                 self.store.delete_version(&model, number)?;
                 tracing::info!(model = %model, version = number, "deleted version");
                 Ok(())
@@ -769,18 +861,13 @@ a version an alias points at. The daemon log has the reason.
             node @ (Node::Link { .. } | Node::VersionFile { .. } | Node::Blob(_)) => {
                 Err(Error::NotDir(self.describe(&node)))
             }
-            node => Err(Error::NotPermitted(format!(
-                "{}: belongs to the daemon",
-                self.describe(&node)
-            ))),
+            node => Err(Error::NotPermitted(format!("{}: belongs to the daemon", self.describe(&node)))),
         }
     }
 
     pub fn unlink(&self, parent: u64, name: &OsStr) -> Result<()> {
         let parent = self.node(parent)?;
-        let name = name
-            .to_str()
-            .ok_or_else(|| Error::NotFound(name.to_string_lossy().into_owned()))?;
+        let name = name.to_str().ok_or_else(|| Error::NotFound(name.to_string_lossy().into_owned()))?;
         match self.child(&parent, name)? {
             Node::Link { alias, .. } if alias == LATEST => Ok(()),
             Node::Link { model, alias } => {
@@ -788,16 +875,13 @@ a version an alias points at. The daemon log has the reason.
                 tracing::info!(model = %model, alias = %alias, "removed alias");
                 Ok(())
             }
-            Node::VersionFile { model, number, .. } => {
-                let m = self.store.model(&model)?;
-                self.store.check_deletable(&m, number)
+            Node::VersionFile { model, number, .. } | Node::Infer { model, number } | Node::Clone { model, number } => {
+                self.store.check_deletable(&*self.store.model(&model)?, number)?;
+                self.check_no_jobs(&model, number)
             }
             node @ (Node::Model(_) | Node::Version { .. }) => Err(Error::IsDir(self.describe(&node))),
             node @ Node::Blob(_) => Err(Error::ReadOnly(self.describe(&node))),
-            node => Err(Error::NotPermitted(format!(
-                "{}: belongs to the daemon",
-                self.describe(&node)
-            ))),
+            node => Err(Error::NotPermitted(format!("{}: belongs to the daemon", self.describe(&node)))),
         }
     }
 
@@ -805,15 +889,11 @@ a version an alias points at. The daemon log has the reason.
         match self.node(parent)? {
             Node::Model(model) => {
                 let alias = store::validate_name(name.as_encoded_bytes())?;
-                let target = target
-                    .to_str()
-                    .ok_or_else(|| Error::InvalidArgument("alias target is not UTF-8".into()))?;
+                let target =
+                    target.to_str().ok_or_else(|| Error::InvalidArgument("alias target is not UTF-8".into()))?;
                 let number = self.store.create_alias(&model, alias, target)?;
                 tracing::info!(model = %model, alias = %alias, version = number, "created alias");
-                self.attr(&Node::Link {
-                    model,
-                    alias: alias.to_string(),
-                })
+                self.attr(&Node::Link { model, alias: alias.to_string() })
             }
             node => Err(Error::NotPermitted(format!(
                 "{}: symlinks are aliases and live in a model directory",
@@ -826,32 +906,18 @@ a version an alias points at. The daemon log has the reason.
     /// the target alias unless `no_replace`.
     pub fn rename(&self, parent: u64, name: &OsStr, new_parent: u64, new_name: &OsStr, no_replace: bool) -> Result<()> {
         let parent_node = self.node(parent)?;
-        let name = name
-            .to_str()
-            .ok_or_else(|| Error::NotFound(name.to_string_lossy().into_owned()))?;
+        let name = name.to_str().ok_or_else(|| Error::NotFound(name.to_string_lossy().into_owned()))?;
         let new_name = store::validate_name(new_name.as_encoded_bytes())?;
         match self.child(&parent_node, name)? {
             Node::Link { model, alias } if alias != LATEST && parent == new_parent => {
                 if let Ok(existing @ (Node::Version { .. } | Node::Link { .. })) = self.child(&parent_node, new_name) {
                     if !matches!(&existing, Node::Link { alias, .. } if alias != LATEST) {
-                        return Err(Error::NotPermitted(format!(
-                            "{}: cannot be replaced",
-                            self.describe(&existing)
-                        )));
+                        return Err(Error::NotPermitted(format!("{}: cannot be replaced", self.describe(&existing))));
                     }
                 }
                 self.store.rename_alias(&model, &alias, new_name, no_replace)?;
-                let renamed = Node::Link {
-                    model: model.clone(),
-                    alias: new_name.to_string(),
-                };
-                self.move_ino(
-                    &Node::Link {
-                        model: model.clone(),
-                        alias: alias.clone(),
-                    },
-                    &renamed,
-                );
+                let renamed = Node::Link { model: model.clone(), alias: new_name.to_string() };
+                self.move_ino(&Node::Link { model: model.clone(), alias: alias.clone() }, &renamed);
                 tracing::info!(model = %model, from = %alias, to = %new_name, "renamed alias");
                 Ok(())
             }
@@ -862,19 +928,18 @@ a version an alias points at. The daemon log has the reason.
         }
     }
 
-    pub fn open(&self, ino: u64, flags: i32) -> Result<Opened> {
+    pub fn open(&self, ino: u64, flags: i32, caller: Caller) -> Result<Opened> {
         let node = self.node(ino)?;
         let writing = flags & libc::O_ACCMODE != libc::O_RDONLY || flags & libc::O_TRUNC != 0;
+        let generated = |handle: Handle| (handle, true, false);
         let (handle, direct_io, keep_cache) = match &node {
-            Node::VersionFile { .. } | Node::Blob(_) if writing => return Err(Error::ReadOnly(self.describe(&node))),
+            Node::VersionFile { .. } | Node::Blob(_) | Node::Clone { .. } if writing => {
+                return Err(Error::ReadOnly(self.describe(&node)))
+            }
             Node::Readme | Node::Status | Node::DeviceFile { .. } if writing => {
                 return Err(Error::AccessDenied(self.describe(&node)))
             }
-            Node::VersionFile {
-                model,
-                number,
-                file: VersionFile::Model(name),
-            } => {
+            Node::VersionFile { model, number, file: VersionFile::Model(name) } => {
                 let (_, v) = self.version(model, *number)?;
                 (Handle::Blob(self.open_blob(&v.files[name])?), false, true)
             }
@@ -882,16 +947,244 @@ a version an alias points at. The daemon log has the reason.
             Node::VersionFile { .. } | Node::Readme | Node::Status | Node::DeviceFile { .. } => {
                 (Handle::Content(self.content(&node)?), true, false)
             }
+            Node::Infer { model, number } => {
+                self.version(model, *number)?;
+                let stream = InferStream {
+                    model: model.clone(),
+                    number: *number,
+                    caller,
+                    sid: session_of(caller.pid),
+                    input: Vec::new(),
+                    job: None,
+                    read_pos: 0,
+                };
+                let fh = self.add_handle(Handle::Infer(Mutex::new(stream)));
+                return Ok(Opened { fh, direct_io: true, keep_cache: false, stream: true });
+            }
+            Node::Clone { model, number } => {
+                let job = self.engine.create_job(caller.uid, caller.gid, model, *number)?;
+                tracing::debug!(job = job.id, model = %model, version = number, "cloned a new job");
+                (Handle::Content(format!("{}\n", job.id).into_bytes()), true, false)
+            }
+            Node::JobFile(id, file) => {
+                let job = self.job(*id)?;
+                match file {
+                    JobFile::Input if writing => {
+                        if job.status() != Status::New {
+                            return Err(Error::ReadOnly(format!("jobs/{id}/input: already submitted")));
+                        }
+                        generated(Handle::JobInput(Mutex::new(JobInput { job, input: Vec::new(), written: false })))
+                    }
+                    JobFile::Input => generated(Handle::Content(job.snapshot().input.to_vec())),
+                    JobFile::Output if writing => return Err(Error::ReadOnly(format!("jobs/{id}/output"))),
+                    JobFile::Output => generated(Handle::JobOutput(job)),
+                    JobFile::Priority | JobFile::Ctl if writing => generated(Handle::JobCommand(job, *file)),
+                    JobFile::Ctl => generated(Handle::Content(Vec::new())),
+                    _ if writing => return Err(Error::AccessDenied(format!("jobs/{id}/{}", file.name()))),
+                    _ => generated(Handle::Content(self.content(&node)?)),
+                }
+            }
             Node::Upload(_) => return Err(Error::Busy(format!("{}: being copied in", self.describe(&node)))),
             Node::Link { .. } => return Err(Error::InvalidArgument("cannot open a symlink".into())),
             _ => return Err(Error::IsDir(self.describe(&node))),
         };
         let fh = self.add_handle(handle);
-        Ok(Opened {
-            fh,
-            direct_io,
-            keep_cache,
+        Ok(Opened { fh, direct_io, keep_cache, stream: false })
+    }
+
+    /// Reads from an open file and calls `done` with the bytes. Most reads
+    /// answer at once; reads of a response (`infer`, `jobs/<id>/output`)
+    /// answer when the job ends, from the thread that ends it: no thread
+    /// waits meanwhile.
+    pub fn read(&self, fh: u64, offset: u64, size: u32, done: impl FnOnce(Result<Vec<u8>>) + Send + 'static) {
+        let handle = match self.handle(fh) {
+            Ok(h) => h,
+            Err(e) => return done(Err(e)),
+        };
+        let size = size as usize;
+        match &*handle {
+            Handle::Content(bytes) => done(Ok(slice_at(bytes, offset as usize, size))),
+            Handle::Blob(file) => done(read_file_at(file, offset, size)),
+            Handle::JobOutput(job) => job.when_done(move |outcome| {
+                done(outcome.as_ref().map(|out| slice_at(out, offset as usize, size)).map_err(|f| f.to_error()))
+            }),
+            Handle::Infer(stream) => {
+                let job = match self.infer_job(&mut stream.lock().unwrap()) {
+                    Ok(job) => job,
+                    Err(e) => return done(Err(e)),
+                };
+                let handle = handle.clone();
+                job.when_done(move |outcome| {
+                    let Handle::Infer(stream) = &*handle else { unreachable!("an infer handle") };
+                    done(match outcome {
+                        Ok(out) => {
+                            let mut st = stream.lock().unwrap();
+                            let bytes = slice_at(out, st.read_pos, size);
+                            st.read_pos += bytes.len();
+                            Ok(bytes)
+                        }
+                        Err(f) => Err(f.to_error()),
+                    })
+                });
+            }
+            Handle::Upload(_) | Handle::JobInput(_) | Handle::JobCommand(..) => done(Err(Error::BadHandle(fh))),
+        }
+    }
+
+    /// The job a read of `infer` answers with: this handle's request (sent
+    /// now if it was written but not yet sent), else the session's last.
+    fn infer_job(&self, st: &mut InferStream) -> Result<Arc<Job>> {
+        if st.job.is_none() {
+            if !st.input.is_empty() {
+                self.send_request(st)?;
+            } else {
+                let key = (st.model.clone(), st.number, st.sid);
+                let job = self.sessions.lock().unwrap().get(&key).cloned();
+                st.job =
+                    Some(job.ok_or_else(|| Error::NoRequest(format!("models/{}/v{}/infer", st.model, st.number)))?);
+            }
+        }
+        Ok(st.job.clone().expect("set above"))
+    }
+
+    /// Makes a job of the handle's request and submits it; it becomes the
+    /// session's last request whether or not it was accepted.
+    fn send_request(&self, st: &mut InferStream) -> Result<()> {
+        let job = self.engine.create_job(st.caller.uid, st.caller.gid, &st.model, st.number)?;
+        let result = self.engine.submit(&job, std::mem::take(&mut st.input));
+        self.sessions.lock().unwrap().insert((st.model.clone(), st.number, st.sid), job.clone());
+        st.job = Some(job);
+        result
+    }
+
+    pub fn write(&self, fh: u64, offset: u64, data: &[u8]) -> Result<u32> {
+        let limit = self.engine.config().max_input_bytes;
+        match &*self.handle(fh)? {
+            Handle::Upload(_) => self.with_pending(fh, |p| match &mut p.upload {
+                Some(u) => u.write_at(offset, data),
+                None => Err(Error::InvalidArgument(format!(
+                    "models/{}/{}: already committed; open it again to make another version",
+                    p.model, p.file_name
+                ))),
+            })?,
+            Handle::Infer(stream) => {
+                let mut st = stream.lock().unwrap();
+                if st.job.is_some() {
+                    // A write after a request was sent starts the next one.
+                    st.job = None;
+                    st.read_pos = 0;
+                }
+                if (st.input.len() + data.len()) as u64 > limit {
+                    st.input = Vec::new();
+                    let e = Error::TooBig { limit };
+                    let job = self.engine.create_job(st.caller.uid, st.caller.gid, &st.model, st.number)?;
+                    self.engine.fail(&job, &e);
+                    self.sessions.lock().unwrap().insert((st.model.clone(), st.number, st.sid), job.clone());
+                    st.job = Some(job);
+                    return Err(e);
+                }
+                st.input.extend_from_slice(data);
+            }
+            Handle::JobInput(w) => {
+                let mut w = w.lock().unwrap();
+                let end = offset as usize + data.len();
+                if end as u64 > limit {
+                    let e = Error::TooBig { limit };
+                    self.engine.fail(&w.job, &e);
+                    return Err(e);
+                }
+                if w.job.status() != Status::New {
+                    return Err(Error::ReadOnly(format!("jobs/{}/input: already submitted", w.job.id)));
+                }
+                if w.input.len() < end {
+                    w.input.resize(end, 0);
+                }
+                w.input[offset as usize..end].copy_from_slice(data);
+                w.written = true;
+            }
+            Handle::JobCommand(job, file) => {
+                let text = std::str::from_utf8(data).map_err(|_| Error::InvalidArgument("not UTF-8 text".into()))?;
+                let text = text.trim();
+                match file {
+                    JobFile::Ctl if text == "cancel" => self.engine.cancel(job)?,
+                    JobFile::Ctl => {
+                        return Err(Error::InvalidArgument(format!(
+                            "jobs/{}/ctl: unknown command {text:?} (known: cancel)",
+                            job.id
+                        )))
+                    }
+                    _ => {
+                        let p = text.parse().map_err(|_| {
+                            Error::InvalidArgument(format!("jobs/{}/priority: {text:?} is not an integer", job.id))
+                        })?;
+                        self.engine.set_priority(job, p)?
+                    }
+                }
+            }
+            Handle::Content(_) | Handle::Blob(_) | Handle::JobOutput(_) => return Err(Error::BadHandle(fh)),
+        }
+        Ok(data.len() as u32)
+    }
+
+    /// `close()`: commits an upload, or sends a written request (see the
+    /// module header). Errors reach the caller's `close()`.
+    pub fn flush(&self, fh: u64) -> Result<()> {
+        self.finish_writes(&*self.handle(fh)?)
+    }
+
+    fn finish_writes(&self, handle: &Handle) -> Result<()> {
+        match handle {
+            Handle::Upload(pending) => {
+                let mut p = pending.lock().unwrap();
+                match &p.upload {
+                    None => Ok(()),
+                    Some(u) if u.is_empty() => Err(Error::EmptyUpload(p.file_name.clone())),
+                    Some(_) => self.commit(&mut p),
+                }
+            }
+            Handle::Infer(stream) => {
+                let mut st = stream.lock().unwrap();
+                if st.job.is_none() && !st.input.is_empty() {
+                    self.send_request(&mut st)?;
+                }
+                Ok(())
+            }
+            Handle::JobInput(w) => {
+                let mut w = w.lock().unwrap();
+                if w.written && w.job.status() == Status::New {
+                    let input = std::mem::take(&mut w.input);
+                    self.engine.submit(&w.job, input)?;
+                }
+                Ok(())
+            }
+            _ => Ok(()),
+        }
+    }
+
+    pub fn fsync(&self, fh: u64) -> Result<()> {
+        self.with_pending(fh, |p| p.upload.as_ref().map_or(Ok(()), |u| u.sync())).or_else(|e| {
+            if matches!(e, Error::BadHandle(_)) {
+                Ok(())
+            } else {
+                Err(e)
+            }
         })
+    }
+
+    /// The last close of a handle. What its `flush` would have done and did
+    /// not (an upload with data, a written request) is done now; the error
+    /// can only be logged.
+    pub fn release(&self, fh: u64) -> Result<()> {
+        let handle = self.handles.lock().unwrap().remove(&fh).ok_or(Error::BadHandle(fh))?;
+        if let Handle::Upload(pending) = &*handle {
+            let p = pending.lock().unwrap();
+            if p.upload.as_ref().is_some_and(|u| u.is_empty()) {
+                let why = "empty file".to_string();
+                tracing::info!("{}", Error::InvalidModel { name: p.file_name.clone(), why });
+                return Ok(());
+            }
+        }
+        self.finish_writes(&handle)
     }
 
     fn open_blob(&self, digest: &Digest) -> Result<File> {
@@ -909,12 +1202,7 @@ a version an alias points at. The daemon log has the reason.
                     "models/ holds model directories: mkdir models/NAME, then copy the model file into it".into(),
                 ))
             }
-            node => {
-                return Err(Error::NotPermitted(format!(
-                    "{}: cannot create files here",
-                    self.describe(&node)
-                )))
-            }
+            node => return Err(Error::NotPermitted(format!("{}: cannot create files here", self.describe(&node)))),
         };
         let file_name = store::validate_name(name.as_encoded_bytes())?;
         if VERSION_FILES.contains(&file_name) {
@@ -937,109 +1225,15 @@ a version an alias points at. The daemon log has the reason.
         };
         let fh = self.add_handle(Handle::Upload(Mutex::new(pending)));
         let attr = self.attr(&Node::Upload(fh))?;
-        Ok((
-            attr,
-            Opened {
-                fh,
-                direct_io: false,
-                keep_cache: false,
-            },
-        ))
-    }
-
-    pub fn read(&self, fh: u64, offset: u64, size: u32) -> Result<Vec<u8>> {
-        match &*self.handle(fh)? {
-            Handle::Content(bytes) => {
-                let start = (offset as usize).min(bytes.len());
-                let end = start.saturating_add(size as usize).min(bytes.len());
-                Ok(bytes[start..end].to_vec())
-            }
-            Handle::Blob(file) => {
-                let mut buf = vec![0u8; size as usize];
-                let mut filled = 0;
-                while filled < buf.len() {
-                    let n = file
-                        .read_at(&mut buf[filled..], offset + filled as u64)
-                        .map_err(|e| Error::io("reading blob", e))?;
-                    if n == 0 {
-                        break;
-                    }
-                    filled += n;
-                }
-                buf.truncate(filled);
-                Ok(buf)
-            }
-            Handle::Upload(_) => Err(Error::BadHandle(fh)),
-        }
-    }
-
-    pub fn write(&self, fh: u64, offset: u64, data: &[u8]) -> Result<u32> {
-        self.with_pending(fh, |p| match &mut p.upload {
-            Some(u) => u.write_at(offset, data),
-            None => Err(Error::InvalidArgument(format!(
-                "models/{}/{}: already committed; open it again to make another version",
-                p.model, p.file_name
-            ))),
-        })?;
-        Ok(data.len() as u32)
-    }
-
-    /// `close()`: commits an upload that has data (see the module header).
-    pub fn flush(&self, fh: u64) -> Result<()> {
-        let handle = self.handle(fh)?;
-        let Handle::Upload(pending) = &*handle else {
-            return Ok(());
-        };
-        let mut p = pending.lock().unwrap();
-        match &p.upload {
-            None => Ok(()),
-            Some(u) if u.is_empty() => Err(Error::EmptyUpload(p.file_name.clone())),
-            Some(_) => self.commit(&mut p),
-        }
-    }
-
-    pub fn fsync(&self, fh: u64) -> Result<()> {
-        self.with_pending(fh, |p| p.upload.as_ref().map_or(Ok(()), |u| u.sync()))
-            .or_else(|e| {
-                if matches!(e, Error::BadHandle(_)) {
-                    Ok(())
-                } else {
-                    Err(e)
-                }
-            })
-    }
-
-    /// The last close of a handle. An upload that still holds data (its
-    /// `flush` never came) is committed now; the error can only be logged.
-    pub fn release(&self, fh: u64) -> Result<()> {
-        let handle = self.handles.lock().unwrap().remove(&fh).ok_or(Error::BadHandle(fh))?;
-        if let Handle::Upload(pending) = &*handle {
-            let mut p = pending.lock().unwrap();
-            match &p.upload {
-                Some(u) if u.is_empty() => {
-                    let why = "empty file".to_string();
-                    tracing::info!(
-                        "{}",
-                        Error::InvalidModel {
-                            name: p.file_name.clone(),
-                            why
-                        }
-                    );
-                }
-                Some(_) => self.commit(&mut p)?,
-                None => {}
-            }
-        }
-        Ok(())
+        Ok((attr, Opened { fh, direct_io: false, keep_cache: false, stream: false }))
     }
 
     fn commit(&self, p: &mut Pending) -> Result<()> {
         let upload = p.upload.take().expect("caller checked");
         let bytes = upload.len();
         let file_name = p.file_name.clone();
-        let imported = self.store.import(&p.model, &file_name, upload, |path| {
-            self.backends.inspect(path, &file_name)
-        })?;
+        let imported =
+            self.store.import(&p.model, &file_name, upload, |path| self.backends.inspect(path, &file_name))?;
         match imported {
             Imported::New(n) => {
                 tracing::info!(model = %p.model, version = n, file = %file_name, bytes, "imported new version")
@@ -1080,12 +1274,7 @@ a version an alias points at. The daemon log has the reason.
     }
 
     fn handle(&self, fh: u64) -> Result<Arc<Handle>> {
-        self.handles
-            .lock()
-            .unwrap()
-            .get(&fh)
-            .cloned()
-            .ok_or(Error::BadHandle(fh))
+        self.handles.lock().unwrap().get(&fh).cloned().ok_or(Error::BadHandle(fh))
     }
 
     fn with_pending<T>(&self, fh: u64, f: impl FnOnce(&mut Pending) -> Result<T>) -> Result<T> {
@@ -1118,6 +1307,10 @@ a version an alias points at. The daemon log has the reason.
                 };
                 format!("models/{model}/v{number}/{name}")
             }
+            Node::Infer { model, number } => format!("models/{model}/v{number}/infer"),
+            Node::Clone { model, number } => format!("models/{model}/v{number}/clone"),
+            Node::Job(id) => format!("jobs/{id}"),
+            Node::JobFile(id, f) => format!("jobs/{id}/{}", f.name()),
             Node::Device(id) => format!("devices/{id}"),
             Node::DeviceFile { device, file } => format!("devices/{device}/{file}"),
             Node::Blob(d) => format!("blobs/{}", d.file_name()),
@@ -1126,6 +1319,36 @@ a version an alias points at. The daemon log has the reason.
                 .unwrap_or_else(|_| format!("upload {fh}")),
         }
     }
+}
+
+/// The session (getsid) of a process; its own pid if it is gone.
+fn session_of(pid: u32) -> u32 {
+    // SAFETY: getsid has no memory effects.
+    let sid = unsafe { libc::getsid(pid as libc::pid_t) };
+    if sid < 0 {
+        pid
+    } else {
+        sid as u32
+    }
+}
+
+fn slice_at(bytes: &[u8], offset: usize, size: usize) -> Vec<u8> {
+    let start = offset.min(bytes.len());
+    bytes[start..(start + size).min(bytes.len())].to_vec()
+}
+
+fn read_file_at(file: &File, offset: u64, size: usize) -> Result<Vec<u8>> {
+    let mut buf = vec![0u8; size];
+    let mut filled = 0;
+    while filled < size {
+        let n = file.read_at(&mut buf[filled..], offset + filled as u64).map_err(|e| Error::io("reading blob", e))?;
+        if n == 0 {
+            break;
+        }
+        filled += n;
+    }
+    buf.truncate(filled);
+    Ok(buf)
 }
 
 fn secs(s: u64) -> SystemTime {

@@ -83,11 +83,7 @@ fn ttl(a: &Attr) -> Duration {
 }
 
 fn caller(req: &Request) -> Caller {
-    Caller {
-        uid: req.uid(),
-        gid: req.gid(),
-        pid: req.pid(),
-    }
+    Caller { uid: req.uid(), gid: req.gid(), pid: req.pid() }
 }
 
 fn fopen_flags(o: &Opened) -> FopenFlags {
@@ -97,6 +93,9 @@ fn fopen_flags(o: &Opened) -> FopenFlags {
     }
     if o.keep_cache {
         flags |= FopenFlags::FOPEN_KEEP_CACHE;
+    }
+    if o.stream {
+        flags |= FopenFlags::FOPEN_STREAM | FopenFlags::FOPEN_NONSEEKABLE;
     }
     flags
 }
@@ -192,10 +191,7 @@ impl Filesystem for Adapter {
         reply: ReplyEmpty,
     ) {
         if flags.intersects(RenameFlags::RENAME_EXCHANGE | RenameFlags::RENAME_WHITEOUT) {
-            return reply.error(Self::fail(
-                "rename",
-                Error::InvalidArgument("rename flags not supported".into()),
-            ));
+            return reply.error(Self::fail("rename", Error::InvalidArgument("rename flags not supported".into())));
         }
         let no_replace = flags.contains(RenameFlags::RENAME_NOREPLACE);
         match self.fs.rename(parent.0, name, newparent.0, newname, no_replace) {
@@ -218,8 +214,8 @@ impl Filesystem for Adapter {
         reply.error(Self::fail("mknod", Error::NotPermitted(why)));
     }
 
-    fn open(&self, _req: &Request, ino: INodeNo, flags: OpenFlags, reply: ReplyOpen) {
-        match self.fs.open(ino.0, flags.0) {
+    fn open(&self, req: &Request, ino: INodeNo, flags: OpenFlags, reply: ReplyOpen) {
+        match self.fs.open(ino.0, flags.0, caller(req)) {
             Ok(o) => reply.opened(FileHandle(o.fh), fopen_flags(&o)),
             Err(e) => reply.error(Self::fail("open", e)),
         }
@@ -236,13 +232,7 @@ impl Filesystem for Adapter {
         reply: ReplyCreate,
     ) {
         match self.fs.create(parent.0, name, mode & !umask, caller(req)) {
-            Ok((a, o)) => reply.created(
-                &ttl(&a),
-                &file_attr(&a),
-                Generation(0),
-                FileHandle(o.fh),
-                fopen_flags(&o),
-            ),
+            Ok((a, o)) => reply.created(&ttl(&a), &file_attr(&a), Generation(0), FileHandle(o.fh), fopen_flags(&o)),
             Err(e) => reply.error(Self::fail("create", e)),
         }
     }
@@ -258,10 +248,11 @@ impl Filesystem for Adapter {
         _lock_owner: Option<LockOwner>,
         reply: ReplyData,
     ) {
-        match self.fs.read(fh.0, offset, size) {
+        // The reply may be sent later, from the thread that ends a job.
+        self.fs.read(fh.0, offset, size, move |result| match result {
             Ok(data) => reply.data(&data),
             Err(e) => reply.error(Self::fail("read", e)),
-        }
+        });
     }
 
     fn write(
@@ -351,9 +342,7 @@ impl Filesystem for Adapter {
 
     fn statfs(&self, _req: &Request, _ino: INodeNo, reply: ReplyStatfs) {
         match self.fs.statfs() {
-            Ok(s) => reply.statfs(
-                s.blocks, s.bfree, s.bavail, s.files, s.ffree, s.bsize, s.namelen, s.frsize,
-            ),
+            Ok(s) => reply.statfs(s.blocks, s.bfree, s.bavail, s.files, s.ffree, s.bsize, s.namelen, s.frsize),
             Err(e) => reply.error(Self::fail("statfs", e)),
         }
     }
@@ -370,11 +359,7 @@ pub fn mount_config(allow_other: bool, threads: usize) -> fuser::Config {
         MountOption::NoDev,
         MountOption::NoSuid,
     ];
-    config.acl = if allow_other {
-        SessionACL::All
-    } else {
-        SessionACL::Owner
-    };
+    config.acl = if allow_other { SessionACL::All } else { SessionACL::Owner };
     config.n_threads = Some(threads.max(1));
     config.clone_fd = true;
     config
@@ -394,16 +379,10 @@ pub fn clear_stale_mount(path: &Path) -> io::Result<bool> {
         return Ok(true);
     }
     // Not root: fusermount3 can unmount what this user mounted.
-    let status = std::process::Command::new("fusermount3")
-        .arg("-uz")
-        .arg(path)
-        .status()?;
+    let status = std::process::Command::new("fusermount3").arg("-uz").arg(path).status()?;
     if status.success() {
         Ok(true)
     } else {
-        Err(io::Error::other(format!(
-            "could not unmount stale mount {}",
-            path.display()
-        )))
+        Err(io::Error::other(format!("could not unmount stale mount {}", path.display())))
     }
 }

@@ -4,15 +4,19 @@
 //!
 //! - [`store`]: content-addressed blobs and the sled catalog of models,
 //!   versions and aliases; atomic imports, dedup, GC, crash recovery.
-//! - [`tensor`]: element types and model signatures.
+//! - [`tensor`]: element types, typed tensors, signatures and the input check.
+//! - [`codec`]: JSON, KServe v2, .npy and .npz requests and responses.
 //! - [`backend`]: the [`backend::Backend`] trait and ONNX Runtime behind it.
+//! - [`engine`]: jobs, the queue, workers and loaded models.
 //! - [`device`]: device probes ([`device::Probe`]); the CPU from `/proc`.
 //! - [`fs`]: the tree and its semantics as plain Rust, testable without FUSE.
 //! - [`fuse`]: the thin `fuser::Filesystem` adapter over [`fs::Fs`].
 //! - [`error`]: the one error type and the one errno mapping.
 
 pub mod backend;
+pub mod codec;
 pub mod device;
+pub mod engine;
 pub mod error;
 pub mod fs;
 pub mod fuse;

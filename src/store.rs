@@ -113,10 +113,7 @@ impl<'de> Deserialize<'de> for Digest {
 /// Names of models, aliases and model files: what a user may type as one
 /// path component. Returns the name back as `&str` when valid.
 pub fn validate_name(name: &[u8]) -> Result<&str> {
-    let invalid = |why| Error::InvalidName {
-        name: String::from_utf8_lossy(name).into_owned(),
-        why,
-    };
+    let invalid = |why| Error::InvalidName { name: String::from_utf8_lossy(name).into_owned(), why };
     if name.is_empty() {
         return Err(invalid("empty"));
     }
@@ -254,18 +251,13 @@ impl Store {
     pub fn open(root: &Path) -> Result<Store> {
         let blobs = root.join("blobs");
         fs::create_dir_all(&blobs).map_err(|e| Error::io(blobs.display().to_string(), e))?;
-        let db = sled::Config::new()
-            .path(root.join("catalog"))
-            .mode(sled::Mode::LowSpace)
-            .open()?;
+        let db = sled::Config::new().path(root.join("catalog")).mode(sled::Mode::LowSpace).open()?;
         let mut models = BTreeMap::new();
         for entry in db.iter() {
             let (key, value) = entry?;
             let key = String::from_utf8_lossy(&key).into_owned();
-            let model: Model = serde_json::from_slice(&value).map_err(|e| Error::CorruptRecord {
-                key: key.clone(),
-                why: e.to_string(),
-            })?;
+            let model: Model = serde_json::from_slice(&value)
+                .map_err(|e| Error::CorruptRecord { key: key.clone(), why: e.to_string() })?;
             models.insert(key, Arc::new(model));
         }
         let store = Store {
@@ -314,11 +306,7 @@ impl Store {
 
     fn referenced_blobs(&self) -> BTreeSet<Digest> {
         let models = self.models.read().unwrap();
-        models
-            .values()
-            .flat_map(|m| m.versions.values())
-            .flat_map(|v| v.files.values().copied())
-            .collect()
+        models.values().flat_map(|m| m.versions.values()).flat_map(|v| v.files.values().copied()).collect()
     }
 
     pub fn blob_path(&self, digest: &Digest) -> PathBuf {
@@ -340,12 +328,7 @@ impl Store {
     }
 
     pub fn model(&self, name: &str) -> Result<Arc<Model>> {
-        self.models
-            .read()
-            .unwrap()
-            .get(name)
-            .cloned()
-            .ok_or_else(|| Error::NotFound(format!("models/{name}")))
+        self.models.read().unwrap().get(name).cloned().ok_or_else(|| Error::NotFound(format!("models/{name}")))
     }
 
     /// Writes `model` durably, then publishes it to readers.
@@ -426,13 +409,7 @@ impl Store {
             .create_new(true)
             .open(&path)
             .map_err(|e| Error::io(path.display().to_string(), e))?;
-        Ok(Upload {
-            file,
-            path: Some(path),
-            hasher: Sha256::new(),
-            len: 0,
-            hashed_in_order: true,
-        })
+        Ok(Upload { file, path: Some(path), hasher: Sha256::new(), len: 0, hashed_in_order: true })
     }
 
     /// Commits an upload as the next version of `model`, file name
@@ -453,10 +430,8 @@ impl Store {
 
         let _w = self.writer.lock().unwrap();
         let current = self.model(model)?; // it may have been removed meanwhile
-        if let Some(v) = current
-            .versions
-            .values()
-            .find(|v| v.files.len() == 1 && v.files.values().next() == Some(&finished.digest))
+        if let Some(v) =
+            current.versions.values().find(|v| v.files.len() == 1 && v.files.values().next() == Some(&finished.digest))
         {
             return Ok(Imported::Existing(v.number));
         }
@@ -517,12 +492,7 @@ impl Store {
         if !model.versions.contains_key(&number) {
             return Err(Error::NotFound(format!("models/{}/v{number}", model.name)));
         }
-        let aliases: Vec<&str> = model
-            .aliases
-            .iter()
-            .filter(|(_, v)| **v == number)
-            .map(|(a, _)| a.as_str())
-            .collect();
+        let aliases: Vec<&str> = model.aliases.iter().filter(|(_, v)| **v == number).map(|(a, _)| a.as_str()).collect();
         if !aliases.is_empty() {
             return Err(Error::Busy(format!(
                 "models/{}/v{number}: in use by alias {}",
@@ -551,10 +521,7 @@ impl Store {
     pub fn rename_alias(&self, model: &str, from: &str, to: &str, no_replace: bool) -> Result<()> {
         validate_alias(to)?;
         self.update(model, |m| {
-            let number = *m
-                .aliases
-                .get(from)
-                .ok_or_else(|| Error::NotFound(format!("models/{model}/{from}")))?;
+            let number = *m.aliases.get(from).ok_or_else(|| Error::NotFound(format!("models/{model}/{from}")))?;
             if no_replace && m.aliases.contains_key(to) {
                 return Err(Error::Exists(format!("models/{model}/{to}")));
             }
@@ -566,10 +533,7 @@ impl Store {
 
     pub fn remove_alias(&self, model: &str, alias: &str) -> Result<()> {
         self.update(model, |m| {
-            m.aliases
-                .remove(alias)
-                .map(|_| ())
-                .ok_or_else(|| Error::NotFound(format!("models/{model}/{alias}")))
+            m.aliases.remove(alias).map(|_| ()).ok_or_else(|| Error::NotFound(format!("models/{model}/{alias}")))
         })
     }
 }
@@ -581,10 +545,7 @@ fn validate_alias(alias: &str) -> Result<()> {
         return Err(Error::NotPermitted(format!("{LATEST} is kept by the daemon")));
     }
     if alias.starts_with('v') && alias[1..].bytes().all(|b| b.is_ascii_digit()) {
-        return Err(Error::InvalidName {
-            name: alias.to_string(),
-            why: "v<N> names versions, not aliases",
-        });
+        return Err(Error::InvalidName { name: alias.to_string(), why: "v<N> names versions, not aliases" });
     }
     Ok(())
 }
@@ -624,9 +585,7 @@ impl Upload {
     }
 
     pub fn write_at(&mut self, offset: u64, data: &[u8]) -> Result<()> {
-        self.file
-            .write_all_at(data, offset)
-            .map_err(|e| Error::io("writing upload", e))?;
+        self.file.write_all_at(data, offset).map_err(|e| Error::io("writing upload", e))?;
         if self.hashed_in_order && offset == self.len {
             self.hasher.update(data);
         } else {
@@ -668,11 +627,7 @@ impl Upload {
             Digest(hasher.finalize().into())
         };
         self.sync()?;
-        Ok(Finished {
-            digest,
-            len: self.len,
-            upload: self,
-        })
+        Ok(Finished { digest, len: self.len, upload: self })
     }
 }
 
@@ -722,9 +677,7 @@ fn remove_file_if_present(path: &Path) -> Result<()> {
 }
 
 fn sync_dir(dir: &Path) -> Result<()> {
-    File::open(dir)
-        .and_then(|d| d.sync_all())
-        .map_err(|e| Error::io(dir.display().to_string(), e))
+    File::open(dir).and_then(|d| d.sync_all()).map_err(|e| Error::io(dir.display().to_string(), e))
 }
 
 fn now_secs() -> u64 {
@@ -741,11 +694,7 @@ mod tests {
             format: "onnx".into(),
             backend: "test".into(),
             signature: Signature {
-                inputs: vec![TensorSpec {
-                    name: "x".into(),
-                    dtype: DType::Float32,
-                    shape: vec![-1],
-                }],
+                inputs: vec![TensorSpec { name: "x".into(), dtype: DType::Float32, shape: vec![-1] }],
                 outputs: vec![],
             },
         })
@@ -779,10 +728,7 @@ mod tests {
         let d = Digest::of(b"abc");
         assert_eq!(d.to_string().parse::<Digest>().unwrap(), d);
         assert_eq!(d.file_name().parse::<Digest>().unwrap(), d);
-        assert_eq!(
-            d.to_string(),
-            "sha256:ba7816bf8f01cfea414140de5dae2223b00361a396177a9cb410ff61f20015ad"
-        );
+        assert_eq!(d.to_string(), "sha256:ba7816bf8f01cfea414140de5dae2223b00361a396177a9cb410ff61f20015ad");
         for bad in [
             "",
             "sha256:",
@@ -800,16 +746,7 @@ mod tests {
     fn names_are_validated() {
         assert_eq!(validate_name(b"resnet-50_v2.onnx").unwrap(), "resnet-50_v2.onnx");
         assert!(validate_name(&[b'a'; 255]).is_ok());
-        for bad in [
-            &b""[..],
-            b".",
-            b"..",
-            b".hidden",
-            b"a/b",
-            b"a\0b",
-            &[b'a'; 256],
-            b"\xff",
-        ] {
+        for bad in [&b""[..], b".", b"..", b".hidden", b"a/b", b"a\0b", &[b'a'; 256], b"\xff"] {
             let err = validate_name(bad).unwrap_err();
             assert_eq!(err.errno(), libc::EINVAL, "{bad:?}");
         }
@@ -827,9 +764,7 @@ mod tests {
     #[test]
     fn import_commits_a_version_atomically() {
         let (_dir, store) = new_store();
-        let got = store
-            .import("m", "a.onnx", upload(&store, b"model bytes"), ok_inspect)
-            .unwrap();
+        let got = store.import("m", "a.onnx", upload(&store, b"model bytes"), ok_inspect).unwrap();
         assert_eq!(got, Imported::New(1));
         let m = store.model("m").unwrap();
         let v = &m.versions[&1];
@@ -847,10 +782,7 @@ mod tests {
         let (_dir, store) = new_store();
         let err = store
             .import("m", "a.onnx", upload(&store, b"garbage"), |_| {
-                Err(Error::InvalidModel {
-                    name: "a.onnx".into(),
-                    why: "nope".into(),
-                })
+                Err(Error::InvalidModel { name: "a.onnx".into(), why: "nope".into() })
             })
             .unwrap_err();
         assert_eq!(err.errno(), libc::EINVAL);
@@ -863,29 +795,12 @@ mod tests {
     fn identical_content_makes_no_new_version_and_is_stored_once() {
         let (_dir, store) = new_store();
         store.create_model("other", 0, 0, 0o755).unwrap();
-        assert_eq!(
-            store.import("m", "a.onnx", upload(&store, b"one"), ok_inspect).unwrap(),
-            Imported::New(1)
-        );
-        assert_eq!(
-            store.import("m", "a.onnx", upload(&store, b"one"), ok_inspect).unwrap(),
-            Imported::Existing(1)
-        );
-        assert_eq!(
-            store.import("m", "b.onnx", upload(&store, b"one"), ok_inspect).unwrap(),
-            Imported::Existing(1)
-        );
-        assert_eq!(
-            store.import("m", "a.onnx", upload(&store, b"two"), ok_inspect).unwrap(),
-            Imported::New(2)
-        );
+        assert_eq!(store.import("m", "a.onnx", upload(&store, b"one"), ok_inspect).unwrap(), Imported::New(1));
+        assert_eq!(store.import("m", "a.onnx", upload(&store, b"one"), ok_inspect).unwrap(), Imported::Existing(1));
+        assert_eq!(store.import("m", "b.onnx", upload(&store, b"one"), ok_inspect).unwrap(), Imported::Existing(1));
+        assert_eq!(store.import("m", "a.onnx", upload(&store, b"two"), ok_inspect).unwrap(), Imported::New(2));
         // Same bytes in another model: a version there, one blob on disk.
-        assert_eq!(
-            store
-                .import("other", "a.onnx", upload(&store, b"one"), ok_inspect)
-                .unwrap(),
-            Imported::New(1)
-        );
+        assert_eq!(store.import("other", "a.onnx", upload(&store, b"one"), ok_inspect).unwrap(), Imported::New(1));
         assert_eq!(blob_dir(&store).len(), 2);
         assert_eq!(store.size(), 6);
     }
@@ -905,25 +820,16 @@ mod tests {
     fn delete_collects_unreferenced_blobs_only() {
         let (_dir, store) = new_store();
         store.create_model("other", 0, 0, 0o755).unwrap();
-        store
-            .import("m", "a.onnx", upload(&store, b"shared"), ok_inspect)
-            .unwrap();
-        store
-            .import("m", "a.onnx", upload(&store, b"mine"), ok_inspect)
-            .unwrap();
-        store
-            .import("other", "a.onnx", upload(&store, b"shared"), ok_inspect)
-            .unwrap();
+        store.import("m", "a.onnx", upload(&store, b"shared"), ok_inspect).unwrap();
+        store.import("m", "a.onnx", upload(&store, b"mine"), ok_inspect).unwrap();
+        store.import("other", "a.onnx", upload(&store, b"shared"), ok_inspect).unwrap();
         store.delete_version("m", 1).unwrap();
         assert_eq!(blob_dir(&store).len(), 2, "shared blob still used by other/v1");
         store.delete_version("m", 2).unwrap();
         assert_eq!(blob_dir(&store), vec![Digest::of(b"shared").file_name()]);
         assert_eq!(store.size(), 6);
         // Numbers are not reused.
-        assert_eq!(
-            store.import("m", "a.onnx", upload(&store, b"new"), ok_inspect).unwrap(),
-            Imported::New(3)
-        );
+        assert_eq!(store.import("m", "a.onnx", upload(&store, b"new"), ok_inspect).unwrap(), Imported::New(3));
     }
 
     #[test]
@@ -932,19 +838,10 @@ mod tests {
         store.import("m", "a.onnx", upload(&store, b"1"), ok_inspect).unwrap();
         store.import("m", "a.onnx", upload(&store, b"2"), ok_inspect).unwrap();
         store.create_alias("m", "stable", "v1").unwrap();
-        assert_eq!(
-            store.create_alias("m", "stable", "v2").unwrap_err().errno(),
-            libc::EEXIST
-        );
+        assert_eq!(store.create_alias("m", "stable", "v2").unwrap_err().errno(), libc::EEXIST);
         assert_eq!(store.create_alias("m", "x", "v9").unwrap_err().errno(), libc::ENOENT);
-        assert_eq!(
-            store.create_alias("m", "x", "../other").unwrap_err().errno(),
-            libc::EINVAL
-        );
-        assert_eq!(
-            store.create_alias("m", "latest", "v1").unwrap_err().errno(),
-            libc::EPERM
-        );
+        assert_eq!(store.create_alias("m", "x", "../other").unwrap_err().errno(), libc::EINVAL);
+        assert_eq!(store.create_alias("m", "latest", "v1").unwrap_err().errno(), libc::EPERM);
         assert_eq!(store.create_alias("m", "v7", "v1").unwrap_err().errno(), libc::EINVAL);
         assert_eq!(store.delete_version("m", 1).unwrap_err().errno(), libc::EBUSY);
         // ln -sfn v2 stable: a temp alias renamed over the old one.
@@ -967,9 +864,7 @@ mod tests {
         {
             let store = Store::open(dir.path()).unwrap();
             store.create_model("m", 1000, 1000, 0o700).unwrap();
-            store
-                .import("m", "a.onnx", upload(&store, b"kept"), ok_inspect)
-                .unwrap();
+            store.import("m", "a.onnx", upload(&store, b"kept"), ok_inspect).unwrap();
             store.create_alias("m", "stable", "v1").unwrap();
             // A crash mid-import (temp file) and after the blob rename but
             // before the catalog write (orphan blob):

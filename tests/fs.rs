@@ -10,6 +10,7 @@ use std::sync::Arc;
 
 use aifs::backend::{Backend, Backends, OnnxRuntime};
 use aifs::device::{Cpu, Probe};
+use aifs::engine::EngineConfig;
 use aifs::fs::{Caller, Fs, Kind, SetAttr, ROOT_INO};
 use aifs::store::Store;
 
@@ -18,18 +19,15 @@ struct Tree {
     dir: tempfile::TempDir,
 }
 
-const ME: Caller = Caller {
-    uid: 1000,
-    gid: 1000,
-    pid: 1,
-};
+const ME: Caller = Caller { uid: 1000, gid: 1000, pid: 1 };
 
 fn tree() -> Tree {
     let dir = tempfile::tempdir().unwrap();
     let store = Store::open(dir.path()).unwrap();
     let onnx: Arc<dyn Backend> = OnnxRuntime::load(&common::onnxruntime()).unwrap();
     let devices: Vec<Box<dyn Probe>> = vec![Box::new(Cpu::new())];
-    let fs = Fs::new(store, Backends::new(vec![onnx]), devices, Path::new("/mnt/aifs"));
+    let engine = EngineConfig { workers: 2, ..Default::default() };
+    let fs = Fs::new(store, Backends::new(vec![onnx]), devices, Path::new("/mnt/aifs"), engine);
     Tree { fs, dir }
 }
 
@@ -48,19 +46,21 @@ impl Tree {
     }
 
     fn names(&self, path: &str) -> Vec<String> {
-        self.fs
-            .readdir(self.ino(path))
-            .unwrap()
-            .into_iter()
-            .map(|e| e.name)
-            .collect()
+        self.fs.readdir(self.ino(path)).unwrap().into_iter().map(|e| e.name).collect()
+    }
+
+    /// One read, waiting for its (possibly deferred) answer.
+    fn read(&self, fh: u64, offset: u64, size: u32) -> aifs::Result<Vec<u8>> {
+        let (tx, rx) = std::sync::mpsc::channel();
+        self.fs.read(fh, offset, size, move |r| tx.send(r).unwrap());
+        rx.recv_timeout(std::time::Duration::from_secs(30)).expect("read answered")
     }
 
     fn read_all(&self, path: &str) -> Vec<u8> {
-        let o = self.fs.open(self.ino(path), libc::O_RDONLY).unwrap();
+        let o = self.fs.open(self.ino(path), libc::O_RDONLY, ME).unwrap();
         let mut out = Vec::new();
         loop {
-            let chunk = self.fs.read(o.fh, out.len() as u64, 4096).unwrap();
+            let chunk = self.read(o.fh, out.len() as u64, 4096).unwrap();
             if chunk.is_empty() {
                 break;
             }
@@ -72,9 +72,7 @@ impl Tree {
 
     /// What `cp <bytes> models/<model>/<name>` does: create, write, close.
     fn copy_in(&self, model: &str, name: &str, bytes: &[u8]) -> aifs::Result<()> {
-        let (_, o) = self
-            .fs
-            .create(self.ino(&format!("models/{model}")), OsStr::new(name), 0o644, ME)?;
+        let (_, o) = self.fs.create(self.ino(&format!("models/{model}")), OsStr::new(name), 0o644, ME)?;
         for (i, chunk) in bytes.chunks(1000).enumerate() {
             self.fs.write(o.fh, (i * 1000) as u64, chunk)?;
         }
@@ -84,9 +82,7 @@ impl Tree {
     }
 
     fn mkdir(&self, name: &[u8]) -> aifs::Result<()> {
-        self.fs
-            .mkdir(self.ino("models"), OsStr::from_bytes(name), 0o755, ME)
-            .map(|_| ())
+        self.fs.mkdir(self.ino("models"), OsStr::from_bytes(name), 0o755, ME).map(|_| ())
     }
 
     /// Files in the data dir's blob directory (temp files included).
@@ -138,14 +134,11 @@ fn copy_in_makes_a_version_with_its_files() {
     let mlp = fixture("mlp.onnx");
     t.copy_in("m", "mlp.onnx", &mlp).unwrap();
     assert_eq!(t.names("models/m"), ["latest", "v1"]);
-    assert_eq!(t.names("models/m/v1"), ["mlp.onnx", "digest", "meta.json"]);
+    assert_eq!(t.names("models/m/v1"), ["mlp.onnx", "digest", "meta.json", "infer", "clone"]);
     assert_eq!(t.read_all("models/m/v1/mlp.onnx"), mlp);
     assert_eq!(t.fs.readlink(t.ino("models/m/latest")).unwrap(), "v1");
     let meta: serde_json::Value = serde_json::from_slice(&t.read_all("models/m/v1/meta.json")).unwrap();
-    assert_eq!(
-        meta["inputs"],
-        serde_json::json!([{"name": "x", "dtype": "float32", "shape": [-1, 16]}])
-    );
+    assert_eq!(meta["inputs"], serde_json::json!([{"name": "x", "dtype": "float32", "shape": [-1, 16]}]));
     assert_eq!(meta["size"], mlp.len());
     // The same bytes again: no new version.
     t.copy_in("m", "mlp.onnx", &mlp).unwrap();
@@ -186,12 +179,7 @@ fn files_that_cannot_be_models_are_refused_at_create() {
     let t = tree();
     t.mkdir(b"m").unwrap();
     let m = t.ino("models/m");
-    let create = |parent, name: &str| {
-        t.fs.create(parent, OsStr::new(name), 0o644, ME)
-            .map(|_| ())
-            .unwrap_err()
-            .errno()
-    };
+    let create = |parent, name: &str| t.fs.create(parent, OsStr::new(name), 0o644, ME).map(|_| ()).unwrap_err().errno();
     assert_eq!(create(m, "weights.bin"), libc::EINVAL);
     assert_eq!(create(m, "digest"), libc::EINVAL);
     assert_eq!(create(m, ".x.onnx"), libc::EINVAL);
@@ -210,52 +198,18 @@ fn versions_are_read_only() {
     t.copy_in("m", "mlp.onnx", &fixture("mlp.onnx")).unwrap();
     for path in ["models/m/v1/mlp.onnx", "models/m/v1/digest", "models/m/v1/meta.json"] {
         for flags in [libc::O_WRONLY, libc::O_RDWR, libc::O_RDONLY | libc::O_TRUNC] {
-            assert_eq!(
-                t.fs.open(t.ino(path), flags).unwrap_err().errno(),
-                libc::EROFS,
-                "{path}"
-            );
+            assert_eq!(t.fs.open(t.ino(path), flags, ME).unwrap_err().errno(), libc::EROFS, "{path}");
         }
     }
-    let chmod = SetAttr {
-        mode: Some(0o777),
-        ..Default::default()
-    };
-    assert_eq!(
-        t.fs.setattr(t.ino("models/m/v1"), chmod).unwrap_err().errno(),
-        libc::EROFS
-    );
-    let truncate = SetAttr {
-        size: Some(0),
-        ..Default::default()
-    };
-    assert_eq!(
-        t.fs.setattr(t.ino("models/m/v1/mlp.onnx"), truncate)
-            .unwrap_err()
-            .errno(),
-        libc::EROFS
-    );
-    assert_eq!(
-        t.fs.mkdir(t.ino("models/m/v1"), OsStr::new("d"), 0o755, ME)
-            .unwrap_err()
-            .errno(),
-        libc::EROFS
-    );
-    assert_eq!(
-        t.fs.open(t.ino("README"), libc::O_WRONLY).unwrap_err().errno(),
-        libc::EACCES
-    );
-    assert_eq!(
-        t.fs.open(t.ino("status"), libc::O_RDWR).unwrap_err().errno(),
-        libc::EACCES
-    );
+    let chmod = SetAttr { mode: Some(0o777), ..Default::default() };
+    assert_eq!(t.fs.setattr(t.ino("models/m/v1"), chmod).unwrap_err().errno(), libc::EROFS);
+    let truncate = SetAttr { size: Some(0), ..Default::default() };
+    assert_eq!(t.fs.setattr(t.ino("models/m/v1/mlp.onnx"), truncate).unwrap_err().errno(), libc::EROFS);
+    assert_eq!(t.fs.mkdir(t.ino("models/m/v1"), OsStr::new("d"), 0o755, ME).unwrap_err().errno(), libc::EROFS);
+    assert_eq!(t.fs.open(t.ino("README"), libc::O_WRONLY, ME).unwrap_err().errno(), libc::EACCES);
+    assert_eq!(t.fs.open(t.ino("status"), libc::O_RDWR, ME).unwrap_err().errno(), libc::EACCES);
     let blob = t.names("blobs").remove(0);
-    assert_eq!(
-        t.fs.open(t.ino(&format!("blobs/{blob}")), libc::O_WRONLY)
-            .unwrap_err()
-            .errno(),
-        libc::EROFS
-    );
+    assert_eq!(t.fs.open(t.ino(&format!("blobs/{blob}")), libc::O_WRONLY, ME).unwrap_err().errno(), libc::EROFS);
 }
 
 #[test]
@@ -269,56 +223,19 @@ fn aliases_rename_and_pin() {
     assert_eq!(t.fs.getattr(t.ino("models/m/stable")).unwrap().kind, Kind::Symlink);
     // ln -sfn v2 stable == symlink to a temp name, rename over.
     t.fs.symlink(m, OsStr::new("CuTmp"), Path::new("v2")).unwrap();
-    assert_eq!(
-        t.fs.rename(m, OsStr::new("CuTmp"), m, OsStr::new("stable"), true)
-            .unwrap_err()
-            .errno(),
-        libc::EEXIST
-    );
-    t.fs.rename(m, OsStr::new("CuTmp"), m, OsStr::new("stable"), false)
-        .unwrap();
+    assert_eq!(t.fs.rename(m, OsStr::new("CuTmp"), m, OsStr::new("stable"), true).unwrap_err().errno(), libc::EEXIST);
+    t.fs.rename(m, OsStr::new("CuTmp"), m, OsStr::new("stable"), false).unwrap();
     assert_eq!(t.fs.readlink(t.ino("models/m/stable")).unwrap(), "v2");
     assert_eq!(t.names("models/m"), ["latest", "stable", "v1", "v2"]);
     // Neither versions nor latest can be renamed or replaced.
-    assert_eq!(
-        t.fs.rename(m, OsStr::new("stable"), m, OsStr::new("latest"), false)
-            .unwrap_err()
-            .errno(),
-        libc::EPERM
-    );
-    assert_eq!(
-        t.fs.rename(m, OsStr::new("stable"), m, OsStr::new("v1"), false)
-            .unwrap_err()
-            .errno(),
-        libc::EPERM
-    );
-    assert_eq!(
-        t.fs.rename(m, OsStr::new("latest"), m, OsStr::new("x"), false)
-            .unwrap_err()
-            .errno(),
-        libc::EPERM
-    );
-    assert_eq!(
-        t.fs.rename(m, OsStr::new("v1"), m, OsStr::new("x"), false)
-            .unwrap_err()
-            .errno(),
-        libc::EPERM
-    );
+    assert_eq!(t.fs.rename(m, OsStr::new("stable"), m, OsStr::new("latest"), false).unwrap_err().errno(), libc::EPERM);
+    assert_eq!(t.fs.rename(m, OsStr::new("stable"), m, OsStr::new("v1"), false).unwrap_err().errno(), libc::EPERM);
+    assert_eq!(t.fs.rename(m, OsStr::new("latest"), m, OsStr::new("x"), false).unwrap_err().errno(), libc::EPERM);
+    assert_eq!(t.fs.rename(m, OsStr::new("v1"), m, OsStr::new("x"), false).unwrap_err().errno(), libc::EPERM);
     // A dangling alias is refused.
-    assert_eq!(
-        t.fs.symlink(m, OsStr::new("x"), Path::new("v9")).unwrap_err().errno(),
-        libc::ENOENT
-    );
-    assert_eq!(
-        t.fs.symlink(m, OsStr::new("x"), Path::new("/etc")).unwrap_err().errno(),
-        libc::EINVAL
-    );
-    assert_eq!(
-        t.fs.symlink(t.ino("models"), OsStr::new("x"), Path::new("m"))
-            .unwrap_err()
-            .errno(),
-        libc::EPERM
-    );
+    assert_eq!(t.fs.symlink(m, OsStr::new("x"), Path::new("v9")).unwrap_err().errno(), libc::ENOENT);
+    assert_eq!(t.fs.symlink(m, OsStr::new("x"), Path::new("/etc")).unwrap_err().errno(), libc::EINVAL);
+    assert_eq!(t.fs.symlink(t.ino("models"), OsStr::new("x"), Path::new("m")).unwrap_err().errno(), libc::EPERM);
 }
 
 #[test]
@@ -331,16 +248,13 @@ fn removing_a_version_file_by_file_follows_rmdir_rules() {
     t.fs.symlink(m, OsStr::new("stable"), Path::new("v1")).unwrap();
     assert_eq!(t.fs.unlink(v1, OsStr::new("a.onnx")).unwrap_err().errno(), libc::EBUSY);
     assert_eq!(t.fs.rmdir(m, OsStr::new("v1")).unwrap_err().errno(), libc::EBUSY);
-    assert_eq!(
-        t.fs.rmdir(t.ino("models"), OsStr::new("m")).unwrap_err().errno(),
-        libc::ENOTEMPTY
-    );
+    assert_eq!(t.fs.rmdir(t.ino("models"), OsStr::new("m")).unwrap_err().errno(), libc::ENOTEMPTY);
     t.fs.unlink(m, OsStr::new("stable")).unwrap();
     // rm -r v1: unlink each file (accepted, nothing changes yet), then rmdir.
-    for f in ["a.onnx", "digest", "meta.json"] {
+    for f in ["a.onnx", "digest", "meta.json", "infer", "clone"] {
         t.fs.unlink(v1, OsStr::new(f)).unwrap();
     }
-    assert_eq!(t.names("models/m/v1").len(), 3);
+    assert_eq!(t.names("models/m/v1").len(), 5);
     t.fs.unlink(m, OsStr::new("latest")).unwrap();
     t.fs.rmdir(m, OsStr::new("v1")).unwrap();
     assert!(t.names("models/m").is_empty());
@@ -357,17 +271,7 @@ fn chmod_and_chown_of_models_are_kept() {
     let m = t.ino("models/m");
     let a = t.fs.getattr(m).unwrap();
     assert_eq!((a.uid, a.gid, a.perm), (1000, 1000, 0o755));
-    let a =
-        t.fs.setattr(
-            m,
-            SetAttr {
-                mode: Some(0o40700),
-                uid: Some(7),
-                gid: Some(8),
-                size: None,
-            },
-        )
-        .unwrap();
+    let a = t.fs.setattr(m, SetAttr { mode: Some(0o40700), uid: Some(7), gid: Some(8), size: None }).unwrap();
     assert_eq!((a.uid, a.gid, a.perm), (7, 8, 0o700));
     let m = t.fs.store().model("m").unwrap();
     assert_eq!((m.uid, m.gid, m.mode), (7, 8, 0o700));

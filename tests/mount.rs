@@ -13,10 +13,7 @@ use common::*;
 use serde_json::Value;
 
 fn ls(m: &Mount, rel: &str) -> Vec<String> {
-    sh_ok(&m.mnt, &format!("ls {rel}"))
-        .split_whitespace()
-        .map(String::from)
-        .collect()
+    sh_ok(&m.mnt, &format!("ls {rel}")).split_whitespace().map(String::from).collect()
 }
 
 fn json(path: impl AsRef<Path>) -> Value {
@@ -26,10 +23,7 @@ fn json(path: impl AsRef<Path>) -> Value {
 /// `mkdir models/<model>` (if needed) and `cp <fixture> models/<model>/`.
 fn import(m: &Mount, model: &str, fixture_name: &str) {
     let src = fixture(fixture_name);
-    sh_ok(
-        &m.mnt,
-        &format!("mkdir -p models/{model} && cp {} models/{model}/", src.display()),
-    );
+    sh_ok(&m.mnt, &format!("mkdir -p models/{model} && cp {} models/{model}/", src.display()));
 }
 
 #[test]
@@ -46,24 +40,14 @@ fn the_tree_status_and_cpu_device() {
     assert_eq!(ls(&m, "devices"), ["cpu"]);
     let cpu = |f: &str| read(m.path(&format!("devices/cpu/{f}")));
     for f in ["name", "util", "memory.total", "memory.used"] {
-        assert!(
-            cpu(f).ends_with('\n') && cpu(f).lines().count() == 1,
-            "{f}: one value per file"
-        );
+        assert!(cpu(f).ends_with('\n') && cpu(f).lines().count() == 1, "{f}: one value per file");
     }
     let util: u8 = cpu("util").trim().parse().unwrap();
     assert!(util <= 100);
     let total: u64 = cpu("memory.total").trim().parse().unwrap();
     let used: u64 = cpu("memory.used").trim().parse().unwrap();
-    let meminfo_total = read("/proc/meminfo")
-        .lines()
-        .next()
-        .unwrap()
-        .split_whitespace()
-        .nth(1)
-        .unwrap()
-        .parse::<u64>()
-        .unwrap();
+    let meminfo_total =
+        read("/proc/meminfo").lines().next().unwrap().split_whitespace().nth(1).unwrap().parse::<u64>().unwrap();
     assert_eq!(total, meminfo_total * 1024);
     assert!(used > 0 && used < total);
     assert!(std::fs::read_dir(m.path("jobs")).unwrap().next().is_none());
@@ -83,10 +67,7 @@ fn readme_examples_work_by_copy_paste() {
     assert!(commands.len() >= 12, "{readme}");
     let script = format!("set -ex\ncd /\n{}", commands.join("\n"));
     sh_ok(Path::new("/"), &script);
-    assert!(
-        !m.path("models/demo").exists(),
-        "the examples clean up after themselves"
-    );
+    assert!(!m.path("models/demo").exists(), "the examples clean up after themselves");
 }
 
 #[test]
@@ -96,7 +77,7 @@ fn cp_makes_content_addressed_versions() {
     let sigmoid = fixture("sigmoid.onnx");
     import(&m, "m", "mlp.onnx");
     assert_eq!(ls(&m, "models/m"), ["latest", "v1"]);
-    assert_eq!(ls(&m, "models/m/v1"), ["digest", "meta.json", "mlp.onnx"]);
+    assert_eq!(ls(&m, "models/m/v1"), ["clone", "digest", "infer", "meta.json", "mlp.onnx"]);
     sh_ok(&m.mnt, &format!("cmp models/m/v1/mlp.onnx {}", mlp.display()));
     assert_eq!(sh_ok(&m.mnt, "readlink models/m/latest"), "v1\n");
 
@@ -104,10 +85,7 @@ fn cp_makes_content_addressed_versions() {
     let blob = sha256sum(&mlp);
     let manifest = m.dir.path().join("manifest");
     std::fs::write(&manifest, format!("sha256:{blob}  mlp.onnx\n")).unwrap();
-    assert_eq!(
-        read(m.path("models/m/v1/digest")),
-        format!("sha256:{}\n", sha256sum(&manifest))
-    );
+    assert_eq!(read(m.path("models/m/v1/digest")), format!("sha256:{}\n", sha256sum(&manifest)));
 
     let meta = json(m.path("models/m/v1/meta.json"));
     assert_eq!(meta["format"], "onnx");
@@ -115,14 +93,8 @@ fn cp_makes_content_addressed_versions() {
     assert_eq!(meta["source"], "mlp.onnx");
     assert_eq!(meta["size"], std::fs::metadata(&mlp).unwrap().len());
     assert!(meta["created"].as_str().unwrap().ends_with('Z'));
-    assert_eq!(
-        meta["inputs"],
-        serde_json::json!([{"name": "x", "dtype": "float32", "shape": [-1, 16]}])
-    );
-    assert_eq!(
-        meta["outputs"],
-        serde_json::json!([{"name": "y", "dtype": "float32", "shape": [-1, 16]}])
-    );
+    assert_eq!(meta["inputs"], serde_json::json!([{"name": "x", "dtype": "float32", "shape": [-1, 16]}]));
+    assert_eq!(meta["outputs"], serde_json::json!([{"name": "y", "dtype": "float32", "shape": [-1, 16]}]));
 
     // The store: blobs/ shows the blob, the data dir holds it once.
     sh_ok(&m.mnt, &format!("cmp blobs/sha256-{blob} {}", mlp.display()));
@@ -134,10 +106,7 @@ fn cp_makes_content_addressed_versions() {
     import(&m, "m", "sigmoid.onnx");
     assert_eq!(ls(&m, "models/m"), ["latest", "v1", "v2"]);
     assert_eq!(sh_ok(&m.mnt, "readlink models/m/latest"), "v2\n");
-    sh_ok(
-        &m.mnt,
-        &format!("cmp models/m/latest/sigmoid.onnx {}", sigmoid.display()),
-    );
+    sh_ok(&m.mnt, &format!("cmp models/m/latest/sigmoid.onnx {}", sigmoid.display()));
 
     // The same bytes in another model: a version there, still one blob.
     import(&m, "n", "mlp.onnx");
@@ -156,28 +125,16 @@ fn aliases_with_ln_readlink_and_rm() {
     import(&m, "m", "sigmoid.onnx");
     let sigmoid_blob = format!("sha256-{}", sha256sum(&fixture("sigmoid.onnx")));
 
-    assert_eq!(
-        sh_ok(&m.mnt, "cd models/m && ln -s v1 stable && readlink stable"),
-        "v1\n"
-    );
-    assert_eq!(
-        read(m.path("models/m/stable/digest")),
-        read(m.path("models/m/v1/digest"))
-    );
+    assert_eq!(sh_ok(&m.mnt, "cd models/m && ln -s v1 stable && readlink stable"), "v1\n");
+    assert_eq!(read(m.path("models/m/stable/digest")), read(m.path("models/m/v1/digest")));
     sh_ok(&m.mnt, "ln -sfn v2 models/m/stable");
     assert_eq!(sh_ok(&m.mnt, "readlink models/m/stable"), "v2\n");
-    assert_eq!(
-        read(m.path("models/m/stable/digest")),
-        read(m.path("models/m/v2/digest"))
-    );
+    assert_eq!(read(m.path("models/m/stable/digest")), read(m.path("models/m/v2/digest")));
     assert_eq!(ls(&m, "models/m"), ["latest", "stable", "v1", "v2"]);
 
     // A version an alias points at cannot go.
     sh_err(&m.mnt, "rm -r models/m/v2", "Device or resource busy");
-    sh_ok(
-        &m.mnt,
-        &format!("cmp models/m/v2/sigmoid.onnx {}", fixture("sigmoid.onnx").display()),
-    );
+    sh_ok(&m.mnt, &format!("cmp models/m/v2/sigmoid.onnx {}", fixture("sigmoid.onnx").display()));
 
     sh_ok(&m.mnt, "rm models/m/stable && rm -r models/m/v2");
     assert_eq!(ls(&m, "models/m"), ["latest", "v1"]);
@@ -204,20 +161,13 @@ fn bad_models_fail_cp_and_leave_nothing() {
     // One log line each with the reason. (The kernel releases a closed file
     // asynchronously, and an empty file's line is written at release.)
     let one_line_each = |log: &str| {
-        ["empty.onnx", "garbage.onnx", "truncated.onnx"].iter().all(|name| {
-            log.lines()
-                .filter(|l| l.contains(&format!("invalid model \"{name}\"")))
-                .count()
-                == 1
-        })
+        ["empty.onnx", "garbage.onnx", "truncated.onnx"]
+            .iter()
+            .all(|name| log.lines().filter(|l| l.contains(&format!("invalid model \"{name}\""))).count() == 1)
     };
     let deadline = Instant::now() + Duration::from_secs(5);
     while !one_line_each(&m.log_text()) {
-        assert!(
-            Instant::now() < deadline,
-            "expected one line per bad model:\n{}",
-            m.log_text()
-        );
+        assert!(Instant::now() < deadline, "expected one line per bad model:\n{}", m.log_text());
         std::thread::sleep(Duration::from_millis(20));
     }
     // A file type no backend reads is refused before any byte is copied.
@@ -243,37 +193,21 @@ fn bad_names_and_read_only_versions() {
 
     // Versions are immutable.
     let v1 = m.path("models/m/v1");
-    assert_eq!(
-        errno(OpenOptions::new().write(true).open(v1.join("mlp.onnx"))),
-        libc::EROFS
-    );
-    assert_eq!(
-        errno(OpenOptions::new().append(true).open(v1.join("meta.json"))),
-        libc::EROFS
-    );
+    assert_eq!(errno(OpenOptions::new().write(true).open(v1.join("mlp.onnx"))), libc::EROFS);
+    assert_eq!(errno(OpenOptions::new().append(true).open(v1.join("meta.json"))), libc::EROFS);
     assert_eq!(errno(std::fs::write(v1.join("new.onnx"), b"x")), libc::EROFS);
     assert_eq!(errno(std::fs::create_dir(v1.join("d"))), libc::EROFS);
     sh_err(&m.mnt, "echo x > models/m/v1/digest", "Read-only file system");
-    sh_err(
-        &m.mnt,
-        &format!("cp {} models/m/v1/", fixture("mlp.onnx").display()),
-        "Read-only file system",
-    );
+    sh_err(&m.mnt, &format!("cp {} models/m/v1/", fixture("mlp.onnx").display()), "Read-only file system");
     sh_err(&m.mnt, "chmod 777 models/m/v1", "Read-only file system");
     sh_err(&m.mnt, "mv models/m/v1 models/m/v7", "Operation not permitted");
     // Daemon files and missing things.
-    assert_eq!(
-        errno(OpenOptions::new().write(true).open(m.path("README"))),
-        libc::EACCES
-    );
+    assert_eq!(errno(OpenOptions::new().write(true).open(m.path("README"))), libc::EACCES);
     assert_eq!(errno(std::fs::read(m.path("models/nope/latest/digest"))), libc::ENOENT);
     assert_eq!(errno(std::fs::read(m.path("models/m/v2/digest"))), libc::ENOENT);
     assert_eq!(errno(std::fs::remove_dir(m.path("models/m"))), libc::ENOTEMPTY);
     assert_eq!(m.blob_files().len(), 1);
-    sh_ok(
-        &m.mnt,
-        &format!("cmp models/m/v1/mlp.onnx {}", fixture("mlp.onnx").display()),
-    );
+    sh_ok(&m.mnt, &format!("cmp models/m/v1/mlp.onnx {}", fixture("mlp.onnx").display()));
 }
 
 #[test]
@@ -286,24 +220,16 @@ fn permissions_are_kept_and_enforced_by_the_kernel() {
     assert_eq!(stat(&m, "models/shared"), "750 nobody nogroup\n");
 
     let as_nobody = |m: &Mount, cmd: &str| {
-        sh(
-            &m.mnt,
-            &format!("setpriv --reuid=65534 --regid=65534 --clear-groups -- bash -c '{cmd}'"),
-        )
+        sh(&m.mnt, &format!("setpriv --reuid=65534 --regid=65534 --clear-groups -- bash -c '{cmd}'"))
     };
     let out = as_nobody(&m, "ls models/private");
     assert!(!out.status.success());
-    assert!(
-        String::from_utf8_lossy(&out.stderr).contains("Permission denied"),
-        "{out:?}"
-    );
+    assert!(String::from_utf8_lossy(&out.stderr).contains("Permission denied"), "{out:?}");
     assert!(as_nobody(&m, "ls models/shared").status.success());
     assert!(as_nobody(&m, "mkdir models/theirs").status.success());
     assert_eq!(stat(&m, "models/theirs"), "755 nobody nogroup\n");
     // models/ is sticky: nobody cannot remove root's model.
-    assert!(!as_nobody(&m, "rmdir models/shared2 2>/dev/null; rmdir models/private")
-        .status
-        .success());
+    assert!(!as_nobody(&m, "rmdir models/shared2 2>/dev/null; rmdir models/private").status.success());
 
     // The catalog keeps owners and modes across a remount.
     assert!(m.stop().success());
@@ -332,10 +258,7 @@ fn everything_survives_unmount_and_remount() {
     assert!(!is_mounted(&m.mnt));
     m.spawn();
     assert_eq!(snapshot(&m), before);
-    sh_ok(
-        &m.mnt,
-        &format!("cmp models/m/v1/mul_1.onnx {}", fixture("mul_1.onnx").display()),
-    );
+    sh_ok(&m.mnt, &format!("cmp models/m/v1/mul_1.onnx {}", fixture("mul_1.onnx").display()));
     // Numbering continues.
     import(&m, "m", "logreg_iris.onnx");
     assert_eq!(ls(&m, "models/m"), ["latest", "stable", "v1", "v2", "v3"]);
@@ -386,24 +309,11 @@ fn sigkill_during_a_100mb_import_loses_nothing() {
     assert!(m.log_text().contains("cleared a stale mount"), "{}", m.log_text());
     assert_eq!(ls(&m, "models/m"), ["latest", "v1"]);
     assert_eq!(m.blob_files(), [mlp_blob], "no temp file, no orphan blob");
-    sh_ok(
-        &m.mnt,
-        &format!("cmp models/m/v1/mlp.onnx {}", fixture("mlp.onnx").display()),
-    );
+    sh_ok(&m.mnt, &format!("cmp models/m/v1/mlp.onnx {}", fixture("mlp.onnx").display()));
     // v1 is still loadable: ONNX Runtime accepts it on import elsewhere.
-    sh_ok(
-        &m.mnt,
-        "mkdir models/again && cp models/m/v1/mlp.onnx models/again/ && ls models/again/v1",
-    );
+    sh_ok(&m.mnt, "mkdir models/again && cp models/m/v1/mlp.onnx models/again/ && ls models/again/v1");
     // And the whole 100 MB model imports when the copy completes.
-    sh_ok(
-        &m.mnt,
-        &format!(
-            "cp {} models/m/ && cmp models/m/v2/big.onnx {}",
-            big.display(),
-            big.display()
-        ),
-    );
+    sh_ok(&m.mnt, &format!("cp {} models/m/ && cmp models/m/v2/big.onnx {}", big.display(), big.display()));
 }
 
 #[test]
@@ -439,20 +349,12 @@ fn cli_help_missing_runtime_and_detaching() {
     assert!(!stderr.contains("panicked"), "{stderr}");
     let lines: Vec<&str> = stderr.lines().filter(|l| l.starts_with("aifs-mountd:")).collect();
     assert_eq!(lines.len(), 1, "{stderr}");
-    assert!(
-        lines[0].contains("/nonexistent/libonnxruntime.so does not exist"),
-        "{stderr}"
-    );
+    assert!(lines[0].contains("/nonexistent/libonnxruntime.so does not exist"), "{stderr}");
     assert!(!is_mounted(&mnt));
 
     // Without --foreground it returns once the mount is ready, logging to the data dir.
     let data = dir.path().join("data");
-    let out = Command::new(daemon_bin())
-        .arg(&mnt)
-        .arg("--data-dir")
-        .arg(&data)
-        .output()
-        .unwrap();
+    let out = Command::new(daemon_bin()).arg(&mnt).arg("--data-dir").arg(&data).output().unwrap();
     assert!(out.status.success(), "{out:?}");
     assert!(is_mounted(&mnt));
     assert!(mnt.join("status").exists());

@@ -11,6 +11,7 @@ use std::sync::Arc;
 
 use aifs::backend::{find_onnxruntime, Backend, Backends, OnnxRuntime};
 use aifs::device::{Cpu, Probe};
+use aifs::engine::EngineConfig;
 use aifs::fs::Fs;
 use clap::Parser;
 use signal_hook::consts::{SIGINT, SIGTERM};
@@ -44,6 +45,18 @@ struct Cli {
     /// FUSE worker threads.
     #[arg(long, default_value_t = 4)]
     threads: usize,
+
+    /// Threads running inference jobs [default: one per core].
+    #[arg(long)]
+    workers: Option<usize>,
+
+    /// Largest request accepted through infer or a job's input, in bytes (larger: EFBIG).
+    #[arg(long, default_value_t = 1 << 30)]
+    max_input_bytes: u64,
+
+    /// Finished jobs kept under jobs/ before the oldest are removed.
+    #[arg(long, default_value_t = 10_000)]
+    max_finished_jobs: usize,
 }
 
 fn main() -> ExitCode {
@@ -79,11 +92,7 @@ fn run(cli: Cli) -> Result<(), String> {
     let library = find_onnxruntime(cli.onnxruntime.as_deref())?;
 
     // Detach before any thread exists; the parent waits for "mounted".
-    let ready = if cli.foreground {
-        None
-    } else {
-        Some(detach(&data_dir.join("aifs-mountd.log"))?)
-    };
+    let ready = if cli.foreground { None } else { Some(detach(&data_dir.join("aifs-mountd.log"))?) };
     init_logging();
     tracing::info!(version = env!("CARGO_PKG_VERSION"), data_dir = %data_dir.display(), onnxruntime = %library.display(), "starting");
 
@@ -103,7 +112,15 @@ fn serve(cli: &Cli, data_dir: &Path, library: &Path, ready: Option<OwnedFd>) -> 
         aifs::store::Store::open(data_dir).map_err(|e| format!("opening the store in {}: {e}", data_dir.display()))?;
     let onnx: Arc<dyn Backend> = OnnxRuntime::load(library).map_err(|e| e.to_string())?;
     let devices: Vec<Box<dyn Probe>> = vec![Box::new(Cpu::new())];
-    let fs = Arc::new(Fs::new(store, Backends::new(vec![onnx]), devices, &mountpoint));
+    let mut engine = EngineConfig {
+        max_input_bytes: cli.max_input_bytes,
+        max_finished_jobs: cli.max_finished_jobs,
+        ..EngineConfig::default()
+    };
+    if let Some(workers) = cli.workers {
+        engine.workers = workers;
+    }
+    let fs = Arc::new(Fs::new(store, Backends::new(vec![onnx]), devices, &mountpoint, engine));
 
     let config = aifs::fuse::mount_config(cli.allow_other, cli.threads);
     let mut session = fuser::Session::new(aifs::fuse::Adapter::new(fs.clone()), &mountpoint, &config)

@@ -25,21 +25,30 @@ pub fn fixture(name: &str) -> PathBuf {
 
 /// The ONNX Runtime library `scripts/setup.sh` installs.
 pub fn onnxruntime() -> PathBuf {
-    let path = repo()
-        .join(".deps/onnxruntime/onnxruntime/capi")
-        .join(aifs::backend::ONNXRUNTIME_LIB);
+    let path = repo().join(".deps/onnxruntime/onnxruntime/capi").join(aifs::backend::ONNXRUNTIME_LIB);
     assert!(path.exists(), "missing {}: run scripts/setup.sh", path.display());
     path
 }
 
 /// `target/<profile>/aifs-mountd`, built by `cargo build --workspace`.
+/// `cargo test` does not rebuild another package's binary, so a daemon
+/// older than the sources is refused rather than silently tested.
 pub fn daemon_bin() -> PathBuf {
     let exe = std::env::current_exe().unwrap();
     let profile_dir = exe.parent().unwrap().parent().unwrap();
     let bin = profile_dir.join("aifs-mountd");
+    let built = std::fs::metadata(&bin)
+        .and_then(|m| m.modified())
+        .unwrap_or_else(|_| panic!("missing {}: run cargo build --workspace (scripts/test.sh does)", bin.display()));
+    let newest_source = ["src", "mountd/src"]
+        .iter()
+        .flat_map(|dir| std::fs::read_dir(repo().join(dir)).unwrap())
+        .filter_map(|e| e.ok()?.metadata().ok()?.modified().ok())
+        .max()
+        .unwrap();
     assert!(
-        bin.exists(),
-        "missing {}: run cargo build --workspace first",
+        built >= newest_source,
+        "{} is older than the sources: run cargo build --workspace (scripts/test.sh does)",
         bin.display()
     );
     bin
@@ -53,12 +62,7 @@ pub fn is_mounted(path: &Path) -> bool {
 
 /// Runs a bash command line in `cwd`.
 pub fn sh(cwd: &Path, cmd: &str) -> Output {
-    Command::new("bash")
-        .arg("-c")
-        .arg(cmd)
-        .current_dir(cwd)
-        .output()
-        .unwrap()
+    Command::new("bash").arg("-c").arg(cmd).current_dir(cwd).output().unwrap()
 }
 
 /// Like [`sh`], but the command must succeed; returns its stdout.
@@ -82,10 +86,7 @@ pub fn sh_err(cwd: &Path, cmd: &str, message: &str) {
 }
 
 pub fn errno(result: std::io::Result<impl std::fmt::Debug>) -> i32 {
-    result
-        .expect_err("expected an error")
-        .raw_os_error()
-        .expect("an OS error")
+    result.expect_err("expected an error").raw_os_error().expect("an OS error")
 }
 
 /// A live daemon on `<tmp>/mnt` with its data in `<tmp>/data`, logging to
@@ -143,11 +144,7 @@ impl Mount {
                 self.child = None;
                 panic!("daemon exited with {status} before mounting:\n{}", self.log_text());
             }
-            assert!(
-                Instant::now() < deadline,
-                "daemon did not mount in 30 s:\n{}",
-                self.log_text()
-            );
+            assert!(Instant::now() < deadline, "daemon did not mount in 30 s:\n{}", self.log_text());
             std::thread::sleep(Duration::from_millis(20));
         }
     }

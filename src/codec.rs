@@ -1,0 +1,515 @@
+//! Request and response codecs. The input's first bytes pick the codec; the
+//! output is written with the same one.
+//!
+//! | first bytes        | codec        | inputs            | output                              |
+//! |--------------------|--------------|-------------------|-------------------------------------|
+//! | `[`                | JSON array   | the only input    | the only output (several: object)   |
+//! | `{` (no `inputs`)  | JSON object  | by name           | object by name                      |
+//! | `{"inputs": [...]` | KServe v2    | by name, typed    | KServe v2 response                  |
+//! | `\x93NUMPY`        | .npy         | the only input    | .npy of the only (or first) output  |
+//! | `PK\x03\x04`       | .npz         | by name           | .npz by name                        |
+//!
+//! JSON carries no element type, so JSON numbers are converted to the
+//! dtype the model declares (a float where an integer is required, or a
+//! value out of the dtype's range, is an error). KServe, .npy and .npz carry
+//! their dtype, and it must be the model's. Decoding only builds tensors;
+//! [`crate::tensor::Signature::check`] then checks them against the model.
+
+use std::io::Cursor;
+
+use half::f16;
+use npyz::WriterBuilder;
+use serde_json::{Map, Value};
+
+use crate::error::{Error, Result};
+use crate::tensor::{DType, Data, Signature, Tensor};
+use crate::with_data;
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Codec {
+    JsonArray,
+    JsonObject,
+    KServe,
+    Npy,
+    Npz,
+}
+
+/// A decoded request: the tensors, and what the response needs to know.
+#[derive(Debug)]
+pub struct Request {
+    pub codec: Codec,
+    pub inputs: Vec<Tensor>,
+    /// KServe's request `id`, echoed in the response.
+    pub id: Option<Value>,
+    /// KServe's requested `outputs`, if it named any.
+    pub outputs: Option<Vec<String>>,
+}
+
+fn bad(msg: impl Into<String>) -> Error {
+    Error::BadInput(msg.into())
+}
+
+pub fn decode(bytes: &[u8], sig: &Signature) -> Result<Request> {
+    let request = |codec, inputs| Request { codec, inputs, id: None, outputs: None };
+    if bytes.starts_with(b"\x93NUMPY") {
+        let only = only_input(sig, ".npy")?;
+        return Ok(request(Codec::Npy, vec![npy_tensor(only, bytes)?]));
+    }
+    if bytes.starts_with(b"PK\x03\x04") {
+        return Ok(request(Codec::Npz, npz_tensors(bytes)?));
+    }
+    match bytes.iter().find(|b| !b.is_ascii_whitespace()) {
+        Some(b'[') | Some(b'{') => {}
+        None => return Err(bad("empty request")),
+        Some(_) => return Err(bad("unrecognized input: expected JSON, .npy or .npz")),
+    }
+    let value: Value = serde_json::from_slice(bytes).map_err(|e| bad(format!("malformed JSON: {e}")))?;
+    match value {
+        Value::Array(_) => {
+            let only = only_input(sig, "a JSON array")?;
+            let dtype = sig.input(only).map(|s| s.dtype).expect("only_input found it");
+            Ok(request(Codec::JsonArray, vec![json_tensor(only, &value, dtype)?]))
+        }
+        Value::Object(map) if map.get("inputs").is_some_and(Value::is_array) => kserve_request(map),
+        Value::Object(map) => {
+            let inputs = map
+                .iter()
+                .map(|(name, v)| {
+                    let spec = sig.input(name).ok_or_else(|| unknown_input(sig, name))?;
+                    json_tensor(name, v, spec.dtype)
+                })
+                .collect::<Result<_>>()?;
+            Ok(request(Codec::JsonObject, inputs))
+        }
+        _ => unreachable!("first byte was [ or {{"),
+    }
+}
+
+fn only_input<'a>(sig: &'a Signature, what: &str) -> Result<&'a str> {
+    match sig.inputs.as_slice() {
+        [only] => Ok(&only.name),
+        inputs => Err(bad(format!(
+            "{what} is the model's only input, but it has {} ({}); send inputs by name (a JSON object or .npz)",
+            inputs.len(),
+            inputs.iter().map(|s| s.name.as_str()).collect::<Vec<_>>().join(", ")
+        ))),
+    }
+}
+
+fn unknown_input(sig: &Signature, name: &str) -> Error {
+    let names: Vec<&str> = sig.inputs.iter().map(|s| s.name.as_str()).collect();
+    bad(format!("unknown input {name:?} (the model's inputs: {})", names.join(", ")))
+}
+
+// ---- JSON ------------------------------------------------------------------
+
+/// A nested JSON array (or a scalar, for a 0-d input) as a tensor of `dtype`.
+fn json_tensor(name: &str, value: &Value, dtype: DType) -> Result<Tensor> {
+    let mut shape = Vec::new();
+    let mut v = value;
+    while let Value::Array(items) = v {
+        shape.push(items.len());
+        match items.first() {
+            Some(first) => v = first,
+            None => break,
+        }
+    }
+    let mut leaves = Vec::with_capacity(shape.iter().product());
+    flatten(name, value, &shape, &mut leaves)?;
+    Tensor::new(name, shape, json_data(name, &leaves, dtype)?)
+}
+
+fn flatten<'v>(name: &str, v: &'v Value, shape: &[usize], out: &mut Vec<&'v Value>) -> Result<()> {
+    match (v, shape.split_first()) {
+        (Value::Array(items), Some((&len, rest))) if items.len() == len => {
+            items.iter().try_for_each(|item| flatten(name, item, rest, out))
+        }
+        (Value::Array(_), _) | (_, Some(_)) => {
+            Err(bad(format!("input {name:?}: ragged array (not a rectangular shape)")))
+        }
+        (leaf, None) => {
+            out.push(leaf);
+            Ok(())
+        }
+    }
+}
+
+fn json_data(name: &str, leaves: &[&Value], dtype: DType) -> Result<Data> {
+    macro_rules! ints {
+        ($variant:ident, $t:ty) => {
+            Data::$variant(
+                leaves
+                    .iter()
+                    .map(|v| {
+                        let n = match (v.as_i64(), v.as_u64()) {
+                            (Some(i), _) => <$t>::try_from(i).ok(),
+                            (None, Some(u)) => <$t>::try_from(u).ok(),
+                            _ if v.is_number() => {
+                                return Err(bad(format!(
+                                    "input {name:?}: a float ({v}) where an integer ({dtype}) is required"
+                                )))
+                            }
+                            _ => return Err(bad(format!("input {name:?}: expected a number ({dtype}), got {v}"))),
+                        };
+                        n.ok_or_else(|| bad(format!("input {name:?}: {v} is out of range for {dtype}")))
+                    })
+                    .collect::<Result<_>>()?,
+            )
+        };
+    }
+    let float =
+        |v: &Value| v.as_f64().ok_or_else(|| bad(format!("input {name:?}: expected a number ({dtype}), got {v}")));
+    Ok(match dtype {
+        DType::Bool => Data::Bool(
+            leaves
+                .iter()
+                .map(|v| v.as_bool().ok_or_else(|| bad(format!("input {name:?}: expected true or false, got {v}"))))
+                .collect::<Result<_>>()?,
+        ),
+        DType::Uint8 => ints!(Uint8, u8),
+        DType::Int8 => ints!(Int8, i8),
+        DType::Uint16 => ints!(Uint16, u16),
+        DType::Int16 => ints!(Int16, i16),
+        DType::Uint32 => ints!(Uint32, u32),
+        DType::Int32 => ints!(Int32, i32),
+        DType::Uint64 => ints!(Uint64, u64),
+        DType::Int64 => ints!(Int64, i64),
+        DType::Float16 => Data::Float16(leaves.iter().map(|v| float(v).map(f16::from_f64)).collect::<Result<_>>()?),
+        DType::Float32 => Data::Float32(leaves.iter().map(|v| float(v).map(|f| f as f32)).collect::<Result<_>>()?),
+        DType::Float64 => Data::Float64(leaves.iter().map(|v| float(v)).collect::<Result<_>>()?),
+        DType::Bfloat16 | DType::String | DType::Other => {
+            return Err(bad(format!("input {name:?}: dtype {dtype} is not supported")))
+        }
+    })
+}
+
+/// A tensor as a nested JSON array (a number for 0-d).
+fn json_value(t: &Tensor) -> Value {
+    fn nest(shape: &[usize], flat: &mut impl Iterator<Item = Value>) -> Value {
+        match shape.split_first() {
+            None => flat.next().unwrap_or(Value::Null),
+            Some((&n, rest)) => Value::Array((0..n).map(|_| nest(rest, flat)).collect()),
+        }
+    }
+    nest(&t.shape, &mut flat_values(&t.data).into_iter())
+}
+
+fn flat_values(data: &Data) -> Vec<Value> {
+    match data {
+        Data::Bool(v) => v.iter().map(|&x| Value::from(x)).collect(),
+        Data::Float16(v) => v.iter().map(|&x| Value::from(f32::from(x))).collect(),
+        Data::Float32(v) => v.iter().map(|&x| Value::from(x)).collect(),
+        Data::Float64(v) => v.iter().map(|&x| Value::from(x)).collect(),
+        Data::Uint8(v) => v.iter().map(|&x| Value::from(x)).collect(),
+        Data::Int8(v) => v.iter().map(|&x| Value::from(x)).collect(),
+        Data::Uint16(v) => v.iter().map(|&x| Value::from(x)).collect(),
+        Data::Int16(v) => v.iter().map(|&x| Value::from(x)).collect(),
+        Data::Uint32(v) => v.iter().map(|&x| Value::from(x)).collect(),
+        Data::Int32(v) => v.iter().map(|&x| Value::from(x)).collect(),
+        Data::Uint64(v) => v.iter().map(|&x| Value::from(x)).collect(),
+        Data::Int64(v) => v.iter().map(|&x| Value::from(x)).collect(),
+    }
+}
+
+// ---- KServe v2 ---------------------------------------------------------------
+
+fn kserve_dtype(datatype: &str) -> Option<DType> {
+    Some(match datatype {
+        "BOOL" => DType::Bool,
+        "UINT8" => DType::Uint8,
+        "UINT16" => DType::Uint16,
+        "UINT32" => DType::Uint32,
+        "UINT64" => DType::Uint64,
+        "INT8" => DType::Int8,
+        "INT16" => DType::Int16,
+        "INT32" => DType::Int32,
+        "INT64" => DType::Int64,
+        "FP16" => DType::Float16,
+        "FP32" => DType::Float32,
+        "FP64" => DType::Float64,
+        _ => return None,
+    })
+}
+
+fn kserve_datatype(dtype: DType) -> &'static str {
+    match dtype {
+        DType::Bool => "BOOL",
+        DType::Uint8 => "UINT8",
+        DType::Uint16 => "UINT16",
+        DType::Uint32 => "UINT32",
+        DType::Uint64 => "UINT64",
+        DType::Int8 => "INT8",
+        DType::Int16 => "INT16",
+        DType::Int32 => "INT32",
+        DType::Int64 => "INT64",
+        DType::Float16 => "FP16",
+        DType::Float32 => "FP32",
+        DType::Float64 => "FP64",
+        DType::Bfloat16 => "BF16",
+        DType::String => "BYTES",
+        DType::Other => "UNKNOWN",
+    }
+}
+
+fn kserve_request(mut map: Map<String, Value>) -> Result<Request> {
+    let Some(Value::Array(items)) = map.remove("inputs") else { unreachable!("checked by the caller") };
+    let inputs = items
+        .iter()
+        .enumerate()
+        .map(|(i, item)| {
+            let field = |key: &str| item.get(key).ok_or_else(|| bad(format!("KServe inputs[{i}]: missing {key:?}")));
+            let name =
+                field("name")?.as_str().ok_or_else(|| bad(format!("KServe inputs[{i}]: name is not a string")))?;
+            let datatype = field("datatype")?.as_str().unwrap_or_default();
+            let dtype = kserve_dtype(datatype)
+                .ok_or_else(|| bad(format!("input {name:?}: unsupported KServe datatype {datatype:?}")))?;
+            let shape: Vec<usize> = field("shape")?
+                .as_array()
+                .and_then(|dims| dims.iter().map(|d| d.as_u64().map(|d| d as usize)).collect())
+                .ok_or_else(|| bad(format!("input {name:?}: shape must be a list of non-negative integers")))?;
+            let data = field("data")?;
+            let mut leaves = Vec::new();
+            flatten_any(data, &mut leaves);
+            let data = json_data(name, &leaves, dtype)?;
+            Tensor::new(name, shape, data)
+        })
+        .collect::<Result<_>>()?;
+    let outputs = map
+        .get("outputs")
+        .and_then(Value::as_array)
+        .map(|outs| outs.iter().filter_map(|o| o.get("name").and_then(Value::as_str).map(String::from)).collect());
+    Ok(Request { codec: Codec::KServe, inputs, id: map.remove("id"), outputs })
+}
+
+/// KServe allows `data` flat or nested; both flatten row-major.
+fn flatten_any<'v>(v: &'v Value, out: &mut Vec<&'v Value>) {
+    match v {
+        Value::Array(items) => items.iter().for_each(|item| flatten_any(item, out)),
+        leaf => out.push(leaf),
+    }
+}
+
+// ---- NumPy -----------------------------------------------------------------
+
+fn npy_tensor(name: &str, bytes: &[u8]) -> Result<Tensor> {
+    let npy = npyz::NpyFile::new(bytes).map_err(|e| bad(format!("input {name:?}: malformed .npy: {e}")))?;
+    npy_file_tensor(name, npy)
+}
+
+fn npy_file_tensor<R: std::io::Read>(name: &str, npy: npyz::NpyFile<R>) -> Result<Tensor> {
+    if npy.order() == npyz::Order::Fortran {
+        return Err(bad(format!("input {name:?}: Fortran-order .npy arrays are not supported (use C order)")));
+    }
+    let shape: Vec<usize> = npy.shape().iter().map(|&d| d as usize).collect();
+    let npyz::DType::Plain(ts) = npy.dtype() else {
+        return Err(bad(format!("input {name:?}: structured .npy arrays are not supported")));
+    };
+    use npyz::TypeChar as C;
+    let read_err = |e: std::io::Error| bad(format!("input {name:?}: truncated or malformed .npy data: {e}"));
+    macro_rules! read {
+        ($variant:ident) => {
+            Data::$variant(npy.into_vec().map_err(read_err)?)
+        };
+    }
+    let data = match (ts.type_char(), ts.size_field()) {
+        (C::Bool, 1) => read!(Bool),
+        (C::Uint, 1) => read!(Uint8),
+        (C::Int, 1) => read!(Int8),
+        (C::Uint, 2) => read!(Uint16),
+        (C::Int, 2) => read!(Int16),
+        (C::Uint, 4) => read!(Uint32),
+        (C::Int, 4) => read!(Int32),
+        (C::Uint, 8) => read!(Uint64),
+        (C::Int, 8) => read!(Int64),
+        (C::Float, 2) => read!(Float16),
+        (C::Float, 4) => read!(Float32),
+        (C::Float, 8) => read!(Float64),
+        _ => return Err(bad(format!("input {name:?}: .npy dtype {ts} is not supported"))),
+    };
+    Tensor::new(name, shape, data)
+}
+
+fn npz_tensors(bytes: &[u8]) -> Result<Vec<Tensor>> {
+    let mut npz = npyz::npz::NpzArchive::new(Cursor::new(bytes)).map_err(|e| bad(format!("malformed .npz: {e}")))?;
+    let names: Vec<String> = npz.array_names().map(String::from).collect();
+    names
+        .iter()
+        .map(|name| {
+            let npy = npz
+                .by_name(name)
+                .map_err(|e| bad(format!("input {name:?}: malformed .npz entry: {e}")))?
+                .ok_or_else(|| bad(format!("input {name:?}: missing from the .npz")))?;
+            npy_file_tensor(name, npy)
+        })
+        .collect()
+}
+
+fn write_npy(t: &Tensor, out: impl std::io::Write) -> std::io::Result<()> {
+    let shape: Vec<u64> = t.shape.iter().map(|&d| d as u64).collect();
+    with_data!(&t.data, v => {
+        let mut w = npyz::WriteOptions::new().default_dtype().shape(&shape).writer(out).begin_nd()?;
+        w.extend(v.iter().copied())?;
+        w.finish()
+    })
+}
+
+// ---- responses ----------------------------------------------------------------
+
+/// Encodes the outputs in the request's codec.
+pub fn encode(request: &Request, mut outputs: Vec<Tensor>, model: &str, version: u32) -> Result<Vec<u8>> {
+    let by_name = |outputs: &[Tensor]| -> Value {
+        Value::Object(outputs.iter().map(|t| (t.name.clone(), json_value(t))).collect())
+    };
+    let mut json = match request.codec {
+        Codec::JsonArray if outputs.len() == 1 => json_value(&outputs[0]),
+        Codec::JsonArray | Codec::JsonObject => by_name(&outputs),
+        Codec::KServe => {
+            if let Some(wanted) = &request.outputs {
+                outputs.retain(|t| wanted.contains(&t.name));
+            }
+            let mut response = serde_json::json!({
+                "model_name": model,
+                "model_version": version.to_string(),
+                "outputs": outputs.iter().map(|t| serde_json::json!({
+                    "name": t.name,
+                    "datatype": kserve_datatype(t.dtype()),
+                    "shape": t.shape,
+                    "data": flat_values(&t.data),
+                })).collect::<Vec<_>>(),
+            });
+            if let Some(id) = &request.id {
+                response["id"] = id.clone();
+            }
+            response
+        }
+        Codec::Npy => {
+            let first = outputs.first().ok_or_else(|| Error::Runtime("the model returned no outputs".into()))?;
+            let mut out = Vec::new();
+            write_npy(first, &mut out).map_err(|e| Error::io("encoding .npy", e))?;
+            return Ok(out);
+        }
+        Codec::Npz => {
+            let mut npz = zip::ZipWriter::new(Cursor::new(Vec::new()));
+            let options = zip::write::FileOptions::default().compression_method(zip::CompressionMethod::Stored);
+            for t in &outputs {
+                let entry = npyz::npz::file_name_from_array_name(&t.name);
+                npz.start_file(entry, options).map_err(|e| Error::io("encoding .npz", e.into()))?;
+                write_npy(t, &mut npz).map_err(|e| Error::io("encoding .npz", e))?;
+            }
+            let cursor = npz.finish().map_err(|e| Error::io("encoding .npz", e.into()))?;
+            return Ok(cursor.into_inner());
+        }
+    };
+    let mut text = serde_json::to_vec(&json).expect("JSON values serialize");
+    text.push(b'\n');
+    json = Value::Null;
+    drop(json);
+    Ok(text)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::tensor::TensorSpec;
+
+    fn sig(inputs: &[(&str, DType, &[i64])]) -> Signature {
+        Signature {
+            inputs: inputs
+                .iter()
+                .map(|(n, d, s)| TensorSpec { name: n.to_string(), dtype: *d, shape: s.to_vec() })
+                .collect(),
+            outputs: vec![],
+        }
+    }
+
+    fn err(bytes: &[u8], sig: &Signature) -> String {
+        let e = decode(bytes, sig).unwrap_err();
+        assert_eq!(e.errno(), libc::EINVAL);
+        e.to_string()
+    }
+
+    #[test]
+    fn json_array_takes_the_models_dtype() {
+        let s = sig(&[("x", DType::Float32, &[-1, 2])]);
+        let r = decode(b" [[1, 2.5], [3, 4]]\n", &s).unwrap();
+        assert_eq!(r.codec, Codec::JsonArray);
+        assert_eq!(r.inputs[0].shape, [2, 2]);
+        assert_eq!(r.inputs[0].data, Data::Float32(vec![1.0, 2.5, 3.0, 4.0]));
+        let s = sig(&[("ids", DType::Int64, &[-1])]);
+        assert_eq!(decode(b"[1, -2]", &s).unwrap().inputs[0].data, Data::Int64(vec![1, -2]));
+    }
+
+    #[test]
+    fn json_errors_name_the_input() {
+        let ints = sig(&[("ids", DType::Uint8, &[-1])]);
+        assert_eq!(err(b"[1, 2.5]", &ints), "input \"ids\": a float (2.5) where an integer (uint8) is required");
+        assert_eq!(err(b"[1, 300]", &ints), "input \"ids\": 300 is out of range for uint8");
+        assert_eq!(err(b"[[1], [2, 3]]", &ints), "input \"ids\": ragged array (not a rectangular shape)");
+        assert!(err(b"[1, 2", &ints).starts_with("malformed JSON"));
+        assert_eq!(err(b"hello", &ints), "unrecognized input: expected JSON, .npy or .npz");
+        assert_eq!(err(b"", &ints), "empty request");
+        assert_eq!(err(br#"{"nope": [1]}"#, &ints), "unknown input \"nope\" (the model's inputs: ids)");
+        let two = sig(&[("a", DType::Float32, &[-1]), ("b", DType::Float32, &[-1])]);
+        assert!(err(b"[1]", &two).contains("it has 2 (a, b)"));
+    }
+
+    #[test]
+    fn json_object_and_scalars() {
+        let s = sig(&[("x", DType::Float32, &[1, 2]), ("sr", DType::Int64, &[])]);
+        let r = decode(br#"{"x": [[1, 2]], "sr": 16000}"#, &s).unwrap();
+        assert_eq!(r.codec, Codec::JsonObject);
+        let sr = r.inputs.iter().find(|t| t.name == "sr").unwrap();
+        assert_eq!((sr.shape.as_slice(), &sr.data), (&[][..], &Data::Int64(vec![16000])));
+    }
+
+    #[test]
+    fn kserve_round_trip() {
+        let s = sig(&[("x", DType::Float32, &[-1, 2])]);
+        let body = br#"{"id": "42", "inputs": [{"name": "x", "shape": [1, 2], "datatype": "FP32", "data": [1, 2]}]}"#;
+        let r = decode(body, &s).unwrap();
+        assert_eq!(r.codec, Codec::KServe);
+        assert_eq!(r.inputs[0].data, Data::Float32(vec![1.0, 2.0]));
+        let out = Tensor::new("y", vec![1, 2], Data::Float32(vec![3.0, 4.0])).unwrap();
+        let bytes = encode(&r, vec![out], "m", 3).unwrap();
+        let v: Value = serde_json::from_slice(&bytes).unwrap();
+        assert_eq!(
+            v,
+            serde_json::json!({"id": "42", "model_name": "m", "model_version": "3",
+                "outputs": [{"name": "y", "datatype": "FP32", "shape": [1, 2], "data": [3.0, 4.0]}]})
+        );
+        let wrong = br#"{"inputs": [{"name": "x", "shape": [2], "datatype": "FP32", "data": [1, 2, 3]}]}"#;
+        assert_eq!(err(wrong, &s), "input \"x\": shape [2] needs 2 elements, got 3");
+        let unknown = br#"{"inputs": [{"name": "x", "shape": [1], "datatype": "BYTES", "data": ["a"]}]}"#;
+        assert_eq!(err(unknown, &s), "input \"x\": unsupported KServe datatype \"BYTES\"");
+    }
+
+    #[test]
+    fn npy_round_trip_and_truncation() {
+        let s = sig(&[("x", DType::Int16, &[-1, 3])]);
+        let t = Tensor::new("x", vec![2, 3], Data::Int16(vec![1, -2, 3, -4, 5, i16::MAX])).unwrap();
+        let mut bytes = Vec::new();
+        write_npy(&t, &mut bytes).unwrap();
+        let r = decode(&bytes, &s).unwrap();
+        assert_eq!((r.codec, &r.inputs[0]), (Codec::Npy, &t));
+        let e = err(&bytes[..bytes.len() - 3], &s);
+        assert!(e.contains("truncated or malformed .npy"), "{e}");
+        let e = err(&bytes[..20], &s);
+        assert!(e.contains("malformed .npy"), "{e}");
+        let out = encode(&r, vec![t.clone()], "m", 1).unwrap();
+        assert_eq!(out, bytes);
+    }
+
+    #[test]
+    fn npz_round_trip() {
+        let s = sig(&[("a", DType::Float64, &[-1]), ("b", DType::Bool, &[2])]);
+        let a = Tensor::new("a", vec![3], Data::Float64(vec![1.0, 2.0, 3.0])).unwrap();
+        let b = Tensor::new("b", vec![2], Data::Bool(vec![true, false])).unwrap();
+        let request = Request { codec: Codec::Npz, inputs: vec![], id: None, outputs: None };
+        let bytes = encode(&request, vec![a.clone(), b.clone()], "m", 1).unwrap();
+        let r = decode(&bytes, &s).unwrap();
+        assert_eq!(r.codec, Codec::Npz);
+        let mut got = r.inputs;
+        got.sort_by(|x, y| x.name.cmp(&y.name));
+        assert_eq!(got, vec![a, b]);
+    }
+}
