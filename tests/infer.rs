@@ -1,0 +1,375 @@
+//! Inference through a live mount: outputs against onnxruntime's, the three
+//! ways under concurrency, every bad request's errno and reason, waiting
+//! without holding FUSE threads, job ownership, tampered blobs, examples.
+
+mod common;
+
+use std::fs::OpenOptions;
+use std::io::{Read, Write};
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use common::*;
+
+/// `mkdir models/<model> && cp <fixture> models/<model>/`; returns `models/<model>/v1`.
+fn import(m: &Mount, model: &str, fixture_path: &Path) -> PathBuf {
+    sh_ok(&m.mnt, &format!("mkdir models/{model} && cp {} models/{model}/", fixture_path.display()));
+    m.path(&format!("models/{model}/v1"))
+}
+
+fn models_fixture(name: &str) -> PathBuf {
+    fixture(&format!("models/{name}"))
+}
+
+/// One handle: open read-write, write the request, read the response.
+fn one_handle(infer: &Path, body: &[u8]) -> std::io::Result<Vec<u8>> {
+    let mut f = OpenOptions::new().read(true).write(true).open(infer)?;
+    f.write_all(body)?;
+    let mut out = Vec::new();
+    f.read_to_end(&mut out)?;
+    Ok(out)
+}
+
+/// `close(2)`, with its error (dropping a `File` ignores it).
+fn close(f: std::fs::File) -> Result<(), i32> {
+    use std::os::fd::IntoRawFd;
+    // SAFETY: we own the descriptor and close it once.
+    match unsafe { libc::close(f.into_raw_fd()) } {
+        0 => Ok(()),
+        _ => Err(std::io::Error::last_os_error().raw_os_error().unwrap()),
+    }
+}
+
+fn newest_job(m: &Mount) -> u64 {
+    std::fs::read_dir(m.path("jobs"))
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().parse::<u64>().unwrap())
+        .max()
+        .expect("a job")
+}
+
+fn job_file(m: &Mount, id: u64, file: &str) -> String {
+    read(m.path(&format!("jobs/{id}/{file}")))
+}
+
+#[test]
+fn outputs_match_onnxruntime_for_every_model_codec_and_way() {
+    let m = Mount::start();
+    let out = Command::new(repo().join(".venv/bin/python"))
+        .arg(repo().join("tests/reference.py"))
+        .arg(&m.mnt)
+        .arg(repo().join("target/fixtures"))
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{text}{}\n{}", String::from_utf8_lossy(&out.stderr), m.log_text());
+    // Every case ran: 18 models, at least 3 checks each.
+    let passed: usize = text.lines().last().unwrap().split(' ').next().unwrap().parse().unwrap();
+    assert!(passed >= 18 * 3, "{text}");
+    // Each version was loaded once (one instance: the requests came one at a time).
+    assert_eq!(m.log_text().matches("loaded an instance").count(), 18, "{}", m.log_text());
+}
+
+#[test]
+fn concurrent_clients_get_exactly_their_own_outputs() {
+    const CLIENTS: usize = 32;
+    const REQUESTS: usize = 200;
+    let m = Mount::start();
+    let v1 = import(&m, "id", &models_fixture("identity_int64.onnx"));
+    let infer = v1.join("infer");
+    let request = |c: usize, r: usize| format!("[[{c},{r}]]");
+
+    // 1. One handle each, in threads of this process.
+    let threads: Vec<_> = (0..CLIENTS)
+        .map(|c| {
+            let infer = infer.clone();
+            std::thread::spawn(move || {
+                (0..REQUESTS)
+                    .filter(|&r| {
+                        let out = one_handle(&infer, request(c, r).as_bytes()).unwrap();
+                        out != format!("{}\n", request(c, r)).as_bytes()
+                    })
+                    .count()
+            })
+        })
+        .collect();
+    let mismatches: usize = threads.into_iter().map(|t| t.join().unwrap()).sum();
+    assert_eq!(mismatches, 0, "one handle");
+
+    // 2. Write then read: each client is a shell in its own session.
+    let shells: Vec<_> = (0..CLIENTS)
+        .map(|c| {
+            let script = format!(
+                r#"for r in $(seq 0 {last}); do
+                     echo "[[{c},$r]]" > {infer}
+                     read -r out < {infer}
+                     [ "$out" = "[[{c},$r]]" ] || echo "client {c} request $r got $out"
+                   done"#,
+                last = REQUESTS - 1,
+                infer = infer.display()
+            );
+            Command::new("setsid").args(["bash", "-c", &script]).output_async()
+        })
+        .collect();
+    for shell in shells {
+        let out = shell.wait_with_output().unwrap();
+        assert!(
+            out.status.success() && out.stdout.is_empty(),
+            "write then read: {}",
+            String::from_utf8_lossy(&out.stdout)
+        );
+    }
+
+    // 3. Clone: a job per request.
+    let clone = v1.join("clone");
+    let jobs = m.path("jobs");
+    let threads: Vec<_> = (0..CLIENTS)
+        .map(|c| {
+            let (clone, jobs) = (clone.clone(), jobs.clone());
+            std::thread::spawn(move || {
+                (0..REQUESTS)
+                    .filter(|&r| {
+                        let id = std::fs::read_to_string(&clone).unwrap();
+                        let job = jobs.join(id.trim());
+                        std::fs::write(job.join("input"), request(c, r)).unwrap();
+                        std::fs::read(job.join("output")).unwrap() != format!("{}\n", request(c, r)).as_bytes()
+                    })
+                    .count()
+            })
+        })
+        .collect();
+    let mismatches: usize = threads.into_iter().map(|t| t.join().unwrap()).sum();
+    assert_eq!(mismatches, 0, "clone");
+}
+
+trait OutputAsync {
+    fn output_async(&mut self) -> std::process::Child;
+}
+
+impl OutputAsync for Command {
+    fn output_async(&mut self) -> std::process::Child {
+        self.stdout(std::process::Stdio::piped()).stderr(std::process::Stdio::inherit()).spawn().unwrap()
+    }
+}
+
+#[test]
+fn bad_requests_fail_with_their_errno_and_one_line_reason() {
+    let m = Mount::start_with(&["--max-input-bytes", "100000"]);
+    let mlp = import(&m, "mlp", &fixture("mlp.onnx")).join("infer");
+    let multi = import(&m, "multi", &models_fixture("multi.onnx")).join("infer");
+    let npy_f64 = std::fs::read(fixture("cases/identity_float64/input.npy")).unwrap();
+    let npy_f32 = std::fs::read(fixture("cases/identity_float32/input.npy")).unwrap();
+    let big = format!("[{}]", vec!["1"; 60_000].join(","));
+    let cases: Vec<(&str, &Path, Vec<u8>, i32, String)> = vec![
+        ("malformed JSON", &mlp, b"[[1, 2".to_vec(), libc::EINVAL, "malformed JSON".into()),
+        (
+            "truncated .npy",
+            &mlp,
+            npy_f32[..npy_f32.len() - 5].to_vec(),
+            libc::EINVAL,
+            "truncated or malformed .npy".into(),
+        ),
+        ("wrong dtype", &mlp, npy_f64, libc::EINVAL, r#"input "x": expected dtype float32, got float64"#.into()),
+        (
+            "wrong rank",
+            &mlp,
+            b"[1, 2, 3]".to_vec(),
+            libc::EINVAL,
+            r#"input "x": expected shape [-1, 16], got [3]"#.into(),
+        ),
+        (
+            "wrong dimension",
+            &mlp,
+            b"[[1, 2, 3]]".to_vec(),
+            libc::EINVAL,
+            r#"input "x": expected shape [-1, 16], got [1, 3]"#.into(),
+        ),
+        (
+            "missing input",
+            &multi,
+            br#"{"a": [[1, 2, 3]]}"#.to_vec(),
+            libc::EINVAL,
+            r#"missing input "b" (expected int64 [-1])"#.into(),
+        ),
+        (
+            "unknown input",
+            &multi,
+            br#"{"a": [[1, 2, 3]], "b": [1], "c": [1]}"#.to_vec(),
+            libc::EINVAL,
+            r#"unknown input "c" (the model's inputs: a, b)"#.into(),
+        ),
+        (
+            "float for an integer",
+            &multi,
+            br#"{"a": [[1, 2, 3]], "b": [1.5]}"#.to_vec(),
+            libc::EINVAL,
+            r#"input "b": a float (1.5) where an integer (int64) is required"#.into(),
+        ),
+        ("not a known format", &mlp, b"hello".to_vec(), libc::EINVAL, "unrecognized input".into()),
+        (
+            "over the size limit",
+            &mlp,
+            big.into_bytes(),
+            libc::EFBIG,
+            "input larger than the limit of 100000 bytes".into(),
+        ),
+    ];
+    for (what, infer, body, errno_want, reason) in cases {
+        let err = one_handle(infer, &body).expect_err(what);
+        assert_eq!(err.raw_os_error(), Some(errno_want), "{what}: {err}");
+        let id = newest_job(&m);
+        let error = job_file(&m, id, "error");
+        assert!(error.contains(&reason), "{what}: error file {error:?} lacks {reason:?}");
+        assert_eq!(error.lines().count(), 1, "{what}: one line");
+        assert_eq!(job_file(&m, id, "status"), format!("failed\n{error}"), "{what}");
+        // The next good request succeeds.
+        one_handle(&mlp, b"[[1,1,1,1,1,1,1,1,1,1,1,1,1,1,1,1]]").unwrap_or_else(|e| panic!("after {what}: {e}"));
+    }
+
+    // The same reason reaches a clone job's writer at close().
+    let id = read(m.path("models/mlp/v1/clone")).trim().to_string();
+    let mut input = OpenOptions::new().write(true).open(m.path(&format!("jobs/{id}/input"))).unwrap();
+    input.write_all(b"[[1, 2").unwrap();
+    assert_eq!(close(input), Err(libc::EINVAL));
+    assert!(read(m.path(&format!("jobs/{id}/error"))).starts_with("malformed JSON"));
+
+    // Outputs are read-only; jobs that do not exist are ENOENT.
+    let done = newest_job(&m) - 1;
+    assert_eq!(errno(OpenOptions::new().write(true).open(m.path(&format!("jobs/{done}/output")))), libc::EROFS);
+    assert_eq!(errno(std::fs::read(m.path("jobs/999999/status"))), libc::ENOENT);
+    assert_eq!(errno(std::fs::read(m.path("models/mlp/v7/infer"))), libc::ENOENT);
+    // Reading infer in a session that sent nothing: ENODATA.
+    sh_err(&m.mnt, "setsid -w cat models/mlp/v1/infer", "No data available");
+    assert!(m.log_text().contains("rejected"), "reasons are logged");
+}
+
+#[test]
+fn waiting_readers_hold_no_fuse_thread() {
+    const READERS: usize = 100;
+    let m = Mount::start_with(&["--threads", "2"]);
+    import(&m, "mlp", &fixture("mlp.onnx"));
+    let other = import(&m, "other", &models_fixture("identity_int32.onnx")).join("infer");
+    // 100 jobs that never get input, and a reader blocked on each output.
+    let ids: Vec<String> = (0..READERS).map(|_| read(m.path("models/mlp/v1/clone")).trim().to_string()).collect();
+    let readers: Vec<_> = ids
+        .iter()
+        .map(|id| {
+            let output = m.path(&format!("jobs/{id}/output"));
+            std::thread::spawn(move || std::fs::read(output).map_err(|e| e.raw_os_error()))
+        })
+        .collect();
+    std::thread::sleep(Duration::from_millis(500));
+
+    // With 2 FUSE threads and 100 blocked readers, the tree still answers.
+    let start = Instant::now();
+    assert!(sh_ok(&m.mnt, "ls jobs | wc -l").trim().parse::<usize>().unwrap() >= READERS);
+    assert!(read(m.path("status")).contains("\"version\""));
+    assert_eq!(one_handle(&other, b"[[7, 8]]").unwrap(), b"[[7,8]]\n");
+    assert!(start.elapsed() < Duration::from_secs(5), "took {:?}", start.elapsed());
+
+    // Cancelling wakes every reader with ECANCELED.
+    for id in &ids {
+        std::fs::write(m.path(&format!("jobs/{id}/ctl")), "cancel\n").unwrap();
+    }
+    for r in readers {
+        assert_eq!(r.join().unwrap(), Err(Some(libc::ECANCELED)));
+    }
+    assert_eq!(job_file(&m, ids[0].parse().unwrap(), "status"), "cancelled\n");
+}
+
+#[test]
+fn job_files_ctl_and_priority() {
+    let m = Mount::start();
+    import(&m, "mlp", &fixture("mlp.onnx"));
+    let id: u64 = read(m.path("models/mlp/v1/clone")).trim().parse().unwrap();
+    let job = |f: &str| job_file(&m, id, f);
+    assert_eq!(
+        sh_ok(&m.mnt, &format!("ls jobs/{id}")).split_whitespace().collect::<Vec<_>>(),
+        ["ctl", "device", "error", "input", "model", "output", "priority", "status", "times"]
+    );
+    assert_eq!(job("status"), "new\n");
+    let digest = read(m.path("models/mlp/v1/digest"));
+    assert_eq!(job("model"), format!("mlp/v1 {digest}"));
+    assert_eq!(job("error"), "");
+    assert_eq!(job("priority"), "0\n");
+    sh_ok(&m.mnt, &format!("echo 5 > jobs/{id}/priority"));
+    assert_eq!(job("priority"), "5\n");
+    sh_err(&m.mnt, &format!("echo high > jobs/{id}/priority"), "Invalid argument");
+    sh_err(&m.mnt, &format!("echo explode > jobs/{id}/ctl"), "Invalid argument");
+    assert_eq!(sh_ok(&m.mnt, &format!("stat -c %a jobs/{id}")), "700\n");
+
+    std::fs::write(m.path(&format!("jobs/{id}/input")), b"[[1,1,1,1,1,1,1,1,1,1,1,1,1,1,1,1]]").unwrap();
+    let output = read(m.path(&format!("jobs/{id}/output")));
+    assert!(output.starts_with("[[") && output.ends_with("]]\n"), "{output}");
+    assert_eq!(job("status"), "done\n");
+    assert_eq!(job("device"), "cpu\n");
+    assert_eq!(job("input"), "[[1,1,1,1,1,1,1,1,1,1,1,1,1,1,1,1]]");
+    let times: serde_json::Value = serde_json::from_str(&job("times")).unwrap();
+    for key in ["created", "submitted", "started", "finished"] {
+        assert!(times[key].as_str().is_some_and(|t| t.ends_with('Z')), "{key}: {times}");
+    }
+    assert!(times["compute_us"].is_u64() && times["queue_us"].is_u64());
+    // Once submitted, input and priority are fixed.
+    assert_eq!(errno(std::fs::write(m.path(&format!("jobs/{id}/input")), b"[[1]]")), libc::EROFS);
+    sh_err(&m.mnt, &format!("echo 1 > jobs/{id}/priority"), "Read-only file system");
+    sh_err(&m.mnt, &format!("echo cancel > jobs/{id}/ctl"), "Invalid argument");
+    // A version a job is using cannot be deleted.
+    let pending = read(m.path("models/mlp/v1/clone")).trim().to_string();
+    sh_err(&m.mnt, "rm -r models/mlp/v1", "Device or resource busy");
+    sh_ok(&m.mnt, &format!("echo cancel > jobs/{pending}/ctl && rm -r models/mlp/v1"));
+}
+
+#[test]
+fn jobs_belong_to_the_user_who_made_them() {
+    let m = Mount::start_with(&["--allow-other"]);
+    import(&m, "id", &models_fixture("identity_int64.onnx"));
+    one_handle(&m.path("models/id/v1/infer"), b"[[1, 2]]").unwrap();
+    let roots = newest_job(&m);
+    let as_nobody =
+        |cmd: &str| sh(&m.mnt, &format!("setpriv --reuid=65534 --regid=65534 --clear-groups -- bash -c '{cmd}'"));
+
+    let out = as_nobody("echo \"[[3, 4]]\" > models/id/v1/infer && cat models/id/v1/infer");
+    assert!(out.status.success(), "{out:?}");
+    assert_eq!(String::from_utf8_lossy(&out.stdout), "[[3,4]]\n");
+    let theirs = newest_job(&m);
+    assert_eq!(sh_ok(&m.mnt, &format!("stat -c '%a %U' jobs/{theirs}")), "700 nobody\n");
+    assert_eq!(sh_ok(&m.mnt, &format!("stat -c '%a %U' jobs/{roots}")), "700 root\n");
+
+    for cmd in [format!("cat jobs/{roots}/output"), format!("echo cancel > jobs/{roots}/ctl")] {
+        let out = as_nobody(&cmd);
+        assert!(!out.status.success(), "{cmd}");
+        assert!(String::from_utf8_lossy(&out.stderr).contains("Permission denied"), "{cmd}: {out:?}");
+    }
+    assert!(as_nobody(&format!("cat jobs/{theirs}/status")).status.success());
+}
+
+#[test]
+fn a_tampered_blob_is_refused_not_run() {
+    let m = Mount::start();
+    let v1 = import(&m, "mlp", &fixture("mlp.onnx"));
+    let blob = m.data.join(format!("blobs/sha256-{}", sha256sum(&fixture("mlp.onnx"))));
+    let mut bytes = std::fs::read(&blob).unwrap();
+    let last = bytes.len() - 1;
+    bytes[last] ^= 1;
+    std::fs::write(&blob, bytes).unwrap();
+    let err = one_handle(&v1.join("infer"), b"[[1,1,1,1,1,1,1,1,1,1,1,1,1,1,1,1]]").unwrap_err();
+    assert_eq!(err.raw_os_error(), Some(libc::EIO));
+    let error = job_file(&m, newest_job(&m), "error");
+    assert!(error.contains("does not match its digest"), "{error}");
+}
+
+#[test]
+fn the_examples_run() {
+    let m = Mount::start();
+    import(&m, "mlp", &fixture("mlp.onnx"));
+    let mnt = m.mnt.to_str().unwrap();
+    for (program, script) in [("bash", "examples/infer.sh"), ("bash", "examples/jobs.sh")] {
+        let out = Command::new(program).arg(repo().join(script)).arg(mnt).output().unwrap();
+        assert!(out.status.success(), "{script}: {}", String::from_utf8_lossy(&out.stderr));
+    }
+    let out =
+        Command::new(repo().join(".venv/bin/python")).arg(repo().join("examples/infer.py")).arg(mnt).output().unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(String::from_utf8_lossy(&out.stdout).starts_with("input float32[4, 16] -> output float32[4, 16]"));
+}
