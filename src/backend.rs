@@ -13,6 +13,7 @@
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, OnceLock};
 
+use crate::device::Target;
 use crate::error::{Error, Result};
 use crate::store::Inspected;
 use crate::tensor::{DType, Data, Signature, Tensor, TensorSpec};
@@ -30,8 +31,9 @@ pub trait Backend: Send + Sync {
     fn inspect(&self, path: &Path, file_name: &str) -> Result<Signature>;
     /// Facts for `/status`.
     fn describe(&self) -> serde_json::Value;
-    /// Loads a model from its (already verified) bytes, ready to run.
-    fn load(&self, bytes: &[u8], file_name: &str) -> Result<Box<dyn Instance>>;
+    /// Loads a model from its (already verified) bytes, ready to run on
+    /// `target`.
+    fn load(&self, bytes: &[u8], file_name: &str, target: Target) -> Result<Box<dyn Instance>>;
 }
 
 /// One loaded copy of a model.
@@ -185,11 +187,20 @@ impl Backend for OnnxRuntime {
         })
     }
 
-    fn load(&self, bytes: &[u8], file_name: &str) -> Result<Box<dyn Instance>> {
+    fn load(&self, bytes: &[u8], file_name: &str, target: Target) -> Result<Box<dyn Instance>> {
         // One intra-op thread: the engine runs independent requests in
         // parallel, one per core, which beats splitting each small one.
+        // On a GPU the CUDA provider must register (it needs the GPU build
+        // of the library); no silent fallback to the CPU.
+        let providers = match target {
+            Target::Cpu => vec![],
+            Target::Cuda(ordinal) => {
+                vec![ort::ep::CUDA::default().with_device_id(ordinal as i32).build().error_on_failure()]
+            }
+        };
         let session = ort::session::Session::builder(&self.env)
             .and_then(|b| b.with_intra_threads(1).map_err(Into::into))
+            .and_then(|b| b.with_execution_providers(providers).map_err(Into::into))
             .and_then(|mut b| b.commit_from_memory(bytes))
             .map_err(|e| Error::Runtime(format!("loading {file_name}: {}", first_line(&e.to_string()))))?;
         Ok(Box::new(OnnxInstance { session }))

@@ -1,46 +1,82 @@
-//! The inference engine: jobs, the queue, worker threads and loaded models.
+//! The inference engine: jobs, per-device queues, workers, loaded models,
+//! and the job records that survive a restart.
 //!
-//! Every request is a [`Job`], whichever way it came (`infer` or `clone`).
-//! A job is `new` until its input is submitted; [`Engine::submit`] decodes
-//! and checks the input against the version's signature *before* queueing
-//! (so a malformed request fails at once with EINVAL and its reason), then
-//! queues it. Workers (one per core) take jobs in FIFO order, load the
-//! version on first use, run, encode the output in the request's codec and
-//! finish the job.
+//! **Jobs.** Every request is a [`Job`], whichever way it came (`infer` or
+//! `clone`). A job is `new` until its input is submitted. [`Engine::submit`]
+//! decodes and checks the input against the version's signature *before*
+//! queueing (a malformed request fails at once with EINVAL and its reason),
+//! places the job on a device (the model's `config.json` `device`:
+//! [`sched::place`]), refuses it with EAGAIN if the model's queue is full,
+//! writes its record and input durably, and queues it.
+//!
+//! **Queues and workers.** Each device has a queue and workers (the CPU one
+//! per core, a GPU one). A worker takes the next job by priority with aging
+//! ([`sched::next`]) and, for a model whose inputs and outputs have a free
+//! first dimension, stacks queued requests of the same version and shape
+//! into one run up to `max_batch` rows ([`sched::batch`]). It waits up to
+//! `batch_delay_us` for a fuller batch only while other requests of that
+//! version are in flight, so a lone client never waits.
+//!
+//! **Loaded models.** A version is loaded on a device once and shared: a
+//! pool of backend [`Instance`]s (one request at a time runs on each), up
+//! to `instances` (0: one per worker). Loading makes room by unloading the
+//! least recently used idle models when the device's memory budget would
+//! be exceeded, never one in use; models idle for `keep_alive_s` are
+//! unloaded. Every load re-reads the blob and verifies its sha256, so a
+//! tampered file is refused (EIO), not run.
 //!
 //! **Waiting never blocks a thread.** [`Job::when_done`] takes a callback
-//! that runs when the job ends (at once if it already has). The FUSE
-//! adapter passes one that sends the reply, so a reader blocked on an
-//! output holds no FUSE worker.
+//! run when the job ends (at once if it has); the FUSE adapter passes one
+//! that sends the reply, so a reader blocked on an output holds no thread.
 //!
-//! **Loaded models.** A version is loaded once and shared: a pool of
-//! backend [`Instance`]s (one request at a time runs on each), grown on
-//! demand up to the number of workers. Every load re-reads the blob and
-//! verifies its sha256, so a tampered file is refused (EIO), not run.
+//! **Ending.** A job ends once: done, failed (bad input, backend error,
+//! ETIMEDOUT after the model's `timeout_ms`, EAGAIN), or cancelled. A
+//! result that comes after a job ended (it was cancelled or timed out while
+//! running) is discarded.
 //!
-//! **Retention.** Finished jobs are kept up to `max_finished_jobs` (oldest
-//! dropped first); jobs left `new` are dropped after `new_job_ttl`.
+//! **Records.** Job records live in sled (tree `jobs`); inputs and outputs
+//! are files in `<data>/jobs/`. The record and input of an accepted job
+//! are on disk before `close()` returns. At start, queued or running jobs
+//! are queued again, or failed with "the daemon restarted" when their
+//! input is gone. Finished jobs are kept up to `max_finished_jobs` and
+//! `finished_job_ttl`.
+//!
+//! Locks: `sched` before any job's own lock; callbacks run with no lock
+//! held.
 
+use std::collections::hash_map::DefaultHasher;
 use std::collections::{BTreeMap, HashMap, VecDeque};
+use std::hash::{Hash, Hasher};
+use std::path::PathBuf;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Condvar, Mutex, MutexGuard};
-use std::time::{Duration, Instant, SystemTime};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard, OnceLock};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use serde::{Deserialize, Serialize};
 
 use crate::backend::{Backends, Instance};
 use crate::codec::{self, Request};
+use crate::device::Probe;
 use crate::error::{Error, Result};
-use crate::store::{Digest, Store, Version};
+use crate::metrics::{DeviceSample, Metrics};
+use crate::sched::{self, Queued};
+use crate::store::{Digest, ModelConfig, Store, Version};
+use crate::tensor::Tensor;
 
 #[derive(Clone, Debug)]
 pub struct EngineConfig {
-    /// Threads that run jobs (default: one per core).
+    /// Threads that run jobs on the CPU (default: one per core).
     pub workers: usize,
     /// Largest request accepted, in bytes (EFBIG beyond).
     pub max_input_bytes: u64,
-    /// Finished jobs kept for reading before the oldest are dropped.
+    /// Finished jobs kept before the oldest are removed.
     pub max_finished_jobs: usize,
-    /// How long a job may stay `new` (cloned, no input) before it is dropped.
+    /// How long finished jobs are kept.
+    pub finished_job_ttl: Duration,
+    /// How long a job may stay `new` (cloned, no input) before it is removed.
     pub new_job_ttl: Duration,
+    /// A queued job gains one priority point per `aging` waited.
+    pub aging: Duration,
 }
 
 impl Default for EngineConfig {
@@ -49,12 +85,15 @@ impl Default for EngineConfig {
             workers: std::thread::available_parallelism().map_or(1, |n| n.get()),
             max_input_bytes: 1 << 30,
             max_finished_jobs: 10_000,
+            finished_job_ttl: Duration::from_secs(3600),
             new_job_ttl: Duration::from_secs(600),
+            aging: Duration::from_millis(100),
         }
     }
 }
 
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
 pub enum Status {
     New,
     Queued,
@@ -82,7 +121,7 @@ impl Status {
 }
 
 /// A job's failure: the errno its readers get, and the one-line reason.
-#[derive(Clone, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Failure {
     pub errno: i32,
     pub reason: String,
@@ -112,6 +151,9 @@ pub struct Job {
     pub version: u32,
     /// The version's digest (`sha256:` of its manifest).
     pub digest: Digest,
+    /// Set once at submit: when it times out, and the device it is placed on.
+    deadline: OnceLock<Instant>,
+    device: OnceLock<usize>,
     inner: Mutex<Inner>,
 }
 
@@ -129,13 +171,16 @@ pub struct JobState {
     pub finished: Option<SystemTime>,
     pub queue_us: Option<u64>,
     pub compute_us: Option<u64>,
+    pub batch_size: Option<usize>,
 }
 
 struct Inner {
     state: JobState,
     /// The decoded request, between submit and run.
     request: Option<Request>,
-    version: Option<Version>,
+    /// The version record (signature, files), while the job may still run.
+    version: Option<Arc<Version>>,
+    config: ModelConfig,
     queued_at: Option<Instant>,
     waiters: Vec<Waiter>,
 }
@@ -166,8 +211,8 @@ impl Job {
         }
     }
 
-    /// Ends the job (unless it already ended) and wakes its waiters.
-    /// Returns whether this call ended it.
+    /// Ends the job unless it already ended, and wakes its waiters. Returns
+    /// whether this call ended it.
     fn finish(&self, status: Status, outcome: Outcome) -> bool {
         let mut inner = self.inner();
         if inner.state.status.is_finished() {
@@ -177,6 +222,7 @@ impl Job {
         inner.state.finished = Some(SystemTime::now());
         inner.state.outcome = Some(outcome.clone());
         inner.request = None;
+        inner.version = None;
         let waiters = std::mem::take(&mut inner.waiters);
         drop(inner);
         for w in waiters {
@@ -186,79 +232,196 @@ impl Job {
     }
 }
 
-/// A version loaded for running: a pool of instances.
-struct Loaded {
-    pool: Mutex<Pool>,
+/// Instances of one loaded version, shared by the workers of a device.
+struct Pool {
+    state: Mutex<PoolState>,
     returned: Condvar,
+    max: usize,
 }
 
 #[derive(Default)]
-struct Pool {
+struct PoolState {
     idle: Vec<Box<dyn Instance>>,
     /// Instances in existence (idle or running) or being created.
     count: usize,
 }
 
+impl Pool {
+    /// An idle instance, a new one from `load` (up to `max`), or the next
+    /// one returned.
+    fn acquire(&self, load: impl FnOnce() -> Result<Box<dyn Instance>>) -> Result<Box<dyn Instance>> {
+        let mut st = self.state.lock().unwrap();
+        loop {
+            if let Some(instance) = st.idle.pop() {
+                return Ok(instance);
+            }
+            if st.count < self.max {
+                st.count += 1;
+                drop(st);
+                let made = load();
+                if made.is_err() {
+                    self.state.lock().unwrap().count -= 1;
+                    self.returned.notify_one();
+                }
+                return made;
+            }
+            st = self.returned.wait(st).unwrap();
+        }
+    }
+
+    fn release(&self, instance: Box<dyn Instance>) {
+        self.state.lock().unwrap().idle.push(instance);
+        self.returned.notify_one();
+    }
+}
+
+/// A version loaded on a device.
+struct Resident {
+    model: String,
+    version: u32,
+    bytes: u64,
+    pool: Arc<Pool>,
+    busy: usize,
+    last_used: Instant,
+    keep_alive: Duration,
+}
+
+/// One device's queue and loaded models.
+#[derive(Default)]
+struct DeviceQueue {
+    entries: Vec<Queued>,
+    /// `jobs[i]` is the job of `entries[i]`.
+    jobs: Vec<Arc<Job>>,
+    running: usize,
+    resident: HashMap<Digest, Resident>,
+}
+
+#[derive(Default)]
+struct Sched {
+    devices: Vec<DeviceQueue>,
+    queued_per_model: HashMap<String, usize>,
+    /// Queued or running jobs per version: batching waits only if > batch.
+    in_flight: HashMap<Digest, usize>,
+    running_jobs: HashMap<u64, Arc<Job>>,
+    seq: u64,
+    shutdown: bool,
+}
+
+impl Sched {
+    fn remove_queued(&mut self, d: usize, i: usize) -> Arc<Job> {
+        let dq = &mut self.devices[d];
+        dq.entries.remove(i);
+        let job = dq.jobs.remove(i);
+        if let Some(n) = self.queued_per_model.get_mut(&job.model) {
+            *n -= 1;
+        }
+        job
+    }
+
+    fn done_in_flight(&mut self, digest: &Digest) {
+        if let Some(n) = self.in_flight.get_mut(digest) {
+            *n -= 1;
+            if *n == 0 {
+                self.in_flight.remove(digest);
+            }
+        }
+    }
+}
+
+/// All jobs by id, with the order in which they were created or finished,
+/// so retention is O(1) per job.
+#[derive(Default)]
+struct Registry {
+    jobs: BTreeMap<u64, Arc<Job>>,
+    finished: VecDeque<(Instant, u64)>,
+    new: VecDeque<(Instant, u64)>,
+}
+
+/// A device's live state, for `devices/<id>/{queue,running,models}`.
+pub struct DeviceState {
+    pub queue: usize,
+    pub running: usize,
+    /// `name/vN` of each loaded model.
+    pub models: Vec<String>,
+}
+
 pub struct Engine {
     shared: Arc<Shared>,
-    workers: Vec<std::thread::JoinHandle<()>>,
+    threads: Vec<std::thread::JoinHandle<()>>,
 }
 
 struct Shared {
     store: Arc<Store>,
     backends: Backends,
     config: EngineConfig,
+    devices: Vec<Arc<dyn Probe>>,
     next_id: AtomicU64,
     registry: Mutex<Registry>,
-    queue: Mutex<Queue>,
-    queued: Condvar,
-    loaded: Mutex<HashMap<Digest, Arc<Loaded>>>,
-}
-
-/// All jobs by id, with the order in which they became finished or were
-/// created, so retention is O(1) per job.
-#[derive(Default)]
-struct Registry {
-    jobs: BTreeMap<u64, Arc<Job>>,
-    finished: VecDeque<u64>,
-    new: VecDeque<(Instant, u64)>,
-}
-
-#[derive(Default)]
-struct Queue {
-    jobs: VecDeque<Arc<Job>>,
-    shutdown: bool,
+    sched: Mutex<Sched>,
+    wake: Condvar,
+    metrics: Metrics,
+    records: sled::Tree,
+    files: PathBuf,
 }
 
 impl Engine {
-    pub fn start(store: Arc<Store>, backends: Backends, config: EngineConfig) -> Engine {
+    /// Starts the workers (per device) and the housekeeper, after bringing
+    /// back the jobs recorded by an earlier run.
+    pub fn start(
+        store: Arc<Store>,
+        backends: Backends,
+        devices: Vec<Arc<dyn Probe>>,
+        config: EngineConfig,
+    ) -> Result<Engine> {
+        let files = store.root().join("jobs");
+        std::fs::create_dir_all(&files).map_err(|e| Error::io(files.display().to_string(), e))?;
+        let records = store.db().open_tree("jobs")?;
+        let sched = Sched { devices: devices.iter().map(|_| DeviceQueue::default()).collect(), ..Default::default() };
         let shared = Arc::new(Shared {
             store,
             backends,
+            devices,
             next_id: AtomicU64::new(1),
             registry: Mutex::new(Registry::default()),
-            queue: Mutex::new(Queue::default()),
-            queued: Condvar::new(),
-            loaded: Mutex::new(HashMap::new()),
+            sched: Mutex::new(sched),
+            wake: Condvar::new(),
+            metrics: Metrics::default(),
+            records,
+            files,
             config,
         });
-        let workers = (0..shared.config.workers.max(1))
-            .map(|i| {
+        shared.recover()?;
+        let mut threads = Vec::new();
+        for (d, device) in shared.devices.iter().enumerate() {
+            let workers = if device.is_gpu() { 1 } else { shared.config.workers.max(1) };
+            for i in 0..workers {
                 let shared = shared.clone();
-                std::thread::Builder::new()
-                    .name(format!("worker-{i}"))
-                    .spawn(move || shared.work())
-                    .expect("spawning a worker")
-            })
-            .collect();
-        Engine { shared, workers }
+                let name = format!("{}-{i}", device.id());
+                threads.push(
+                    std::thread::Builder::new().name(name).spawn(move || shared.work(d)).expect("spawning a worker"),
+                );
+            }
+        }
+        let housekeeper = shared.clone();
+        threads.push(
+            std::thread::Builder::new()
+                .name("housekeeping".into())
+                .spawn(move || housekeeper.housekeeping())
+                .expect("spawning the housekeeper"),
+        );
+        Ok(Engine { shared, threads })
     }
 
     pub fn config(&self) -> &EngineConfig {
         &self.shared.config
     }
 
-    /// A new job (state `new`) for a version, owned by `uid`/`gid`.
+    pub fn devices(&self) -> &[Arc<dyn Probe>] {
+        &self.shared.devices
+    }
+
+    /// A new job (state `new`) for a version, owned by `uid`/`gid`, with the
+    /// model's default priority.
     pub fn create_job(&self, uid: u32, gid: u32, model: &str, version: u32) -> Result<Arc<Job>> {
         let m = self.shared.store.model(model)?;
         let v = m.versions.get(&version).ok_or_else(|| Error::NotFound(format!("models/{model}/v{version}")))?;
@@ -269,45 +432,41 @@ impl Engine {
             model: model.to_string(),
             version,
             digest: v.digest,
+            deadline: OnceLock::new(),
+            device: OnceLock::new(),
             inner: Mutex::new(Inner {
                 state: JobState {
                     status: Status::New,
                     input: Arc::new(Vec::new()),
                     outcome: None,
-                    priority: 0,
-                    device: "cpu".into(),
+                    priority: m.config.priority,
+                    device: String::new(),
                     created: SystemTime::now(),
                     submitted: None,
                     started: None,
                     finished: None,
                     queue_us: None,
                     compute_us: None,
+                    batch_size: None,
                 },
                 request: None,
-                version: Some(v.clone()),
+                version: Some(Arc::new(v.clone())),
+                config: m.config.clone(),
                 queued_at: None,
                 waiters: Vec::new(),
             }),
         });
-        let mut r = self.shared.registry.lock().unwrap();
-        let ttl = self.shared.config.new_job_ttl;
-        while let Some(&(created, id)) = r.new.front() {
-            if created.elapsed() < ttl {
-                break;
-            }
-            r.new.pop_front();
-            if r.jobs.get(&id).is_some_and(|j| j.status() == Status::New) {
-                tracing::info!(job = id, "dropping a job left new for over {ttl:?}");
-                r.jobs.remove(&id);
-            }
-        }
-        r.jobs.insert(job.id, job.clone());
-        r.new.push_back((Instant::now(), job.id));
+        self.shared.register(&job, false);
+        self.shared.persist(&job, false);
         Ok(job)
     }
 
     pub fn job(&self, id: u64) -> Option<Arc<Job>> {
         self.shared.registry.lock().unwrap().jobs.get(&id).cloned()
+    }
+
+    pub fn job_ids(&self) -> Vec<u64> {
+        self.shared.registry.lock().unwrap().jobs.keys().copied().collect()
     }
 
     /// Jobs of a version that have not finished (`new` ones included).
@@ -320,180 +479,394 @@ impl Engine {
             .collect()
     }
 
-    pub fn job_ids(&self) -> Vec<u64> {
-        self.shared.registry.lock().unwrap().jobs.keys().copied().collect()
+    /// Submits a `new` job's input (see the module header). On error the
+    /// job has failed with that error as its reason.
+    pub fn submit(&self, job: &Arc<Job>, input: Vec<u8>) -> Result<()> {
+        self.shared.metrics.request(&job.model, job.version);
+        let result = self.shared.enqueue(job, input);
+        if let Err(e) = &result {
+            tracing::info!(job = job.id, model = %job.model, version = job.version, "rejected: {e}");
+            self.shared.fail(job, e);
+        }
+        result
     }
 
-    /// Submits a `new` job's input: decodes and checks it (failing the job
-    /// with the reason if it does not fit the model), then queues it.
-    pub fn submit(&self, job: &Arc<Job>, input: Vec<u8>) -> Result<()> {
+    /// Cancels a job that has not finished: its readers get ECANCELED. A
+    /// running job's result is discarded when it comes.
+    pub fn cancel(&self, job: &Arc<Job>) -> Result<()> {
+        let status = job.status();
+        if status.is_finished() {
+            return Err(Error::InvalidArgument(format!("job {} already finished ({})", job.id, status.name())));
+        }
+        self.shared.dequeue(job);
+        if self.shared.end(job, Status::Cancelled, Err(Failure::of(&Error::Cancelled(job.id)))) {
+            tracing::info!(job = job.id, "cancelled");
+        }
+        Ok(())
+    }
+
+    /// Fails a job before it ran (e.g. a request over the size limit).
+    pub fn fail(&self, job: &Arc<Job>, e: &Error) {
+        self.shared.metrics.request(&job.model, job.version);
+        self.shared.fail(job, e);
+    }
+
+    /// Sets the priority of a job that has not started.
+    pub fn set_priority(&self, job: &Job, priority: i32) -> Result<()> {
+        let mut s = self.shared.sched.lock().unwrap();
+        let mut inner = job.inner();
+        match inner.state.status {
+            Status::New | Status::Queued => inner.state.priority = priority,
+            st => return Err(Error::ReadOnly(format!("jobs/{}/priority: the job is {}", job.id, st.name()))),
+        }
+        drop(inner);
+        if let Some(&d) = job.device.get() {
+            let dq = &mut s.devices[d];
+            if let Some(i) = dq.jobs.iter().position(|j| j.id == job.id) {
+                dq.entries[i].priority = priority;
+            }
+        }
+        self.shared.wake.notify_all();
+        Ok(())
+    }
+
+    pub fn device_state(&self, id: &str) -> Option<DeviceState> {
+        let d = self.shared.devices.iter().position(|p| p.id() == id)?;
+        let s = self.shared.sched.lock().unwrap();
+        let dq = &s.devices[d];
+        let mut models: Vec<String> = dq.resident.values().map(|r| format!("{}/v{}", r.model, r.version)).collect();
+        models.sort();
+        Some(DeviceState { queue: dq.entries.len(), running: dq.running, models })
+    }
+
+    /// `/metrics`.
+    pub fn metrics_text(&self) -> String {
+        let samples: Vec<DeviceSample> = self
+            .shared
+            .devices
+            .iter()
+            .map(|p| {
+                let state = self.device_state(p.id()).expect("a known device");
+                let r = p.read();
+                DeviceSample {
+                    id: p.id().to_string(),
+                    queue: state.queue,
+                    running: state.running,
+                    util: r.util,
+                    memory_used: r.memory_used,
+                    memory_total: r.memory_total,
+                }
+            })
+            .collect();
+        self.shared.metrics.render(&samples)
+    }
+
+    /// `models/<name>/<version>/stats`.
+    pub fn stats_json(&self, model: &str, version: u32) -> serde_json::Value {
+        self.shared.metrics.stats_json(model, version)
+    }
+}
+
+impl Drop for Engine {
+    fn drop(&mut self) {
+        self.shared.sched.lock().unwrap().shutdown = true;
+        self.shared.wake.notify_all();
+        for t in self.threads.drain(..) {
+            let _ = t.join();
+        }
+    }
+}
+
+/// The batch key and rows of a request, if the version can batch it: every
+/// input and output has a free first dimension and the inputs agree on it.
+fn batch_key(version: &Version, inputs: &[Tensor]) -> Option<(u64, usize)> {
+    let free_first = |specs: &[crate::tensor::TensorSpec]| specs.iter().all(|s| s.shape.first() == Some(&-1));
+    if !free_first(&version.signature.inputs) || !free_first(&version.signature.outputs) {
+        return None;
+    }
+    let rows = inputs.first()?.shape.first().copied()?;
+    let mut h = DefaultHasher::new();
+    version.digest.hash(&mut h);
+    for t in inputs {
+        let (n, rest) = t.rows()?;
+        if n != rows {
+            return None;
+        }
+        (rest, t.dtype()).hash(&mut h);
+    }
+    Some((h.finish(), rows))
+}
+
+impl Shared {
+    fn register(&self, job: &Arc<Job>, finished: bool) {
+        let mut r = self.registry.lock().unwrap();
+        r.jobs.insert(job.id, job.clone());
+        let entry = (Instant::now(), job.id);
+        if finished {
+            r.finished.push_back(entry);
+        } else {
+            r.new.push_back(entry);
+        }
+    }
+
+    fn enqueue(&self, job: &Arc<Job>, input: Vec<u8>) -> Result<()> {
         let mut inner = job.inner();
         if inner.state.status != Status::New {
             return Err(Error::Busy(format!("job {}: already submitted", job.id)));
         }
         inner.state.input = Arc::new(input);
         inner.state.submitted = Some(SystemTime::now());
-        let version = inner.version.take().expect("a new job has its version");
-        let decoded = codec::decode(&inner.state.input, &version.signature).and_then(|mut r| {
-            version.signature.check(std::mem::take(&mut r.inputs)).map(|inputs| Request { inputs, ..r })
-        });
-        match decoded {
-            Ok(request) => {
-                inner.request = Some(request);
-                inner.version = Some(version);
-                inner.state.status = Status::Queued;
-                inner.queued_at = Some(Instant::now());
-                drop(inner);
-                let mut q = self.shared.queue.lock().unwrap();
-                q.jobs.push_back(job.clone());
-                drop(q);
-                self.shared.queued.notify_one();
-                Ok(())
-            }
-            Err(e) => {
-                drop(inner);
-                tracing::info!(job = job.id, model = %job.model, version = job.version, "rejected: {e}");
-                self.fail(job, &e);
-                Err(e)
-            }
-        }
-    }
+        let version = inner.version.clone().expect("a new job has its version");
+        let mut request = codec::decode(&inner.state.input, &version.signature)?;
+        request.inputs = version.signature.check(std::mem::take(&mut request.inputs))?;
+        let config = inner.config.clone();
+        let views: Vec<sched::DeviceView> = self
+            .devices
+            .iter()
+            .map(|p| sched::DeviceView { id: p.id().to_string(), is_gpu: p.is_gpu(), memory_budget: p.memory_budget() })
+            .collect();
+        let d = sched::place(&config.device, version.size, &views)
+            .map_err(|why| Error::NoDevice(format!("models/{}: {why}", job.model)))?;
+        let batch = (config.max_batch > 1).then(|| batch_key(&version, &request.inputs)).flatten();
+        let priority = inner.state.priority;
+        inner.state.device = self.devices[d].id().to_string();
+        inner.request = Some(request);
+        drop(inner);
 
-    /// Cancels a job that has not finished: its readers get ECANCELED. A
-    /// running job's result is discarded when it comes.
-    pub fn cancel(&self, job: &Job) -> Result<()> {
-        let status = job.status();
-        if status.is_finished() {
-            return Err(Error::InvalidArgument(format!("job {} already finished ({})", job.id, status.name())));
+        let mut s = self.sched.lock().unwrap();
+        let queued = s.queued_per_model.get(&job.model).copied().unwrap_or(0);
+        if queued >= config.max_queue as usize {
+            return Err(Error::QueueFull { model: job.model.clone(), max: config.max_queue });
         }
-        let e = Error::Cancelled(job.id);
-        if job.finish(Status::Cancelled, Err(Failure::of(&e))) {
-            self.shared.retire(job.id);
+        self.write_input(job)?;
+        {
+            let mut inner = job.inner();
+            inner.state.status = Status::Queued;
+            inner.queued_at = Some(Instant::now());
         }
-        tracing::info!(job = job.id, "cancelled");
+        self.persist(job, true);
+        let _ = job.device.set(d);
+        let _ = job.deadline.set(Instant::now() + Duration::from_millis(config.timeout_ms));
+        s.seq += 1;
+        let entry = Queued {
+            id: job.id,
+            priority,
+            seq: s.seq,
+            since: Instant::now(),
+            batch_key: batch.map(|(k, _)| k),
+            rows: batch.map_or(1, |(_, rows)| rows),
+        };
+        s.devices[d].entries.push(entry);
+        s.devices[d].jobs.push(job.clone());
+        *s.queued_per_model.entry(job.model.clone()).or_default() += 1;
+        *s.in_flight.entry(job.digest).or_default() += 1;
+        drop(s);
+        self.wake.notify_all();
         Ok(())
     }
 
-    /// Marks a job failed before it ran (bad input, too big).
-    pub fn fail(&self, job: &Job, e: &Error) {
-        if job.finish(Status::Failed, Err(Failure::of(e))) {
-            self.shared.retire(job.id);
+    /// Takes a job out of its queue if it is there.
+    fn dequeue(&self, job: &Job) {
+        let Some(&d) = job.device.get() else { return };
+        let mut s = self.sched.lock().unwrap();
+        if let Some(i) = s.devices[d].jobs.iter().position(|j| j.id == job.id) {
+            s.remove_queued(d, i);
+            s.done_in_flight(&job.digest);
         }
     }
 
-    /// Sets the priority of a job that has not started.
-    pub fn set_priority(&self, job: &Job, priority: i32) -> Result<()> {
-        let mut inner = job.inner();
-        match inner.state.status {
-            Status::New | Status::Queued => {
-                inner.state.priority = priority;
-                Ok(())
-            }
-            s => Err(Error::ReadOnly(format!("jobs/{}/priority: the job is {}", job.id, s.name()))),
-        }
+    fn fail(&self, job: &Arc<Job>, e: &Error) {
+        self.end(job, Status::Failed, Err(Failure::of(e)));
     }
-}
 
-impl Drop for Engine {
-    fn drop(&mut self) {
-        self.shared.queue.lock().unwrap().shutdown = true;
-        self.shared.queued.notify_all();
-        for w in self.workers.drain(..) {
-            let _ = w.join();
+    /// Ends a job (if not already ended): counts, records, retires.
+    fn end(&self, job: &Arc<Job>, status: Status, outcome: Outcome) -> bool {
+        let output = outcome.as_ref().ok().cloned();
+        if !job.finish(status, outcome) {
+            return false;
         }
-    }
-}
-
-impl Shared {
-    fn work(&self) {
-        while let Some(job) = self.next_job() {
-            let (request, version) = {
-                let mut inner = job.inner();
-                if inner.state.status != Status::Queued {
-                    continue; // cancelled while queued
-                }
-                inner.state.status = Status::Running;
-                inner.state.started = Some(SystemTime::now());
-                let queued_at = inner.queued_at.take().expect("queued jobs have a time");
-                inner.state.queue_us = Some(queued_at.elapsed().as_micros() as u64);
-                let request = inner.request.take().expect("queued jobs have a request");
-                (request, inner.version.clone().expect("queued jobs have a version"))
-            };
-            let started = Instant::now();
-            let result = self.execute(&job, &version, request);
-            job.inner().state.compute_us = Some(started.elapsed().as_micros() as u64);
-            let ended = match result {
-                Ok(output) => job.finish(Status::Done, Ok(Arc::new(output))),
-                Err(e) => {
-                    tracing::warn!(job = job.id, model = %job.model, version = job.version, "failed: {e}");
-                    job.finish(Status::Failed, Err(Failure::of(&e)))
-                }
-            };
-            if ended {
-                self.retire(job.id);
+        if status == Status::Failed {
+            self.metrics.failure(&job.model, job.version);
+        }
+        if let Some(output) = output {
+            let path = self.files.join(format!("{}.out", job.id));
+            if let Err(e) = std::fs::write(&path, &*output) {
+                tracing::warn!("keeping the output of job {}: {e}", job.id);
             }
         }
+        self.persist(job, false);
+        let mut r = self.registry.lock().unwrap();
+        r.finished.push_back((Instant::now(), job.id));
+        let excess = r.finished.len().saturating_sub(self.config.max_finished_jobs);
+        let retired: Vec<u64> = r.finished.drain(..excess).map(|(_, id)| id).collect();
+        for id in &retired {
+            r.jobs.remove(id);
+        }
+        drop(r);
+        for id in retired {
+            self.forget(id);
+        }
+        true
     }
 
-    fn next_job(&self) -> Option<Arc<Job>> {
-        let mut q = self.queue.lock().unwrap();
+    fn work(&self, d: usize) {
+        let aging = self.config.aging;
+        let mut s = self.sched.lock().unwrap();
         loop {
-            if q.shutdown {
-                return None;
+            if s.shutdown {
+                return;
             }
-            if let Some(job) = q.jobs.pop_front() {
-                return Some(job);
-            }
-            q = self.queued.wait(q).unwrap();
-        }
-    }
-
-    fn execute(&self, job: &Job, version: &Version, request: Request) -> Result<Vec<u8>> {
-        let loaded = self.loaded(version);
-        let mut instance = self.acquire(&loaded, version)?;
-        let result = instance.run(request.inputs.clone());
-        self.release(&loaded, instance);
-        codec::encode(&request, result?, &job.model, job.version)
-    }
-
-    fn loaded(&self, version: &Version) -> Arc<Loaded> {
-        self.loaded
-            .lock()
-            .unwrap()
-            .entry(version.digest)
-            .or_insert_with(|| Arc::new(Loaded { pool: Mutex::new(Pool::default()), returned: Condvar::new() }))
-            .clone()
-    }
-
-    /// An idle instance, a new one (up to one per worker), or the next one
-    /// returned.
-    fn acquire(&self, loaded: &Loaded, version: &Version) -> Result<Box<dyn Instance>> {
-        let mut pool = loaded.pool.lock().unwrap();
-        loop {
-            if let Some(instance) = pool.idle.pop() {
-                return Ok(instance);
-            }
-            if pool.count < self.config.workers.max(1) {
-                pool.count += 1;
-                drop(pool);
-                let made = self.load(version);
-                if made.is_err() {
-                    loaded.pool.lock().unwrap().count -= 1;
-                    loaded.returned.notify_one();
+            let now = Instant::now();
+            let dq = &s.devices[d];
+            let Some(first) = sched::next(&dq.entries, now, aging) else {
+                s = self.wake.wait(s).unwrap();
+                continue;
+            };
+            let lead = dq.jobs[first].clone();
+            let (max_batch, delay) = {
+                let inner = lead.inner();
+                (inner.config.max_batch as usize, Duration::from_micros(inner.config.batch_delay_us))
+            };
+            let batchable = dq.entries[first].batch_key.is_some() && max_batch > 1;
+            let members = if batchable { sched::batch(&dq.entries, first, max_batch, now, aging) } else { vec![first] };
+            let others_in_flight = s.in_flight.get(&lead.digest).copied().unwrap_or(0) > members.len();
+            if batchable && sched::rows(&dq.entries, &members) < max_batch && others_in_flight {
+                let ready_at = dq.entries[first].since + delay;
+                if now < ready_at {
+                    s = self.wake.wait_timeout(s, ready_at - now).unwrap().0;
+                    continue;
                 }
-                return made;
             }
-            pool = loaded.returned.wait(pool).unwrap();
+            let jobs: Vec<Arc<Job>> = members.iter().map(|&i| s.devices[d].jobs[i].clone()).collect();
+            let mut by_index = members.clone();
+            by_index.sort_unstable_by(|a, b| b.cmp(a));
+            for i in by_index {
+                s.remove_queued(d, i);
+            }
+            for j in &jobs {
+                s.running_jobs.insert(j.id, j.clone());
+            }
+            s.devices[d].running += jobs.len();
+            let (pool, unloaded) = self.make_resident(&mut s, d, &lead);
+            drop(s);
+            drop(unloaded);
+            self.run(d, &jobs, &pool);
+            s = self.sched.lock().unwrap();
+            let dq = &mut s.devices[d];
+            dq.running -= jobs.len();
+            if let Some(r) = dq.resident.get_mut(&lead.digest) {
+                r.busy -= 1;
+                r.last_used = Instant::now();
+            }
+            for j in &jobs {
+                s.running_jobs.remove(&j.id);
+                s.done_in_flight(&j.digest);
+            }
+            self.wake.notify_all();
         }
     }
 
-    fn release(&self, loaded: &Loaded, instance: Box<dyn Instance>) {
-        loaded.pool.lock().unwrap().idle.push(instance);
-        loaded.returned.notify_one();
+    /// The pool of the lead job's version on device `d`, loading it (after
+    /// unloading least recently used idle models if the budget needs it).
+    /// Returns the unloaded models too, to be dropped without the lock.
+    fn make_resident(&self, s: &mut Sched, d: usize, lead: &Job) -> (Arc<Pool>, Vec<Resident>) {
+        let device = &self.devices[d];
+        let dq = &mut s.devices[d];
+        let mut unloaded = Vec::new();
+        if !dq.resident.contains_key(&lead.digest) {
+            let inner = lead.inner();
+            let bytes = inner.version.as_ref().map_or(0, |v| v.size);
+            let config = inner.config.clone();
+            drop(inner);
+            let resident: Vec<sched::Resident<Digest>> = dq
+                .resident
+                .iter()
+                .map(|(k, r)| sched::Resident { key: *k, bytes: r.bytes, busy: r.busy, last_used: r.last_used })
+                .collect();
+            for key in sched::evictions(&resident, device.memory_budget(), bytes) {
+                let r = dq.resident.remove(&key).expect("listed above");
+                tracing::info!(device = device.id(), model = %r.model, version = r.version, "unloaded to make room");
+                unloaded.push(r);
+            }
+            let workers = if device.is_gpu() { 1 } else { self.config.workers.max(1) };
+            let max = if config.instances == 0 { workers } else { config.instances as usize };
+            let pool = Arc::new(Pool { state: Mutex::new(PoolState::default()), returned: Condvar::new(), max });
+            dq.resident.insert(
+                lead.digest,
+                Resident {
+                    model: lead.model.clone(),
+                    version: lead.version,
+                    bytes,
+                    pool,
+                    busy: 0,
+                    last_used: Instant::now(),
+                    keep_alive: Duration::from_secs(config.keep_alive_s),
+                },
+            );
+            device.note_loaded_bytes(dq.resident.values().map(|r| r.bytes).sum());
+        }
+        let r = dq.resident.get_mut(&lead.digest).expect("inserted above");
+        r.busy += 1;
+        (r.pool.clone(), unloaded)
+    }
+
+    /// Runs a batch of jobs (one or more) of one version on device `d`.
+    fn run(&self, d: usize, jobs: &[Arc<Job>], pool: &Pool) {
+        let now = SystemTime::now();
+        let mut live: Vec<(Arc<Job>, Request)> = Vec::with_capacity(jobs.len());
+        let mut version = None;
+        for j in jobs {
+            let mut inner = j.inner();
+            if inner.state.status != Status::Queued {
+                continue; // cancelled or timed out meanwhile
+            }
+            inner.state.status = Status::Running;
+            inner.state.started = Some(now);
+            inner.state.batch_size = Some(jobs.len());
+            inner.state.queue_us = inner.queued_at.take().map(|t| t.elapsed().as_micros() as u64);
+            version = version.or(inner.version.clone());
+            live.push((j.clone(), inner.request.take().expect("queued jobs have a request")));
+        }
+        let Some(version) = version else { return };
+        let started = Instant::now();
+        let device = &self.devices[d];
+        let outputs = pool.acquire(|| self.load(&version, d)).and_then(|mut instance| {
+            let result = run_batch(&mut *instance, &live);
+            pool.release(instance);
+            result
+        });
+        std::thread::sleep(device.run_delay());
+        let compute_us = started.elapsed().as_micros() as u64;
+        let (model, number) = (&live[0].0.model, live[0].0.version);
+        self.metrics.batch(model, number, live.len());
+        match outputs {
+            Ok(outputs) => {
+                for ((job, request), out) in live.iter().zip(outputs) {
+                    let queue_us = {
+                        let mut inner = job.inner();
+                        inner.state.compute_us = Some(compute_us);
+                        inner.state.queue_us.unwrap_or(0)
+                    };
+                    self.metrics.latency(model, number, queue_us, compute_us);
+                    let outcome = codec::encode(request, out, &job.model, job.version);
+                    match outcome {
+                        Ok(bytes) => self.end(job, Status::Done, Ok(Arc::new(bytes))),
+                        Err(e) => self.end(job, Status::Failed, Err(Failure::of(&e))),
+                    };
+                }
+            }
+            Err(e) => {
+                tracing::warn!(model = %model, version = number, jobs = live.len(), "run failed: {e}");
+                for (job, _) in &live {
+                    job.inner().state.compute_us = Some(compute_us);
+                    self.end(job, Status::Failed, Err(Failure::of(&e)));
+                }
+            }
+        }
     }
 
     /// Reads the version's file, verifies its sha256, and loads it.
-    fn load(&self, version: &Version) -> Result<Box<dyn Instance>> {
+    fn load(&self, version: &Version, d: usize) -> Result<Box<dyn Instance>> {
         let (file_name, digest) =
             version.files.iter().next().ok_or_else(|| Error::Runtime("version has no files".into()))?;
         let path = self.store.blob_path(digest);
@@ -503,20 +876,297 @@ impl Shared {
                 "blob {digest} of {file_name} does not match its digest (modified on disk?); refusing to run it"
             )));
         }
-        let backend = self.backends.for_file(file_name)?;
-        let instance = backend.load(&bytes, file_name)?;
-        tracing::info!(file = %file_name, blob = %digest, "loaded an instance");
+        let device = &self.devices[d];
+        let instance = self.backends.for_file(file_name)?.load(&bytes, file_name, device.target())?;
+        tracing::info!(device = device.id(), file = %file_name, blob = %digest, "loaded an instance");
         Ok(instance)
     }
 
-    /// Records that a job finished; drops the oldest finished jobs beyond
-    /// the configured count.
-    fn retire(&self, id: u64) {
-        let mut r = self.registry.lock().unwrap();
-        r.finished.push_back(id);
-        while r.finished.len() > self.config.max_finished_jobs {
-            let oldest = r.finished.pop_front().expect("non-empty");
-            r.jobs.remove(&oldest);
+    /// Every 50 ms: times out jobs past their deadline, unloads models idle
+    /// past their keep-alive, removes old finished and stale new jobs.
+    fn housekeeping(&self) {
+        let tick = Duration::from_millis(50);
+        loop {
+            let mut s = self.sched.lock().unwrap();
+            s = self.wake.wait_timeout(s, tick).unwrap().0;
+            if s.shutdown {
+                return;
+            }
+            let now = Instant::now();
+            let past = |j: &Job| j.deadline.get().is_some_and(|&t| t <= now);
+            let mut expired: Vec<Arc<Job>> = s.running_jobs.values().filter(|j| past(j)).cloned().collect();
+            for d in 0..s.devices.len() {
+                while let Some(i) = s.devices[d].jobs.iter().position(|j| past(j)) {
+                    let job = s.remove_queued(d, i);
+                    s.done_in_flight(&job.digest);
+                    expired.push(job);
+                }
+            }
+            let mut unloaded = Vec::new();
+            for (d, dq) in s.devices.iter_mut().enumerate() {
+                let resident: Vec<(sched::Resident<Digest>, Duration)> = dq
+                    .resident
+                    .iter()
+                    .map(|(k, r)| {
+                        (
+                            sched::Resident { key: *k, bytes: r.bytes, busy: r.busy, last_used: r.last_used },
+                            r.keep_alive,
+                        )
+                    })
+                    .collect();
+                let keys = sched::expired(&resident, now);
+                if keys.is_empty() {
+                    continue;
+                }
+                for key in keys {
+                    let r = dq.resident.remove(&key).expect("listed above");
+                    tracing::info!(device = self.devices[d].id(), model = %r.model, version = r.version, "unloaded after keep_alive_s idle");
+                    unloaded.push(r);
+                }
+                self.devices[d].note_loaded_bytes(dq.resident.values().map(|r| r.bytes).sum());
+            }
+            drop(s);
+            drop(unloaded);
+            for job in expired {
+                let ms = job.inner().config.timeout_ms;
+                if self.end(&job, Status::Failed, Err(Failure::of(&Error::TimedOut { id: job.id, ms }))) {
+                    tracing::info!(job = job.id, "timed out after {ms} ms");
+                }
+            }
+            self.retire_old();
         }
+    }
+
+    /// Removes finished jobs past their age and `new` jobs left too long.
+    fn retire_old(&self) {
+        let mut r = self.registry.lock().unwrap();
+        let mut gone = Vec::new();
+        while let Some(&(at, id)) = r.finished.front() {
+            if at.elapsed() < self.config.finished_job_ttl {
+                break;
+            }
+            r.finished.pop_front();
+            r.jobs.remove(&id);
+            gone.push(id);
+        }
+        while let Some(&(at, id)) = r.new.front() {
+            if at.elapsed() < self.config.new_job_ttl {
+                break;
+            }
+            r.new.pop_front();
+            if r.jobs.get(&id).is_some_and(|j| j.status() == Status::New) {
+                r.jobs.remove(&id);
+                gone.push(id);
+            }
+        }
+        drop(r);
+        for id in gone {
+            self.forget(id);
+        }
+    }
+
+    // ---- records -------------------------------------------------------------
+
+    fn input_path(&self, id: u64) -> PathBuf {
+        self.files.join(format!("{id}.in"))
+    }
+
+    fn write_input(&self, job: &Job) -> Result<()> {
+        let path = self.input_path(job.id);
+        let input = job.inner().state.input.clone();
+        std::fs::write(&path, &*input).map_err(|e| Error::io(path.display().to_string(), e))
+    }
+
+    /// Writes the job's record; `durable` flushes the catalog (an accepted
+    /// job must survive a crash; other changes may be redone).
+    fn persist(&self, job: &Job, durable: bool) {
+        let record = Record::of(job);
+        let result = self
+            .records
+            .insert(job.id.to_be_bytes(), serde_json::to_vec(&record).expect("records serialize"))
+            .and_then(|_| if durable { self.records.flush().map(|_| ()) } else { Ok(()) });
+        if let Err(e) = result {
+            tracing::warn!("recording job {}: {e}", job.id);
+        }
+    }
+
+    fn forget(&self, id: u64) {
+        let _ = self.records.remove(id.to_be_bytes());
+        let _ = std::fs::remove_file(self.input_path(id));
+        let _ = std::fs::remove_file(self.files.join(format!("{id}.out")));
+    }
+
+    /// Brings back the jobs of an earlier run (see the module header).
+    fn recover(&self) -> Result<()> {
+        let mut requeue = Vec::new();
+        let mut max_id = 0;
+        for entry in self.records.iter() {
+            let (_, value) = entry?;
+            let Ok(rec) = serde_json::from_slice::<Record>(&value) else {
+                tracing::warn!("skipping an unreadable job record");
+                continue;
+            };
+            max_id = max_id.max(rec.id);
+            let version = self
+                .store
+                .model(&rec.model)
+                .ok()
+                .and_then(|m| m.versions.get(&rec.version).map(|v| (Arc::new(v.clone()), m.config.clone())));
+            let output = std::fs::read(self.files.join(format!("{}.out", rec.id))).ok();
+            let input = std::fs::read(self.input_path(rec.id)).ok();
+            let job = rec.to_job(version.clone(), input.clone(), output);
+            match rec.status {
+                Status::New if version.is_some() => self.register(&job, false),
+                Status::Queued | Status::Running if version.is_some() && input.is_some() => {
+                    self.register(&job, false);
+                    requeue.push((job, input.expect("checked")));
+                }
+                Status::New | Status::Queued | Status::Running => {
+                    self.register(&job, false);
+                    self.end(&job, Status::Failed, Err(Failure::of(&Error::Restarted(rec.id))));
+                }
+                Status::Done | Status::Failed | Status::Cancelled => self.register(&job, true),
+            }
+        }
+        self.next_id.store(max_id + 1, Ordering::Relaxed);
+        let count = requeue.len();
+        for (job, input) in requeue {
+            if let Err(e) = self.enqueue(&job, input) {
+                self.fail(&job, &e);
+            }
+        }
+        if count > 0 {
+            tracing::info!(jobs = count, "queued again the jobs an earlier run left unfinished");
+        }
+        Ok(())
+    }
+}
+
+/// Runs one request, or several stacked along the first dimension and
+/// split back; returns each request's outputs.
+fn run_batch(instance: &mut dyn Instance, live: &[(Arc<Job>, Request)]) -> Result<Vec<Vec<Tensor>>> {
+    if let [(_, request)] = live {
+        return Ok(vec![instance.run(request.inputs.clone())?]);
+    }
+    let rows: Vec<usize> = live.iter().map(|(_, r)| r.inputs[0].shape[0]).collect();
+    let stacked: Vec<Tensor> = (0..live[0].1.inputs.len())
+        .map(|k| Tensor::stack(&live.iter().map(|(_, r)| &r.inputs[k]).collect::<Vec<_>>()))
+        .collect();
+    let outputs = instance.run(stacked)?;
+    let mut per_job: Vec<Vec<Tensor>> = vec![Vec::with_capacity(outputs.len()); live.len()];
+    for out in &outputs {
+        let Some(pieces) = out.split(&rows) else {
+            // An output that does not keep the batch dimension: run one by one.
+            return live.iter().map(|(_, r)| instance.run(r.inputs.clone())).collect();
+        };
+        for (job_outputs, piece) in per_job.iter_mut().zip(pieces) {
+            job_outputs.push(piece);
+        }
+    }
+    Ok(per_job)
+}
+
+/// A job as kept in the catalog's `jobs` tree. Times in microseconds since
+/// the Unix epoch.
+#[derive(Serialize, Deserialize)]
+struct Record {
+    id: u64,
+    uid: u32,
+    gid: u32,
+    model: String,
+    version: u32,
+    digest: Digest,
+    status: Status,
+    priority: i32,
+    device: String,
+    created: u64,
+    submitted: Option<u64>,
+    started: Option<u64>,
+    finished: Option<u64>,
+    queue_us: Option<u64>,
+    compute_us: Option<u64>,
+    batch_size: Option<usize>,
+    failure: Option<Failure>,
+}
+
+fn micros(t: SystemTime) -> u64 {
+    t.duration_since(UNIX_EPOCH).map_or(0, |d| d.as_micros() as u64)
+}
+
+fn from_micros(us: u64) -> SystemTime {
+    UNIX_EPOCH + Duration::from_micros(us)
+}
+
+impl Record {
+    fn of(job: &Job) -> Record {
+        let s = job.snapshot();
+        Record {
+            id: job.id,
+            uid: job.uid,
+            gid: job.gid,
+            model: job.model.clone(),
+            version: job.version,
+            digest: job.digest,
+            status: s.status,
+            priority: s.priority,
+            device: s.device,
+            created: micros(s.created),
+            submitted: s.submitted.map(micros),
+            started: s.started.map(micros),
+            finished: s.finished.map(micros),
+            queue_us: s.queue_us,
+            compute_us: s.compute_us,
+            batch_size: s.batch_size,
+            failure: s.outcome.and_then(|o| o.err()),
+        }
+    }
+
+    /// The job as it was, `new` again if it had not finished (recovery
+    /// submits it again). A finished job gets its outcome back.
+    fn to_job(
+        &self,
+        version: Option<(Arc<Version>, ModelConfig)>,
+        input: Option<Vec<u8>>,
+        output: Option<Vec<u8>>,
+    ) -> Arc<Job> {
+        let finished = self.status.is_finished();
+        let outcome = match (&self.failure, output) {
+            _ if !finished => None,
+            (Some(f), _) => Some(Err(f.clone())),
+            (None, Some(out)) => Some(Ok(Arc::new(out))),
+            (None, None) => Some(Err(Failure::of(&Error::Restarted(self.id)))),
+        };
+        let (version, config) = version.map_or((None, ModelConfig::default()), |(v, c)| (Some(v), c));
+        Arc::new(Job {
+            id: self.id,
+            uid: self.uid,
+            gid: self.gid,
+            model: self.model.clone(),
+            version: self.version,
+            digest: self.digest,
+            deadline: OnceLock::new(),
+            device: OnceLock::new(),
+            inner: Mutex::new(Inner {
+                state: JobState {
+                    status: if finished { self.status } else { Status::New },
+                    input: Arc::new(input.unwrap_or_default()),
+                    outcome,
+                    priority: self.priority,
+                    device: self.device.clone(),
+                    created: from_micros(self.created),
+                    submitted: self.submitted.map(from_micros),
+                    started: self.started.map(from_micros),
+                    finished: self.finished.map(from_micros),
+                    queue_us: self.queue_us,
+                    compute_us: self.compute_us,
+                    batch_size: self.batch_size,
+                },
+                request: None,
+                version: if finished { None } else { version },
+                config,
+                queued_at: None,
+                waiters: Vec::new(),
+            }),
+        })
     }
 }

@@ -40,6 +40,16 @@ pub enum Error {
     NoRequest(String),
     #[error("job {0} was cancelled")]
     Cancelled(u64),
+    #[error("job {id} timed out after {ms} ms (the model's timeout_ms)")]
+    TimedOut { id: u64, ms: u64 },
+    /// Backpressure: the model's queue is at `max_queue`.
+    #[error("models/{model}: queue full ({max} jobs queued, the model's max_queue); retry later")]
+    QueueFull { model: String, max: u32 },
+    /// A model pinned to a device that is not there.
+    #[error("{0}")]
+    NoDevice(String),
+    #[error("job {0}: the daemon restarted and its input was lost")]
+    Restarted(u64),
     /// A job that failed earlier: its errno and reason, as recorded.
     #[error("{message}")]
     Job { errno: i32, message: String },
@@ -95,6 +105,10 @@ impl Error {
             Error::TooBig { .. } => libc::EFBIG,
             Error::NoRequest(_) => libc::ENODATA,
             Error::Cancelled(_) => libc::ECANCELED,
+            Error::TimedOut { .. } => libc::ETIMEDOUT,
+            Error::QueueFull { .. } => libc::EAGAIN,
+            Error::NoDevice(_) => libc::ENODEV,
+            Error::Restarted(_) => libc::EIO,
             Error::Job { errno, .. } => *errno,
             Error::NotEmpty(_) => libc::ENOTEMPTY,
             Error::Busy(_) => libc::EBUSY,
@@ -123,6 +137,10 @@ impl Error {
             | Error::TooBig { .. }
             | Error::NoRequest(_)
             | Error::Cancelled(_)
+            | Error::TimedOut { .. }
+            | Error::QueueFull { .. }
+            | Error::NoDevice(_)
+            | Error::Restarted(_)
             | Error::Job { .. }
             | Error::NotEmpty(_)
             | Error::Busy(_)

@@ -5,7 +5,10 @@
 //! /README  /status
 //! /models/<name>/{latest,<alias>} -> v<N>
 //! /models/<name>/v<N>/{<model file>,digest,meta.json}
-//! /devices/<id>/{name,util,memory.total,memory.used}
+//! /metrics
+//! /models/<name>/config.json
+//! /models/<name>/v<N>/{infer,clone,stats}
+//! /devices/<id>/{name,util,memory.total,memory.used,queue,running,models}
 //! /jobs/
 //! /blobs/sha256-<hex>
 //! ```
@@ -45,7 +48,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use crate::backend::Backends;
-use crate::device::{Probe, DEVICE_FILES};
+use crate::device::Probe;
 use crate::engine::{Engine, EngineConfig, Job, Status};
 use crate::error::{Error, Result};
 use crate::store::{self, Digest, Imported, Model, Store, Upload, Version, LATEST};
@@ -79,11 +82,14 @@ pub enum Node {
     Root,
     Readme,
     Status,
+    Metrics,
     Models,
     Devices,
     Jobs,
     Blobs,
     Model(String),
+    /// `models/<name>/config.json`.
+    Config(String),
     /// `latest` or a user alias: a symlink to `v<N>`.
     Link {
         model: String,
@@ -126,6 +132,7 @@ pub enum VersionFile {
     Model(String),
     Digest,
     Meta,
+    Stats,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
@@ -228,6 +235,8 @@ enum Handle {
     Content(Vec<u8>),
     Blob(File),
     Upload(Mutex<Pending>),
+    /// `config.json` opened for writing: the new text, applied at close.
+    Config(String, Mutex<Option<Vec<u8>>>),
     Infer(Mutex<InferStream>),
     JobInput(Mutex<JobInput>),
     JobOutput(Arc<Job>),
@@ -281,7 +290,6 @@ pub struct Fs {
     backends: Backends,
     /// The last request of each (version, session): what `cat infer` reads.
     sessions: Mutex<HashMap<(String, u32, u32), Arc<Job>>>,
-    devices: Vec<Box<dyn Probe>>,
     inodes: Mutex<Inodes>,
     handles: Mutex<HashMap<u64, Arc<Handle>>>,
     next_fh: AtomicU64,
@@ -295,25 +303,26 @@ pub struct Fs {
 
 impl Fs {
     /// `mountpoint` is only used to write copy-paste examples in README.
+    /// The tree over a store, with jobs run by an engine on `devices`
+    /// (the CPU first). Fails if the job records cannot be read.
     pub fn new(
         store: Store,
         backends: Backends,
-        devices: Vec<Box<dyn Probe>>,
+        devices: Vec<Arc<dyn Probe>>,
         mountpoint: &Path,
         engine: EngineConfig,
-    ) -> Fs {
+    ) -> Result<Fs> {
         let mut inodes = Inodes { next: ROOT_INO + 1, ..Default::default() };
         inodes.by_node.insert(Node::Root, ROOT_INO);
         inodes.by_ino.insert(ROOT_INO, Node::Root);
         // SAFETY: getuid/getgid cannot fail.
         let (uid, gid) = unsafe { (libc::getuid(), libc::getgid()) };
         let store = Arc::new(store);
-        Fs {
-            engine: Engine::start(store.clone(), backends.clone(), engine),
+        Ok(Fs {
+            engine: Engine::start(store.clone(), backends.clone(), devices, engine)?,
             store,
             backends,
             sessions: Mutex::new(HashMap::new()),
-            devices,
             inodes: Mutex::new(inodes),
             handles: Mutex::new(HashMap::new()),
             next_fh: AtomicU64::new(1),
@@ -322,7 +331,7 @@ impl Fs {
             gid,
             started: SystemTime::now(),
             started_at: Instant::now(),
-        }
+        })
     }
 
     pub fn store(&self) -> &Store {
@@ -381,11 +390,23 @@ impl Fs {
     }
 
     fn device(&self, id: &str) -> Result<&dyn Probe> {
-        self.devices
+        self.engine
+            .devices()
             .iter()
             .find(|d| d.id() == id)
             .map(|d| d.as_ref())
             .ok_or_else(|| Error::NotFound(format!("devices/{id}")))
+    }
+
+    /// The files of `devices/<id>/` and their values: the probe's reading,
+    /// then the engine's `queue`, `running` and `models` (one per line).
+    fn device_files(&self, id: &str) -> Result<Vec<(&'static str, String)>> {
+        let mut files = self.device(id)?.read().files();
+        let state = self.engine.device_state(id).ok_or_else(|| Error::NotFound(format!("devices/{id}")))?;
+        files.push(("queue", state.queue.to_string()));
+        files.push(("running", state.running.to_string()));
+        files.push(("models", state.models.join("\n")));
+        Ok(files)
     }
 
     /// The node `name` names inside `parent`, if it exists.
@@ -395,6 +416,7 @@ impl Fs {
             Node::Root => match name {
                 "README" => Node::Readme,
                 "status" => Node::Status,
+                "metrics" => Node::Metrics,
                 "models" => Node::Models,
                 "devices" => Node::Devices,
                 "jobs" => Node::Jobs,
@@ -404,7 +426,9 @@ impl Fs {
             Node::Models => Node::Model(self.store.model(name)?.name.clone()),
             Node::Model(model) => {
                 let m = self.store.model(model)?;
-                if let Some(number) = store::parse_version_name(name).filter(|n| m.versions.contains_key(n)) {
+                if name == "config.json" {
+                    Node::Config(model.clone())
+                } else if let Some(number) = store::parse_version_name(name).filter(|n| m.versions.contains_key(n)) {
                     Node::Version { model: model.clone(), number }
                 } else if m.resolve_alias(name).is_some() {
                     Node::Link { model: model.clone(), alias: name.to_string() }
@@ -418,6 +442,7 @@ impl Fs {
                 let file = match name {
                     "digest" => VersionFile::Digest,
                     "meta.json" => VersionFile::Meta,
+                    "stats" => VersionFile::Stats,
                     "infer" => return Ok(Node::Infer { model, number }),
                     "clone" => return Ok(Node::Clone { model, number }),
                     _ if v.files.contains_key(name) => VersionFile::Model(name.to_string()),
@@ -427,8 +452,7 @@ impl Fs {
             }
             Node::Devices => Node::Device(self.device(name)?.id().to_string()),
             Node::Device(id) => {
-                self.device(id)?;
-                let file = DEVICE_FILES.iter().find(|f| **f == name).ok_or_else(missing)?;
+                let (file, _) = self.device_files(id)?.into_iter().find(|(f, _)| *f == name).ok_or_else(missing)?;
                 Node::DeviceFile { device: id.clone(), file }
             }
             Node::Blobs => {
@@ -459,6 +483,7 @@ impl Fs {
             Node::Root => [
                 ("README", Node::Readme),
                 ("status", Node::Status),
+                ("metrics", Node::Metrics),
                 ("models", Node::Models),
                 ("devices", Node::Devices),
                 ("jobs", Node::Jobs),
@@ -472,9 +497,8 @@ impl Fs {
                 let m = self.store.model(model)?;
                 let link =
                     |alias: &str| (alias.to_string(), Node::Link { model: model.clone(), alias: alias.to_string() });
-                m.latest()
-                    .map(|_| link(LATEST))
-                    .into_iter()
+                std::iter::once(("config.json".to_string(), Node::Config(model.clone())))
+                    .chain(m.latest().map(|_| link(LATEST)))
                     .chain(m.aliases.keys().map(|a| link(a)))
                     .chain(
                         m.versions
@@ -492,18 +516,20 @@ impl Fs {
                     .chain([
                         ("digest".to_string(), file(VersionFile::Digest)),
                         ("meta.json".to_string(), file(VersionFile::Meta)),
+                        ("stats".to_string(), file(VersionFile::Stats)),
                         ("infer".to_string(), Node::Infer { model: model.clone(), number: *number }),
                         ("clone".to_string(), Node::Clone { model: model.clone(), number: *number }),
                     ])
                     .collect()
             }
             Node::Devices => {
-                self.devices.iter().map(|d| (d.id().to_string(), Node::Device(d.id().to_string()))).collect()
+                self.engine.devices().iter().map(|d| (d.id().to_string(), Node::Device(d.id().to_string()))).collect()
             }
-            Node::Device(id) => {
-                self.device(id)?;
-                DEVICE_FILES.iter().map(|f| (f.to_string(), Node::DeviceFile { device: id.clone(), file: f })).collect()
-            }
+            Node::Device(id) => self
+                .device_files(id)?
+                .into_iter()
+                .map(|(f, _)| (f.to_string(), Node::DeviceFile { device: id.clone(), file: f }))
+                .collect(),
             Node::Blobs => self.store.blobs().into_iter().map(|d| (d.file_name(), Node::Blob(d))).collect(),
             Node::Jobs => self.engine.job_ids().into_iter().map(|id| (id.to_string(), Node::Job(id))).collect(),
             Node::Job(id) => {
@@ -529,6 +555,10 @@ impl Fs {
             Node::Model(model) => {
                 let m = self.store.model(model)?;
                 (Kind::Dir, 0, m.mode as u16, m.uid, m.gid, secs(m.created))
+            }
+            Node::Config(model) => {
+                let m = self.store.model(model)?;
+                (Kind::File, m.config.to_json().len() as u64, 0o644, m.uid, m.gid, secs(m.created))
             }
             Node::Link { model, alias } => {
                 let m = self.store.model(model)?;
@@ -582,7 +612,7 @@ impl Fs {
                 let len = p.upload.as_ref().map_or(0, |u| u.len());
                 (Kind::File, len, p.perm, p.uid, p.gid, SystemTime::now())
             }
-            Node::Readme | Node::Status | Node::DeviceFile { .. } => {
+            Node::Readme | Node::Status | Node::Metrics | Node::DeviceFile { .. } => {
                 (Kind::File, self.content(node)?.len() as u64, 0o444, self.uid, self.gid, self.started)
             }
         };
@@ -603,10 +633,23 @@ impl Fs {
                 s.push('\n');
                 s
             }
+            Node::Metrics => self.engine.metrics_text(),
+            Node::Config(model) => self.store.model(model)?.config.to_json(),
             Node::DeviceFile { device, file } => {
-                let reading = self.device(device)?.read();
-                let (_, value) = reading.files().into_iter().find(|(f, _)| f == file).expect("known file");
-                format!("{value}\n")
+                let files = self.device_files(device)?;
+                let (_, value) =
+                    files.into_iter().find(|(f, _)| f == file).ok_or_else(|| Error::NotFound(file.to_string()))?;
+                if value.is_empty() {
+                    value
+                } else {
+                    format!("{value}\n")
+                }
+            }
+            Node::VersionFile { model, number, file: VersionFile::Stats } => {
+                self.version(model, *number)?;
+                let mut s = serde_json::to_string_pretty(&self.engine.stats_json(model, *number)).expect("json");
+                s.push('\n');
+                s
             }
             Node::VersionFile { model, number, file: VersionFile::Digest } => {
                 format!("{}\n", self.version(model, *number)?.1.digest)
@@ -681,7 +724,16 @@ impl Fs {
                 "versions": models.iter().map(|m| m.versions.len()).sum::<usize>(),
             },
             "backends": self.backends.describe(),
-            "devices": self.devices.iter().map(|d| d.id()).collect::<Vec<_>>(),
+            "devices": self.engine.devices().iter().map(|d| {
+                let state = self.engine.device_state(d.id());
+                serde_json::json!({
+                    "id": d.id(),
+                    "name": d.read().name,
+                    "queue": state.as_ref().map(|s| s.queue),
+                    "running": state.as_ref().map(|s| s.running),
+                    "models": state.map(|s| s.models),
+                })
+            }).collect::<Vec<_>>(),
         })
     }
 
@@ -772,8 +824,10 @@ a version an alias points at. The daemon log has the reason.
                     })?;
                 }
             }
-            // `>` truncates before writing a request or command: nothing to truncate.
-            Node::Infer { .. } | Node::JobFile(_, JobFile::Input | JobFile::Priority | JobFile::Ctl)
+            // `>` truncates before writing a request, command or config: nothing to truncate.
+            Node::Infer { .. }
+            | Node::Config(_)
+            | Node::JobFile(_, JobFile::Input | JobFile::Priority | JobFile::Ctl)
                 if !owner_or_mode && change.size.is_none_or(|s| s == 0) => {}
             Node::Version { .. }
             | Node::VersionFile { .. }
@@ -869,7 +923,9 @@ a version an alias points at. The daemon log has the reason.
         let parent = self.node(parent)?;
         let name = name.to_str().ok_or_else(|| Error::NotFound(name.to_string_lossy().into_owned()))?;
         match self.child(&parent, name)? {
+            // Derived from the model; they go with it (so `rm -r` of a model works).
             Node::Link { alias, .. } if alias == LATEST => Ok(()),
+            Node::Config(_) => Ok(()),
             Node::Link { model, alias } => {
                 self.store.remove_alias(&model, &alias)?;
                 tracing::info!(model = %model, alias = %alias, "removed alias");
@@ -936,7 +992,11 @@ a version an alias points at. The daemon log has the reason.
             Node::VersionFile { .. } | Node::Blob(_) | Node::Clone { .. } if writing => {
                 return Err(Error::ReadOnly(self.describe(&node)))
             }
-            Node::Readme | Node::Status | Node::DeviceFile { .. } if writing => {
+            Node::Config(model) if writing => {
+                self.store.model(model)?;
+                (Handle::Config(model.clone(), Mutex::new(None)), true, false)
+            }
+            Node::Readme | Node::Status | Node::Metrics | Node::DeviceFile { .. } if writing => {
                 return Err(Error::AccessDenied(self.describe(&node)))
             }
             Node::VersionFile { model, number, file: VersionFile::Model(name) } => {
@@ -944,9 +1004,12 @@ a version an alias points at. The daemon log has the reason.
                 (Handle::Blob(self.open_blob(&v.files[name])?), false, true)
             }
             Node::Blob(digest) => (Handle::Blob(self.open_blob(digest)?), false, true),
-            Node::VersionFile { .. } | Node::Readme | Node::Status | Node::DeviceFile { .. } => {
-                (Handle::Content(self.content(&node)?), true, false)
-            }
+            Node::VersionFile { .. }
+            | Node::Readme
+            | Node::Status
+            | Node::Metrics
+            | Node::Config(_)
+            | Node::DeviceFile { .. } => (Handle::Content(self.content(&node)?), true, false),
             Node::Infer { model, number } => {
                 self.version(model, *number)?;
                 let stream = InferStream {
@@ -1027,7 +1090,9 @@ a version an alias points at. The daemon log has the reason.
                     })
                 });
             }
-            Handle::Upload(_) | Handle::JobInput(_) | Handle::JobCommand(..) => done(Err(Error::BadHandle(fh))),
+            Handle::Upload(_) | Handle::Config(..) | Handle::JobInput(_) | Handle::JobCommand(..) => {
+                done(Err(Error::BadHandle(fh)))
+            }
         }
     }
 
@@ -1121,6 +1186,18 @@ a version an alias points at. The daemon log has the reason.
                     }
                 }
             }
+            Handle::Config(_, text) => {
+                let mut text = text.lock().unwrap();
+                let text = text.get_or_insert_with(Vec::new);
+                let end = offset as usize + data.len();
+                if end > 1 << 20 {
+                    return Err(Error::TooBig { limit: 1 << 20 });
+                }
+                if text.len() < end {
+                    text.resize(end, 0);
+                }
+                text[offset as usize..end].copy_from_slice(data);
+            }
             Handle::Content(_) | Handle::Blob(_) | Handle::JobOutput(_) => return Err(Error::BadHandle(fh)),
         }
         Ok(data.len() as u32)
@@ -1134,6 +1211,15 @@ a version an alias points at. The daemon log has the reason.
 
     fn finish_writes(&self, handle: &Handle) -> Result<()> {
         match handle {
+            Handle::Config(model, text) => {
+                // Applied when closed after a write; an invalid config fails
+                // the close() and changes nothing.
+                let Some(text) = text.lock().unwrap().take() else { return Ok(()) };
+                let config = store::ModelConfig::parse(&text)?;
+                self.store.set_config(model, config)?;
+                tracing::info!(model = %model, "config.json updated");
+                Ok(())
+            }
             Handle::Upload(pending) => {
                 let mut p = pending.lock().unwrap();
                 match &p.upload {
@@ -1292,6 +1378,8 @@ a version an alias points at. The daemon log has the reason.
             Node::Root => "/".into(),
             Node::Readme => "README".into(),
             Node::Status => "status".into(),
+            Node::Metrics => "metrics".into(),
+            Node::Config(m) => format!("models/{m}/config.json"),
             Node::Models => "models".into(),
             Node::Devices => "devices".into(),
             Node::Jobs => "jobs".into(),
@@ -1304,6 +1392,7 @@ a version an alias points at. The daemon log has the reason.
                     VersionFile::Model(name) => name.as_str(),
                     VersionFile::Digest => "digest",
                     VersionFile::Meta => "meta.json",
+                    VersionFile::Stats => "stats",
                 };
                 format!("models/{model}/v{number}/{name}")
             }

@@ -8,6 +8,9 @@
 //! - [`codec`]: JSON, KServe v2, .npy and .npz requests and responses.
 //! - [`backend`]: the [`backend::Backend`] trait and ONNX Runtime behind it.
 //! - [`engine`]: jobs, the queue, workers and loaded models.
+//! - [`sched`]: scheduling decisions as pure functions (order, aging,
+//!   batching, placement, eviction).
+//! - [`metrics`]: request counters and latencies; `/metrics` and `stats`.
 //! - [`device`]: device probes ([`device::Probe`]); the CPU from `/proc`.
 //! - [`fs`]: the tree and its semantics as plain Rust, testable without FUSE.
 //! - [`fuse`]: the thin `fuser::Filesystem` adapter over [`fs::Fs`].
@@ -20,6 +23,8 @@ pub mod engine;
 pub mod error;
 pub mod fs;
 pub mod fuse;
+pub mod metrics;
+pub mod sched;
 pub mod store;
 pub mod tensor;
 

@@ -184,6 +184,78 @@ impl Version {
     }
 }
 
+/// A model's scheduling settings: `models/<name>/config.json`.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct ModelConfig {
+    /// `auto`, `cpu`, or a GPU id such as `gpu0`.
+    pub device: String,
+    /// Most rows stacked into one run (1: no batching).
+    pub max_batch: u32,
+    /// How long a batch may wait for more requests, in microseconds.
+    pub batch_delay_us: u64,
+    /// Loaded copies per device (0: one per worker of the device).
+    pub instances: u32,
+    /// Unload after this many idle seconds.
+    pub keep_alive_s: u64,
+    /// Default priority of its jobs (higher runs first).
+    pub priority: i32,
+    /// A job that outlives this fails with ETIMEDOUT.
+    pub timeout_ms: u64,
+    /// Queued jobs allowed before new ones fail with EAGAIN.
+    pub max_queue: u32,
+}
+
+impl Default for ModelConfig {
+    fn default() -> Self {
+        ModelConfig {
+            device: "auto".into(),
+            max_batch: 8,
+            batch_delay_us: 500,
+            instances: 0,
+            keep_alive_s: 300,
+            priority: 0,
+            timeout_ms: 30_000,
+            max_queue: 1024,
+        }
+    }
+}
+
+impl ModelConfig {
+    /// Parses and validates a `config.json` written by a user. Keys left
+    /// out take their defaults (the file is replaced, not merged).
+    pub fn parse(text: &[u8]) -> Result<ModelConfig> {
+        let config: ModelConfig =
+            serde_json::from_slice(text).map_err(|e| Error::InvalidArgument(format!("config.json: {e}")))?;
+        let bad = |why: String| Err(Error::InvalidArgument(format!("config.json: {why}")));
+        let device_ok = config.device == "auto"
+            || config.device == "cpu"
+            || config
+                .device
+                .strip_prefix("gpu")
+                .is_some_and(|n| !n.is_empty() && n.bytes().all(|b| b.is_ascii_digit()));
+        if !device_ok {
+            return bad(format!("device {:?}: expected \"auto\", \"cpu\" or \"gpuN\"", config.device));
+        }
+        if config.max_batch == 0 {
+            return bad("max_batch must be at least 1".into());
+        }
+        if config.max_queue == 0 {
+            return bad("max_queue must be at least 1".into());
+        }
+        if config.timeout_ms == 0 {
+            return bad("timeout_ms must be at least 1".into());
+        }
+        Ok(config)
+    }
+
+    pub fn to_json(&self) -> String {
+        let mut s = serde_json::to_string_pretty(self).expect("a config always serializes");
+        s.push('\n');
+        s
+    }
+}
+
 /// A model: owner, mode, versions and aliases, stored as one catalog record.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct Model {
@@ -198,6 +270,8 @@ pub struct Model {
     pub versions: BTreeMap<u32, Version>,
     /// User aliases (never `latest`, which is derived).
     pub aliases: BTreeMap<String, u32>,
+    #[serde(default)]
+    pub config: ModelConfig,
 }
 
 impl Model {
@@ -275,6 +349,11 @@ impl Store {
 
     pub fn root(&self) -> &Path {
         &self.root
+    }
+
+    /// The catalog database, for other trees (the engine's job records).
+    pub fn db(&self) -> &sled::Db {
+        &self.db
     }
 
     /// Deletes temp files and unreferenced blobs; counts the bytes kept.
@@ -365,6 +444,7 @@ impl Store {
             next_version: 1,
             versions: BTreeMap::new(),
             aliases: BTreeMap::new(),
+            config: ModelConfig::default(),
         })
     }
 
@@ -396,6 +476,13 @@ impl Store {
             Ok(())
         })?;
         self.model(name)
+    }
+
+    pub fn set_config(&self, name: &str, config: ModelConfig) -> Result<()> {
+        self.update(name, |m| {
+            m.config = config;
+            Ok(())
+        })
     }
 
     /// Starts an import: a temp file in the blob directory (so the final
@@ -855,6 +942,24 @@ mod tests {
         store.delete_version("m", 2).unwrap();
         store.remove_model("m").unwrap();
         assert_eq!(store.model("m").unwrap_err().errno(), libc::ENOENT);
+    }
+
+    #[test]
+    fn config_is_validated_and_kept() {
+        let (dir, store) = new_store();
+        assert_eq!(store.model("m").unwrap().config, ModelConfig::default());
+        let c = ModelConfig::parse(br#"{"device": "gpu0", "max_batch": 16}"#).unwrap();
+        assert_eq!((c.device.as_str(), c.max_batch, c.max_queue), ("gpu0", 16, 1024));
+        for bad in
+            [&br#"{"device": "tpu"}"#[..], br#"{"max_batch": 0}"#, br#"{"nope": 1}"#, br#"{"max_batch": -1}"#, b"{"]
+        {
+            let e = ModelConfig::parse(bad).unwrap_err();
+            assert_eq!(e.errno(), libc::EINVAL);
+            assert!(e.to_string().starts_with("config.json: "), "{e}");
+        }
+        store.set_config("m", c.clone()).unwrap();
+        drop(store);
+        assert_eq!(Store::open(dir.path()).unwrap().model("m").unwrap().config, c);
     }
 
     #[test]

@@ -140,6 +140,35 @@ impl Data {
     pub fn is_empty(&self) -> bool {
         self.len() == 0
     }
+
+    /// Concatenates data of one dtype (the caller checked they match).
+    fn concat(parts: &[&Data]) -> Data {
+        macro_rules! cat {
+            ($($v:ident),*) => {
+                match parts[0] {
+                    $(Data::$v(_) => Data::$v(
+                        parts.iter().flat_map(|p| match p { Data::$v(x) => x.iter().copied(), _ => unreachable!("one dtype") }).collect(),
+                    ),)*
+                }
+            };
+        }
+        cat!(Bool, Uint8, Int8, Uint16, Int16, Uint32, Int32, Uint64, Int64, Float16, Float32, Float64)
+    }
+
+    /// Cuts into consecutive pieces of the given lengths (summing to `len`).
+    fn cut(&self, lens: &[usize]) -> Vec<Data> {
+        macro_rules! cut {
+            ($($v:ident),*) => {
+                match self {
+                    $(Data::$v(x) => {
+                        let mut at = 0;
+                        lens.iter().map(|&n| { at += n; Data::$v(x[at - n..at].to_vec()) }).collect()
+                    })*
+                }
+            };
+        }
+        cut!(Bool, Uint8, Int8, Uint16, Int16, Uint32, Int32, Uint64, Int64, Float16, Float32, Float64)
+    }
 }
 
 /// A named, shaped, typed tensor: one input or output of a request.
@@ -166,6 +195,45 @@ impl Tensor {
 
     pub fn dtype(&self) -> DType {
         self.data.dtype()
+    }
+
+    /// Rows along the first (batch) dimension and the shape after it, or
+    /// `None` for a 0-d tensor.
+    pub fn rows(&self) -> Option<(usize, &[usize])> {
+        self.shape.split_first().map(|(&n, rest)| (n, rest))
+    }
+
+    /// Stacks tensors with the same name, dtype and trailing dimensions along
+    /// the first dimension: one batched input.
+    pub fn stack(parts: &[&Tensor]) -> Tensor {
+        let first = parts[0];
+        let rows: usize = parts.iter().map(|t| t.shape[0]).sum();
+        let mut shape = first.shape.clone();
+        shape[0] = rows;
+        let data = Data::concat(&parts.iter().map(|t| &t.data).collect::<Vec<_>>());
+        Tensor { name: first.name.clone(), shape, data }
+    }
+
+    /// Splits along the first dimension into pieces of `rows` each: one
+    /// output per request of a batch. `None` if the rows do not add up.
+    pub fn split(&self, rows: &[usize]) -> Option<Vec<Tensor>> {
+        let (total, rest) = self.rows()?;
+        if rows.iter().sum::<usize>() != total {
+            return None;
+        }
+        let row_len: usize = rest.iter().product();
+        let lens: Vec<usize> = rows.iter().map(|r| r * row_len).collect();
+        let pieces = self.data.cut(&lens);
+        Some(
+            rows.iter()
+                .zip(pieces)
+                .map(|(&r, data)| {
+                    let mut shape = self.shape.clone();
+                    shape[0] = r;
+                    Tensor { name: self.name.clone(), shape, data }
+                })
+                .collect(),
+        )
     }
 }
 
@@ -281,6 +349,16 @@ mod tests {
         let wrong = Tensor::new("n", vec![], Data::Float64(vec![3.0])).unwrap();
         assert_eq!(err(vec![x(vec![1, 2]), wrong]), r#"input "n": expected dtype int64, got float64"#);
         assert_eq!(err(vec![x(vec![1, 2]), n(), n()]), r#"input "n" given twice"#);
+    }
+
+    #[test]
+    fn stack_and_split_round_trip() {
+        let a = Tensor::new("x", vec![1, 2], Data::Int32(vec![1, 2])).unwrap();
+        let b = Tensor::new("x", vec![2, 2], Data::Int32(vec![3, 4, 5, 6])).unwrap();
+        let s = Tensor::stack(&[&a, &b]);
+        assert_eq!((s.shape.as_slice(), &s.data), (&[3, 2][..], &Data::Int32(vec![1, 2, 3, 4, 5, 6])));
+        assert_eq!(s.split(&[1, 2]).unwrap(), vec![a, b]);
+        assert_eq!(s.split(&[1, 1]), None);
     }
 
     #[test]

@@ -25,9 +25,9 @@ fn tree() -> Tree {
     let dir = tempfile::tempdir().unwrap();
     let store = Store::open(dir.path()).unwrap();
     let onnx: Arc<dyn Backend> = OnnxRuntime::load(&common::onnxruntime()).unwrap();
-    let devices: Vec<Box<dyn Probe>> = vec![Box::new(Cpu::new())];
+    let devices: Vec<Arc<dyn Probe>> = vec![Arc::new(Cpu::new())];
     let engine = EngineConfig { workers: 2, ..Default::default() };
-    let fs = Fs::new(store, Backends::new(vec![onnx]), devices, Path::new("/mnt/aifs"), engine);
+    let fs = Fs::new(store, Backends::new(vec![onnx]), devices, Path::new("/mnt/aifs"), engine).unwrap();
     Tree { fs, dir }
 }
 
@@ -103,9 +103,9 @@ fn fixture(name: &str) -> Vec<u8> {
 #[test]
 fn root_lists_the_tree() {
     let t = tree();
-    assert_eq!(t.names("/"), ["README", "status", "models", "devices", "jobs", "blobs"]);
+    assert_eq!(t.names("/"), ["README", "status", "metrics", "models", "devices", "jobs", "blobs"]);
     assert_eq!(t.names("devices"), ["cpu"]);
-    assert_eq!(t.names("devices/cpu"), ["name", "util", "memory.total", "memory.used"]);
+    assert_eq!(t.names("devices/cpu"), ["name", "util", "memory.total", "memory.used", "queue", "running", "models"]);
     assert!(t.names("jobs").is_empty());
     let readme = String::from_utf8(t.read_all("README")).unwrap();
     assert!(readme.contains("mkdir /mnt/aifs/models/demo"), "{readme}");
@@ -133,8 +133,8 @@ fn copy_in_makes_a_version_with_its_files() {
     t.mkdir(b"m").unwrap();
     let mlp = fixture("mlp.onnx");
     t.copy_in("m", "mlp.onnx", &mlp).unwrap();
-    assert_eq!(t.names("models/m"), ["latest", "v1"]);
-    assert_eq!(t.names("models/m/v1"), ["mlp.onnx", "digest", "meta.json", "infer", "clone"]);
+    assert_eq!(t.names("models/m"), ["config.json", "latest", "v1"]);
+    assert_eq!(t.names("models/m/v1"), ["mlp.onnx", "digest", "meta.json", "stats", "infer", "clone"]);
     assert_eq!(t.read_all("models/m/v1/mlp.onnx"), mlp);
     assert_eq!(t.fs.readlink(t.ino("models/m/latest")).unwrap(), "v1");
     let meta: serde_json::Value = serde_json::from_slice(&t.read_all("models/m/v1/meta.json")).unwrap();
@@ -142,7 +142,7 @@ fn copy_in_makes_a_version_with_its_files() {
     assert_eq!(meta["size"], mlp.len());
     // The same bytes again: no new version.
     t.copy_in("m", "mlp.onnx", &mlp).unwrap();
-    assert_eq!(t.names("models/m"), ["latest", "v1"]);
+    assert_eq!(t.names("models/m"), ["config.json", "latest", "v1"]);
 }
 
 #[test]
@@ -157,7 +157,7 @@ fn a_shell_redirect_closes_a_duplicate_before_writing() {
     t.fs.write(o.fh, 0, &fixture("sigmoid.onnx")).unwrap();
     t.fs.flush(o.fh).unwrap();
     t.fs.release(o.fh).unwrap();
-    assert_eq!(t.names("models/m"), ["latest", "v1"]);
+    assert_eq!(t.names("models/m"), ["config.json", "latest", "v1"]);
 }
 
 #[test]
@@ -170,7 +170,7 @@ fn bad_models_fail_the_close_and_leave_nothing() {
         assert!(err.to_string().contains(name), "{err}");
         assert!(!err.to_string().contains("tmp-"), "reason names the temp file: {err}");
     }
-    assert!(t.names("models/m").is_empty());
+    assert_eq!(t.names("models/m"), ["config.json"]);
     assert!(t.blob_files().is_empty(), "{:?}", t.blob_files());
 }
 
@@ -226,7 +226,7 @@ fn aliases_rename_and_pin() {
     assert_eq!(t.fs.rename(m, OsStr::new("CuTmp"), m, OsStr::new("stable"), true).unwrap_err().errno(), libc::EEXIST);
     t.fs.rename(m, OsStr::new("CuTmp"), m, OsStr::new("stable"), false).unwrap();
     assert_eq!(t.fs.readlink(t.ino("models/m/stable")).unwrap(), "v2");
-    assert_eq!(t.names("models/m"), ["latest", "stable", "v1", "v2"]);
+    assert_eq!(t.names("models/m"), ["config.json", "latest", "stable", "v1", "v2"]);
     // Neither versions nor latest can be renamed or replaced.
     assert_eq!(t.fs.rename(m, OsStr::new("stable"), m, OsStr::new("latest"), false).unwrap_err().errno(), libc::EPERM);
     assert_eq!(t.fs.rename(m, OsStr::new("stable"), m, OsStr::new("v1"), false).unwrap_err().errno(), libc::EPERM);
@@ -251,13 +251,13 @@ fn removing_a_version_file_by_file_follows_rmdir_rules() {
     assert_eq!(t.fs.rmdir(t.ino("models"), OsStr::new("m")).unwrap_err().errno(), libc::ENOTEMPTY);
     t.fs.unlink(m, OsStr::new("stable")).unwrap();
     // rm -r v1: unlink each file (accepted, nothing changes yet), then rmdir.
-    for f in ["a.onnx", "digest", "meta.json", "infer", "clone"] {
+    for f in ["a.onnx", "digest", "meta.json", "stats", "infer", "clone"] {
         t.fs.unlink(v1, OsStr::new(f)).unwrap();
     }
-    assert_eq!(t.names("models/m/v1").len(), 5);
+    assert_eq!(t.names("models/m/v1").len(), 6);
     t.fs.unlink(m, OsStr::new("latest")).unwrap();
     t.fs.rmdir(m, OsStr::new("v1")).unwrap();
-    assert!(t.names("models/m").is_empty());
+    assert_eq!(t.names("models/m"), ["config.json"]);
     assert!(t.blob_files().is_empty());
     assert_eq!(t.try_ino("models/m/v1").unwrap_err().errno(), libc::ENOENT);
     t.fs.rmdir(t.ino("models"), OsStr::new("m")).unwrap();

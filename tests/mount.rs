@@ -29,7 +29,7 @@ fn import(m: &Mount, model: &str, fixture_name: &str) {
 #[test]
 fn the_tree_status_and_cpu_device() {
     let m = Mount::start();
-    assert_eq!(ls(&m, ""), ["README", "blobs", "devices", "jobs", "models", "status"]);
+    assert_eq!(ls(&m, ""), ["README", "blobs", "devices", "jobs", "metrics", "models", "status"]);
     let status = json(m.path("status"));
     assert_eq!(status["version"], env!("CARGO_PKG_VERSION"));
     assert_eq!(status["data_dir"], m.data.to_str().unwrap());
@@ -76,8 +76,8 @@ fn cp_makes_content_addressed_versions() {
     let mlp = fixture("mlp.onnx");
     let sigmoid = fixture("sigmoid.onnx");
     import(&m, "m", "mlp.onnx");
-    assert_eq!(ls(&m, "models/m"), ["latest", "v1"]);
-    assert_eq!(ls(&m, "models/m/v1"), ["clone", "digest", "infer", "meta.json", "mlp.onnx"]);
+    assert_eq!(ls(&m, "models/m"), ["config.json", "latest", "v1"]);
+    assert_eq!(ls(&m, "models/m/v1"), ["clone", "digest", "infer", "meta.json", "mlp.onnx", "stats"]);
     sh_ok(&m.mnt, &format!("cmp models/m/v1/mlp.onnx {}", mlp.display()));
     assert_eq!(sh_ok(&m.mnt, "readlink models/m/latest"), "v1\n");
 
@@ -102,9 +102,9 @@ fn cp_makes_content_addressed_versions() {
 
     // Identical content: no new version. New content: v2, and latest follows.
     import(&m, "m", "mlp.onnx");
-    assert_eq!(ls(&m, "models/m"), ["latest", "v1"]);
+    assert_eq!(ls(&m, "models/m"), ["config.json", "latest", "v1"]);
     import(&m, "m", "sigmoid.onnx");
-    assert_eq!(ls(&m, "models/m"), ["latest", "v1", "v2"]);
+    assert_eq!(ls(&m, "models/m"), ["config.json", "latest", "v1", "v2"]);
     assert_eq!(sh_ok(&m.mnt, "readlink models/m/latest"), "v2\n");
     sh_ok(&m.mnt, &format!("cmp models/m/latest/sigmoid.onnx {}", sigmoid.display()));
 
@@ -130,14 +130,14 @@ fn aliases_with_ln_readlink_and_rm() {
     sh_ok(&m.mnt, "ln -sfn v2 models/m/stable");
     assert_eq!(sh_ok(&m.mnt, "readlink models/m/stable"), "v2\n");
     assert_eq!(read(m.path("models/m/stable/digest")), read(m.path("models/m/v2/digest")));
-    assert_eq!(ls(&m, "models/m"), ["latest", "stable", "v1", "v2"]);
+    assert_eq!(ls(&m, "models/m"), ["config.json", "latest", "stable", "v1", "v2"]);
 
     // A version an alias points at cannot go.
     sh_err(&m.mnt, "rm -r models/m/v2", "Device or resource busy");
     sh_ok(&m.mnt, &format!("cmp models/m/v2/sigmoid.onnx {}", fixture("sigmoid.onnx").display()));
 
     sh_ok(&m.mnt, "rm models/m/stable && rm -r models/m/v2");
-    assert_eq!(ls(&m, "models/m"), ["latest", "v1"]);
+    assert_eq!(ls(&m, "models/m"), ["config.json", "latest", "v1"]);
     assert_eq!(sh_ok(&m.mnt, "readlink models/m/latest"), "v1\n");
     assert!(!m.blob_files().contains(&sigmoid_blob), "unreferenced blob collected");
     assert!(!ls(&m, "blobs").contains(&sigmoid_blob));
@@ -156,7 +156,7 @@ fn bad_models_fail_cp_and_leave_nothing() {
         let src = fixture(name);
         sh_err(&m.mnt, &format!("cp {} models/m/", src.display()), "Invalid argument");
     }
-    assert!(ls(&m, "models/m").is_empty());
+    assert_eq!(ls(&m, "models/m"), ["config.json"]);
     assert!(m.blob_files().is_empty(), "left behind: {:?}", m.blob_files());
     // One log line each with the reason. (The kernel releases a closed file
     // asynchronously, and an empty file's line is written at release.)
@@ -174,7 +174,7 @@ fn bad_models_fail_cp_and_leave_nothing() {
     sh_err(&m.mnt, "cp /etc/hostname models/m/", "Invalid argument");
     // The daemon is fine: a good model still imports.
     import(&m, "m", "mlp.onnx");
-    assert_eq!(ls(&m, "models/m"), ["latest", "v1"]);
+    assert_eq!(ls(&m, "models/m"), ["config.json", "latest", "v1"]);
 }
 
 #[test]
@@ -261,7 +261,7 @@ fn everything_survives_unmount_and_remount() {
     sh_ok(&m.mnt, &format!("cmp models/m/v1/mul_1.onnx {}", fixture("mul_1.onnx").display()));
     // Numbering continues.
     import(&m, "m", "logreg_iris.onnx");
-    assert_eq!(ls(&m, "models/m"), ["latest", "stable", "v1", "v2", "v3"]);
+    assert_eq!(ls(&m, "models/m"), ["config.json", "latest", "stable", "v1", "v2", "v3"]);
 }
 
 #[test]
@@ -307,7 +307,7 @@ fn sigkill_during_a_100mb_import_loses_nothing() {
     // Start again on the same data dir and (stale) mount point.
     m.spawn();
     assert!(m.log_text().contains("cleared a stale mount"), "{}", m.log_text());
-    assert_eq!(ls(&m, "models/m"), ["latest", "v1"]);
+    assert_eq!(ls(&m, "models/m"), ["config.json", "latest", "v1"]);
     assert_eq!(m.blob_files(), [mlp_blob], "no temp file, no orphan blob");
     sh_ok(&m.mnt, &format!("cmp models/m/v1/mlp.onnx {}", fixture("mlp.onnx").display()));
     // v1 is still loadable: ONNX Runtime accepts it on import elsewhere.

@@ -10,7 +10,7 @@ use std::process::ExitCode;
 use std::sync::Arc;
 
 use aifs::backend::{find_onnxruntime, Backend, Backends, OnnxRuntime};
-use aifs::device::{Cpu, Probe};
+use aifs::device::{Cpu, Nvidia, Probe, Simulated};
 use aifs::engine::EngineConfig;
 use aifs::fs::Fs;
 use clap::Parser;
@@ -57,6 +57,19 @@ struct Cli {
     /// Finished jobs kept under jobs/ before the oldest are removed.
     #[arg(long, default_value_t = 10_000)]
     max_finished_jobs: usize,
+
+    /// Seconds finished jobs are kept under jobs/.
+    #[arg(long, default_value_t = 3600)]
+    job_ttl_s: u64,
+
+    /// A queued job gains one priority point per this many milliseconds waited (0: no aging).
+    #[arg(long, default_value_t = 100)]
+    aging_ms: u64,
+
+    /// Add a simulated GPU (repeatable): MEMORY[,DELAY_MS], e.g. 512M or 2G,5. It runs on the
+    /// CPU with that memory budget and extra time per run; for trying placement without a GPU.
+    #[arg(long, value_name = "SPEC")]
+    simulate_gpu: Vec<String>,
 }
 
 fn main() -> ExitCode {
@@ -111,16 +124,25 @@ fn serve(cli: &Cli, data_dir: &Path, library: &Path, ready: Option<OwnedFd>) -> 
     let store =
         aifs::store::Store::open(data_dir).map_err(|e| format!("opening the store in {}: {e}", data_dir.display()))?;
     let onnx: Arc<dyn Backend> = OnnxRuntime::load(library).map_err(|e| e.to_string())?;
-    let devices: Vec<Box<dyn Probe>> = vec![Box::new(Cpu::new())];
+    let mut devices: Vec<Arc<dyn Probe>> = vec![Arc::new(Cpu::new())];
+    devices.extend(Nvidia::discover().into_iter().map(|g| Arc::new(g) as Arc<dyn Probe>));
+    for spec in &cli.simulate_gpu {
+        devices.push(Arc::new(Simulated::parse(devices.len() - 1, spec)?));
+    }
+    tracing::info!(devices = ?devices.iter().map(|d| d.id().to_string()).collect::<Vec<_>>(), "devices");
     let mut engine = EngineConfig {
         max_input_bytes: cli.max_input_bytes,
         max_finished_jobs: cli.max_finished_jobs,
+        finished_job_ttl: std::time::Duration::from_secs(cli.job_ttl_s),
+        aging: std::time::Duration::from_millis(cli.aging_ms),
         ..EngineConfig::default()
     };
     if let Some(workers) = cli.workers {
         engine.workers = workers;
     }
-    let fs = Arc::new(Fs::new(store, Backends::new(vec![onnx]), devices, &mountpoint, engine));
+    let fs = Fs::new(store, Backends::new(vec![onnx]), devices, &mountpoint, engine)
+        .map_err(|e| format!("starting the engine: {e}"))?;
+    let fs = Arc::new(fs);
 
     let config = aifs::fuse::mount_config(cli.allow_other, cli.threads);
     let mut session = fuser::Session::new(aifs::fuse::Adapter::new(fs.clone()), &mountpoint, &config)

@@ -1,0 +1,255 @@
+//! Scheduling decisions as pure functions: which queued job runs next,
+//! which jobs share its batch, which device a model goes to, and which
+//! loaded models make room for another. No threads, no clocks, no I/O:
+//! callers pass the time and the state, so every rule is unit-tested here
+//! with made-up times. The engine holds the state and calls these under
+//! its lock.
+//!
+//! Rules:
+//! - **Order**: highest effective priority first; FIFO among equals.
+//! - **Aging**: a queued job's effective priority grows by one per `aging`
+//!   waited, so under a constant stream of higher-priority jobs a
+//!   low-priority one still runs (after `aging * difference` at most).
+//! - **Batching**: jobs join the next job's batch if they have the same
+//!   batch key (same version, same trailing dimensions and dtypes), in the
+//!   order they would run, while their rows fit `max_batch`.
+//! - **Placement**: `auto` takes the first GPU whose memory budget holds
+//!   the model, else the CPU; a named device must exist.
+//! - **Eviction**: least recently used first, never a model in use.
+
+use std::time::{Duration, Instant};
+
+/// A queued job, as the scheduler sees it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Queued {
+    pub id: u64,
+    pub priority: i32,
+    /// Arrival order (ties in effective priority run in this order).
+    pub seq: u64,
+    pub since: Instant,
+    /// Jobs with equal keys can be stacked into one run; `None`: not batchable.
+    pub batch_key: Option<u64>,
+    /// Rows along the batch (first) dimension.
+    pub rows: usize,
+}
+
+pub fn effective_priority(q: &Queued, now: Instant, aging: Duration) -> i64 {
+    let waited = now.saturating_duration_since(q.since);
+    let bonus = if aging.is_zero() { 0 } else { (waited.as_nanos() / aging.as_nanos()) as i64 };
+    q.priority as i64 + bonus
+}
+
+/// The index of the job to run next.
+pub fn next(queue: &[Queued], now: Instant, aging: Duration) -> Option<usize> {
+    (0..queue.len()).max_by(|&a, &b| {
+        let (qa, qb) = (&queue[a], &queue[b]);
+        effective_priority(qa, now, aging).cmp(&effective_priority(qb, now, aging)).then(qb.seq.cmp(&qa.seq))
+        // earlier seq wins ties
+    })
+}
+
+/// The jobs that run together with `queue[first]` (itself included, first),
+/// in the order they would run, while the total rows fit `max_batch`.
+pub fn batch(queue: &[Queued], first: usize, max_batch: usize, now: Instant, aging: Duration) -> Vec<usize> {
+    let lead = &queue[first];
+    let Some(key) = lead.batch_key else { return vec![first] };
+    let mut others: Vec<usize> = (0..queue.len()).filter(|&i| i != first && queue[i].batch_key == Some(key)).collect();
+    others.sort_by_key(|&i| (std::cmp::Reverse(effective_priority(&queue[i], now, aging)), queue[i].seq));
+    let mut members = vec![first];
+    let mut rows = lead.rows;
+    for i in others {
+        if rows + queue[i].rows > max_batch {
+            continue;
+        }
+        rows += queue[i].rows;
+        members.push(i);
+    }
+    members
+}
+
+/// Rows of a set of queued jobs.
+pub fn rows(queue: &[Queued], members: &[usize]) -> usize {
+    members.iter().map(|&i| queue[i].rows).sum()
+}
+
+/// A device as placement sees it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct DeviceView {
+    pub id: String,
+    pub is_gpu: bool,
+    /// Bytes of models it may hold.
+    pub memory_budget: u64,
+}
+
+/// Where a model of `bytes` runs: `choice` is `auto` or a device id.
+pub fn place(choice: &str, bytes: u64, devices: &[DeviceView]) -> Result<usize, String> {
+    if choice == "auto" {
+        let gpu = devices.iter().position(|d| d.is_gpu && d.memory_budget >= bytes);
+        let cpu = devices.iter().position(|d| !d.is_gpu);
+        return gpu.or(cpu).ok_or_else(|| "no device can hold the model".to_string());
+    }
+    devices.iter().position(|d| d.id == choice).ok_or_else(|| {
+        let ids: Vec<&str> = devices.iter().map(|d| d.id.as_str()).collect();
+        format!("device {choice} is not present (devices: {})", ids.join(", "))
+    })
+}
+
+/// A model loaded on a device.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Resident<K> {
+    pub key: K,
+    pub bytes: u64,
+    /// Requests running on it now.
+    pub busy: usize,
+    pub last_used: Instant,
+}
+
+/// Which loaded models to unload so that `need` more bytes fit `budget`:
+/// least recently used first, never a busy one. May free less than needed
+/// when busy models hold the rest.
+pub fn evictions<K: Clone>(resident: &[Resident<K>], budget: u64, need: u64) -> Vec<K> {
+    let mut used: u64 = resident.iter().map(|r| r.bytes).sum();
+    let mut idle: Vec<&Resident<K>> = resident.iter().filter(|r| r.busy == 0).collect();
+    idle.sort_by_key(|r| r.last_used);
+    let mut out = Vec::new();
+    for r in idle {
+        if used + need <= budget {
+            break;
+        }
+        used -= r.bytes;
+        out.push(r.key.clone());
+    }
+    out
+}
+
+/// Loaded models idle for longer than their keep-alive.
+pub fn expired<K: Clone>(resident: &[(Resident<K>, Duration)], now: Instant) -> Vec<K> {
+    resident
+        .iter()
+        .filter(|(r, keep_alive)| r.busy == 0 && now.saturating_duration_since(r.last_used) >= *keep_alive)
+        .map(|(r, _)| r.key.clone())
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const S: Duration = Duration::from_secs(1);
+
+    fn q(id: u64, priority: i32, since: Instant) -> Queued {
+        Queued { id, priority, seq: id, since, batch_key: Some(7), rows: 1 }
+    }
+
+    fn order(mut queue: Vec<Queued>, now: Instant, aging: Duration) -> Vec<u64> {
+        let mut out = Vec::new();
+        while let Some(i) = next(&queue, now, aging) {
+            out.push(queue.remove(i).id);
+        }
+        out
+    }
+
+    #[test]
+    fn higher_priority_first_then_fifo() {
+        let t = Instant::now();
+        let queue = vec![q(1, 0, t), q(2, 5, t), q(3, 0, t), q(4, 5, t), q(5, -1, t)];
+        assert_eq!(order(queue, t, Duration::ZERO), [2, 4, 1, 3, 5]);
+    }
+
+    #[test]
+    fn aging_lets_a_low_priority_job_through() {
+        let t0 = Instant::now();
+        let aging = Duration::from_millis(100);
+        // Job 1 (priority 0) has waited 1 s; newcomers have priority 10.
+        let queue = vec![q(1, 0, t0), q(2, 10, t0 + S), q(3, 10, t0 + S)];
+        assert_eq!(effective_priority(&queue[0], t0 + S, aging), 10);
+        // Tied at 10 with the newcomers, and older: it runs first.
+        assert_eq!(order(queue.clone(), t0 + S, aging), [1, 2, 3]);
+        // Without aging it would wait behind every newcomer.
+        assert_eq!(order(queue, t0 + S, Duration::ZERO), [2, 3, 1]);
+    }
+
+    #[test]
+    fn a_constant_stream_of_high_priority_jobs_does_not_starve_a_low_one() {
+        let t0 = Instant::now();
+        let aging = Duration::from_millis(10);
+        let mut queue = vec![q(0, 0, t0)];
+        let mut ran = Vec::new();
+        // Each millisecond a priority-5 job arrives and one job runs.
+        for ms in 1..=200u64 {
+            let now = t0 + Duration::from_millis(ms);
+            queue.push(Queued { seq: ms, ..q(ms, 5, now) });
+            let i = next(&queue, now, aging).unwrap();
+            ran.push(queue.remove(i).id);
+        }
+        let at = ran.iter().position(|&id| id == 0).expect("the low-priority job ran");
+        assert!(at <= 51, "ran after {at} others");
+    }
+
+    #[test]
+    fn batches_take_compatible_jobs_in_run_order_within_max_rows() {
+        let t = Instant::now();
+        let mut queue: Vec<Queued> = (1..=6).map(|i| q(i, 0, t)).collect();
+        queue[1].batch_key = Some(8); // another version or shape
+        queue[2].rows = 3;
+        queue[4].priority = 9;
+        let first = next(&queue, t, Duration::ZERO).unwrap();
+        assert_eq!(queue[first].id, 5);
+        let members = batch(&queue, first, 4, t, Duration::ZERO);
+        let ids: Vec<u64> = members.iter().map(|&i| queue[i].id).collect();
+        // 5, then 1; job 3's 3 rows would make 5 > 4, so it waits; 4 and 6 fit.
+        assert_eq!(ids, [5, 1, 4, 6]);
+        assert_eq!(rows(&queue, &members), 4);
+    }
+
+    #[test]
+    fn unbatchable_jobs_run_alone() {
+        let t = Instant::now();
+        let queue = vec![Queued { batch_key: None, ..q(1, 0, t) }, Queued { batch_key: None, ..q(2, 0, t) }];
+        assert_eq!(batch(&queue, 0, 8, t, Duration::ZERO), [0]);
+    }
+
+    #[test]
+    fn placement() {
+        let devices = vec![
+            DeviceView { id: "cpu".into(), is_gpu: false, memory_budget: 1 << 40 },
+            DeviceView { id: "gpu0".into(), is_gpu: true, memory_budget: 100 },
+        ];
+        assert_eq!(place("auto", 100, &devices), Ok(1));
+        assert_eq!(place("auto", 101, &devices), Ok(0));
+        assert_eq!(place("cpu", 1, &devices), Ok(0));
+        assert_eq!(place("gpu1", 1, &devices), Err("device gpu1 is not present (devices: cpu, gpu0)".into()));
+        assert_eq!(place("auto", 1, &devices[..1]), Ok(0));
+    }
+
+    #[test]
+    fn eviction_is_lru_and_spares_busy_models() {
+        let t = Instant::now();
+        let r = |key: &'static str, busy, age: u64| Resident {
+            key,
+            bytes: 10,
+            busy,
+            last_used: t - Duration::from_secs(age),
+        };
+        let resident = vec![r("a", 0, 1), r("b", 1, 9), r("c", 0, 5), r("d", 0, 3)];
+        // 40 used of 45: 10 more need 5 freed: the oldest idle one (c; b is busy).
+        assert_eq!(evictions(&resident, 45, 10), ["c"]);
+        assert_eq!(evictions(&resident, 30, 10), ["c", "d"]);
+        assert_eq!(evictions(&resident, 100, 10), Vec::<&str>::new());
+        // Only busy b would be left to evict: stop short.
+        assert_eq!(evictions(&resident, 5, 10), ["c", "d", "a"]);
+    }
+
+    #[test]
+    fn keep_alive_expiry() {
+        let t = Instant::now();
+        let r = |key: &'static str, busy, age: u64| Resident {
+            key,
+            bytes: 1,
+            busy,
+            last_used: t - Duration::from_secs(age),
+        };
+        let resident = vec![(r("old", 0, 10), S * 5), (r("busy", 1, 10), S * 5), (r("fresh", 0, 1), S * 5)];
+        assert_eq!(expired(&resident, t), ["old"]);
+    }
+}
