@@ -169,10 +169,17 @@ impl Backend for OnnxRuntime {
         let specs = |outlets: &[ort::value::Outlet]| -> Vec<TensorSpec> {
             outlets
                 .iter()
-                .map(|o| TensorSpec {
-                    name: o.name().to_string(),
-                    dtype: o.dtype().tensor_type().map_or(DType::Other, dtype_of),
-                    shape: o.dtype().tensor_shape().map(|s| s.to_vec()).unwrap_or_default(),
+                .map(|o| {
+                    let dim_names = match o.dtype() {
+                        ort::value::ValueType::Tensor { dimension_symbols, .. } => dimension_symbols.to_vec(),
+                        _ => Vec::new(),
+                    };
+                    TensorSpec {
+                        name: o.name().to_string(),
+                        dtype: o.dtype().tensor_type().map_or(DType::Other, dtype_of),
+                        shape: o.dtype().tensor_shape().map(|s| s.to_vec()).unwrap_or_default(),
+                        dim_names,
+                    }
                 })
                 .collect()
         };

@@ -49,14 +49,24 @@ fn bad(msg: impl Into<String>) -> Error {
     Error::BadInput(msg.into())
 }
 
-pub fn decode(bytes: &[u8], sig: &Signature) -> Result<Request> {
+/// Decodes a request for a model with signature `sig`. `limit` bounds the
+/// bytes of decoded data (a compressed .npz can hold far more than it
+/// weighs). Never panics and never allocates from an unchecked shape.
+pub fn decode(bytes: &[u8], sig: &Signature, limit: u64) -> Result<Request> {
     let request = |codec, inputs| Request { codec, inputs, id: None, outputs: None };
-    if bytes.starts_with(b"\x93NUMPY") {
-        let only = only_input(sig, ".npy")?;
-        return Ok(request(Codec::Npy, vec![npy_tensor(only, bytes)?]));
-    }
-    if bytes.starts_with(b"PK\x03\x04") {
-        return Ok(request(Codec::Npz, npz_tensors(bytes)?));
+    if bytes.starts_with(b"\x93NUMPY") || bytes.starts_with(b"PK\x03\x04") {
+        // The npy header parser is not ours: a hostile header must not take
+        // the daemon down.
+        let numpy = std::panic::catch_unwind(|| {
+            let mut budget = limit;
+            if bytes.starts_with(b"PK") {
+                Ok(request(Codec::Npz, npz_tensors(bytes, &mut budget)?))
+            } else {
+                let only = only_input(sig, ".npy")?;
+                Ok(request(Codec::Npy, vec![npy_tensor(only, bytes, &mut budget)?]))
+            }
+        });
+        return numpy.unwrap_or_else(|_| Err(bad("malformed .npy/.npz header")));
     }
     match bytes.iter().find(|b| !b.is_ascii_whitespace()) {
         Some(b'[') | Some(b'{') => {}
@@ -114,7 +124,7 @@ fn json_tensor(name: &str, value: &Value, dtype: DType) -> Result<Tensor> {
             None => break,
         }
     }
-    let mut leaves = Vec::with_capacity(shape.iter().product());
+    let mut leaves = Vec::new();
     flatten(name, value, &shape, &mut leaves)?;
     Tensor::new(name, shape, json_data(name, &leaves, dtype)?)
 }
@@ -291,12 +301,13 @@ fn flatten_any<'v>(v: &'v Value, out: &mut Vec<&'v Value>) {
 
 // ---- NumPy -----------------------------------------------------------------
 
-fn npy_tensor(name: &str, bytes: &[u8]) -> Result<Tensor> {
+fn npy_tensor(name: &str, bytes: &[u8], budget: &mut u64) -> Result<Tensor> {
     let npy = npyz::NpyFile::new(bytes).map_err(|e| bad(format!("input {name:?}: malformed .npy: {e}")))?;
-    npy_file_tensor(name, npy)
+    npy_file_tensor(name, npy, budget)
 }
 
-fn npy_file_tensor<R: std::io::Read>(name: &str, npy: npyz::NpyFile<R>) -> Result<Tensor> {
+/// Reads one array, if its decoded size fits what is left of `budget`.
+fn npy_file_tensor<R: std::io::Read>(name: &str, npy: npyz::NpyFile<R>, budget: &mut u64) -> Result<Tensor> {
     if npy.order() == npyz::Order::Fortran {
         return Err(bad(format!("input {name:?}: Fortran-order .npy arrays are not supported (use C order)")));
     }
@@ -304,6 +315,16 @@ fn npy_file_tensor<R: std::io::Read>(name: &str, npy: npyz::NpyFile<R>) -> Resul
     let npyz::DType::Plain(ts) = npy.dtype() else {
         return Err(bad(format!("input {name:?}: structured .npy arrays are not supported")));
     };
+    let bytes = npy.shape().iter().try_fold(ts.size_field(), |acc, &d| acc.checked_mul(d));
+    match bytes {
+        Some(b) if b <= *budget => *budget -= b,
+        _ => {
+            return Err(bad(format!(
+                "input {name:?}: shape {shape:?} decodes to more than the limit of {} bytes",
+                *budget
+            )))
+        }
+    }
     use npyz::TypeChar as C;
     let read_err = |e: std::io::Error| bad(format!("input {name:?}: truncated or malformed .npy data: {e}"));
     macro_rules! read {
@@ -329,7 +350,7 @@ fn npy_file_tensor<R: std::io::Read>(name: &str, npy: npyz::NpyFile<R>) -> Resul
     Tensor::new(name, shape, data)
 }
 
-fn npz_tensors(bytes: &[u8]) -> Result<Vec<Tensor>> {
+fn npz_tensors(bytes: &[u8], budget: &mut u64) -> Result<Vec<Tensor>> {
     let mut npz = npyz::npz::NpzArchive::new(Cursor::new(bytes)).map_err(|e| bad(format!("malformed .npz: {e}")))?;
     let names: Vec<String> = npz.array_names().map(String::from).collect();
     names
@@ -339,7 +360,7 @@ fn npz_tensors(bytes: &[u8]) -> Result<Vec<Tensor>> {
                 .by_name(name)
                 .map_err(|e| bad(format!("input {name:?}: malformed .npz entry: {e}")))?
                 .ok_or_else(|| bad(format!("input {name:?}: missing from the .npz")))?;
-            npy_file_tensor(name, npy)
+            npy_file_tensor(name, npy, budget)
         })
         .collect()
 }
@@ -360,7 +381,7 @@ pub fn encode(request: &Request, mut outputs: Vec<Tensor>, model: &str, version:
     let by_name = |outputs: &[Tensor]| -> Value {
         Value::Object(outputs.iter().map(|t| (t.name.clone(), json_value(t))).collect())
     };
-    let mut json = match request.codec {
+    let json = match request.codec {
         Codec::JsonArray if outputs.len() == 1 => json_value(&outputs[0]),
         Codec::JsonArray | Codec::JsonObject => by_name(&outputs),
         Codec::KServe => {
@@ -402,8 +423,6 @@ pub fn encode(request: &Request, mut outputs: Vec<Tensor>, model: &str, version:
     };
     let mut text = serde_json::to_vec(&json).expect("JSON values serialize");
     text.push(b'\n');
-    json = Value::Null;
-    drop(json);
     Ok(text)
 }
 
@@ -416,14 +435,18 @@ mod tests {
         Signature {
             inputs: inputs
                 .iter()
-                .map(|(n, d, s)| TensorSpec { name: n.to_string(), dtype: *d, shape: s.to_vec() })
+                .map(|(n, d, s)| TensorSpec { name: n.to_string(), dtype: *d, shape: s.to_vec(), dim_names: vec![] })
                 .collect(),
             outputs: vec![],
         }
     }
 
+    fn decode_test(bytes: &[u8], sig: &Signature) -> Result<Request> {
+        decode(bytes, sig, 1 << 20)
+    }
+
     fn err(bytes: &[u8], sig: &Signature) -> String {
-        let e = decode(bytes, sig).unwrap_err();
+        let e = decode_test(bytes, sig).unwrap_err();
         assert_eq!(e.errno(), libc::EINVAL);
         e.to_string()
     }
@@ -431,12 +454,12 @@ mod tests {
     #[test]
     fn json_array_takes_the_models_dtype() {
         let s = sig(&[("x", DType::Float32, &[-1, 2])]);
-        let r = decode(b" [[1, 2.5], [3, 4]]\n", &s).unwrap();
+        let r = decode_test(b" [[1, 2.5], [3, 4]]\n", &s).unwrap();
         assert_eq!(r.codec, Codec::JsonArray);
         assert_eq!(r.inputs[0].shape, [2, 2]);
         assert_eq!(r.inputs[0].data, Data::Float32(vec![1.0, 2.5, 3.0, 4.0]));
         let s = sig(&[("ids", DType::Int64, &[-1])]);
-        assert_eq!(decode(b"[1, -2]", &s).unwrap().inputs[0].data, Data::Int64(vec![1, -2]));
+        assert_eq!(decode_test(b"[1, -2]", &s).unwrap().inputs[0].data, Data::Int64(vec![1, -2]));
     }
 
     #[test]
@@ -456,7 +479,7 @@ mod tests {
     #[test]
     fn json_object_and_scalars() {
         let s = sig(&[("x", DType::Float32, &[1, 2]), ("sr", DType::Int64, &[])]);
-        let r = decode(br#"{"x": [[1, 2]], "sr": 16000}"#, &s).unwrap();
+        let r = decode_test(br#"{"x": [[1, 2]], "sr": 16000}"#, &s).unwrap();
         assert_eq!(r.codec, Codec::JsonObject);
         let sr = r.inputs.iter().find(|t| t.name == "sr").unwrap();
         assert_eq!((sr.shape.as_slice(), &sr.data), (&[][..], &Data::Int64(vec![16000])));
@@ -466,7 +489,7 @@ mod tests {
     fn kserve_round_trip() {
         let s = sig(&[("x", DType::Float32, &[-1, 2])]);
         let body = br#"{"id": "42", "inputs": [{"name": "x", "shape": [1, 2], "datatype": "FP32", "data": [1, 2]}]}"#;
-        let r = decode(body, &s).unwrap();
+        let r = decode_test(body, &s).unwrap();
         assert_eq!(r.codec, Codec::KServe);
         assert_eq!(r.inputs[0].data, Data::Float32(vec![1.0, 2.0]));
         let out = Tensor::new("y", vec![1, 2], Data::Float32(vec![3.0, 4.0])).unwrap();
@@ -489,7 +512,7 @@ mod tests {
         let t = Tensor::new("x", vec![2, 3], Data::Int16(vec![1, -2, 3, -4, 5, i16::MAX])).unwrap();
         let mut bytes = Vec::new();
         write_npy(&t, &mut bytes).unwrap();
-        let r = decode(&bytes, &s).unwrap();
+        let r = decode_test(&bytes, &s).unwrap();
         assert_eq!((r.codec, &r.inputs[0]), (Codec::Npy, &t));
         let e = err(&bytes[..bytes.len() - 3], &s);
         assert!(e.contains("truncated or malformed .npy"), "{e}");
@@ -500,13 +523,36 @@ mod tests {
     }
 
     #[test]
+    fn hostile_shapes_are_refused_without_allocating() {
+        let s = sig(&[("x", DType::Float32, &[-1])]);
+        // A first element nested 5 deep, 1024 wide: a naive reader would
+        // reserve 1024^5 elements.
+        let mut v = String::from("0");
+        for _ in 0..5 {
+            v = format!("[{v}{}]", ",0".repeat(1023));
+        }
+        assert!(err(v.as_bytes(), &s).contains("ragged"));
+        let huge =
+            br#"{"inputs": [{"name": "x", "shape": [4294967296, 4294967296], "datatype": "FP32", "data": [1]}]}"#;
+        assert!(err(huge, &s).contains("too large"));
+        // An .npy whose header claims 2^40 elements, with 8 bytes of data.
+        let header = "{'descr': '<f4', 'fortran_order': False, 'shape': (1099511627776,), }";
+        let header = format!("{header:<117}\n");
+        let mut npy = b"\x93NUMPY\x01\x00".to_vec();
+        npy.extend((header.len() as u16).to_le_bytes());
+        npy.extend(header.as_bytes());
+        npy.extend([0u8; 8]);
+        assert_eq!(err(&npy, &s), "input \"x\": shape [1099511627776] decodes to more than the limit of 1048576 bytes");
+    }
+
+    #[test]
     fn npz_round_trip() {
         let s = sig(&[("a", DType::Float64, &[-1]), ("b", DType::Bool, &[2])]);
         let a = Tensor::new("a", vec![3], Data::Float64(vec![1.0, 2.0, 3.0])).unwrap();
         let b = Tensor::new("b", vec![2], Data::Bool(vec![true, false])).unwrap();
         let request = Request { codec: Codec::Npz, inputs: vec![], id: None, outputs: None };
         let bytes = encode(&request, vec![a.clone(), b.clone()], "m", 1).unwrap();
-        let r = decode(&bytes, &s).unwrap();
+        let r = decode_test(&bytes, &s).unwrap();
         assert_eq!(r.codec, Codec::Npz);
         let mut got = r.inputs;
         got.sort_by(|x, y| x.name.cmp(&y.name));

@@ -64,6 +64,10 @@ pub trait Probe: Send + Sync {
     fn target(&self) -> Target;
     /// Bytes of models it may hold at once.
     fn memory_budget(&self) -> u64;
+    /// Threads that run jobs on it; `None`: one per core (the CPU).
+    fn workers(&self) -> Option<usize> {
+        Some(1)
+    }
     /// Extra time each run takes (a simulated device's speed).
     fn run_delay(&self) -> Duration {
         Duration::ZERO
@@ -143,6 +147,10 @@ impl Probe for Cpu {
         Target::Cpu
     }
 
+    fn workers(&self) -> Option<usize> {
+        None
+    }
+
     /// Half the machine's memory: the rest is for the system and requests.
     fn memory_budget(&self) -> u64 {
         self.read().memory_total / 2
@@ -154,21 +162,32 @@ pub struct Simulated {
     id: String,
     memory: u64,
     delay: Duration,
+    workers: usize,
     loaded: AtomicU64,
 }
 
 impl Simulated {
-    pub fn new(ordinal: usize, memory: u64, delay: Duration) -> Simulated {
-        Simulated { id: format!("gpu{ordinal}"), memory, delay, loaded: AtomicU64::new(0) }
+    pub fn new(ordinal: usize, memory: u64, delay: Duration, workers: usize) -> Simulated {
+        Simulated { id: format!("gpu{ordinal}"), memory, delay, workers: workers.max(1), loaded: AtomicU64::new(0) }
     }
 
-    /// Parses `--simulate-gpu MEMORY[,DELAY_MS]`, e.g. `64M` or `1G,5`.
+    /// Parses `--simulate-gpu MEMORY[,DELAY_MS[,WORKERS]]`, e.g. `64M` or `1G,5,2`.
     pub fn parse(ordinal: usize, spec: &str) -> Result<Simulated, String> {
-        let (memory, delay) = spec.split_once(',').unwrap_or((spec, "0"));
+        let mut parts = spec.split(',');
+        let memory = parts.next().unwrap_or_default();
         let memory =
             parse_bytes(memory).ok_or_else(|| format!("simulated GPU memory {memory:?}: expected e.g. 512M or 2G"))?;
-        let delay: u64 = delay.parse().map_err(|_| format!("simulated GPU delay {delay:?}: expected milliseconds"))?;
-        Ok(Simulated::new(ordinal, memory, Duration::from_millis(delay)))
+        let number = |what: &str, default: u64, part: Option<&str>| {
+            part.map_or(Ok(default), |p| {
+                p.parse().map_err(|_| format!("simulated GPU {what} {p:?}: expected a number"))
+            })
+        };
+        let delay = number("delay (ms)", 0, parts.next())?;
+        let workers = number("workers", 1, parts.next())?;
+        if parts.next().is_some() {
+            return Err(format!("simulated GPU {spec:?}: expected MEMORY[,DELAY_MS[,WORKERS]]"));
+        }
+        Ok(Simulated::new(ordinal, memory, Duration::from_millis(delay), workers as usize))
     }
 }
 
@@ -215,6 +234,10 @@ impl Probe for Simulated {
 
     fn run_delay(&self) -> Duration {
         self.delay
+    }
+
+    fn workers(&self) -> Option<usize> {
+        Some(self.workers)
     }
 
     fn note_loaded_bytes(&self, bytes: u64) {
@@ -383,6 +406,8 @@ mod tests {
         let g = Simulated::parse(0, "64M,5").unwrap();
         assert_eq!((g.id(), g.memory_budget(), g.run_delay()), ("gpu0", 64 << 20, Duration::from_millis(5)));
         assert_eq!(Simulated::parse(1, "2G").unwrap().memory_budget(), 2 << 30);
+        assert_eq!(Simulated::parse(1, "2G,0,3").unwrap().workers(), Some(3));
+        assert!(Simulated::parse(1, "2G,0,3,4").is_err());
         assert!(Simulated::parse(0, "lots").is_err());
         assert!(Simulated::parse(0, "1M,fast").is_err());
         g.note_loaded_bytes(10);

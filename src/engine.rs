@@ -48,7 +48,7 @@ use std::collections::hash_map::DefaultHasher;
 use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::hash::{Hash, Hasher};
 use std::path::PathBuf;
-use std::sync::atomic::{AtomicU64, Ordering};
+
 use std::sync::{Arc, Condvar, Mutex, MutexGuard, OnceLock};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
@@ -355,7 +355,7 @@ struct Shared {
     backends: Backends,
     config: EngineConfig,
     devices: Vec<Arc<dyn Probe>>,
-    next_id: AtomicU64,
+
     registry: Mutex<Registry>,
     sched: Mutex<Sched>,
     wake: Condvar,
@@ -381,7 +381,7 @@ impl Engine {
             store,
             backends,
             devices,
-            next_id: AtomicU64::new(1),
+
             registry: Mutex::new(Registry::default()),
             sched: Mutex::new(sched),
             wake: Condvar::new(),
@@ -393,8 +393,7 @@ impl Engine {
         shared.recover()?;
         let mut threads = Vec::new();
         for (d, device) in shared.devices.iter().enumerate() {
-            let workers = if device.is_gpu() { 1 } else { shared.config.workers.max(1) };
-            for i in 0..workers {
+            for i in 0..shared.workers(d) {
                 let shared = shared.clone();
                 let name = format!("{}-{i}", device.id());
                 threads.push(
@@ -425,8 +424,10 @@ impl Engine {
     pub fn create_job(&self, uid: u32, gid: u32, model: &str, version: u32) -> Result<Arc<Job>> {
         let m = self.shared.store.model(model)?;
         let v = m.versions.get(&version).ok_or_else(|| Error::NotFound(format!("models/{model}/v{version}")))?;
+        // sled's ids only grow, across restarts too: a job id never names two jobs.
+        let id = self.shared.store.db().generate_id()? + 1;
         let job = Arc::new(Job {
-            id: self.shared.next_id.fetch_add(1, Ordering::Relaxed),
+            id,
             uid,
             gid,
             model: model.to_string(),
@@ -469,14 +470,31 @@ impl Engine {
         self.shared.registry.lock().unwrap().jobs.keys().copied().collect()
     }
 
-    /// Jobs of a version that have not finished (`new` ones included).
-    pub fn unfinished_jobs(&self, model: &str, version: u32) -> Vec<u64> {
+    /// Jobs queued or running on a version: they use it.
+    pub fn active_jobs(&self, model: &str, version: u32) -> Vec<u64> {
         let r = self.shared.registry.lock().unwrap();
         r.jobs
             .values()
-            .filter(|j| j.model == model && j.version == version && !j.status().is_finished())
+            .filter(|j| {
+                j.model == model && j.version == version && matches!(j.status(), Status::Queued | Status::Running)
+            })
             .map(|j| j.id)
             .collect()
+    }
+
+    /// Fails the `new` jobs of a version that was deleted.
+    pub fn abandon_new_jobs(&self, model: &str, version: u32) {
+        let jobs: Vec<Arc<Job>> = {
+            let r = self.shared.registry.lock().unwrap();
+            r.jobs
+                .values()
+                .filter(|j| j.model == model && j.version == version && j.status() == Status::New)
+                .cloned()
+                .collect()
+        };
+        for job in jobs {
+            self.shared.fail(&job, &Error::NotFound(format!("models/{model}/v{version} (deleted)")));
+        }
     }
 
     /// Submits a `new` job's input (see the module header). On error the
@@ -577,13 +595,11 @@ impl Drop for Engine {
     }
 }
 
-/// The batch key and rows of a request, if the version can batch it: every
-/// input and output has a free first dimension and the inputs agree on it.
+/// The batch key and rows of a request, if the version can batch it: the
+/// model names a batch dimension ([`crate::tensor::Signature::batch_dimension`])
+/// and the request's inputs agree on its size.
 fn batch_key(version: &Version, inputs: &[Tensor]) -> Option<(u64, usize)> {
-    let free_first = |specs: &[crate::tensor::TensorSpec]| specs.iter().all(|s| s.shape.first() == Some(&-1));
-    if !free_first(&version.signature.inputs) || !free_first(&version.signature.outputs) {
-        return None;
-    }
+    version.signature.batch_dimension()?;
     let rows = inputs.first()?.shape.first().copied()?;
     let mut h = DefaultHasher::new();
     version.digest.hash(&mut h);
@@ -598,6 +614,10 @@ fn batch_key(version: &Version, inputs: &[Tensor]) -> Option<(u64, usize)> {
 }
 
 impl Shared {
+    fn workers(&self, d: usize) -> usize {
+        self.devices[d].workers().unwrap_or(self.config.workers).max(1)
+    }
+
     fn register(&self, job: &Arc<Job>, finished: bool) {
         let mut r = self.registry.lock().unwrap();
         r.jobs.insert(job.id, job.clone());
@@ -609,17 +629,22 @@ impl Shared {
         }
     }
 
+    /// Decodes, checks and places a `new` job, records it, then queues it.
+    /// Disk I/O happens before the scheduler lock is taken; the status is
+    /// checked again under it, so a job cancelled meanwhile stays cancelled.
     fn enqueue(&self, job: &Arc<Job>, input: Vec<u8>) -> Result<()> {
-        let mut inner = job.inner();
-        if inner.state.status != Status::New {
-            return Err(Error::Busy(format!("job {}: already submitted", job.id)));
-        }
-        inner.state.input = Arc::new(input);
-        inner.state.submitted = Some(SystemTime::now());
-        let version = inner.version.clone().expect("a new job has its version");
-        let mut request = codec::decode(&inner.state.input, &version.signature)?;
+        let (input, version, config, priority) = {
+            let mut inner = job.inner();
+            if inner.state.status != Status::New {
+                return Err(Error::Busy(format!("job {}: already submitted", job.id)));
+            }
+            inner.state.input = Arc::new(input);
+            inner.state.submitted = Some(SystemTime::now());
+            let version = inner.version.clone().expect("a new job has its version");
+            (inner.state.input.clone(), version, inner.config.clone(), inner.state.priority)
+        };
+        let mut request = codec::decode(&input, &version.signature, self.config.max_input_bytes)?;
         request.inputs = version.signature.check(std::mem::take(&mut request.inputs))?;
-        let config = inner.config.clone();
         let views: Vec<sched::DeviceView> = self
             .devices
             .iter()
@@ -628,23 +653,29 @@ impl Shared {
         let d = sched::place(&config.device, version.size, &views)
             .map_err(|why| Error::NoDevice(format!("models/{}: {why}", job.model)))?;
         let batch = (config.max_batch > 1).then(|| batch_key(&version, &request.inputs)).flatten();
-        let priority = inner.state.priority;
-        inner.state.device = self.devices[d].id().to_string();
-        inner.request = Some(request);
-        drop(inner);
+        job.inner().state.device = self.devices[d].id().to_string();
+        self.write_input(job)?;
+        self.persist_as(job, Status::Queued, true);
 
         let mut s = self.sched.lock().unwrap();
         let queued = s.queued_per_model.get(&job.model).copied().unwrap_or(0);
         if queued >= config.max_queue as usize {
             return Err(Error::QueueFull { model: job.model.clone(), max: config.max_queue });
         }
-        self.write_input(job)?;
         {
             let mut inner = job.inner();
+            if inner.state.status != Status::New {
+                // Cancelled (or expired) while being recorded: it stays ended.
+                let failure = inner.state.outcome.clone().and_then(|o| o.err());
+                drop(inner);
+                drop(s);
+                self.persist(job, false);
+                return Err(failure.map_or(Error::Cancelled(job.id), |f| f.to_error()));
+            }
             inner.state.status = Status::Queued;
             inner.queued_at = Some(Instant::now());
+            inner.request = Some(request);
         }
-        self.persist(job, true);
         let _ = job.device.set(d);
         let _ = job.deadline.set(Instant::now() + Duration::from_millis(config.timeout_ms));
         s.seq += 1;
@@ -788,8 +819,7 @@ impl Shared {
                 tracing::info!(device = device.id(), model = %r.model, version = r.version, "unloaded to make room");
                 unloaded.push(r);
             }
-            let workers = if device.is_gpu() { 1 } else { self.config.workers.max(1) };
-            let max = if config.instances == 0 { workers } else { config.instances as usize };
+            let max = if config.instances == 0 { self.workers(d) } else { config.instances as usize };
             let pool = Arc::new(Pool { state: Mutex::new(PoolState::default()), returned: Condvar::new(), max });
             dq.resident.insert(
                 lead.digest,
@@ -831,7 +861,10 @@ impl Shared {
         let started = Instant::now();
         let device = &self.devices[d];
         let outputs = pool.acquire(|| self.load(&version, d)).and_then(|mut instance| {
-            let result = run_batch(&mut *instance, &live);
+            // A backend that panics fails these jobs, not the worker.
+            let result =
+                std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| run_batch(&mut *instance, &mut live)))
+                    .unwrap_or_else(|_| Err(Error::Runtime("the backend panicked".into())));
             pool.release(instance);
             result
         });
@@ -949,19 +982,21 @@ impl Shared {
             r.jobs.remove(&id);
             gone.push(id);
         }
+        let mut stale = Vec::new();
         while let Some(&(at, id)) = r.new.front() {
             if at.elapsed() < self.config.new_job_ttl {
                 break;
             }
             r.new.pop_front();
-            if r.jobs.get(&id).is_some_and(|j| j.status() == Status::New) {
-                r.jobs.remove(&id);
-                gone.push(id);
-            }
+            stale.extend(r.jobs.get(&id).filter(|j| j.status() == Status::New).cloned());
         }
         drop(r);
         for id in gone {
             self.forget(id);
+        }
+        // Ended, not just dropped: a reader waiting on one gets an answer.
+        for job in stale {
+            self.fail(&job, &Error::Expired(job.id));
         }
     }
 
@@ -978,9 +1013,15 @@ impl Shared {
     }
 
     /// Writes the job's record; `durable` flushes the catalog (an accepted
-    /// job must survive a crash; other changes may be redone).
+    /// job must survive the daemon being killed; other changes may be
+    /// redone: a job whose "done" was lost runs again).
     fn persist(&self, job: &Job, durable: bool) {
-        let record = Record::of(job);
+        self.persist_as(job, job.status(), durable)
+    }
+
+    fn persist_as(&self, job: &Job, status: Status, durable: bool) {
+        let mut record = Record::of(job);
+        record.status = status;
         let result = self
             .records
             .insert(job.id.to_be_bytes(), serde_json::to_vec(&record).expect("records serialize"))
@@ -999,14 +1040,14 @@ impl Shared {
     /// Brings back the jobs of an earlier run (see the module header).
     fn recover(&self) -> Result<()> {
         let mut requeue = Vec::new();
-        let mut max_id = 0;
+
         for entry in self.records.iter() {
             let (_, value) = entry?;
             let Ok(rec) = serde_json::from_slice::<Record>(&value) else {
                 tracing::warn!("skipping an unreadable job record");
                 continue;
             };
-            max_id = max_id.max(rec.id);
+
             let version = self
                 .store
                 .model(&rec.model)
@@ -1028,7 +1069,7 @@ impl Shared {
                 Status::Done | Status::Failed | Status::Cancelled => self.register(&job, true),
             }
         }
-        self.next_id.store(max_id + 1, Ordering::Relaxed);
+
         let count = requeue.len();
         for (job, input) in requeue {
             if let Err(e) = self.enqueue(&job, input) {
@@ -1044,9 +1085,9 @@ impl Shared {
 
 /// Runs one request, or several stacked along the first dimension and
 /// split back; returns each request's outputs.
-fn run_batch(instance: &mut dyn Instance, live: &[(Arc<Job>, Request)]) -> Result<Vec<Vec<Tensor>>> {
+fn run_batch(instance: &mut dyn Instance, live: &mut [(Arc<Job>, Request)]) -> Result<Vec<Vec<Tensor>>> {
     if let [(_, request)] = live {
-        return Ok(vec![instance.run(request.inputs.clone())?]);
+        return Ok(vec![instance.run(std::mem::take(&mut request.inputs))?]);
     }
     let rows: Vec<usize> = live.iter().map(|(_, r)| r.inputs[0].shape[0]).collect();
     let stacked: Vec<Tensor> = (0..live[0].1.inputs.len())
@@ -1057,7 +1098,7 @@ fn run_batch(instance: &mut dyn Instance, live: &[(Arc<Job>, Request)]) -> Resul
     for out in &outputs {
         let Some(pieces) = out.split(&rows) else {
             // An output that does not keep the batch dimension: run one by one.
-            return live.iter().map(|(_, r)| instance.run(r.inputs.clone())).collect();
+            return live.iter_mut().map(|(_, r)| instance.run(std::mem::take(&mut r.inputs))).collect();
         };
         for (job_outputs, piece) in per_job.iter_mut().zip(pieces) {
             job_outputs.push(piece);

@@ -50,6 +50,8 @@ pub enum Error {
     NoDevice(String),
     #[error("job {0}: the daemon restarted and its input was lost")]
     Restarted(u64),
+    #[error("job {0} expired: no input came while it was new")]
+    Expired(u64),
     /// A job that failed earlier: its errno and reason, as recorded.
     #[error("{message}")]
     Job { errno: i32, message: String },
@@ -109,6 +111,7 @@ impl Error {
             Error::QueueFull { .. } => libc::EAGAIN,
             Error::NoDevice(_) => libc::ENODEV,
             Error::Restarted(_) => libc::EIO,
+            Error::Expired(_) => libc::ETIMEDOUT,
             Error::Job { errno, .. } => *errno,
             Error::NotEmpty(_) => libc::ENOTEMPTY,
             Error::Busy(_) => libc::EBUSY,
@@ -141,6 +144,7 @@ impl Error {
             | Error::QueueFull { .. }
             | Error::NoDevice(_)
             | Error::Restarted(_)
+            | Error::Expired(_)
             | Error::Job { .. }
             | Error::NotEmpty(_)
             | Error::Busy(_)

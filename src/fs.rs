@@ -18,7 +18,8 @@
 //! never reused, so a number always means the same thing; a node that no
 //! longer exists answers ENOENT. The kernel's `forget` is ignored: the
 //! table grows with the number of distinct names ever looked up, which is
-//! small for models and versions. (Jobs will need reclaiming.)
+//! small for models and versions; job inodes are computed, not stored, and
+//! an upload's inode is dropped when it is released.
 //!
 //! **Handles.** `open` snapshots generated files (status, device values,
 //! meta.json) so that one read sequence sees one consistent text; model
@@ -31,6 +32,9 @@
 //! backend loads), leaving nothing behind. A `flush` with no data yet
 //! reports EINVAL ("empty file") but keeps the upload open, because shells
 //! close a duplicate of the descriptor before the program writes to it.
+//! For a few seconds after the commit the name still resolves, read-only,
+//! to the file in its version, and accepts chmod/chown/utimes as no-ops:
+//! `install` and Python's `shutil.copy` set the mode of what they copied.
 //!
 //! **Removal.** Files inside a version cannot be removed one by one:
 //! `unlink` of them succeeds only if the whole version could be deleted, and
@@ -44,7 +48,7 @@ use std::fs::File;
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, Weak};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use crate::backend::Backends;
@@ -90,6 +94,13 @@ pub enum Node {
     Model(String),
     /// `models/<name>/config.json`.
     Config(String),
+    /// A model file just copied in, under the name it was copied to (see
+    /// the module header).
+    Imported {
+        model: String,
+        file: String,
+        number: u32,
+    },
     /// `latest` or a user alias: a symlink to `v<N>`.
     Link {
         model: String,
@@ -249,8 +260,9 @@ struct InferStream {
     model: String,
     number: u32,
     caller: Caller,
-    /// The caller's session (getsid), for the write-then-read way.
-    sid: u32,
+    /// The caller's session (getsid), for the write-then-read way; `None`
+    /// when the caller's pid is not visible to the daemon.
+    sid: Option<u32>,
     input: Vec<u8>,
     /// The request sent from this handle (or, for a handle that wrote
     /// nothing, the session's last one), once there is one.
@@ -273,9 +285,17 @@ struct Pending {
     uid: u32,
     gid: u32,
     perm: u16,
+    /// The free space of the store when it began: no file can be larger.
+    limit: u64,
     /// `None` once committed or failed.
     upload: Option<Upload>,
 }
+
+/// (model, version, session id, uid): whose last request `cat infer` reads.
+type SessionKey = (String, u32, u32, u32);
+
+/// How long an imported file's name still resolves after the commit.
+const IMPORTED_NAME_GRACE: Duration = Duration::from_secs(10);
 
 #[derive(Default)]
 struct Inodes {
@@ -288,8 +308,11 @@ pub struct Fs {
     store: Arc<Store>,
     engine: Engine,
     backends: Backends,
-    /// The last request of each (version, session): what `cat infer` reads.
-    sessions: Mutex<HashMap<(String, u32, u32), Arc<Job>>>,
+    /// The last request of each (version, session, uid): what `cat infer`
+    /// reads. Weak: a job retired from `jobs/` is gone here too.
+    sessions: Mutex<HashMap<SessionKey, Weak<Job>>>,
+    /// Files just imported: (model, name) -> (version, when).
+    imported: Mutex<HashMap<(String, String), (u32, Instant)>>,
     inodes: Mutex<Inodes>,
     handles: Mutex<HashMap<u64, Arc<Handle>>>,
     next_fh: AtomicU64,
@@ -323,6 +346,7 @@ impl Fs {
             store,
             backends,
             sessions: Mutex::new(HashMap::new()),
+            imported: Mutex::new(HashMap::new()),
             inodes: Mutex::new(inodes),
             handles: Mutex::new(HashMap::new()),
             next_fh: AtomicU64::new(1),
@@ -432,6 +456,8 @@ impl Fs {
                     Node::Version { model: model.clone(), number }
                 } else if m.resolve_alias(name).is_some() {
                     Node::Link { model: model.clone(), alias: name.to_string() }
+                } else if let Some(number) = self.recently_imported(model, name) {
+                    Node::Imported { model: model.clone(), file: name.to_string(), number }
                 } else {
                     return Err(Error::NotFound(format!("models/{model}/{name}")));
                 }
@@ -545,7 +571,10 @@ impl Fs {
     fn attr(&self, node: &Node) -> Result<Attr> {
         let daemon_dir = |perm| (Kind::Dir, 0u64, perm, self.uid, self.gid, self.started);
         let (kind, size, perm, uid, gid, mtime) = match node {
-            Node::Root | Node::Devices | Node::Blobs | Node::Jobs => daemon_dir(0o755),
+            Node::Root | Node::Devices | Node::Jobs => daemon_dir(0o755),
+            // Blobs are every model's bytes: only the daemon's user reads them
+            // here; others go through the models they may see.
+            Node::Blobs => daemon_dir(0o700),
             // Anyone may create a model; only its owner may remove it (/tmp's rule).
             Node::Models => daemon_dir(0o1777),
             Node::Device(id) => {
@@ -568,7 +597,9 @@ impl Fs {
             }
             Node::Version { model, number } => {
                 let (m, v) = self.version(model, *number)?;
-                (Kind::Dir, 0, 0o555, m.uid, m.gid, secs(v.created))
+                // Writable in mode so that the kernel lets `rm -r` reach us;
+                // every change inside is refused (EROFS) but removal.
+                (Kind::Dir, 0, 0o755, m.uid, m.gid, secs(v.created))
             }
             Node::VersionFile { model, number, file } => {
                 let (m, v) = self.version(model, *number)?;
@@ -602,6 +633,11 @@ impl Fs {
                 };
                 (Kind::File, size, perm, job.uid, job.gid, state.created)
             }
+            Node::Imported { model, file, number } => {
+                let (m, v) = self.version(model, *number)?;
+                let digest = v.files.get(file).ok_or_else(|| Error::NotFound(format!("models/{model}/{file}")))?;
+                (Kind::File, self.blob_len(digest)?, 0o444, m.uid, m.gid, secs(v.created))
+            }
             Node::Blob(digest) => (Kind::File, self.blob_len(digest)?, 0o444, self.uid, self.gid, self.started),
             Node::Upload(fh) => {
                 let handle = self.handle(*fh).map_err(|_| Error::NotFound(format!("upload {fh}")))?;
@@ -616,7 +652,16 @@ impl Fs {
                 (Kind::File, self.content(node)?.len() as u64, 0o444, self.uid, self.gid, self.started)
             }
         };
-        Ok(Attr { ino: self.ino(node), kind, size, perm, uid, gid, mtime, cacheable: !matches!(node, Node::Upload(_)) })
+        Ok(Attr {
+            ino: self.ino(node),
+            kind,
+            size,
+            perm,
+            uid,
+            gid,
+            mtime,
+            cacheable: !matches!(node, Node::Upload(_) | Node::Imported { .. }),
+        })
     }
 
     fn blob_len(&self, digest: &Digest) -> Result<u64> {
@@ -681,7 +726,7 @@ impl Fs {
                             "finished": time(state.finished),
                             "queue_us": state.queue_us,
                             "compute_us": state.compute_us,
-                            "batch_size": state.started.map(|_| 1),
+                            "batch_size": state.batch_size,
                         }))
                         .expect("json");
                         s.push('\n');
@@ -697,12 +742,20 @@ impl Fs {
         Ok(text.into_bytes())
     }
 
-    /// EBUSY while unfinished jobs use the version.
+    /// EBUSY while queued or running jobs use the version.
     fn check_no_jobs(&self, model: &str, number: u32) -> Result<()> {
-        match self.engine.unfinished_jobs(model, number).as_slice() {
+        match self.engine.active_jobs(model, number).as_slice() {
             [] => Ok(()),
             ids => Err(Error::Busy(format!("models/{model}/v{number}: in use by job {ids:?}"))),
         }
+    }
+
+    /// The version a file just imported under `name` went to, within the
+    /// grace period.
+    fn recently_imported(&self, model: &str, name: &str) -> Option<u32> {
+        let mut imported = self.imported.lock().unwrap();
+        imported.retain(|_, (_, at)| at.elapsed() < IMPORTED_NAME_GRACE);
+        imported.get(&(model.to_string(), name.to_string())).map(|(n, _)| *n)
     }
 
     fn job(&self, id: u64) -> Result<Arc<Job>> {
@@ -819,11 +872,15 @@ a version an alias points at. The daemon log has the reason.
             Node::Upload(fh) => {
                 if let Some(size) = change.size {
                     self.with_pending(*fh, |p| match &mut p.upload {
+                        Some(_) if size > p.limit => Err(no_space(&p.model, &p.file_name, p.limit)),
                         Some(u) => u.set_len(size),
                         None => Ok(()),
                     })?;
                 }
             }
+            // What `install` or `shutil.copy` do after copying (mode, times), or
+            // the truncation of a second `cp` (which gets a new upload): no change.
+            Node::Imported { .. } if change.size.is_none_or(|s| s == 0) => {}
             // `>` truncates before writing a request, command or config: nothing to truncate.
             Node::Infer { .. }
             | Node::Config(_)
@@ -909,6 +966,7 @@ a version an alias points at. The daemon log has the reason.
             Node::Version { model, number } => {
                 self.check_no_jobs(&model, number)?;
                 self.store.delete_version(&model, number)?;
+                self.engine.abandon_new_jobs(&model, number);
                 tracing::info!(model = %model, version = number, "deleted version");
                 Ok(())
             }
@@ -935,6 +993,7 @@ a version an alias points at. The daemon log has the reason.
                 self.store.check_deletable(&*self.store.model(&model)?, number)?;
                 self.check_no_jobs(&model, number)
             }
+            node @ Node::Imported { .. } => Err(Error::NotFound(self.describe(&node))),
             node @ (Node::Model(_) | Node::Version { .. }) => Err(Error::IsDir(self.describe(&node))),
             node @ Node::Blob(_) => Err(Error::ReadOnly(self.describe(&node))),
             node => Err(Error::NotPermitted(format!("{}: belongs to the daemon", self.describe(&node)))),
@@ -999,9 +1058,16 @@ a version an alias points at. The daemon log has the reason.
             Node::Readme | Node::Status | Node::Metrics | Node::DeviceFile { .. } if writing => {
                 return Err(Error::AccessDenied(self.describe(&node)))
             }
-            Node::VersionFile { model, number, file: VersionFile::Model(name) } => {
+            // Writing the name just imported again (a second `cp`): a new upload.
+            Node::Imported { model, file, .. } if writing => {
+                let fh = self.start_upload(model.clone(), file, 0o644, caller)?;
+                return Ok(Opened { fh, direct_io: false, keep_cache: false, stream: false });
+            }
+            Node::VersionFile { model, number, file: VersionFile::Model(name) }
+            | Node::Imported { model, number, file: name } => {
                 let (_, v) = self.version(model, *number)?;
-                (Handle::Blob(self.open_blob(&v.files[name])?), false, true)
+                let digest = v.files.get(name).ok_or_else(|| Error::NotFound(self.describe(&node)))?;
+                (Handle::Blob(self.open_blob(digest)?), false, true)
             }
             Node::Blob(digest) => (Handle::Blob(self.open_blob(digest)?), false, true),
             Node::VersionFile { .. }
@@ -1016,7 +1082,7 @@ a version an alias points at. The daemon log has the reason.
                     model: model.clone(),
                     number: *number,
                     caller,
-                    sid: session_of(caller.pid),
+                    sid: (caller.pid != 0).then(|| session_of(caller.pid)),
                     input: Vec::new(),
                     job: None,
                     read_pos: 0,
@@ -1103,8 +1169,8 @@ a version an alias points at. The daemon log has the reason.
             if !st.input.is_empty() {
                 self.send_request(st)?;
             } else {
-                let key = (st.model.clone(), st.number, st.sid);
-                let job = self.sessions.lock().unwrap().get(&key).cloned();
+                let key = st.sid.map(|sid| (st.model.clone(), st.number, sid, st.caller.uid));
+                let job = key.and_then(|k| self.sessions.lock().unwrap().get(&k).and_then(Weak::upgrade));
                 st.job =
                     Some(job.ok_or_else(|| Error::NoRequest(format!("models/{}/v{}/infer", st.model, st.number)))?);
             }
@@ -1117,15 +1183,24 @@ a version an alias points at. The daemon log has the reason.
     fn send_request(&self, st: &mut InferStream) -> Result<()> {
         let job = self.engine.create_job(st.caller.uid, st.caller.gid, &st.model, st.number)?;
         let result = self.engine.submit(&job, std::mem::take(&mut st.input));
-        self.sessions.lock().unwrap().insert((st.model.clone(), st.number, st.sid), job.clone());
-        st.job = Some(job);
+        self.remember(st, job);
         result
+    }
+
+    /// Makes `job` the handle's request and its session's last.
+    fn remember(&self, st: &mut InferStream, job: Arc<Job>) {
+        if let Some(sid) = st.sid {
+            let key = (st.model.clone(), st.number, sid, st.caller.uid);
+            self.sessions.lock().unwrap().insert(key, Arc::downgrade(&job));
+        }
+        st.job = Some(job);
     }
 
     pub fn write(&self, fh: u64, offset: u64, data: &[u8]) -> Result<u32> {
         let limit = self.engine.config().max_input_bytes;
         match &*self.handle(fh)? {
             Handle::Upload(_) => self.with_pending(fh, |p| match &mut p.upload {
+                Some(_) if offset + data.len() as u64 > p.limit => Err(no_space(&p.model, &p.file_name, p.limit)),
                 Some(u) => u.write_at(offset, data),
                 None => Err(Error::InvalidArgument(format!(
                     "models/{}/{}: already committed; open it again to make another version",
@@ -1144,22 +1219,21 @@ a version an alias points at. The daemon log has the reason.
                     let e = Error::TooBig { limit };
                     let job = self.engine.create_job(st.caller.uid, st.caller.gid, &st.model, st.number)?;
                     self.engine.fail(&job, &e);
-                    self.sessions.lock().unwrap().insert((st.model.clone(), st.number, st.sid), job.clone());
-                    st.job = Some(job);
+                    self.remember(&mut st, job);
                     return Err(e);
                 }
                 st.input.extend_from_slice(data);
             }
             Handle::JobInput(w) => {
                 let mut w = w.lock().unwrap();
+                if w.job.status() != Status::New {
+                    return Err(Error::ReadOnly(format!("jobs/{}/input: already submitted", w.job.id)));
+                }
                 let end = offset as usize + data.len();
                 if end as u64 > limit {
                     let e = Error::TooBig { limit };
                     self.engine.fail(&w.job, &e);
                     return Err(e);
-                }
-                if w.job.status() != Status::New {
-                    return Err(Error::ReadOnly(format!("jobs/{}/input: already submitted", w.job.id)));
                 }
                 if w.input.len() < end {
                     w.input.resize(end, 0);
@@ -1237,11 +1311,16 @@ a version an alias points at. The daemon log has the reason.
             }
             Handle::JobInput(w) => {
                 let mut w = w.lock().unwrap();
-                if w.written && w.job.status() == Status::New {
-                    let input = std::mem::take(&mut w.input);
-                    self.engine.submit(&w.job, input)?;
+                if !w.written {
+                    return Ok(());
                 }
-                Ok(())
+                w.written = false;
+                if w.job.status() != Status::New {
+                    // Another writer's close submitted first: this one's bytes would be lost.
+                    return Err(Error::ReadOnly(format!("jobs/{}/input: already submitted", w.job.id)));
+                }
+                let input = std::mem::take(&mut w.input);
+                self.engine.submit(&w.job, input)
             }
             _ => Ok(()),
         }
@@ -1262,6 +1341,12 @@ a version an alias points at. The daemon log has the reason.
     /// can only be logged.
     pub fn release(&self, fh: u64) -> Result<()> {
         let handle = self.handles.lock().unwrap().remove(&fh).ok_or(Error::BadHandle(fh))?;
+        if matches!(&*handle, Handle::Upload(_)) {
+            let mut t = self.inodes.lock().unwrap();
+            if let Some(ino) = t.by_node.remove(&Node::Upload(fh)) {
+                t.by_ino.remove(&ino);
+            }
+        }
         if let Handle::Upload(pending) = &*handle {
             let p = pending.lock().unwrap();
             if p.upload.as_ref().is_some_and(|u| u.is_empty()) {
@@ -1297,9 +1382,17 @@ a version an alias points at. The daemon log has the reason.
                 why: "reserved for the files aifs adds to every version",
             });
         }
-        if let Ok(node) = self.child(&Node::Model(model.clone()), file_name) {
-            return Err(Error::Exists(self.describe(&node)));
+        match self.child(&Node::Model(model.clone()), file_name) {
+            Ok(Node::Imported { .. }) | Err(_) => {}
+            Ok(node) => return Err(Error::Exists(self.describe(&node))),
         }
+        let fh = self.start_upload(model, file_name, mode, caller)?;
+        let attr = self.attr(&Node::Upload(fh))?;
+        Ok((attr, Opened { fh, direct_io: false, keep_cache: false, stream: false }))
+    }
+
+    /// A new upload of `file_name` into a model; returns its handle.
+    fn start_upload(&self, model: String, file_name: &str, mode: u32, caller: Caller) -> Result<u64> {
         self.backends.for_file(file_name)?;
         let pending = Pending {
             model,
@@ -1307,11 +1400,10 @@ a version an alias points at. The daemon log has the reason.
             uid: caller.uid,
             gid: caller.gid,
             perm: (mode & 0o777) as u16,
+            limit: self.statfs().map_or(u64::MAX, |s| s.bavail * s.frsize as u64),
             upload: Some(self.store.begin_upload()?),
         };
-        let fh = self.add_handle(Handle::Upload(Mutex::new(pending)));
-        let attr = self.attr(&Node::Upload(fh))?;
-        Ok((attr, Opened { fh, direct_io: false, keep_cache: false, stream: false }))
+        Ok(self.add_handle(Handle::Upload(Mutex::new(pending))))
     }
 
     fn commit(&self, p: &mut Pending) -> Result<()> {
@@ -1320,6 +1412,11 @@ a version an alias points at. The daemon log has the reason.
         let file_name = p.file_name.clone();
         let imported =
             self.store.import(&p.model, &file_name, upload, |path| self.backends.inspect(path, &file_name))?;
+        let number = match imported {
+            Imported::New(n) | Imported::Existing(n) => n,
+        };
+        let key = (p.model.clone(), file_name.clone());
+        self.imported.lock().unwrap().insert(key, (number, Instant::now()));
         match imported {
             Imported::New(n) => {
                 tracing::info!(model = %p.model, version = n, file = %file_name, bytes, "imported new version")
@@ -1380,6 +1477,7 @@ a version an alias points at. The daemon log has the reason.
             Node::Status => "status".into(),
             Node::Metrics => "metrics".into(),
             Node::Config(m) => format!("models/{m}/config.json"),
+            Node::Imported { model, file, .. } => format!("models/{model}/{file}"),
             Node::Models => "models".into(),
             Node::Devices => "devices".into(),
             Node::Jobs => "jobs".into(),
@@ -1408,6 +1506,11 @@ a version an alias points at. The daemon log has the reason.
                 .unwrap_or_else(|_| format!("upload {fh}")),
         }
     }
+}
+
+fn no_space(model: &str, file: &str, free: u64) -> Error {
+    let context = format!("models/{model}/{file}: larger than the store's free space ({free} bytes)");
+    Error::io(context, std::io::Error::from_raw_os_error(libc::ENOSPC))
 }
 
 /// The session (getsid) of a process; its own pid if it is gone.

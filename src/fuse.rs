@@ -368,12 +368,17 @@ pub fn mount_config(allow_other: bool, threads: usize) -> fuser::Config {
 /// If `path` is a mount whose daemon died ("Transport endpoint is not
 /// connected"), detaches it. Returns whether it did.
 pub fn clear_stale_mount(path: &Path) -> io::Result<bool> {
-    match std::fs::metadata(path) {
-        Err(e) if e.raw_os_error() == Some(libc::ENOTCONN) => {}
-        _ => return Ok(false),
-    }
     let c_path = std::ffi::CString::new(path.as_os_str().as_encoded_bytes())
         .map_err(|_| io::Error::new(io::ErrorKind::InvalidInput, "path has a NUL"))?;
+    // statfs, not stat: the kernel may answer stat from its attribute cache
+    // for a while after the daemon died, but always asks the daemon for statfs.
+    // SAFETY: a valid C string and a zeroed struct for statfs to fill.
+    let mut st: libc::statfs = unsafe { std::mem::zeroed() };
+    if unsafe { libc::statfs(c_path.as_ptr(), &mut st) } == 0
+        || io::Error::last_os_error().raw_os_error() != Some(libc::ENOTCONN)
+    {
+        return Ok(false);
+    }
     // SAFETY: a valid C string; umount2 does not keep the pointer.
     if unsafe { libc::umount2(c_path.as_ptr(), libc::MNT_DETACH) } == 0 {
         return Ok(true);

@@ -85,6 +85,11 @@ pub struct DeviceSample {
     pub memory_total: u64,
 }
 
+/// A metric family rendered from one number per item: name, help, the number.
+type Column<T> = (&'static str, &'static str, fn(&T) -> u64);
+/// A histogram family: name, help, the histogram, its bucket bounds.
+type HistogramColumn = (&'static str, &'static str, fn(&VersionStats) -> &Histogram, &'static [f64]);
+
 #[derive(Default)]
 pub struct Metrics {
     versions: Mutex<BTreeMap<(String, u32), VersionStats>>,
@@ -155,7 +160,7 @@ impl Metrics {
             let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} {kind}");
             body(&mut out);
         };
-        let counters: [(&str, &str, fn(&VersionStats) -> u64); 3] = [
+        let counters: [Column<VersionStats>; 3] = [
             (REQUESTS, "Requests submitted (accepted or rejected).", |s| s.requests),
             (FAILURES, "Requests that ended failed.", |s| s.failures),
             (BATCHES, "Model runs (each runs one batch of requests).", |s| s.batches),
@@ -167,7 +172,7 @@ impl Metrics {
                 }
             });
         }
-        let histograms: [(&str, &str, fn(&VersionStats) -> &Histogram, &[f64]); 3] = [
+        let histograms: [HistogramColumn; 3] = [
             (QUEUE_SECONDS, "Time requests waited in the queue.", |s| &s.queue, &LATENCY_BUCKETS),
             (COMPUTE_SECONDS, "Time requests took to run.", |s| &s.compute, &LATENCY_BUCKETS),
             (BATCH_SIZE, "Requests per run.", |s| &s.batch_size, &BATCH_BUCKETS),
@@ -179,7 +184,7 @@ impl Metrics {
                 }
             });
         }
-        let gauges: [(&str, &str, fn(&DeviceSample) -> u64); 5] = [
+        let gauges: [Column<DeviceSample>; 5] = [
             (QUEUE_DEPTH, "Jobs queued on the device.", |d| d.queue as u64),
             (RUNNING, "Jobs running on the device.", |d| d.running as u64),
             (DEVICE_UTIL, "Device utilization over the last second.", |d| d.util as u64),

@@ -185,8 +185,10 @@ impl Version {
 }
 
 /// A model's scheduling settings: `models/<name>/config.json`.
+/// Read from the catalog leniently (a key a later build drops must not
+/// stop the daemon); [`ModelConfig::parse`] is strict with what users write.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(default, deny_unknown_fields)]
+#[serde(default)]
 pub struct ModelConfig {
     /// `auto`, `cpu`, or a GPU id such as `gpu0`.
     pub device: String,
@@ -225,8 +227,16 @@ impl ModelConfig {
     /// Parses and validates a `config.json` written by a user. Keys left
     /// out take their defaults (the file is replaced, not merged).
     pub fn parse(text: &[u8]) -> Result<ModelConfig> {
-        let config: ModelConfig =
+        let value: serde_json::Value =
             serde_json::from_slice(text).map_err(|e| Error::InvalidArgument(format!("config.json: {e}")))?;
+        let known = serde_json::to_value(ModelConfig::default()).expect("serializes");
+        if let Some(unknown) = value.as_object().and_then(|o| o.keys().find(|k| known.get(k.as_str()).is_none())) {
+            return Err(Error::InvalidArgument(format!(
+                "config.json: unknown key {unknown:?} (known: device, max_batch, batch_delay_us, instances, keep_alive_s, priority, timeout_ms, max_queue)"
+            )));
+        }
+        let config: ModelConfig =
+            serde_json::from_value(value).map_err(|e| Error::InvalidArgument(format!("config.json: {e}")))?;
         let bad = |why: String| Err(Error::InvalidArgument(format!("config.json: {why}")));
         let device_ok = config.device == "auto"
             || config.device == "cpu"
@@ -565,11 +575,17 @@ impl Store {
         let removed = record.versions.remove(&number).expect("checked above");
         self.put(record)?;
         let referenced = self.referenced_blobs();
+        // The version is gone; a blob that cannot be removed now is
+        // collected at the next start.
         for digest in removed.files.values().filter(|d| !referenced.contains(d)) {
             let path = self.blob_path(digest);
             let len = fs::metadata(&path).map(|m| m.len()).unwrap_or(0);
-            remove_file_if_present(&path)?;
-            self.bytes.fetch_sub(len, Ordering::Relaxed);
+            match remove_file_if_present(&path) {
+                Ok(()) => {
+                    self.bytes.fetch_sub(len, Ordering::Relaxed);
+                }
+                Err(e) => tracing::warn!("{e}"),
+            }
         }
         Ok(())
     }
@@ -740,19 +756,18 @@ impl Finished {
         self.upload.path.as_deref().expect("a live upload has a path")
     }
 
-    /// Moves the temp file to `dest` unless a blob is already there (same
-    /// name, same bytes). Returns whether a new blob was added.
+    /// Moves the temp file to `dest`, replacing a blob already there: the
+    /// same name means the same bytes, so this also repairs a blob damaged
+    /// on disk. Returns whether a new blob was added.
     fn persist(mut self, dest: &Path) -> Result<bool> {
-        if dest.exists() {
-            return Ok(false); // the temp file goes with `self`
-        }
+        let added = !dest.exists();
         let tmp = self.upload.path.take().expect("a live upload has a path");
         if let Err(e) = fs::rename(&tmp, dest) {
             let _ = remove_file_if_present(&tmp);
             return Err(Error::io(dest.display().to_string(), e));
         }
         sync_dir(dest.parent().expect("blob paths have a parent"))?;
-        Ok(true)
+        Ok(added)
     }
 }
 
@@ -781,7 +796,12 @@ mod tests {
             format: "onnx".into(),
             backend: "test".into(),
             signature: Signature {
-                inputs: vec![TensorSpec { name: "x".into(), dtype: DType::Float32, shape: vec![-1] }],
+                inputs: vec![TensorSpec {
+                    name: "x".into(),
+                    dtype: DType::Float32,
+                    shape: vec![-1],
+                    dim_names: vec![],
+                }],
                 outputs: vec![],
             },
         })

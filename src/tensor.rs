@@ -68,6 +68,11 @@ pub struct TensorSpec {
     pub name: String,
     pub dtype: DType,
     pub shape: Vec<i64>,
+    /// The model's names for its dimensions (`""` where it gives none), as
+    /// in `["N", ""]`. A shared name is how a model says two free
+    /// dimensions are the same one, e.g. the batch.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub dim_names: Vec<String>,
 }
 
 /// What a backend reports about a loaded model.
@@ -183,7 +188,10 @@ impl Tensor {
     /// Checks that the element count matches the shape.
     pub fn new(name: impl Into<String>, shape: Vec<usize>, data: Data) -> Result<Tensor> {
         let name = name.into();
-        let expected: usize = shape.iter().product();
+        let expected = shape
+            .iter()
+            .try_fold(1usize, |acc, &d| acc.checked_mul(d))
+            .ok_or_else(|| Error::BadInput(format!("input {name:?}: shape {shape:?} is too large")))?;
         if expected != data.len() {
             return Err(Error::BadInput(format!(
                 "input {name:?}: shape {shape:?} needs {expected} elements, got {}",
@@ -238,6 +246,19 @@ impl Tensor {
 }
 
 impl Signature {
+    /// The name of the batch dimension, if the model has one: every input
+    /// and output starts with a free dimension, and all call it the same
+    /// (non-empty) name. Only then can requests be stacked along it and the
+    /// outputs be split back per request.
+    pub fn batch_dimension(&self) -> Option<&str> {
+        let mut first = self.inputs.iter().chain(&self.outputs).map(|s| match (s.shape.first(), s.dim_names.first()) {
+            (Some(-1), Some(name)) if !name.is_empty() => Some(name.as_str()),
+            _ => None,
+        });
+        let name = first.next()??;
+        first.all(|n| n == Some(name)).then_some(name)
+    }
+
     pub fn input(&self, name: &str) -> Option<&TensorSpec> {
         self.inputs.iter().find(|s| s.name == name)
     }
@@ -307,8 +328,8 @@ mod tests {
     fn sig() -> Signature {
         Signature {
             inputs: vec![
-                TensorSpec { name: "x".into(), dtype: DType::Float32, shape: vec![-1, 2] },
-                TensorSpec { name: "n".into(), dtype: DType::Int64, shape: vec![] },
+                TensorSpec { name: "x".into(), dtype: DType::Float32, shape: vec![-1, 2], dim_names: vec![] },
+                TensorSpec { name: "n".into(), dtype: DType::Int64, shape: vec![], dim_names: vec![] },
             ],
             outputs: vec![],
         }
@@ -325,7 +346,7 @@ mod tests {
 
     #[test]
     fn dtypes_serialize_with_numpy_names() {
-        let spec = TensorSpec { name: "x".into(), dtype: DType::Float32, shape: vec![-1, 3] };
+        let spec = TensorSpec { name: "x".into(), dtype: DType::Float32, shape: vec![-1, 3], dim_names: vec![] };
         let json = serde_json::to_string(&spec).unwrap();
         assert_eq!(json, r#"{"name":"x","dtype":"float32","shape":[-1,3]}"#);
     }
@@ -349,6 +370,22 @@ mod tests {
         let wrong = Tensor::new("n", vec![], Data::Float64(vec![3.0])).unwrap();
         assert_eq!(err(vec![x(vec![1, 2]), wrong]), r#"input "n": expected dtype int64, got float64"#);
         assert_eq!(err(vec![x(vec![1, 2]), n(), n()]), r#"input "n" given twice"#);
+    }
+
+    #[test]
+    fn a_batch_dimension_must_be_named_alike_everywhere() {
+        let spec = |name: &str, dims: &[&str]| TensorSpec {
+            name: name.into(),
+            dtype: DType::Float32,
+            shape: dims.iter().map(|d| if d.is_empty() || d.starts_with('N') { -1 } else { 4 }).collect(),
+            dim_names: dims.iter().map(|d| d.to_string()).collect(),
+        };
+        let sig = |i: Vec<TensorSpec>, o: Vec<TensorSpec>| Signature { inputs: i, outputs: o };
+        assert_eq!(sig(vec![spec("x", &["N", "4"])], vec![spec("y", &["N"])]).batch_dimension(), Some("N"));
+        // A detector's boxes: free, but not the batch.
+        assert_eq!(sig(vec![spec("x", &["N", "4"])], vec![spec("boxes", &["Nboxes", "4"])]).batch_dimension(), None);
+        assert_eq!(sig(vec![spec("x", &["", "4"])], vec![spec("y", &[""])]).batch_dimension(), None);
+        assert_eq!(sig(vec![spec("x", &["4"])], vec![spec("y", &["4"])]).batch_dimension(), None);
     }
 
     #[test]

@@ -138,7 +138,10 @@ fn copy_in_makes_a_version_with_its_files() {
     assert_eq!(t.read_all("models/m/v1/mlp.onnx"), mlp);
     assert_eq!(t.fs.readlink(t.ino("models/m/latest")).unwrap(), "v1");
     let meta: serde_json::Value = serde_json::from_slice(&t.read_all("models/m/v1/meta.json")).unwrap();
-    assert_eq!(meta["inputs"], serde_json::json!([{"name": "x", "dtype": "float32", "shape": [-1, 16]}]));
+    assert_eq!(
+        meta["inputs"],
+        serde_json::json!([{"name": "x", "dtype": "float32", "shape": [-1, 16], "dim_names": ["N", ""]}])
+    );
     assert_eq!(meta["size"], mlp.len());
     // The same bytes again: no new version.
     t.copy_in("m", "mlp.onnx", &mlp).unwrap();

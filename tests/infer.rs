@@ -5,52 +5,20 @@
 mod common;
 
 use std::fs::OpenOptions;
-use std::io::{Read, Write};
-use std::path::{Path, PathBuf};
+use std::io::Write;
+use std::path::Path;
 use std::process::Command;
 use std::time::{Duration, Instant};
 
 use common::*;
 
-/// `mkdir models/<model> && cp <fixture> models/<model>/`; returns `models/<model>/v1`.
-fn import(m: &Mount, model: &str, fixture_path: &Path) -> PathBuf {
-    sh_ok(&m.mnt, &format!("mkdir models/{model} && cp {} models/{model}/", fixture_path.display()));
-    m.path(&format!("models/{model}/v1"))
-}
-
-fn models_fixture(name: &str) -> PathBuf {
-    fixture(&format!("models/{name}"))
-}
-
-/// One handle: open read-write, write the request, read the response.
-fn one_handle(infer: &Path, body: &[u8]) -> std::io::Result<Vec<u8>> {
-    let mut f = OpenOptions::new().read(true).write(true).open(infer)?;
-    f.write_all(body)?;
-    let mut out = Vec::new();
-    f.read_to_end(&mut out)?;
-    Ok(out)
-}
-
-/// `close(2)`, with its error (dropping a `File` ignores it).
-fn close(f: std::fs::File) -> Result<(), i32> {
-    use std::os::fd::IntoRawFd;
-    // SAFETY: we own the descriptor and close it once.
-    match unsafe { libc::close(f.into_raw_fd()) } {
-        0 => Ok(()),
-        _ => Err(std::io::Error::last_os_error().raw_os_error().unwrap()),
+/// `[[[[[0, 0, ...1023], ...]]]]`: nested 5 deep, 1024 wide only at the front.
+fn hostile_json() -> Vec<u8> {
+    let mut v = String::from("0");
+    for _ in 0..5 {
+        v = format!("[{v}{}]", ",0".repeat(1023));
     }
-}
-
-fn newest_job(m: &Mount) -> u64 {
-    std::fs::read_dir(m.path("jobs"))
-        .unwrap()
-        .map(|e| e.unwrap().file_name().to_string_lossy().parse::<u64>().unwrap())
-        .max()
-        .expect("a job")
-}
-
-fn job_file(m: &Mount, id: u64, file: &str) -> String {
-    read(m.path(&format!("jobs/{id}/{file}")))
+    v.into_bytes()
 }
 
 #[test]
@@ -76,7 +44,7 @@ fn concurrent_clients_get_exactly_their_own_outputs() {
     const CLIENTS: usize = 32;
     const REQUESTS: usize = 200;
     let m = Mount::start();
-    let v1 = import(&m, "id", &models_fixture("identity_int64.onnx"));
+    let v1 = import(&m, "id", &model_fixture("identity_int64.onnx"));
     let infer = v1.join("infer");
     let request = |c: usize, r: usize| format!("[[{c},{r}]]");
 
@@ -157,7 +125,7 @@ impl OutputAsync for Command {
 fn bad_requests_fail_with_their_errno_and_one_line_reason() {
     let m = Mount::start_with(&["--max-input-bytes", "100000"]);
     let mlp = import(&m, "mlp", &fixture("mlp.onnx")).join("infer");
-    let multi = import(&m, "multi", &models_fixture("multi.onnx")).join("infer");
+    let multi = import(&m, "multi", &model_fixture("multi.onnx")).join("infer");
     let npy_f64 = std::fs::read(fixture("cases/identity_float64/input.npy")).unwrap();
     let npy_f32 = std::fs::read(fixture("cases/identity_float32/input.npy")).unwrap();
     let big = format!("[{}]", vec!["1"; 60_000].join(","));
@@ -207,6 +175,8 @@ fn bad_requests_fail_with_their_errno_and_one_line_reason() {
             r#"input "b": a float (1.5) where an integer (int64) is required"#.into(),
         ),
         ("not a known format", &mlp, b"hello".to_vec(), libc::EINVAL, "unrecognized input".into()),
+        // 10 KB whose first elements claim a 1024^5 shape: refused, not allocated.
+        ("a hostile shape", &mlp, hostile_json(), libc::EINVAL, "ragged array".into()),
         (
             "over the size limit",
             &mlp,
@@ -249,7 +219,7 @@ fn waiting_readers_hold_no_fuse_thread() {
     const READERS: usize = 100;
     let m = Mount::start_with(&["--threads", "2"]);
     import(&m, "mlp", &fixture("mlp.onnx"));
-    let other = import(&m, "other", &models_fixture("identity_int32.onnx")).join("infer");
+    let other = import(&m, "other", &model_fixture("identity_int32.onnx")).join("infer");
     // 100 jobs that never get input, and a reader blocked on each output.
     let ids: Vec<String> = (0..READERS).map(|_| read(m.path("models/mlp/v1/clone")).trim().to_string()).collect();
     let readers: Vec<_> = ids
@@ -314,26 +284,36 @@ fn job_files_ctl_and_priority() {
     assert_eq!(errno(std::fs::write(m.path(&format!("jobs/{id}/input")), b"[[1]]")), libc::EROFS);
     sh_err(&m.mnt, &format!("echo 1 > jobs/{id}/priority"), "Read-only file system");
     sh_err(&m.mnt, &format!("echo cancel > jobs/{id}/ctl"), "Invalid argument");
-    // A version a job is using cannot be deleted.
-    let pending = read(m.path("models/mlp/v1/clone")).trim().to_string();
-    sh_err(&m.mnt, "rm -r models/mlp/v1", "Device or resource busy");
-    sh_ok(&m.mnt, &format!("echo cancel > jobs/{pending}/ctl && rm -r models/mlp/v1"));
+    // A job still new does not hold its version: deleting the version fails it.
+    let pending: u64 = read(m.path("models/mlp/v1/clone")).trim().parse().unwrap();
+    sh_ok(&m.mnt, "rm -r models/mlp/v1");
+    assert_eq!(
+        job_file(&m, pending, "status"),
+        format!("failed\nmodels/mlp/v1 (deleted): no such file or directory\n")
+    );
+    assert_eq!(errno(std::fs::read(m.path(&format!("jobs/{pending}/output")))), libc::ENOENT);
 }
 
 #[test]
 fn jobs_belong_to_the_user_who_made_them() {
     let m = Mount::start_with(&["--allow-other"]);
-    import(&m, "id", &models_fixture("identity_int64.onnx"));
+    import(&m, "id", &model_fixture("identity_int64.onnx"));
     one_handle(&m.path("models/id/v1/infer"), b"[[1, 2]]").unwrap();
     let roots = newest_job(&m);
     let as_nobody =
         |cmd: &str| sh(&m.mnt, &format!("setpriv --reuid=65534 --regid=65534 --clear-groups -- bash -c '{cmd}'"));
 
+    // Same session, other user: root's last request is not theirs to read.
+    let out = as_nobody("cat models/id/v1/infer");
+    assert!(String::from_utf8_lossy(&out.stderr).contains("No data available"), "{out:?}");
     let out = as_nobody("echo \"[[3, 4]]\" > models/id/v1/infer && cat models/id/v1/infer");
     assert!(out.status.success(), "{out:?}");
     assert_eq!(String::from_utf8_lossy(&out.stdout), "[[3,4]]\n");
     let theirs = newest_job(&m);
     assert_eq!(sh_ok(&m.mnt, &format!("stat -c '%a %U' jobs/{theirs}")), "700 nobody\n");
+    // Nor are the store's blobs (every model's bytes).
+    let out = as_nobody("ls blobs");
+    assert!(String::from_utf8_lossy(&out.stderr).contains("Permission denied"), "{out:?}");
     assert_eq!(sh_ok(&m.mnt, &format!("stat -c '%a %U' jobs/{roots}")), "700 root\n");
 
     for cmd in [format!("cat jobs/{roots}/output"), format!("echo cancel > jobs/{roots}/ctl")] {

@@ -93,12 +93,25 @@ fn cp_makes_content_addressed_versions() {
     assert_eq!(meta["source"], "mlp.onnx");
     assert_eq!(meta["size"], std::fs::metadata(&mlp).unwrap().len());
     assert!(meta["created"].as_str().unwrap().ends_with('Z'));
-    assert_eq!(meta["inputs"], serde_json::json!([{"name": "x", "dtype": "float32", "shape": [-1, 16]}]));
-    assert_eq!(meta["outputs"], serde_json::json!([{"name": "y", "dtype": "float32", "shape": [-1, 16]}]));
+    assert_eq!(
+        meta["inputs"],
+        serde_json::json!([{"name": "x", "dtype": "float32", "shape": [-1, 16], "dim_names": ["N", ""]}])
+    );
+    assert_eq!(
+        meta["outputs"],
+        serde_json::json!([{"name": "y", "dtype": "float32", "shape": [-1, 16], "dim_names": ["N", ""]}])
+    );
 
     // The store: blobs/ shows the blob, the data dir holds it once.
     sh_ok(&m.mnt, &format!("cmp blobs/sha256-{blob} {}", mlp.display()));
     assert_eq!(m.blob_files(), [format!("sha256-{blob}")]);
+
+    // Python's shutil.copy sets the mode of the copy after closing it: the
+    // name stays valid for that, and the copy is the same version.
+    let py = format!("import shutil; shutil.copy('{}', 'models/m/')", mlp.display());
+    let out = Command::new(repo().join(".venv/bin/python")).args(["-c", &py]).current_dir(&m.mnt).output().unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert_eq!(ls(&m, "models/m"), ["config.json", "latest", "v1"]);
 
     // Identical content: no new version. New content: v2, and latest follows.
     import(&m, "m", "mlp.onnx");
@@ -228,6 +241,16 @@ fn permissions_are_kept_and_enforced_by_the_kernel() {
     assert!(as_nobody(&m, "ls models/shared").status.success());
     assert!(as_nobody(&m, "mkdir models/theirs").status.success());
     assert_eq!(stat(&m, "models/theirs"), "755 nobody nogroup\n");
+    // An owner who is not root imports, aliases and removes versions with the usual tools.
+    let mlp = fixture("mlp.onnx");
+    std::fs::copy(&mlp, m.dir.path().join("mlp.onnx")).unwrap();
+    let tools = format!(
+        "cp {dir}/mlp.onnx models/theirs/ && ln -s v1 models/theirs/stable && rm models/theirs/stable && rm -r models/theirs/v1",
+        dir = m.dir.path().display()
+    );
+    let out = as_nobody(&m, &tools);
+    assert!(out.status.success(), "{out:?}");
+    assert_eq!(ls(&m, "models/theirs"), ["config.json"]);
     // models/ is sticky: nobody cannot remove root's model.
     assert!(!as_nobody(&m, "rmdir models/shared2 2>/dev/null; rmdir models/private").status.success());
 
@@ -262,6 +285,17 @@ fn everything_survives_unmount_and_remount() {
     // Numbering continues.
     import(&m, "m", "logreg_iris.onnx");
     assert_eq!(ls(&m, "models/m"), ["config.json", "latest", "stable", "v1", "v2", "v3"]);
+}
+
+#[test]
+fn sigterm_with_a_busy_mount_still_exits() {
+    let mut m = Mount::start();
+    // A shell whose working directory is inside the mount keeps it busy.
+    let mut shell = Command::new("sleep").arg("30").current_dir(m.path("models")).spawn().unwrap();
+    assert!(m.stop().success(), "{}", m.log_text());
+    assert!(!is_mounted(&m.mnt));
+    shell.kill().unwrap();
+    shell.wait().unwrap();
 }
 
 #[test]

@@ -5,6 +5,7 @@
 use std::fs::OpenOptions;
 use std::io::{IsTerminal, Read, Write};
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+use std::os::unix::fs::DirBuilderExt;
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use std::sync::Arc;
@@ -66,8 +67,9 @@ struct Cli {
     #[arg(long, default_value_t = 100)]
     aging_ms: u64,
 
-    /// Add a simulated GPU (repeatable): MEMORY[,DELAY_MS], e.g. 512M or 2G,5. It runs on the
-    /// CPU with that memory budget and extra time per run; for trying placement without a GPU.
+    /// Add a simulated GPU (repeatable): MEMORY[,DELAY_MS[,WORKERS]], e.g. 512M or 2G,5. It runs
+    /// on the CPU with that memory budget, extra time per run and workers (default 1); for trying
+    /// scheduling and placement without a GPU.
     #[arg(long, value_name = "SPEC")]
     simulate_gpu: Vec<String>,
 }
@@ -97,7 +99,14 @@ fn run(cli: Cli) -> Result<(), String> {
         Some(d) => d,
         None => default_data_dir()?,
     };
-    std::fs::create_dir_all(&data_dir).map_err(|e| format!("data dir {}: {e}", data_dir.display()))?;
+    if !data_dir.exists() {
+        // Models, requests and outputs of every user: the daemon's alone.
+        std::fs::DirBuilder::new()
+            .recursive(true)
+            .mode(0o700)
+            .create(&data_dir)
+            .map_err(|e| format!("data dir {}: {e}", data_dir.display()))?;
+    }
     // A daemon that died leaves its mount behind ("Transport endpoint is not connected").
     let cleared_stale = aifs::fuse::clear_stale_mount(&cli.mountpoint)
         .map_err(|e| format!("mount point {}: {e}", cli.mountpoint.display()))?;
@@ -150,14 +159,35 @@ fn serve(cli: &Cli, data_dir: &Path, library: &Path, ready: Option<OwnedFd>) -> 
     tracing::info!(mountpoint = %mountpoint.display(), "mounted");
 
     let mut unmounter = session.unmount_callable();
+    let mountpoint_for_signal = mountpoint.clone();
+    let fs_for_signal = fs.clone();
     let mut signals = signal_hook::iterator::Signals::new([SIGINT, SIGTERM]).map_err(|e| e.to_string())?;
     std::thread::Builder::new()
         .name("signals".into())
         .spawn(move || {
-            if let Some(sig) = signals.forever().next() {
+            // Each signal tries again; when the mount is busy (a shell's cwd
+            // in it), detach it: it goes away as its last user leaves.
+            for sig in signals.forever() {
                 tracing::info!(signal = sig, "unmounting");
-                if let Err(e) = unmounter.unmount() {
-                    tracing::error!("unmount failed: {e}");
+                match unmounter.unmount() {
+                    Ok(()) => return,
+                    Err(e) => {
+                        tracing::warn!("unmount failed ({e}); detaching the mount instead");
+                        let detached = std::ffi::CString::new(mountpoint_for_signal.as_os_str().as_encoded_bytes())
+                            // SAFETY: a valid C string.
+                            .map(|p| unsafe { libc::umount2(p.as_ptr(), libc::MNT_DETACH) } == 0)
+                            .unwrap_or(false);
+                        if detached {
+                            // The detached mount lives on while its users do, and so would
+                            // the session: leave now. Catalog and job records are flushed
+                            // as they change; this flush is for good measure.
+                            if let Err(e) = fs_for_signal.store().db().flush() {
+                                tracing::error!("flushing the catalog: {e}");
+                            }
+                            tracing::info!("detached the busy mount; bye");
+                            std::process::exit(0);
+                        }
+                    }
                 }
             }
         })

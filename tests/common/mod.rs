@@ -124,6 +124,10 @@ impl Mount {
     /// Starts the daemon (again) on the same data dir and mount point.
     pub fn spawn(&mut self) {
         assert!(self.child.is_none(), "daemon already running");
+        // After a SIGKILL the kernel may still answer `stat` from its cache,
+        // so wait for this daemon's own "mounted" line.
+        let mounted = |m: &Mount| m.log_text().matches("aifs_mountd: mounted").count();
+        let before = mounted(self);
         let log = OpenOptions::new().create(true).append(true).open(&self.log).unwrap();
         let child = Command::new(daemon_bin())
             .arg(&self.mnt)
@@ -139,7 +143,7 @@ impl Mount {
             .unwrap();
         self.child = Some(child);
         let deadline = Instant::now() + Duration::from_secs(30);
-        while !(is_mounted(&self.mnt) && self.mnt.join("status").exists()) {
+        while !(mounted(self) > before && self.mnt.join("status").exists()) {
             if let Some(status) = self.child.as_mut().unwrap().try_wait().unwrap() {
                 self.child = None;
                 panic!("daemon exited with {status} before mounting:\n{}", self.log_text());
@@ -228,4 +232,55 @@ pub fn read(path: impl AsRef<Path>) -> String {
 
 pub fn touch_file(path: &Path) -> std::io::Result<File> {
     OpenOptions::new().write(true).create(true).truncate(true).open(path)
+}
+
+/// A model file made by `scripts/models.py` (`target/fixtures/models/`).
+pub fn model_fixture(name: &str) -> PathBuf {
+    fixture(&format!("models/{name}"))
+}
+
+/// `mkdir models/<model> && cp <file> models/<model>/`; returns `models/<model>/v1`.
+pub fn import(m: &Mount, model: &str, file: &Path) -> PathBuf {
+    sh_ok(&m.mnt, &format!("mkdir models/{model} && cp {} models/{model}/", file.display()));
+    m.path(&format!("models/{model}/v1"))
+}
+
+/// One handle: open read-write, write the request, read the response.
+pub fn one_handle(infer: &Path, body: &[u8]) -> std::io::Result<Vec<u8>> {
+    use std::io::{Read, Write};
+    let mut f = OpenOptions::new().read(true).write(true).open(infer)?;
+    f.write_all(body)?;
+    let mut out = Vec::new();
+    f.read_to_end(&mut out)?;
+    Ok(out)
+}
+
+/// `close(2)`, with its error (dropping a `File` ignores it).
+pub fn close(f: File) -> Result<(), i32> {
+    use std::os::fd::IntoRawFd;
+    // SAFETY: we own the descriptor and close it once.
+    match unsafe { libc::close(f.into_raw_fd()) } {
+        0 => Ok(()),
+        _ => Err(std::io::Error::last_os_error().raw_os_error().unwrap()),
+    }
+}
+
+/// Writes a whole file and closes it, returning the close's errno.
+pub fn write_file(path: &Path, bytes: &[u8]) -> Result<(), i32> {
+    use std::io::Write;
+    let mut f = OpenOptions::new().write(true).truncate(true).open(path).map_err(|e| e.raw_os_error().unwrap())?;
+    f.write_all(bytes).map_err(|e| e.raw_os_error().unwrap())?;
+    close(f)
+}
+
+pub fn newest_job(m: &Mount) -> u64 {
+    std::fs::read_dir(m.path("jobs"))
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().parse::<u64>().unwrap())
+        .max()
+        .expect("a job")
+}
+
+pub fn job_file(m: &Mount, id: u64, file: &str) -> String {
+    read(m.path(&format!("jobs/{id}/{file}")))
 }
