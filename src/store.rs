@@ -823,6 +823,21 @@ mod tests {
         names
     }
 
+    /// Opens a store just dropped in this process: sled's flusher thread
+    /// may hold the file lock a moment longer (a new process never waits).
+    fn reopen(dir: &Path) -> Store {
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+        loop {
+            match Store::open(dir) {
+                Ok(store) => return store,
+                Err(_) if std::time::Instant::now() < deadline => {
+                    std::thread::sleep(std::time::Duration::from_millis(20))
+                }
+                Err(e) => panic!("{e}"),
+            }
+        }
+    }
+
     fn new_store() -> (tempfile::TempDir, Store) {
         let dir = tempfile::tempdir().unwrap();
         let store = Store::open(dir.path()).unwrap();
@@ -979,7 +994,7 @@ mod tests {
         }
         store.set_config("m", c.clone()).unwrap();
         drop(store);
-        assert_eq!(Store::open(dir.path()).unwrap().model("m").unwrap().config, c);
+        assert_eq!(reopen(dir.path()).model("m").unwrap().config, c);
     }
 
     #[test]
@@ -996,7 +1011,7 @@ mod tests {
             std::mem::forget(upload(&store, b"half"));
             fs::write(store.blob_path(&Digest::of(b"orphan")), b"orphan").unwrap();
         }
-        let store = Store::open(dir.path()).unwrap();
+        let store = reopen(dir.path());
         assert_eq!(blob_dir(&store), vec![blob.file_name()]);
         let m = store.model("m").unwrap();
         assert_eq!((m.uid, m.gid, m.mode), (1000, 1000, 0o700));
