@@ -23,7 +23,6 @@ use serde_json::{Map, Value};
 
 use crate::error::{Error, Result};
 use crate::tensor::{DType, Data, Signature, Tensor};
-use crate::with_data;
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Codec {
@@ -303,7 +302,68 @@ fn flatten_any<'v>(v: &'v Value, out: &mut Vec<&'v Value>) {
 
 fn npy_tensor(name: &str, bytes: &[u8], budget: &mut u64) -> Result<Tensor> {
     let npy = npyz::NpyFile::new(bytes).map_err(|e| bad(format!("input {name:?}: malformed .npy: {e}")))?;
+    if let Some(t) = npy_little_endian(name, &npy, bytes, budget) {
+        return t;
+    }
     npy_file_tensor(name, npy, budget)
+}
+
+/// The common case, fast: a C-order array of little-endian (or one-byte)
+/// numbers, copied out in bulk rather than element by element. `None` for
+/// anything else (npyz reads it then).
+fn npy_little_endian(name: &str, npy: &npyz::NpyFile<&[u8]>, bytes: &[u8], budget: &mut u64) -> Option<Result<Tensor>> {
+    let npyz::DType::Plain(ts) = npy.dtype() else { return None };
+    if npy.order() != npyz::Order::C || ts.endianness() == npyz::Endianness::Big {
+        return None;
+    }
+    // The data starts after the magic, version, header length and header.
+    let start = match bytes.get(6)? {
+        1 => 10 + u16::from_le_bytes([bytes[8], bytes[9]]) as usize,
+        _ => 12 + u32::from_le_bytes(bytes.get(8..12)?.try_into().ok()?) as usize,
+    };
+    let shape: Vec<usize> = npy.shape().iter().map(|&d| d as usize).collect();
+    let count = shape.iter().try_fold(1usize, |a, &d| a.checked_mul(d))?;
+    let size = ts.size_field() as usize;
+    let needed = count.checked_mul(size)?;
+    if needed as u64 > *budget {
+        return None; // the general path reports it
+    }
+    let data = bytes.get(start..)?;
+    if data.len() < needed {
+        return Some(Err(bad(format!(
+            "input {name:?}: truncated or malformed .npy data: {needed} bytes expected, {} present",
+            data.len()
+        ))));
+    }
+    let data = &data[..needed];
+    macro_rules! le {
+        ($variant:ident, $t:ty) => {
+            Data::$variant(data.chunks_exact(size).map(|c| <$t>::from_le_bytes(c.try_into().unwrap())).collect())
+        };
+    }
+    use npyz::TypeChar as C;
+    let data = match (ts.type_char(), size) {
+        (C::Bool, 1) => {
+            if data.iter().any(|&b| b > 1) {
+                return Some(Err(bad(format!("input {name:?}: a bool .npy holds a value other than 0 or 1"))));
+            }
+            Data::Bool(data.iter().map(|&b| b == 1).collect())
+        }
+        (C::Uint, 1) => Data::Uint8(data.to_vec()),
+        (C::Int, 1) => le!(Int8, i8),
+        (C::Uint, 2) => le!(Uint16, u16),
+        (C::Int, 2) => le!(Int16, i16),
+        (C::Uint, 4) => le!(Uint32, u32),
+        (C::Int, 4) => le!(Int32, i32),
+        (C::Uint, 8) => le!(Uint64, u64),
+        (C::Int, 8) => le!(Int64, i64),
+        (C::Float, 2) => le!(Float16, f16),
+        (C::Float, 4) => le!(Float32, f32),
+        (C::Float, 8) => le!(Float64, f64),
+        _ => return None,
+    };
+    *budget -= needed as u64;
+    Some(Tensor::new(name, shape, data))
 }
 
 /// Reads one array, if its decoded size fits what is left of `budget`.
@@ -365,13 +425,42 @@ fn npz_tensors(bytes: &[u8], budget: &mut u64) -> Result<Vec<Tensor>> {
         .collect()
 }
 
-fn write_npy(t: &Tensor, out: impl std::io::Write) -> std::io::Result<()> {
+/// A tensor as .npy: npyz writes the header, the data follows in bulk as
+/// little-endian bytes (what npyz's default dtypes say).
+fn write_npy(t: &Tensor, out: &mut impl std::io::Write) -> std::io::Result<()> {
     let shape: Vec<u64> = t.shape.iter().map(|&d| d as u64).collect();
-    with_data!(&t.data, v => {
-        let mut w = npyz::WriteOptions::new().default_dtype().shape(&shape).writer(out).begin_nd()?;
-        w.extend(v.iter().copied())?;
-        w.finish()
-    })
+    macro_rules! le {
+        ($v:expr, $t:ty) => {{
+            let w =
+                npyz::WriteOptions::<$t>::new().default_dtype().shape(&shape).writer(&mut *out).write_header_only()?;
+            let mut bytes = Vec::with_capacity($v.len() * std::mem::size_of::<$t>());
+            for x in $v {
+                bytes.extend_from_slice(&x.to_le_bytes());
+            }
+            w.write_all(&bytes)
+        }};
+    }
+    match &t.data {
+        Data::Bool(v) => {
+            let w = npyz::WriteOptions::<bool>::new()
+                .default_dtype()
+                .shape(&shape)
+                .writer(&mut *out)
+                .write_header_only()?;
+            w.write_all(&v.iter().map(|&b| b as u8).collect::<Vec<u8>>())
+        }
+        Data::Uint8(v) => le!(v, u8),
+        Data::Int8(v) => le!(v, i8),
+        Data::Uint16(v) => le!(v, u16),
+        Data::Int16(v) => le!(v, i16),
+        Data::Uint32(v) => le!(v, u32),
+        Data::Int32(v) => le!(v, i32),
+        Data::Uint64(v) => le!(v, u64),
+        Data::Int64(v) => le!(v, i64),
+        Data::Float16(v) => le!(v, f16),
+        Data::Float32(v) => le!(v, f32),
+        Data::Float64(v) => le!(v, f64),
+    }
 }
 
 // ---- responses ----------------------------------------------------------------

@@ -34,9 +34,12 @@
 //! result that comes after a job ended (it was cancelled or timed out while
 //! running) is discarded.
 //!
-//! **Records.** Job records live in sled (tree `jobs`); inputs and outputs
-//! are files in `<data>/jobs/`. The record and input of an accepted job
-//! are on disk before `close()` returns. At start, queued or running jobs
+//! **Records.** Job records live in sled (tree `jobs`, written as jobs
+//! change, flushed in the background); inputs and outputs are files in
+//! `<data>/jobs/`. An accepted job's input file starts with its record
+//! (one JSON line) and is written before `close()` returns: one `write(2)`,
+//! no fsync, so it survives the daemon being killed at any moment (not a
+//! power loss) and costs no disk round trip. At start, queued or running jobs
 //! are queued again, or failed with "the daemon restarted" when their
 //! input is gone. Finished jobs are kept up to `max_finished_jobs` and
 //! `finished_job_ttl`.
@@ -458,7 +461,7 @@ impl Engine {
             }),
         });
         self.shared.register(&job, false);
-        self.shared.persist(&job, false);
+        self.shared.persist(&job);
         Ok(job)
     }
 
@@ -655,7 +658,7 @@ impl Shared {
         let batch = (config.max_batch > 1).then(|| batch_key(&version, &request.inputs)).flatten();
         job.inner().state.device = self.devices[d].id().to_string();
         self.write_input(job)?;
-        self.persist_as(job, Status::Queued, true);
+        self.persist_as(job, Status::Queued);
 
         let mut s = self.sched.lock().unwrap();
         let queued = s.queued_per_model.get(&job.model).copied().unwrap_or(0);
@@ -669,7 +672,7 @@ impl Shared {
                 let failure = inner.state.outcome.clone().and_then(|o| o.err());
                 drop(inner);
                 drop(s);
-                self.persist(job, false);
+                self.persist(job);
                 return Err(failure.map_or(Error::Cancelled(job.id), |f| f.to_error()));
             }
             inner.state.status = Status::Queued;
@@ -725,7 +728,7 @@ impl Shared {
                 tracing::warn!("keeping the output of job {}: {e}", job.id);
             }
         }
-        self.persist(job, false);
+        self.persist(job);
         let mut r = self.registry.lock().unwrap();
         r.finished.push_back((Instant::now(), job.id));
         let excess = r.finished.len().saturating_sub(self.config.max_finished_jobs);
@@ -1006,27 +1009,37 @@ impl Shared {
         self.files.join(format!("{id}.in"))
     }
 
+    /// `<id>.in`: the job's record as queued (one JSON line), then its input.
     fn write_input(&self, job: &Job) -> Result<()> {
         let path = self.input_path(job.id);
-        let input = job.inner().state.input.clone();
-        std::fs::write(&path, &*input).map_err(|e| Error::io(path.display().to_string(), e))
+        let mut record = Record::of(job);
+        record.status = Status::Queued;
+        let mut bytes = serde_json::to_vec(&record).expect("records serialize");
+        bytes.push(b'\n');
+        bytes.extend_from_slice(&job.inner().state.input);
+        std::fs::write(&path, bytes).map_err(|e| Error::io(path.display().to_string(), e))
     }
 
-    /// Writes the job's record; `durable` flushes the catalog (an accepted
-    /// job must survive the daemon being killed; other changes may be
-    /// redone: a job whose "done" was lost runs again).
-    fn persist(&self, job: &Job, durable: bool) {
-        self.persist_as(job, job.status(), durable)
+    /// Reads `<id>.in` back: its record and its input.
+    fn read_input(&self, id: u64) -> Option<(Record, Vec<u8>)> {
+        let bytes = std::fs::read(self.input_path(id)).ok()?;
+        let newline = bytes.iter().position(|&b| b == b'\n')?;
+        let record = serde_json::from_slice(&bytes[..newline]).ok()?;
+        Some((record, bytes[newline + 1..].to_vec()))
     }
 
-    fn persist_as(&self, job: &Job, status: Status, durable: bool) {
+    /// Writes the job's record. Not flushed: if a crash loses a change, the
+    /// job is where its input file says (queued) and runs again.
+    fn persist(&self, job: &Job) {
+        self.persist_as(job, job.status())
+    }
+
+    fn persist_as(&self, job: &Job, status: Status) {
         let mut record = Record::of(job);
         record.status = status;
-        let result = self
-            .records
-            .insert(job.id.to_be_bytes(), serde_json::to_vec(&record).expect("records serialize"))
-            .and_then(|_| if durable { self.records.flush().map(|_| ()) } else { Ok(()) });
-        if let Err(e) = result {
+        if let Err(e) =
+            self.records.insert(job.id.to_be_bytes(), serde_json::to_vec(&record).expect("records serialize"))
+        {
             tracing::warn!("recording job {}: {e}", job.id);
         }
     }
@@ -1039,22 +1052,40 @@ impl Shared {
 
     /// Brings back the jobs of an earlier run (see the module header).
     fn recover(&self) -> Result<()> {
-        let mut requeue = Vec::new();
-
+        let mut records = BTreeMap::new();
         for entry in self.records.iter() {
             let (_, value) = entry?;
-            let Ok(rec) = serde_json::from_slice::<Record>(&value) else {
-                tracing::warn!("skipping an unreadable job record");
+            match serde_json::from_slice::<Record>(&value) {
+                Ok(rec) => {
+                    records.insert(rec.id, rec);
+                }
+                Err(_) => tracing::warn!("skipping an unreadable job record"),
+            }
+        }
+        // An accepted job whose catalog record the crash lost (or left `new`)
+        // is what its input file says.
+        let dir = std::fs::read_dir(&self.files).map_err(|e| Error::io(self.files.display().to_string(), e))?;
+        for entry in dir.flatten() {
+            let name = entry.file_name();
+            let Some(id) = name.to_str().and_then(|n| n.strip_suffix(".in")).and_then(|n| n.parse::<u64>().ok()) else {
                 continue;
             };
+            if records.get(&id).is_none_or(|r| r.status == Status::New) {
+                if let Some((rec, _)) = self.read_input(id) {
+                    records.insert(id, rec);
+                }
+            }
+        }
 
+        let mut requeue = Vec::new();
+        for rec in records.into_values() {
             let version = self
                 .store
                 .model(&rec.model)
                 .ok()
                 .and_then(|m| m.versions.get(&rec.version).map(|v| (Arc::new(v.clone()), m.config.clone())));
             let output = std::fs::read(self.files.join(format!("{}.out", rec.id))).ok();
-            let input = std::fs::read(self.input_path(rec.id)).ok();
+            let input = self.read_input(rec.id).map(|(_, input)| input);
             let job = rec.to_job(version.clone(), input.clone(), output);
             match rec.status {
                 Status::New if version.is_some() => self.register(&job, false),

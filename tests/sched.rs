@@ -236,7 +236,9 @@ fn queued_jobs_run_after_the_daemon_is_killed_and_restarted() {
     import(&m, "id", &model_fixture("identity_int32.onnx"));
     configure(&m, "id", r#"{"device": "gpu0", "max_batch": 1}"#);
     let ids: Vec<u64> = (0..5).map(|k| submit(&m, "id", &format!("[[{k}]]"), None)).collect();
-    // Lose one job's input behind the daemon's back: it must fail, not vanish.
+    // Lose one job's input behind the daemon's back, once the catalog has its
+    // record (sled flushes every 500 ms): it must fail, not vanish.
+    std::thread::sleep(Duration::from_millis(1200));
     m.kill();
     let lost = ids[4];
     std::fs::remove_file(m.data.join(format!("jobs/{lost}.in"))).unwrap();

@@ -1,0 +1,14 @@
+#!/usr/bin/env bash
+# Every benchmark of docs/BENCHMARKS.md in one run: builds release, mounts,
+# measures aifs against its floors and the FastAPI peer, prints the table and
+# rewrites docs/BENCHMARKS.md with the machine, the date and this command.
+#
+#   scripts/bench.sh [--quick]        (--quick: fewer requests, a smoke run)
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+scripts/setup.sh
+.venv/bin/pip install -q --disable-pip-version-check -r scripts/bench-requirements.txt
+.venv/bin/python scripts/fixtures.py target/fixtures
+cargo build --release --workspace --examples --locked
+exec .venv/bin/python scripts/bench.py "$@"
