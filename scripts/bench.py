@@ -146,8 +146,14 @@ class Peer:
         self.conn = http.client.HTTPConnection("127.0.0.1", self.port)
 
     def infer(self, model, body):
-        self.conn.request("POST", f"/v2/models/{model}/infer", body, {"Content-Type": "application/json"})
-        r = self.conn.getresponse()
+        try:
+            self.conn.request("POST", f"/v2/models/{model}/infer", body, {"Content-Type": "application/json"})
+            r = self.conn.getresponse()
+        except (ConnectionError, http.client.HTTPException):
+            # The server dropped an idle keep-alive connection: reconnect, as clients do.
+            self.conn = http.client.HTTPConnection("127.0.0.1", self.port)
+            self.conn.request("POST", f"/v2/models/{model}/infer", body, {"Content-Type": "application/json"})
+            r = self.conn.getresponse()
         data = r.read()
         assert r.status == 200, data[:200]
         return data

@@ -46,4 +46,4 @@ if __name__ == "__main__":
     for arg in sys.argv[2:]:
         name, path = arg.split("=", 1)
         sessions[name] = ort.InferenceSession(path, providers=["CPUExecutionProvider"])
-    uvicorn.run(app, host="127.0.0.1", port=port, log_level="warning")
+    uvicorn.run(app, host="127.0.0.1", port=port, log_level="warning", timeout_keep_alive=300)
