@@ -10,5 +10,5 @@ cd "$(dirname "$0")/.."
 scripts/setup.sh
 .venv/bin/pip install -q --disable-pip-version-check -r scripts/bench-requirements.txt
 .venv/bin/python scripts/fixtures.py target/fixtures
-cargo build --release --workspace --examples --locked
+cargo build --release --workspace --bins --examples --locked
 exec .venv/bin/python scripts/bench.py "$@"

@@ -35,11 +35,11 @@
 //! running) is discarded.
 //!
 //! **Records.** Job records live in sled (tree `jobs`, written as jobs
-//! change, flushed in the background); inputs and outputs are files in
-//! `<data>/jobs/`. An accepted job's input file starts with its record
-//! (one JSON line) and is written before `close()` returns: one `write(2)`,
-//! no fsync, so it survives the daemon being killed at any moment (not a
-//! power loss) and costs no disk round trip. At start, queued or running jobs
+//! change, flushed in the background), outputs too (tree `job_outputs`). An
+//! accepted job's record and input are appended to the [`Journal`] before
+//! its `close()` returns: one `write(2)`, no fsync, so it survives the
+//! daemon being killed at any moment (not a power loss) and costs no disk
+//! round trip. At start, queued or running jobs
 //! are queued again, or failed with "the daemon restarted" when their
 //! input is gone. Finished jobs are kept up to `max_finished_jobs` and
 //! `finished_job_ttl`.
@@ -50,7 +50,6 @@
 use std::collections::hash_map::DefaultHasher;
 use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::hash::{Hash, Hasher};
-use std::path::PathBuf;
 
 use std::sync::{Arc, Condvar, Mutex, MutexGuard, OnceLock};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
@@ -61,6 +60,7 @@ use crate::backend::{Backends, Instance};
 use crate::codec::{self, Request};
 use crate::device::Probe;
 use crate::error::{Error, Result};
+use crate::journal::Journal;
 use crate::metrics::{DeviceSample, Metrics};
 use crate::sched::{self, Queued};
 use crate::store::{Digest, ModelConfig, Store, Version};
@@ -157,6 +157,8 @@ pub struct Job {
     /// Set once at submit: when it times out, and the device it is placed on.
     deadline: OnceLock<Instant>,
     device: OnceLock<usize>,
+    /// The journal its acceptance went to.
+    journal: OnceLock<u64>,
     inner: Mutex<Inner>,
 }
 
@@ -364,7 +366,8 @@ struct Shared {
     wake: Condvar,
     metrics: Metrics,
     records: sled::Tree,
-    files: PathBuf,
+    outputs: sled::Tree,
+    journal: Journal,
 }
 
 impl Engine {
@@ -376,9 +379,12 @@ impl Engine {
         devices: Vec<Arc<dyn Probe>>,
         config: EngineConfig,
     ) -> Result<Engine> {
-        let files = store.root().join("jobs");
-        std::fs::create_dir_all(&files).map_err(|e| Error::io(files.display().to_string(), e))?;
+        let dir = store.root().join("jobs");
+        std::fs::create_dir_all(&dir).map_err(|e| Error::io(dir.display().to_string(), e))?;
         let records = store.db().open_tree("jobs")?;
+        let outputs = store.db().open_tree("job_outputs")?;
+        let input_len = |header: &[u8]| serde_json::from_slice::<Record>(header).ok()?.input_len;
+        let (journal, entries) = Journal::open(&dir, input_len).map_err(|e| Error::io(dir.display().to_string(), e))?;
         let sched = Sched { devices: devices.iter().map(|_| DeviceQueue::default()).collect(), ..Default::default() };
         let shared = Arc::new(Shared {
             store,
@@ -390,10 +396,11 @@ impl Engine {
             wake: Condvar::new(),
             metrics: Metrics::default(),
             records,
-            files,
+            outputs,
+            journal,
             config,
         });
-        shared.recover()?;
+        shared.recover(entries)?;
         let mut threads = Vec::new();
         for (d, device) in shared.devices.iter().enumerate() {
             for i in 0..shared.workers(d) {
@@ -438,6 +445,7 @@ impl Engine {
             digest: v.digest,
             deadline: OnceLock::new(),
             device: OnceLock::new(),
+            journal: OnceLock::new(),
             inner: Mutex::new(Inner {
                 state: JobState {
                     status: Status::New,
@@ -657,7 +665,7 @@ impl Shared {
             .map_err(|why| Error::NoDevice(format!("models/{}: {why}", job.model)))?;
         let batch = (config.max_batch > 1).then(|| batch_key(&version, &request.inputs)).flatten();
         job.inner().state.device = self.devices[d].id().to_string();
-        self.write_input(job)?;
+        self.journal_input(job)?;
         self.persist_as(job, Status::Queued);
 
         let mut s = self.sched.lock().unwrap();
@@ -672,6 +680,9 @@ impl Shared {
                 let failure = inner.state.outcome.clone().and_then(|o| o.err());
                 drop(inner);
                 drop(s);
+                if let Some(&n) = job.journal.get() {
+                    self.journal.done(n);
+                }
                 self.persist(job);
                 return Err(failure.map_or(Error::Cancelled(job.id), |f| f.to_error()));
             }
@@ -723,12 +734,14 @@ impl Shared {
             self.metrics.failure(&job.model, job.version);
         }
         if let Some(output) = output {
-            let path = self.files.join(format!("{}.out", job.id));
-            if let Err(e) = std::fs::write(&path, &*output) {
+            if let Err(e) = self.outputs.insert(job.id.to_be_bytes(), output.as_slice()) {
                 tracing::warn!("keeping the output of job {}: {e}", job.id);
             }
         }
         self.persist(job);
+        if let Some(&n) = job.journal.get() {
+            self.journal.done(n);
+        }
         let mut r = self.registry.lock().unwrap();
         r.finished.push_back((Instant::now(), job.id));
         let excess = r.finished.len().saturating_sub(self.config.max_finished_jobs);
@@ -963,6 +976,7 @@ impl Shared {
             }
             drop(s);
             drop(unloaded);
+            self.journal.collect(|| self.records.flush().map(|_| ()).map_err(std::io::Error::other));
             for job in expired {
                 let ms = job.inner().config.timeout_ms;
                 if self.end(&job, Status::Failed, Err(Failure::of(&Error::TimedOut { id: job.id, ms }))) {
@@ -1005,27 +1019,16 @@ impl Shared {
 
     // ---- records -------------------------------------------------------------
 
-    fn input_path(&self, id: u64) -> PathBuf {
-        self.files.join(format!("{id}.in"))
-    }
-
-    /// `<id>.in`: the job's record as queued (one JSON line), then its input.
-    fn write_input(&self, job: &Job) -> Result<()> {
-        let path = self.input_path(job.id);
+    /// Appends the job, as queued, and its input to the journal.
+    fn journal_input(&self, job: &Job) -> Result<()> {
+        let input = job.inner().state.input.clone();
         let mut record = Record::of(job);
         record.status = Status::Queued;
-        let mut bytes = serde_json::to_vec(&record).expect("records serialize");
-        bytes.push(b'\n');
-        bytes.extend_from_slice(&job.inner().state.input);
-        std::fs::write(&path, bytes).map_err(|e| Error::io(path.display().to_string(), e))
-    }
-
-    /// Reads `<id>.in` back: its record and its input.
-    fn read_input(&self, id: u64) -> Option<(Record, Vec<u8>)> {
-        let bytes = std::fs::read(self.input_path(id)).ok()?;
-        let newline = bytes.iter().position(|&b| b == b'\n')?;
-        let record = serde_json::from_slice(&bytes[..newline]).ok()?;
-        Some((record, bytes[newline + 1..].to_vec()))
+        record.input_len = Some(input.len());
+        let header = serde_json::to_vec(&record).expect("records serialize");
+        let n = self.journal.append(&header, &input).map_err(|e| Error::io("appending to the job journal", e))?;
+        let _ = job.journal.set(n);
+        Ok(())
     }
 
     /// Writes the job's record. Not flushed: if a crash loses a change, the
@@ -1046,12 +1049,13 @@ impl Shared {
 
     fn forget(&self, id: u64) {
         let _ = self.records.remove(id.to_be_bytes());
-        let _ = std::fs::remove_file(self.input_path(id));
-        let _ = std::fs::remove_file(self.files.join(format!("{id}.out")));
+        let _ = self.outputs.remove(id.to_be_bytes());
     }
 
-    /// Brings back the jobs of an earlier run (see the module header).
-    fn recover(&self) -> Result<()> {
+    /// Brings back the jobs of an earlier run (see the module header):
+    /// records from the catalog, and from the journal each accepted job
+    /// whose catalog record the crash lost or left behind.
+    fn recover(&self, entries: Vec<crate::journal::Entry>) -> Result<()> {
         let mut records = BTreeMap::new();
         for entry in self.records.iter() {
             let (_, value) = entry?;
@@ -1062,18 +1066,12 @@ impl Shared {
                 Err(_) => tracing::warn!("skipping an unreadable job record"),
             }
         }
-        // An accepted job whose catalog record the crash lost (or left `new`)
-        // is what its input file says.
-        let dir = std::fs::read_dir(&self.files).map_err(|e| Error::io(self.files.display().to_string(), e))?;
-        for entry in dir.flatten() {
-            let name = entry.file_name();
-            let Some(id) = name.to_str().and_then(|n| n.strip_suffix(".in")).and_then(|n| n.parse::<u64>().ok()) else {
-                continue;
-            };
-            if records.get(&id).is_none_or(|r| r.status == Status::New) {
-                if let Some((rec, _)) = self.read_input(id) {
-                    records.insert(id, rec);
-                }
+        let mut inputs = HashMap::new();
+        for entry in entries {
+            let Ok(rec) = serde_json::from_slice::<Record>(&entry.header) else { continue };
+            if records.get(&rec.id).is_none_or(|r| matches!(r.status, Status::New | Status::Queued | Status::Running)) {
+                inputs.insert(rec.id, entry.input);
+                records.insert(rec.id, rec);
             }
         }
 
@@ -1084,8 +1082,8 @@ impl Shared {
                 .model(&rec.model)
                 .ok()
                 .and_then(|m| m.versions.get(&rec.version).map(|v| (Arc::new(v.clone()), m.config.clone())));
-            let output = std::fs::read(self.files.join(format!("{}.out", rec.id))).ok();
-            let input = self.read_input(rec.id).map(|(_, input)| input);
+            let output = self.outputs.get(rec.id.to_be_bytes()).ok().flatten().map(|v| v.to_vec());
+            let input = inputs.remove(&rec.id);
             let job = rec.to_job(version.clone(), input.clone(), output);
             match rec.status {
                 Status::New if version.is_some() => self.register(&job, false),
@@ -1110,6 +1108,8 @@ impl Shared {
         if count > 0 {
             tracing::info!(jobs = count, "queued again the jobs an earlier run left unfinished");
         }
+        // Requeued jobs are in the new journal now.
+        self.journal.drop_old();
         Ok(())
     }
 }
@@ -1159,6 +1159,9 @@ struct Record {
     compute_us: Option<u64>,
     batch_size: Option<usize>,
     failure: Option<Failure>,
+    /// In a journal entry: the length of the input after it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    input_len: Option<usize>,
 }
 
 fn micros(t: SystemTime) -> u64 {
@@ -1190,6 +1193,7 @@ impl Record {
             compute_us: s.compute_us,
             batch_size: s.batch_size,
             failure: s.outcome.and_then(|o| o.err()),
+            input_len: None,
         }
     }
 
@@ -1218,6 +1222,7 @@ impl Record {
             digest: self.digest,
             deadline: OnceLock::new(),
             device: OnceLock::new(),
+            journal: OnceLock::new(),
             inner: Mutex::new(Inner {
                 state: JobState {
                     status: if finished { self.status } else { Status::New },

@@ -10,6 +10,7 @@
 //! - [`engine`]: jobs, the queue, workers and loaded models.
 //! - [`sched`]: scheduling decisions as pure functions (order, aging,
 //!   batching, placement, eviction).
+//! - [`journal`]: the append-only journal that makes accepted jobs survive a crash.
 //! - [`metrics`]: request counters and latencies; `/metrics` and `stats`.
 //! - [`device`]: device probes ([`device::Probe`]); the CPU from `/proc`.
 //! - [`fs`]: the tree and its semantics as plain Rust, testable without FUSE.
@@ -23,6 +24,7 @@ pub mod engine;
 pub mod error;
 pub mod fs;
 pub mod fuse;
+pub mod journal;
 pub mod metrics;
 pub mod sched;
 pub mod store;
