@@ -35,7 +35,8 @@
 //! running) is discarded.
 //!
 //! **Records.** Job records live in sled (tree `jobs`, written as jobs
-//! change, flushed in the background), outputs too (tree `job_outputs`). An
+//! change, flushed in the background), outputs of up to 256 KiB too (tree
+//! `job_outputs`; larger ones last while the daemon runs). An
 //! accepted job's record and input are appended to the [`Journal`] before
 //! its `close()` returns: one `write(2)`, no fsync, so it survives the
 //! daemon being killed at any moment (not a power loss) and costs no disk
@@ -733,7 +734,9 @@ impl Shared {
         if status == Status::Failed {
             self.metrics.failure(&job.model, job.version);
         }
-        if let Some(output) = output {
+        // Small outputs (answers, scores, embeddings) are kept across a
+        // restart; large ones (images, big tensors) only while the daemon runs.
+        if let Some(output) = output.filter(|o| o.len() <= KEPT_OUTPUT_BYTES) {
             if let Err(e) = self.outputs.insert(job.id.to_be_bytes(), output.as_slice()) {
                 tracing::warn!("keeping the output of job {}: {e}", job.id);
             }
@@ -1114,6 +1117,9 @@ impl Shared {
     }
 }
 
+/// Outputs up to this size are kept in the catalog across a restart.
+const KEPT_OUTPUT_BYTES: usize = 256 << 10;
+
 /// Runs one request, or several stacked along the first dimension and
 /// split back; returns each request's outputs.
 fn run_batch(instance: &mut dyn Instance, live: &mut [(Arc<Job>, Request)]) -> Result<Vec<Vec<Tensor>>> {
@@ -1210,7 +1216,7 @@ impl Record {
             _ if !finished => None,
             (Some(f), _) => Some(Err(f.clone())),
             (None, Some(out)) => Some(Ok(Arc::new(out))),
-            (None, None) => Some(Err(Failure::of(&Error::Restarted(self.id)))),
+            (None, None) => Some(Err(Failure::of(&Error::OutputNotKept(self.id)))),
         };
         let (version, config) = version.map_or((None, ModelConfig::default()), |(v, c)| (Some(v), c));
         Arc::new(Job {

@@ -52,6 +52,8 @@ pub enum Error {
     Restarted(u64),
     #[error("job {0} expired: no input came while it was new")]
     Expired(u64),
+    #[error("job {0} finished before the daemon restarted; its output was too large to keep")]
+    OutputNotKept(u64),
     /// A job that failed earlier: its errno and reason, as recorded.
     #[error("{message}")]
     Job { errno: i32, message: String },
@@ -112,6 +114,7 @@ impl Error {
             Error::NoDevice(_) => libc::ENODEV,
             Error::Restarted(_) => libc::EIO,
             Error::Expired(_) => libc::ETIMEDOUT,
+            Error::OutputNotKept(_) => libc::ENODATA,
             Error::Job { errno, .. } => *errno,
             Error::NotEmpty(_) => libc::ENOTEMPTY,
             Error::Busy(_) => libc::EBUSY,
@@ -145,6 +148,7 @@ impl Error {
             | Error::NoDevice(_)
             | Error::Restarted(_)
             | Error::Expired(_)
+            | Error::OutputNotKept(_)
             | Error::Job { .. }
             | Error::NotEmpty(_)
             | Error::Busy(_)

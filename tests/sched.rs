@@ -235,6 +235,8 @@ fn queued_jobs_run_after_the_daemon_is_killed_and_restarted() {
     let mut m = Mount::start_with(&["--simulate-gpu", "1G,300"]);
     import(&m, "id", &model_fixture("identity_int32.onnx"));
     configure(&m, "id", r#"{"device": "gpu0", "max_batch": 1}"#);
+    let finished = submit(&m, "id", "[[42]]", None);
+    assert_eq!(output(&m, finished).unwrap(), "[[42]]\n");
     let ids: Vec<u64> = (0..5).map(|k| submit(&m, "id", &format!("[[{k}]]"), None)).collect();
     // Lose one job's input behind the daemon's back, once the catalog has its
     // record (sled flushes every 500 ms): it must fail, not vanish.
@@ -251,6 +253,9 @@ fn queued_jobs_run_after_the_daemon_is_killed_and_restarted() {
         assert_eq!(output(&m, id).unwrap(), format!("[[{k}]]\n"), "job {id}");
     }
     assert_eq!(output(&m, lost), Err(libc::EIO));
+    // A job that had finished keeps its (small) output across the restart.
+    assert_eq!(output(&m, finished).unwrap(), "[[42]]\n");
+    assert_eq!(job_file(&m, finished, "status"), "done\n");
     assert!(job_file(&m, lost, "error").contains("the daemon restarted"));
     // New ids never repeat old ones.
     assert!(submit(&m, "id", "[[9]]", None) > ids[4]);
