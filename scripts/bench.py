@@ -63,7 +63,24 @@ def npy(a):
     return b.getvalue()
 
 
+# Everything the run mounts or starts, undone in main()'s `finally` even when
+# a measurement fails: no mount and no process is left behind.
+MOUNTS, PROCS = [], []
+
+
+def cleanup():
+    for path in reversed(MOUNTS):
+        if os.path.ismount(path):
+            subprocess.run(["umount", "-l", path])
+    for proc in PROCS:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+
+
 def wait_mounted(path, proc, what):
+    MOUNTS.append(path)
+    PROCS.append(proc)
     deadline = time.time() + 30
     while not os.path.ismount(path):
         if proc.poll() is not None or time.time() > deadline:
@@ -131,6 +148,7 @@ class Peer:
             stdout=subprocess.DEVNULL,
             stderr=subprocess.DEVNULL,
         )
+        PROCS.append(self.proc)
         deadline = time.time() + 60
         while True:
             try:
@@ -164,6 +182,13 @@ class Peer:
 
 
 def main():
+    try:
+        run()
+    finally:
+        cleanup()
+
+
+def run():
     ap = argparse.ArgumentParser()
     ap.add_argument("--quick", action="store_true", help="fewer requests (a smoke run)")
     ap.add_argument("--out", default=os.path.join(REPO, "docs", "BENCHMARKS.md"))
