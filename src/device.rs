@@ -81,6 +81,8 @@ pub trait Probe: Send + Sync {
 pub struct Cpu {
     name: String,
     util: Arc<AtomicU8>,
+    /// Half the machine's memory (fixed at start: placement asks per request).
+    budget: u64,
 }
 
 impl Cpu {
@@ -97,7 +99,8 @@ impl Cpu {
             .name("cpu-util".into())
             .spawn(move || sample_util(weak))
             .expect("spawning the cpu sampler");
-        Cpu { name, util }
+        let total = std::fs::read_to_string("/proc/meminfo").ok().and_then(|s| parse_meminfo(&s)).map_or(0, |(t, _)| t);
+        Cpu { name, util, budget: total / 2 }
     }
 }
 
@@ -153,7 +156,7 @@ impl Probe for Cpu {
 
     /// Half the machine's memory: the rest is for the system and requests.
     fn memory_budget(&self) -> u64 {
-        self.read().memory_total / 2
+        self.budget
     }
 }
 

@@ -364,7 +364,10 @@ struct Shared {
 
     registry: Mutex<Registry>,
     sched: Mutex<Sched>,
-    wake: Condvar,
+    /// Per device: wakes its workers (new work, a batch to re-check).
+    wake: Vec<Condvar>,
+    /// Wakes the housekeeper only at shutdown; it otherwise ticks.
+    tick: Condvar,
     metrics: Metrics,
     records: sled::Tree,
     outputs: sled::Tree,
@@ -387,14 +390,15 @@ impl Engine {
         let input_len = |header: &[u8]| serde_json::from_slice::<Record>(header).ok()?.input_len;
         let (journal, entries) = Journal::open(&dir, input_len).map_err(|e| Error::io(dir.display().to_string(), e))?;
         let sched = Sched { devices: devices.iter().map(|_| DeviceQueue::default()).collect(), ..Default::default() };
+        let wake = devices.iter().map(|_| Condvar::new()).collect();
         let shared = Arc::new(Shared {
             store,
             backends,
             devices,
-
             registry: Mutex::new(Registry::default()),
             sched: Mutex::new(sched),
-            wake: Condvar::new(),
+            wake,
+            tick: Condvar::new(),
             metrics: Metrics::default(),
             records,
             outputs,
@@ -469,8 +473,9 @@ impl Engine {
                 waiters: Vec::new(),
             }),
         });
+        // Not recorded while new: a job that never got its input does not
+        // outlive the daemon.
         self.shared.register(&job, false);
-        self.shared.persist(&job);
         Ok(job)
     }
 
@@ -555,8 +560,8 @@ impl Engine {
             if let Some(i) = dq.jobs.iter().position(|j| j.id == job.id) {
                 dq.entries[i].priority = priority;
             }
+            self.shared.wake[d].notify_all();
         }
-        self.shared.wake.notify_all();
         Ok(())
     }
 
@@ -600,7 +605,8 @@ impl Engine {
 impl Drop for Engine {
     fn drop(&mut self) {
         self.shared.sched.lock().unwrap().shutdown = true;
-        self.shared.wake.notify_all();
+        self.shared.wake.iter().for_each(Condvar::notify_all);
+        self.shared.tick.notify_all();
         for t in self.threads.drain(..) {
             let _ = t.join();
         }
@@ -666,6 +672,9 @@ impl Shared {
             .map_err(|why| Error::NoDevice(format!("models/{}: {why}", job.model)))?;
         let batch = (config.max_batch > 1).then(|| batch_key(&version, &request.inputs)).flatten();
         job.inner().state.device = self.devices[d].id().to_string();
+        // The journal entry makes the accepted job survive a crash; the
+        // catalog record (flushed in the background) still names it if the
+        // journal were damaged, so it would fail "restarted", not vanish.
         self.journal_input(job)?;
         self.persist_as(job, Status::Queued);
 
@@ -707,7 +716,7 @@ impl Shared {
         *s.queued_per_model.entry(job.model.clone()).or_default() += 1;
         *s.in_flight.entry(job.digest).or_default() += 1;
         drop(s);
-        self.wake.notify_all();
+        self.wake[d].notify_all();
         Ok(())
     }
 
@@ -769,7 +778,7 @@ impl Shared {
             let now = Instant::now();
             let dq = &s.devices[d];
             let Some(first) = sched::next(&dq.entries, now, aging) else {
-                s = self.wake.wait(s).unwrap();
+                s = self.wake[d].wait(s).unwrap();
                 continue;
             };
             let lead = dq.jobs[first].clone();
@@ -783,7 +792,7 @@ impl Shared {
             if batchable && sched::rows(&dq.entries, &members) < max_batch && others_in_flight {
                 let ready_at = dq.entries[first].since + delay;
                 if now < ready_at {
-                    s = self.wake.wait_timeout(s, ready_at - now).unwrap().0;
+                    s = self.wake[d].wait_timeout(s, ready_at - now).unwrap().0;
                     continue;
                 }
             }
@@ -812,7 +821,7 @@ impl Shared {
                 s.running_jobs.remove(&j.id);
                 s.done_in_flight(&j.digest);
             }
-            self.wake.notify_all();
+            self.wake[d].notify_all();
         }
     }
 
@@ -940,7 +949,7 @@ impl Shared {
         let tick = Duration::from_millis(50);
         loop {
             let mut s = self.sched.lock().unwrap();
-            s = self.wake.wait_timeout(s, tick).unwrap().0;
+            s = self.tick.wait_timeout(s, tick).unwrap().0;
             if s.shutdown {
                 return;
             }
