@@ -35,6 +35,8 @@ FIXTURES = os.path.join(REPO, "target", "fixtures")
 DAEMON = os.path.join(REPO, "target", "release", "aifs-mountd")
 ECHOFS = os.path.join(REPO, "target", "release", "examples", "echofs")
 PEER = os.path.join(REPO, "scripts", "bench_peer.py")
+MLSERVER = os.path.join(REPO, ".venv-mlserver", "bin", "mlserver")
+MLSERVER_RUNTIME = os.path.join(REPO, "scripts", "bench_mlserver", "onnx_runtime.py")
 
 
 def pin(pid, cpus):
@@ -138,16 +140,34 @@ def kserve_body(name, x):
     return json.dumps({"inputs": [{"name": name, "shape": list(x.shape), "datatype": "FP32", "data": x.ravel().tolist()}]}).encode()
 
 
-class Peer:
-    """The FastAPI + uvicorn + onnxruntime KServe v2 server (scripts/bench_peer.py)."""
+def fastapi_peer(models):
+    """FastAPI + uvicorn + onnxruntime (scripts/bench_peer.py)."""
+    port = 18000 + os.getpid() % 1000
+    return Peer([sys.executable, PEER, str(port)] + [f"{n}={p}" for n, p in models.items()], port)
 
-    def __init__(self, models):
-        self.port = 18000 + os.getpid() % 1000
-        self.proc = subprocess.Popen(
-            [sys.executable, PEER, str(self.port)] + [f"{n}={p}" for n, p in models.items()],
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.DEVNULL,
-        )
+
+def mlserver_peer(models, work):
+    """MLServer 1.7 with the small onnxruntime runtime of scripts/bench_mlserver/."""
+    port = 19000 + os.getpid() % 1000
+    repo = os.path.join(work, "mlserver")
+    for name, path in models.items():
+        os.makedirs(os.path.join(repo, name))
+        shutil.copy(MLSERVER_RUNTIME, os.path.join(repo, name))
+        settings = {"name": name, "implementation": "onnx_runtime.OnnxRuntime", "parameters": {"uri": path}}
+        with open(os.path.join(repo, name, "model-settings.json"), "w") as f:
+            json.dump(settings, f)
+    server = {"host": "127.0.0.1", "http_port": port, "grpc_port": port + 1, "metrics_port": port + 2, "parallel_workers": 0}
+    with open(os.path.join(repo, "settings.json"), "w") as f:
+        json.dump(server, f)
+    return Peer([MLSERVER, "start", repo], port)
+
+
+class Peer:
+    """A KServe v2 HTTP server on 127.0.0.1, started by `command`."""
+
+    def __init__(self, command, port):
+        self.port = port
+        self.proc = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         PROCS.append(self.proc)
         deadline = time.time() + 60
         while True:
@@ -159,7 +179,7 @@ class Peer:
             except OSError:
                 pass
             if time.time() > deadline or self.proc.poll() is not None:
-                raise SystemExit("the FastAPI peer did not start")
+                raise SystemExit(f"the peer {command[:2]} did not start")
             time.sleep(0.2)
         self.conn = http.client.HTTPConnection("127.0.0.1", self.port)
 
@@ -221,8 +241,10 @@ def run():
     pin(echo.pid, "0")
     d = Daemon(os.path.join(work, "lat"))
     pin(d.proc.pid, "0")
-    peer = Peer({"mlp": mlp_path, "cls": cls_path})
+    peer = fastapi_peer({"mlp": mlp_path, "cls": cls_path})
     pin(peer.proc.pid, "0")
+    mlserver = mlserver_peer({"mlp": mlp_path, "cls": cls_path}, work)
+    pin(mlserver.proc.pid, "0")
     for model, (path, name, x) in inputs.items():
         v1 = d.add_model(model, path, {"max_batch": 1})
         body = npy(x)
@@ -236,6 +258,7 @@ def run():
         kbody = kserve_body(name, x)
         kjson, kjson99 = timed(lambda: one_handle(infer, kbody), n_lat)
         http_p50, http99 = timed(lambda: peer.infer(model, kbody), n_lat)
+        ml_p50, ml99 = timed(lambda: mlserver.infer(model, kbody), n_lat)
         sec = f"latency {model}"
         row(sec, "in-process ONNX Runtime p50 (floor)", floor, unit="us")
         row(sec, "trivial FUSE write+read p50 (kernel floor)", fuse, unit="us")
@@ -244,8 +267,10 @@ def run():
         row(sec, "aifs write then read (echo/cat way), .npy p50", two, fuse, "us")
         row(sec, "aifs one handle, KServe JSON p50 vs FastAPI p50", kjson, http_p50, "us", "<= 0.125x")
         row(sec, "FastAPI+uvicorn+onnxruntime KServe JSON p50", http_p50, floor, "us")
+        row(sec, "aifs one handle, KServe JSON p50 vs MLServer p50", kjson, ml_p50, "us")
+        row(sec, "MLServer 1.7 (onnxruntime runtime) KServe JSON p50", ml_p50, floor, "us")
     peer.stop()
-    notes.append("MLServer 1.7 was not measured in this run: see 'Not yet measured' below.")
+    mlserver.stop()
 
     # ---- 5. memory (idle daemon measured before any model) ---------------------------
     os.sched_setaffinity(0, {0, 1})
