@@ -158,8 +158,9 @@ pub struct Job {
     /// Set once at submit: when it times out, and the device it is placed on.
     deadline: OnceLock<Instant>,
     device: OnceLock<usize>,
-    /// The journal its acceptance went to.
-    journal: OnceLock<u64>,
+    /// The journal its acceptance went to, until the job ends: taken once,
+    /// by whichever path ends it.
+    journal: Mutex<Option<u64>>,
     inner: Mutex<Inner>,
 }
 
@@ -450,7 +451,7 @@ impl Engine {
             digest: v.digest,
             deadline: OnceLock::new(),
             device: OnceLock::new(),
-            journal: OnceLock::new(),
+            journal: Mutex::new(None),
             inner: Mutex::new(Inner {
                 state: JobState {
                     status: Status::New,
@@ -690,9 +691,7 @@ impl Shared {
                 let failure = inner.state.outcome.clone().and_then(|o| o.err());
                 drop(inner);
                 drop(s);
-                if let Some(&n) = job.journal.get() {
-                    self.journal.done(n);
-                }
+                self.release_journal(job);
                 self.persist(job);
                 return Err(failure.map_or(Error::Cancelled(job.id), |f| f.to_error()));
             }
@@ -751,9 +750,7 @@ impl Shared {
             }
         }
         self.persist(job);
-        if let Some(&n) = job.journal.get() {
-            self.journal.done(n);
-        }
+        self.release_journal(job);
         let mut r = self.registry.lock().unwrap();
         r.finished.push_back((Instant::now(), job.id));
         let excess = r.finished.len().saturating_sub(self.config.max_finished_jobs);
@@ -1039,8 +1036,16 @@ impl Shared {
         record.input_len = Some(input.len());
         let header = serde_json::to_vec(&record).expect("records serialize");
         let n = self.journal.append(&header, &input).map_err(|e| Error::io("appending to the job journal", e))?;
-        let _ = job.journal.set(n);
+        *job.journal.lock().unwrap() = Some(n);
         Ok(())
+    }
+
+    /// The job no longer needs its journal entry. Exactly once per job, even
+    /// when a cancel and the acceptance race to end it.
+    fn release_journal(&self, job: &Job) {
+        if let Some(n) = job.journal.lock().unwrap().take() {
+            self.journal.done(n);
+        }
     }
 
     /// Writes the job's record. Not flushed: if a crash loses a change, the
@@ -1237,7 +1242,7 @@ impl Record {
             digest: self.digest,
             deadline: OnceLock::new(),
             device: OnceLock::new(),
-            journal: OnceLock::new(),
+            journal: Mutex::new(None),
             inner: Mutex::new(Inner {
                 state: JobState {
                     status: if finished { self.status } else { Status::New },
