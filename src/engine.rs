@@ -673,6 +673,11 @@ impl Shared {
             .map_err(|why| Error::NoDevice(format!("models/{}: {why}", job.model)))?;
         let batch = (config.max_batch > 1).then(|| batch_key(&version, &request.inputs)).flatten();
         job.inner().state.device = self.devices[d].id().to_string();
+        // Refuse a full queue before writing anything (checked again below).
+        let full = |s: &Sched| s.queued_per_model.get(&job.model).copied().unwrap_or(0) >= config.max_queue as usize;
+        if full(&self.sched.lock().unwrap()) {
+            return Err(Error::QueueFull { model: job.model.clone(), max: config.max_queue });
+        }
         // The journal entry makes the accepted job survive a crash; the
         // catalog record (flushed in the background) still names it if the
         // journal were damaged, so it would fail "restarted", not vanish.
@@ -680,8 +685,7 @@ impl Shared {
         self.persist_as(job, Status::Queued);
 
         let mut s = self.sched.lock().unwrap();
-        let queued = s.queued_per_model.get(&job.model).copied().unwrap_or(0);
-        if queued >= config.max_queue as usize {
+        if full(&s) {
             return Err(Error::QueueFull { model: job.model.clone(), max: config.max_queue });
         }
         {

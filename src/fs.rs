@@ -304,7 +304,7 @@ fn example_request(sig: &crate::tensor::Signature) -> Option<String> {
             _ => serde_json::json!(0),
         };
         let dims: Vec<usize> = spec.shape.iter().map(|&d| if d < 0 { 1 } else { d as usize }).collect();
-        if dims.iter().product::<usize>() > 64 {
+        if dims.iter().try_fold(1usize, |a, &d| a.checked_mul(d)).is_none_or(|n| n > 64) {
             return None;
         }
         let value = dims.iter().rev().fold(zero, |inner, &n| serde_json::Value::Array(vec![inner; n]));
@@ -315,6 +315,9 @@ fn example_request(sig: &crate::tensor::Signature) -> Option<String> {
 
 /// (model, version, session id, uid): whose last request `cat infer` reads.
 type SessionKey = (String, u32, u32, u32);
+
+/// The largest `config.json` accepted.
+const CONFIG_MAX_BYTES: u64 = 1 << 20;
 
 /// How long an imported file's name still resolves after the commit.
 const IMPORTED_NAME_GRACE: Duration = Duration::from_secs(10);
@@ -347,9 +350,9 @@ pub struct Fs {
 }
 
 impl Fs {
-    /// `mountpoint` is only used to write copy-paste examples in README.
     /// The tree over a store, with jobs run by an engine on `devices`
-    /// (the CPU first). Fails if the job records cannot be read.
+    /// (the CPU first). `mountpoint` only serves the README's copy-paste
+    /// examples. Fails if the job records cannot be read.
     pub fn new(
         store: Store,
         backends: Backends,
@@ -457,18 +460,14 @@ impl Fs {
 
     /// The node `name` names inside `parent`, if it exists.
     fn child(&self, parent: &Node, name: &str) -> Result<Node> {
-        let missing = || Error::NotFound(name.to_string());
+        let missing = || Error::NotFound(format!("{}/{name}", self.describe(parent)));
         Ok(match parent {
-            Node::Root => match name {
-                "README" => Node::Readme,
-                "status" => Node::Status,
-                "metrics" => Node::Metrics,
-                "models" => Node::Models,
-                "devices" => Node::Devices,
-                "jobs" => Node::Jobs,
-                "blobs" => Node::Blobs,
-                _ => return Err(missing()),
-            },
+            // Small fixed directories: their listing is the one place that names them.
+            Node::Root | Node::Version { .. } | Node::Device(_) | Node::Job(_) => self
+                .children(parent)?
+                .into_iter()
+                .find_map(|(n, node)| (n == name).then_some(node))
+                .ok_or_else(missing)?,
             Node::Models => Node::Model(self.store.model(name)?.name.clone()),
             Node::Model(model) => {
                 let m = self.store.model(model)?;
@@ -484,25 +483,7 @@ impl Fs {
                     return Err(Error::NotFound(format!("models/{model}/{name}")));
                 }
             }
-            Node::Version { model, number } => {
-                let (_, v) = self.version(model, *number)?;
-                let (model, number) = (model.clone(), *number);
-                let file = match name {
-                    "digest" => VersionFile::Digest,
-                    "meta.json" => VersionFile::Meta,
-                    "stats" => VersionFile::Stats,
-                    "infer" => return Ok(Node::Infer { model, number }),
-                    "clone" => return Ok(Node::Clone { model, number }),
-                    _ if v.files.contains_key(name) => VersionFile::Model(name.to_string()),
-                    _ => return Err(Error::NotFound(format!("models/{model}/v{number}/{name}"))),
-                };
-                Node::VersionFile { model, number, file }
-            }
             Node::Devices => Node::Device(self.device(name)?.id().to_string()),
-            Node::Device(id) => {
-                let (file, _) = self.device_files(id)?.into_iter().find(|(f, _)| *f == name).ok_or_else(missing)?;
-                Node::DeviceFile { device: id.clone(), file }
-            }
             Node::Blobs => {
                 let digest: Digest = name.parse().map_err(|_| missing())?;
                 if !self.store.blob_path(&digest).is_file() {
@@ -515,12 +496,7 @@ impl Fs {
                 self.job(id)?;
                 Node::Job(id)
             }
-            Node::Job(id) => {
-                self.job(*id)?;
-                let (_, file) = JOB_FILES.iter().find(|(n, _)| *n == name).ok_or_else(missing)?;
-                Node::JobFile(*id, *file)
-            }
-            _ => return Err(Error::NotDir(name.to_string())),
+            _ => return Err(Error::NotDir(self.describe(parent))),
         })
     }
 
@@ -695,11 +671,7 @@ impl Fs {
     fn content(&self, node: &Node) -> Result<Vec<u8>> {
         let text = match node {
             Node::Readme => self.readme(),
-            Node::Status => {
-                let mut s = serde_json::to_string_pretty(&self.status()).expect("json");
-                s.push('\n');
-                s
-            }
+            Node::Status => pretty(&self.status()),
             Node::Metrics => self.engine.metrics_text(),
             Node::Config(model) => self.store.model(model)?.config.to_json(),
             Node::DeviceFile { device, file } => {
@@ -714,17 +686,13 @@ impl Fs {
             }
             Node::VersionFile { model, number, file: VersionFile::Stats } => {
                 self.version(model, *number)?;
-                let mut s = serde_json::to_string_pretty(&self.engine.stats_json(model, *number)).expect("json");
-                s.push('\n');
-                s
+                pretty(&self.engine.stats_json(model, *number))
             }
             Node::VersionFile { model, number, file: VersionFile::Digest } => {
                 format!("{}\n", self.version(model, *number)?.1.digest)
             }
             Node::VersionFile { model, number, file: VersionFile::Meta } => {
-                let mut s = serde_json::to_string_pretty(&self.version(model, *number)?.1.meta_json()).expect("json");
-                s.push('\n');
-                s
+                pretty(&self.version(model, *number)?.1.meta_json())
             }
             Node::JobFile(id, file) => {
                 let job = self.job(*id)?;
@@ -741,7 +709,7 @@ impl Fs {
                     JobFile::Device => format!("{}\n", state.device),
                     JobFile::Times => {
                         let time = |t: Option<SystemTime>| t.map(|t| humantime::format_rfc3339_micros(t).to_string());
-                        let mut s = serde_json::to_string_pretty(&serde_json::json!({
+                        pretty(&serde_json::json!({
                             "created": time(Some(state.created)),
                             "submitted": time(state.submitted),
                             "started": time(state.started),
@@ -750,9 +718,6 @@ impl Fs {
                             "compute_us": state.compute_us,
                             "batch_size": state.batch_size,
                         }))
-                        .expect("json");
-                        s.push('\n');
-                        s
                     }
                     JobFile::Input | JobFile::Output | JobFile::Ctl => {
                         return Err(Error::InvalidArgument("not a generated file".into()))
@@ -1067,9 +1032,12 @@ use, EAGAIN when a model's queue is full, ETIMEDOUT, ECANCELED.
         let new_name = store::validate_name(new_name.as_encoded_bytes())?;
         match self.child(&parent_node, name)? {
             Node::Link { model, alias } if alias != LATEST && parent == new_parent => {
-                if let Ok(existing @ (Node::Version { .. } | Node::Link { .. })) = self.child(&parent_node, new_name) {
-                    if !matches!(&existing, Node::Link { alias, .. } if alias != LATEST) {
-                        return Err(Error::NotPermitted(format!("{}: cannot be replaced", self.describe(&existing))));
+                // Only another user alias can be replaced.
+                match self.child(&parent_node, new_name) {
+                    Ok(Node::Link { alias, .. }) if alias != LATEST => {}
+                    Ok(Node::Imported { .. }) | Err(_) => {}
+                    Ok(existing) => {
+                        return Err(Error::NotPermitted(format!("{}: cannot be replaced", self.describe(&existing))))
                     }
                 }
                 self.store.rename_alias(&model, &alias, new_name, no_replace)?;
@@ -1271,16 +1239,10 @@ use, EAGAIN when a model's queue is full, ETIMEDOUT, ECANCELED.
                 if w.job.status() != Status::New {
                     return Err(Error::ReadOnly(format!("jobs/{}/input: already submitted", w.job.id)));
                 }
-                let end = offset as usize + data.len();
-                if end as u64 > limit {
-                    let e = Error::TooBig { limit };
+                if let Err(e) = write_into(&mut w.input, offset, data, limit) {
                     self.engine.fail(&w.job, &e);
                     return Err(e);
                 }
-                if w.input.len() < end {
-                    w.input.resize(end, 0);
-                }
-                w.input[offset as usize..end].copy_from_slice(data);
                 w.written = true;
             }
             Handle::JobCommand(job, file) => {
@@ -1303,16 +1265,7 @@ use, EAGAIN when a model's queue is full, ETIMEDOUT, ECANCELED.
                 }
             }
             Handle::Config(_, text) => {
-                let mut text = text.lock().unwrap();
-                let text = text.get_or_insert_with(Vec::new);
-                let end = offset as usize + data.len();
-                if end > 1 << 20 {
-                    return Err(Error::TooBig { limit: 1 << 20 });
-                }
-                if text.len() < end {
-                    text.resize(end, 0);
-                }
-                text[offset as usize..end].copy_from_slice(data);
+                write_into(text.lock().unwrap().get_or_insert_with(Vec::new), offset, data, CONFIG_MAX_BYTES)?
             }
             Handle::Content(_) | Handle::Blob(_) | Handle::JobOutput(_) => return Err(Error::BadHandle(fh)),
         }
@@ -1383,17 +1336,15 @@ use, EAGAIN when a model's queue is full, ETIMEDOUT, ECANCELED.
     /// can only be logged.
     pub fn release(&self, fh: u64) -> Result<()> {
         let handle = self.handles.lock().unwrap().remove(&fh).ok_or(Error::BadHandle(fh))?;
-        if matches!(&*handle, Handle::Upload(_)) {
+        if let Handle::Upload(pending) = &*handle {
             let mut t = self.inodes.lock().unwrap();
             if let Some(ino) = t.by_node.remove(&Node::Upload(fh)) {
                 t.by_ino.remove(&ino);
             }
-        }
-        if let Handle::Upload(pending) = &*handle {
+            drop(t);
             let p = pending.lock().unwrap();
             if p.upload.as_ref().is_some_and(|u| u.is_empty()) {
-                let why = "empty file".to_string();
-                tracing::info!("{}", Error::InvalidModel { name: p.file_name.clone(), why });
+                tracing::info!("invalid model {:?}: empty file, discarded", p.file_name);
                 return Ok(());
             }
         }
@@ -1454,19 +1405,12 @@ use, EAGAIN when a model's queue is full, ETIMEDOUT, ECANCELED.
         let file_name = p.file_name.clone();
         let imported =
             self.store.import(&p.model, &file_name, upload, |path| self.backends.inspect(path, &file_name))?;
-        let number = match imported {
-            Imported::New(n) | Imported::Existing(n) => n,
+        let (number, what) = match imported {
+            Imported::New(n) => (n, "imported new version"),
+            Imported::Existing(n) => (n, "content identical to an existing version; no new version"),
         };
-        let key = (p.model.clone(), file_name.clone());
-        self.imported.lock().unwrap().insert(key, (number, Instant::now()));
-        match imported {
-            Imported::New(n) => {
-                tracing::info!(model = %p.model, version = n, file = %file_name, bytes, "imported new version")
-            }
-            Imported::Existing(n) => {
-                tracing::info!(model = %p.model, version = n, file = %file_name, "content identical to an existing version; no new version")
-            }
-        }
+        tracing::info!(model = %p.model, version = number, file = %file_name, bytes, "{what}");
+        self.imported.lock().unwrap().insert((p.model.clone(), file_name), (number, Instant::now()));
         Ok(())
     }
 
@@ -1548,6 +1492,27 @@ use, EAGAIN when a model's queue is full, ETIMEDOUT, ECANCELED.
                 .unwrap_or_else(|_| format!("upload {fh}")),
         }
     }
+}
+
+/// Pretty JSON and a final newline: what `cat` users expect of a file.
+fn pretty(value: &serde_json::Value) -> String {
+    let mut s = serde_json::to_string_pretty(value).expect("JSON values serialize");
+    s.push('\n');
+    s
+}
+
+/// Writes `data` at `offset` into a buffer that may not grow past `limit`.
+fn write_into(buf: &mut Vec<u8>, offset: u64, data: &[u8], limit: u64) -> Result<()> {
+    let end = offset.saturating_add(data.len() as u64);
+    if end > limit {
+        return Err(Error::TooBig { limit });
+    }
+    let (start, end) = (offset as usize, end as usize);
+    if buf.len() < end {
+        buf.resize(end, 0);
+    }
+    buf[start..end].copy_from_slice(data);
+    Ok(())
 }
 
 fn no_space(model: &str, file: &str, free: u64) -> Error {

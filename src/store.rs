@@ -647,6 +647,9 @@ fn validate_alias(alias: &str) -> Result<()> {
     if alias == LATEST {
         return Err(Error::NotPermitted(format!("{LATEST} is kept by the daemon")));
     }
+    if alias == "config.json" {
+        return Err(Error::InvalidName { name: alias.to_string(), why: "config.json is the model's settings" });
+    }
     if alias.starts_with('v') && alias[1..].bytes().all(|b| b.is_ascii_digit()) {
         return Err(Error::InvalidName { name: alias.to_string(), why: "v<N> names versions, not aliases" });
     }
@@ -965,6 +968,7 @@ mod tests {
         assert_eq!(store.create_alias("m", "x", "../other").unwrap_err().errno(), libc::EINVAL);
         assert_eq!(store.create_alias("m", "latest", "v1").unwrap_err().errno(), libc::EPERM);
         assert_eq!(store.create_alias("m", "v7", "v1").unwrap_err().errno(), libc::EINVAL);
+        assert_eq!(store.create_alias("m", "config.json", "v1").unwrap_err().errno(), libc::EINVAL);
         assert_eq!(store.delete_version("m", 1).unwrap_err().errno(), libc::EBUSY);
         // ln -sfn v2 stable: a temp alias renamed over the old one.
         store.create_alias("m", "tmp123", "./v2").unwrap();
