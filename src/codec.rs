@@ -222,42 +222,29 @@ fn flat_values(data: &Data) -> Vec<Value> {
 
 // ---- KServe v2 ---------------------------------------------------------------
 
+/// KServe v2 datatypes and the element types they decode to, both ways.
+const KSERVE_DATATYPES: [(&str, DType); 12] = [
+    ("BOOL", DType::Bool),
+    ("UINT8", DType::Uint8),
+    ("UINT16", DType::Uint16),
+    ("UINT32", DType::Uint32),
+    ("UINT64", DType::Uint64),
+    ("INT8", DType::Int8),
+    ("INT16", DType::Int16),
+    ("INT32", DType::Int32),
+    ("INT64", DType::Int64),
+    ("FP16", DType::Float16),
+    ("FP32", DType::Float32),
+    ("FP64", DType::Float64),
+];
+
 fn kserve_dtype(datatype: &str) -> Option<DType> {
-    Some(match datatype {
-        "BOOL" => DType::Bool,
-        "UINT8" => DType::Uint8,
-        "UINT16" => DType::Uint16,
-        "UINT32" => DType::Uint32,
-        "UINT64" => DType::Uint64,
-        "INT8" => DType::Int8,
-        "INT16" => DType::Int16,
-        "INT32" => DType::Int32,
-        "INT64" => DType::Int64,
-        "FP16" => DType::Float16,
-        "FP32" => DType::Float32,
-        "FP64" => DType::Float64,
-        _ => return None,
-    })
+    KSERVE_DATATYPES.iter().find(|(name, _)| *name == datatype).map(|(_, dtype)| *dtype)
 }
 
+/// Outputs are always one of the table's types (they come from [`Data`]).
 fn kserve_datatype(dtype: DType) -> &'static str {
-    match dtype {
-        DType::Bool => "BOOL",
-        DType::Uint8 => "UINT8",
-        DType::Uint16 => "UINT16",
-        DType::Uint32 => "UINT32",
-        DType::Uint64 => "UINT64",
-        DType::Int8 => "INT8",
-        DType::Int16 => "INT16",
-        DType::Int32 => "INT32",
-        DType::Int64 => "INT64",
-        DType::Float16 => "FP16",
-        DType::Float32 => "FP32",
-        DType::Float64 => "FP64",
-        DType::Bfloat16 => "BF16",
-        DType::String => "BYTES",
-        DType::Other => "UNKNOWN",
-    }
+    KSERVE_DATATYPES.iter().find(|(_, d)| *d == dtype).map_or("UNKNOWN", |(name, _)| name)
 }
 
 fn kserve_request(mut map: Map<String, Value>) -> Result<Request> {
