@@ -17,6 +17,10 @@
 
 use std::io::Cursor;
 
+// Tensors are read from and written to little-endian bytes by bulk copies.
+#[cfg(not(target_endian = "little"))]
+compile_error!("aifs's .npy codec assumes a little-endian machine");
+
 use half::f16;
 use npyz::WriterBuilder;
 use serde_json::{Map, Value};
@@ -303,11 +307,7 @@ fn npy_little_endian(name: &str, npy: &npyz::NpyFile<&[u8]>, bytes: &[u8], budge
     if npy.order() != npyz::Order::C || ts.endianness() == npyz::Endianness::Big {
         return None;
     }
-    // The data starts after the magic, version, header length and header.
-    let start = match bytes.get(6)? {
-        1 => 10 + u16::from_le_bytes([bytes[8], bytes[9]]) as usize,
-        _ => 12 + u32::from_le_bytes(bytes.get(8..12)?.try_into().ok()?) as usize,
-    };
+    let start = npy_data_start(bytes)?;
     let shape: Vec<usize> = npy.shape().iter().map(|&d| d as usize).collect();
     let count = shape.iter().try_fold(1usize, |a, &d| a.checked_mul(d))?;
     let size = ts.size_field() as usize;
@@ -325,7 +325,7 @@ fn npy_little_endian(name: &str, npy: &npyz::NpyFile<&[u8]>, bytes: &[u8], budge
     let data = &data[..needed];
     macro_rules! le {
         ($variant:ident, $t:ty) => {
-            Data::$variant(data.chunks_exact(size).map(|c| <$t>::from_le_bytes(c.try_into().unwrap())).collect())
+            Data::$variant(bytemuck::pod_collect_to_vec::<u8, $t>(data))
         };
     }
     use npyz::TypeChar as C;
@@ -351,6 +351,32 @@ fn npy_little_endian(name: &str, npy: &npyz::NpyFile<&[u8]>, bytes: &[u8], budge
     };
     *budget -= needed as u64;
     Some(Tensor::new(name, shape, data))
+}
+
+/// Where an .npy file's data starts: after the magic, version, header
+/// length and header.
+fn npy_data_start(bytes: &[u8]) -> Option<usize> {
+    Some(match bytes.get(6)? {
+        1 => 10 + u16::from_le_bytes(bytes.get(8..10)?.try_into().ok()?) as usize,
+        _ => 12 + u32::from_le_bytes(bytes.get(8..12)?.try_into().ok()?) as usize,
+    })
+}
+
+/// The whole size of a request whose first bytes are an .npy header (so a
+/// buffer can be sized once); `None` for anything else, or a header cut
+/// short. Only a hint: nothing is checked against it.
+pub fn declared_len(first: &[u8]) -> Option<u64> {
+    if !first.starts_with(b"\x93NUMPY") {
+        return None;
+    }
+    std::panic::catch_unwind(|| {
+        let npy = npyz::NpyFile::new(first).ok()?;
+        let npyz::DType::Plain(ts) = npy.dtype() else { return None };
+        let data = npy.shape().iter().try_fold(ts.size_field() as u64, |a, &d| a.checked_mul(d))?;
+        data.checked_add(npy_data_start(first)? as u64)
+    })
+    .ok()
+    .flatten()
 }
 
 /// Reads one array, if its decoded size fits what is left of `budget`.
@@ -420,11 +446,7 @@ fn write_npy(t: &Tensor, out: &mut impl std::io::Write) -> std::io::Result<()> {
         ($v:expr, $t:ty) => {{
             let w =
                 npyz::WriteOptions::<$t>::new().default_dtype().shape(&shape).writer(&mut *out).write_header_only()?;
-            let mut bytes = Vec::with_capacity($v.len() * std::mem::size_of::<$t>());
-            for x in $v {
-                bytes.extend_from_slice(&x.to_le_bytes());
-            }
-            w.write_all(&bytes)
+            w.write_all(bytemuck::cast_slice::<$t, u8>($v))
         }};
     }
     match &t.data {
@@ -481,7 +503,8 @@ pub fn encode(request: &Request, mut outputs: Vec<Tensor>, model: &str, version:
         }
         Codec::Npy => {
             let first = outputs.first().ok_or_else(|| Error::Runtime("the model returned no outputs".into()))?;
-            let mut out = Vec::new();
+            // The header is at most a few hundred bytes.
+            let mut out = Vec::with_capacity(first.data.byte_len() + 512);
             write_npy(first, &mut out).map_err(|e| Error::io("encoding .npy", e))?;
             return Ok(out);
         }
@@ -619,6 +642,16 @@ mod tests {
         npy.extend(header.as_bytes());
         npy.extend([0u8; 8]);
         assert_eq!(err(&npy, &s), "input \"x\": shape [1099511627776] decodes to more than the limit of 1048576 bytes");
+    }
+
+    #[test]
+    fn an_npy_header_declares_the_request_size() {
+        let t = Tensor::new("x", vec![3, 5], Data::Float32(vec![0.5; 15])).unwrap();
+        let mut bytes = Vec::new();
+        write_npy(&t, &mut bytes).unwrap();
+        assert_eq!(declared_len(&bytes[..bytes.len() - 7]), Some(bytes.len() as u64));
+        assert_eq!(declared_len(&bytes[..20]), None, "a header cut short");
+        assert_eq!(declared_len(b"[[1.0]]"), None);
     }
 
     #[test]

@@ -37,13 +37,13 @@
 //! **Records.** Job records live in sled (tree `jobs`, written as jobs
 //! change, flushed in the background), outputs of up to 256 KiB too (tree
 //! `job_outputs`; larger ones last while the daemon runs). An
-//! accepted job's record and input are appended to the [`Journal`] before
-//! its `close()` returns: one `write(2)`, no fsync, so it survives the
-//! daemon being killed at any moment (not a power loss) and costs no disk
-//! round trip. At start, queued or running jobs
-//! are queued again, or failed with "the daemon restarted" when their
-//! input is gone. Finished jobs are kept up to `max_finished_jobs` and
-//! `finished_job_ttl`.
+//! accepted job's record and input (up to 16 MiB; a larger input is not
+//! kept) are appended to the [`Journal`] before its `close()` returns: one
+//! `write(2)`, no fsync, so it survives the daemon being killed at any
+//! moment (not a power loss) and costs no disk round trip. At start, queued
+//! or running jobs are queued again, or failed with "the daemon restarted"
+//! when their input is gone. Finished jobs are kept up to `max_finished_jobs`,
+//! `max_finished_bytes` (of inputs and outputs held) and `finished_job_ttl`.
 //!
 //! Locks: `sched` before any job's own lock; callbacks run with no lock
 //! held.
@@ -75,6 +75,9 @@ pub struct EngineConfig {
     pub max_input_bytes: u64,
     /// Finished jobs kept before the oldest are removed.
     pub max_finished_jobs: usize,
+    /// Bytes of input and output the finished jobs may hold in memory
+    /// before the oldest are removed (the newest is always kept).
+    pub max_finished_bytes: u64,
     /// How long finished jobs are kept.
     pub finished_job_ttl: Duration,
     /// How long a job may stay `new` (cloned, no input) before it is removed.
@@ -89,6 +92,7 @@ impl Default for EngineConfig {
             workers: std::thread::available_parallelism().map_or(1, |n| n.get()),
             max_input_bytes: 1 << 30,
             max_finished_jobs: 10_000,
+            max_finished_bytes: 256 << 20,
             finished_job_ttl: Duration::from_secs(3600),
             new_job_ttl: Duration::from_secs(600),
             aging: Duration::from_millis(100),
@@ -195,6 +199,13 @@ struct Inner {
 impl Job {
     pub fn snapshot(&self) -> JobState {
         self.inner().state.clone()
+    }
+
+    /// The bytes of input and output it holds.
+    fn payload_bytes(&self) -> usize {
+        let inner = self.inner();
+        let output = inner.state.outcome.as_ref().and_then(|o| o.as_ref().ok()).map_or(0, |o| o.len());
+        inner.state.input.len() + output
     }
 
     pub fn status(&self) -> Status {
@@ -340,8 +351,27 @@ impl Sched {
 #[derive(Default)]
 struct Registry {
     jobs: BTreeMap<u64, Arc<Job>>,
-    finished: VecDeque<(Instant, u64)>,
+    /// Finished jobs, oldest first: when they finished, id, bytes held.
+    finished: VecDeque<(Instant, u64, usize)>,
+    /// What the finished jobs hold, in bytes (their inputs and outputs).
+    finished_bytes: usize,
     new: VecDeque<(Instant, u64)>,
+}
+
+impl Registry {
+    fn push_finished(&mut self, job: &Job) {
+        let bytes = job.payload_bytes();
+        self.finished.push_back((Instant::now(), job.id, bytes));
+        self.finished_bytes += bytes;
+    }
+
+    /// Removes the oldest finished job, returning its id.
+    fn pop_finished(&mut self) -> Option<u64> {
+        let (_, id, bytes) = self.finished.pop_front()?;
+        self.finished_bytes -= bytes;
+        self.jobs.remove(&id);
+        Some(id)
+    }
 }
 
 /// A device's live state, for `devices/<id>/{queue,running,models}`.
@@ -388,7 +418,7 @@ impl Engine {
         std::fs::create_dir_all(&dir).map_err(|e| Error::io(dir.display().to_string(), e))?;
         let records = store.db().open_tree("jobs")?;
         let outputs = store.db().open_tree("job_outputs")?;
-        let input_len = |header: &[u8]| serde_json::from_slice::<Record>(header).ok()?.input_len;
+        let input_len = |header: &[u8]| Some(serde_json::from_slice::<Record>(header).ok()?.input_len.unwrap_or(0));
         let (journal, entries) = Journal::open(&dir, input_len).map_err(|e| Error::io(dir.display().to_string(), e))?;
         let sched = Sched { devices: devices.iter().map(|_| DeviceQueue::default()).collect(), ..Default::default() };
         let wake = devices.iter().map(|_| Condvar::new()).collect();
@@ -640,11 +670,10 @@ impl Shared {
     fn register(&self, job: &Arc<Job>, finished: bool) {
         let mut r = self.registry.lock().unwrap();
         r.jobs.insert(job.id, job.clone());
-        let entry = (Instant::now(), job.id);
         if finished {
-            r.finished.push_back(entry);
+            r.push_finished(job);
         } else {
-            r.new.push_back(entry);
+            r.new.push_back((Instant::now(), job.id));
         }
     }
 
@@ -756,11 +785,12 @@ impl Shared {
         self.persist(job);
         self.release_journal(job);
         let mut r = self.registry.lock().unwrap();
-        r.finished.push_back((Instant::now(), job.id));
-        let excess = r.finished.len().saturating_sub(self.config.max_finished_jobs);
-        let retired: Vec<u64> = r.finished.drain(..excess).map(|(_, id)| id).collect();
-        for id in &retired {
-            r.jobs.remove(id);
+        r.push_finished(job);
+        let mut retired = Vec::new();
+        while r.finished.len() > self.config.max_finished_jobs
+            || (r.finished.len() > 1 && r.finished_bytes as u64 > self.config.max_finished_bytes)
+        {
+            retired.extend(r.pop_finished());
         }
         drop(r);
         for id in retired {
@@ -1004,13 +1034,8 @@ impl Shared {
     fn retire_old(&self) {
         let mut r = self.registry.lock().unwrap();
         let mut gone = Vec::new();
-        while let Some(&(at, id)) = r.finished.front() {
-            if at.elapsed() < self.config.finished_job_ttl {
-                break;
-            }
-            r.finished.pop_front();
-            r.jobs.remove(&id);
-            gone.push(id);
+        while r.finished.front().is_some_and(|&(at, _, _)| at.elapsed() >= self.config.finished_job_ttl) {
+            gone.extend(r.pop_finished());
         }
         let mut stale = Vec::new();
         while let Some(&(at, id)) = r.new.front() {
@@ -1032,14 +1057,16 @@ impl Shared {
 
     // ---- records -------------------------------------------------------------
 
-    /// Appends the job, as queued, and its input to the journal.
+    /// Appends the job, as queued, and its input (if it is small enough to
+    /// keep) to the journal.
     fn journal_input(&self, job: &Job) -> Result<()> {
         let input = job.inner().state.input.clone();
+        let kept: &[u8] = if input.len() <= KEPT_INPUT_BYTES { &input } else { &[] };
         let mut record = Record::of(job);
         record.status = Status::Queued;
-        record.input_len = Some(input.len());
+        record.input_len = (input.len() <= KEPT_INPUT_BYTES).then_some(kept.len());
         let header = serde_json::to_vec(&record).expect("records serialize");
-        let n = self.journal.append(&header, &input).map_err(|e| Error::io("appending to the job journal", e))?;
+        let n = self.journal.append(&header, kept).map_err(|e| Error::io("appending to the job journal", e))?;
         *job.journal.lock().unwrap() = Some(n);
         Ok(())
     }
@@ -1091,7 +1118,9 @@ impl Shared {
         for entry in entries {
             let Ok(rec) = serde_json::from_slice::<Record>(&entry.header) else { continue };
             if records.get(&rec.id).is_none_or(|r| matches!(r.status, Status::New | Status::Queued | Status::Running)) {
-                inputs.insert(rec.id, entry.input);
+                if rec.input_len.is_some() {
+                    inputs.insert(rec.id, entry.input);
+                }
                 records.insert(rec.id, rec);
             }
         }
@@ -1138,6 +1167,12 @@ impl Shared {
 /// Outputs up to this size are kept in the catalog across a restart.
 const KEPT_OUTPUT_BYTES: usize = 256 << 10;
 
+/// Inputs up to this size are journaled, so their jobs run again after a
+/// restart. Copying a larger one to disk for every request costs more than
+/// the rare rerun saves (a 64 MB tensor spent a third of its time there);
+/// its job fails "the daemon restarted" instead.
+const KEPT_INPUT_BYTES: usize = 16 << 20;
+
 /// Runs one request, or several stacked along the first dimension and
 /// split back; returns each request's outputs.
 fn run_batch(instance: &mut dyn Instance, live: &mut [(Arc<Job>, Request)]) -> Result<Vec<Vec<Tensor>>> {
@@ -1183,7 +1218,8 @@ struct Record {
     compute_us: Option<u64>,
     batch_size: Option<usize>,
     failure: Option<Failure>,
-    /// In a journal entry: the length of the input after it.
+    /// In a journal entry: the length of the input after it; `None` when
+    /// the input was too large to keep.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     input_len: Option<usize>,
 }

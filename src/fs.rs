@@ -52,6 +52,7 @@ use std::sync::{Arc, Mutex, Weak};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use crate::backend::Backends;
+use crate::codec;
 use crate::device::Probe;
 use crate::engine::{Engine, EngineConfig, Job, Status};
 use crate::error::{Error, Result};
@@ -1231,6 +1232,11 @@ use, EAGAIN when a model's queue is full, ETIMEDOUT, ECANCELED.
                     self.engine.fail(&job, &e);
                     self.remember(&mut st, job);
                     return Err(e);
+                }
+                if st.input.is_empty() {
+                    // Grown once, not doubled: a 64 MB tensor otherwise
+                    // copies itself and faults in fresh pages six times.
+                    st.input.reserve(codec::declared_len(data).unwrap_or(0).min(limit) as usize);
                 }
                 st.input.extend_from_slice(data);
             }

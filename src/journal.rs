@@ -4,7 +4,7 @@
 //! One append-only file per run, `<dir>/journal-<n>`. Accepting a job
 //! appends one entry, `<header>\n<input bytes>` (the header is the job's
 //! record as one JSON line, which says how long the input is), with a
-//! single `write(2)` before the job's `close()` returns. The page cache
+//! single `writev(2)` before the job's `close()` returns. The page cache
 //! keeps it if the daemon dies; a power loss may lose the tail (there is no
 //! fsync). A journal past [`ROTATE_BYTES`] is closed and the next one
 //! started; a closed journal is deleted once every job in it has ended and
@@ -17,7 +17,7 @@
 
 use std::collections::BTreeMap;
 use std::fs::{File, OpenOptions};
-use std::io::{self, Write};
+use std::io::{self, IoSlice, Write};
 use std::path::{Path, PathBuf};
 use std::sync::Mutex;
 
@@ -90,20 +90,17 @@ impl Journal {
     /// Appends an accepted job; returns the journal it went to (pass it to
     /// [`Journal::done`] when the job ends).
     pub fn append(&self, header: &[u8], input: &[u8]) -> io::Result<u64> {
-        let mut entry = Vec::with_capacity(header.len() + 1 + input.len());
-        entry.extend_from_slice(header);
-        entry.push(b'\n');
-        entry.extend_from_slice(input);
+        let len = header.len() + 1 + input.len();
         let mut st = self.state.lock().unwrap();
-        if st.size > 0 && st.size + entry.len() as u64 > ROTATE_BYTES {
+        if st.size > 0 && st.size + len as u64 > ROTATE_BYTES {
             let next = st.current + 1;
             st.file = OpenOptions::new().create_new(true).append(true).open(path_of(&self.dir, next))?;
             st.current = next;
             st.size = 0;
             st.open_jobs.insert(next, 0);
         }
-        st.file.write_all(&entry)?;
-        st.size += entry.len() as u64;
+        write_all_vectored(&mut st.file, &mut [IoSlice::new(header), IoSlice::new(b"\n"), IoSlice::new(input)])?;
+        st.size += len as u64;
         let n = st.current;
         *st.open_jobs.get_mut(&n).expect("the current journal is listed") += 1;
         Ok(n)
@@ -146,6 +143,20 @@ impl Journal {
             }
         }
     }
+}
+
+/// One `writev(2)` in the common case, without copying the parts into one
+/// buffer first; continues after a short write.
+fn write_all_vectored(file: &mut File, mut parts: &mut [IoSlice<'_>]) -> io::Result<()> {
+    while !parts.is_empty() {
+        match file.write_vectored(parts) {
+            Ok(0) => return Err(io::ErrorKind::WriteZero.into()),
+            Ok(n) => IoSlice::advance_slices(&mut parts, n),
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(())
 }
 
 #[cfg(test)]

@@ -146,6 +146,11 @@ impl Data {
         self.len() == 0
     }
 
+    /// The size of the elements in bytes.
+    pub fn byte_len(&self) -> usize {
+        with_data!(self, v => std::mem::size_of_val(&v[..]))
+    }
+
     /// Concatenates data of one dtype (the caller checked they match).
     fn concat(parts: &[&Data]) -> Data {
         macro_rules! cat {

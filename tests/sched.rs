@@ -42,6 +42,20 @@ fn wait_for(what: &str, limit: Duration, mut ok: impl FnMut() -> bool) {
     }
 }
 
+/// A one-row int32 `.npy` (format 1.0).
+fn npy_int32(values: &[i32]) -> Vec<u8> {
+    let mut header = format!("{{'descr': '<i4', 'fortran_order': False, 'shape': (1, {}), }}", values.len());
+    while (10 + header.len() + 1) % 64 != 0 {
+        header.push(' ');
+    }
+    header.push('\n');
+    let mut out = b"\x93NUMPY\x01\x00".to_vec();
+    out.extend_from_slice(&(header.len() as u16).to_le_bytes());
+    out.extend_from_slice(header.as_bytes());
+    values.iter().for_each(|v| out.extend_from_slice(&v.to_le_bytes()));
+    out
+}
+
 fn device_file(m: &Mount, device: &str, file: &str) -> String {
     read(m.path(&format!("devices/{device}/{file}")))
 }
@@ -231,25 +245,56 @@ fn cancel_timeout_and_backpressure() {
 }
 
 #[test]
+fn finished_jobs_are_retired_past_their_byte_budget() {
+    let m = Mount::start_with(&["--max-finished-bytes", "300"]);
+    import(&m, "id", &model_fixture("identity_int32.onnx"));
+    // Each job holds about 2 x 100 bytes (input and output).
+    let body = format!("[[{}]]", vec!["1"; 48].join(","));
+    // The first reply is read through a handle, which holds its job.
+    let mut f = std::fs::OpenOptions::new().read(true).write(true).open(m.path("models/id/v1/infer")).unwrap();
+    std::io::Write::write_all(&mut f, body.as_bytes()).unwrap();
+    let mut reply = vec![0; 10];
+    std::io::Read::read_exact(&mut f, &mut reply).unwrap();
+    let first = newest_job(&m);
+    let second = submit(&m, "id", &body, None);
+    assert_eq!(output(&m, second).unwrap().trim(), body);
+    let third = submit(&m, "id", &body, None);
+    assert_eq!(output(&m, third).unwrap().trim(), body);
+    // Only the newest fits the budget; the older ones are gone from jobs/.
+    assert_eq!(job_file(&m, third, "status"), "done\n");
+    assert_eq!(sh_ok(&m.mnt, "ls jobs"), format!("{third}\n"));
+    for gone in [first, second] {
+        assert_eq!(errno(std::fs::read(m.path(&format!("jobs/{gone}/status")))), libc::ENOENT, "job {gone}");
+    }
+    std::io::Read::read_to_end(&mut f, &mut reply).unwrap();
+    assert_eq!(String::from_utf8(reply).unwrap().trim(), body, "the open handle still reads its retired job");
+}
+
+#[test]
 fn queued_jobs_run_after_the_daemon_is_killed_and_restarted() {
     let mut m = Mount::start_with(&["--simulate-gpu", "1G,300"]);
     import(&m, "id", &model_fixture("identity_int32.onnx"));
     configure(&m, "id", r#"{"device": "gpu0", "max_batch": 1}"#);
     let finished = submit(&m, "id", "[[42]]", None);
     assert_eq!(output(&m, finished).unwrap(), "[[42]]\n");
-    let ids: Vec<u64> = (0..5).map(|k| submit(&m, "id", &format!("[[{k}]]"), None)).collect();
+    let mut ids: Vec<u64> = (0..5).map(|k| submit(&m, "id", &format!("[[{k}]]"), None)).collect();
+    // An input over 16 MiB is not journaled: its job fails after the crash.
+    let big = read(m.path("models/id/v1/clone")).trim().parse::<u64>().unwrap();
+    write_file(&m.path(&format!("jobs/{big}/input")), &npy_int32(&vec![7; 4_300_000])).unwrap();
+    ids.push(submit(&m, "id", "[[5]]", None));
     // Lose one job's input behind the daemon's back, once the catalog has its
     // record (sled flushes every 500 ms): it must fail, not vanish.
     std::thread::sleep(Duration::from_millis(1200));
     m.kill();
     // The last job's entry in the journal loses its end: its input is gone.
-    let lost = ids[4];
+    let lost = ids[5];
     let journal = m.data.join("jobs/journal-1");
     let len = std::fs::metadata(&journal).unwrap().len();
+    assert!(len < 1 << 20, "the large input is not in the journal ({len} bytes)");
     std::fs::OpenOptions::new().write(true).open(&journal).unwrap().set_len(len - 2).unwrap();
     m.spawn();
     assert!(m.log_text().contains("queued again"), "{}", m.log_text());
-    for (k, &id) in ids[..4].iter().enumerate() {
+    for (k, &id) in ids[..5].iter().enumerate() {
         assert_eq!(output(&m, id).unwrap(), format!("[[{k}]]\n"), "job {id}");
     }
     assert_eq!(output(&m, lost), Err(libc::EIO));
@@ -257,8 +302,10 @@ fn queued_jobs_run_after_the_daemon_is_killed_and_restarted() {
     assert_eq!(output(&m, finished).unwrap(), "[[42]]\n");
     assert_eq!(job_file(&m, finished, "status"), "done\n");
     assert!(job_file(&m, lost, "error").contains("the daemon restarted"));
+    assert_eq!(output(&m, big), Err(libc::EIO));
+    assert!(job_file(&m, big, "error").contains("the daemon restarted and its input was lost"));
     // New ids never repeat old ones.
-    assert!(submit(&m, "id", "[[9]]", None) > ids[4]);
+    assert!(submit(&m, "id", "[[9]]", None) > ids[5]);
 }
 
 #[test]

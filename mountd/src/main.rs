@@ -17,6 +17,22 @@ use aifs::fs::Fs;
 use clap::Parser;
 use signal_hook::consts::{SIGINT, SIGTERM};
 
+#[global_allocator]
+static ALLOC: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
+
+/// jemalloc's options, read once at its start (the symbol carries the
+/// crate's `_rjem_` prefix). `oversize_threshold:0`: a freed large buffer
+/// (a tensor of many MB) stays for reuse like any other instead of being
+/// purged at once; `background_thread`: unused memory still goes back to
+/// the kernel after the decay time (10 s) while the daemon sits idle.
+#[export_name = "_rjem_malloc_conf"]
+static MALLOC_CONF: MallocConf = MallocConf(c"oversize_threshold:0,narenas:1,background_thread:true".as_ptr());
+
+#[repr(transparent)]
+struct MallocConf(*const libc::c_char);
+// SAFETY: points at a string constant; nothing writes through it.
+unsafe impl Sync for MallocConf {}
+
 /// Mount the aifs tree: AI models, compute devices and inference jobs as files.
 ///
 /// Detaches once the mount is ready unless --foreground is given. Logging
@@ -58,6 +74,10 @@ struct Cli {
     /// Finished jobs kept under jobs/ before the oldest are removed.
     #[arg(long, default_value_t = 10_000)]
     max_finished_jobs: usize,
+
+    /// Bytes of inputs and outputs finished jobs may hold in memory before the oldest are removed.
+    #[arg(long, default_value_t = 256 << 20)]
+    max_finished_bytes: u64,
 
     /// Seconds finished jobs are kept under jobs/.
     #[arg(long, default_value_t = 3600)]
@@ -142,6 +162,7 @@ fn serve(cli: &Cli, data_dir: &Path, library: &Path, ready: Option<OwnedFd>) -> 
     let mut engine = EngineConfig {
         max_input_bytes: cli.max_input_bytes,
         max_finished_jobs: cli.max_finished_jobs,
+        max_finished_bytes: cli.max_finished_bytes,
         finished_job_ttl: std::time::Duration::from_secs(cli.job_ttl_s),
         aging: std::time::Duration::from_millis(cli.aging_ms),
         ..EngineConfig::default()
