@@ -372,7 +372,7 @@ pub fn declared_len(first: &[u8]) -> Option<u64> {
     std::panic::catch_unwind(|| {
         let npy = npyz::NpyFile::new(first).ok()?;
         let npyz::DType::Plain(ts) = npy.dtype() else { return None };
-        let data = npy.shape().iter().try_fold(ts.size_field() as u64, |a, &d| a.checked_mul(d))?;
+        let data = npy.shape().iter().try_fold(ts.size_field(), |a, &d| a.checked_mul(d))?;
         data.checked_add(npy_data_start(first)? as u64)
     })
     .ok()
