@@ -292,25 +292,73 @@ fn flatten_any<'v>(v: &'v Value, out: &mut Vec<&'v Value>) {
 // ---- NumPy -----------------------------------------------------------------
 
 fn npy_tensor(name: &str, bytes: &[u8], budget: &mut u64) -> Result<Tensor> {
+    if let Some(t) = numpy_header(bytes).and_then(|layout| npy_bulk(name, &layout, bytes, budget)) {
+        return t;
+    }
     let npy = npyz::NpyFile::new(bytes).map_err(|e| bad(format!("input {name:?}: malformed .npy: {e}")))?;
-    if let Some(t) = npy_little_endian(name, &npy, bytes, budget) {
+    if let Some(t) = npyz_layout(&npy, bytes).and_then(|layout| npy_bulk(name, &layout, bytes, budget)) {
         return t;
     }
     npy_file_tensor(name, npy, budget)
 }
 
-/// The common case, fast: a C-order array of little-endian (or one-byte)
-/// numbers, copied out in bulk rather than element by element. `None` for
-/// anything else (npyz reads it then).
-fn npy_little_endian(name: &str, npy: &npyz::NpyFile<&[u8]>, bytes: &[u8], budget: &mut u64) -> Option<Result<Tensor>> {
+/// A C-order array of little-endian (or one-byte) numbers: what
+/// [`npy_bulk`] copies out in one go.
+struct Layout {
+    /// NumPy's kind: `b` bool, `u` unsigned, `i` signed, `f` float.
+    kind: u8,
+    /// Bytes per element.
+    size: usize,
+    shape: Vec<usize>,
+    /// Where the data starts.
+    start: usize,
+}
+
+/// The header exactly as NumPy's `np.save` writes it,
+/// `{'descr': '<f4', 'fortran_order': False, 'shape': (1, 16), }`, read
+/// without a parser: it is on every .npy request's path, and npyz's general
+/// Python-literal parser cost more than the rest of a small request's
+/// decode. `None` for anything else, which npyz then reads.
+fn numpy_header(bytes: &[u8]) -> Option<Layout> {
+    let start = npy_data_start(bytes)?;
+    let header = bytes.get(if bytes[6] == 1 { 10 } else { 12 }..start)?;
+    let rest = std::str::from_utf8(header).ok()?.trim_end().strip_prefix("{'descr': '")?;
+    let (descr, rest) = rest.split_once('\'')?;
+    let (dims, rest) = rest.strip_prefix(", 'fortran_order': False, 'shape': (")?.split_once(')')?;
+    if rest != ", }" {
+        return None;
+    }
+    // "()" is a scalar, "(3,)" one dimension, "(1, 16)" two.
+    let dims = dims.strip_suffix(',').unwrap_or(dims);
+    let shape =
+        if dims.is_empty() { Vec::new() } else { dims.split(", ").map(|d| d.parse().ok()).collect::<Option<_>>()? };
+    let (order, kind, size) = (descr.as_bytes().first()?, descr.as_bytes().get(1)?, descr.get(2..)?.parse().ok()?);
+    matches!((order, size), (b'<', _) | (b'|', 1)).then_some(Layout { kind: *kind, size, shape, start })
+}
+
+/// The same, from a header npyz parsed.
+fn npyz_layout(npy: &npyz::NpyFile<&[u8]>, bytes: &[u8]) -> Option<Layout> {
     let npyz::DType::Plain(ts) = npy.dtype() else { return None };
     if npy.order() != npyz::Order::C || ts.endianness() == npyz::Endianness::Big {
         return None;
     }
-    let start = npy_data_start(bytes)?;
-    let shape: Vec<usize> = npy.shape().iter().map(|&d| d as usize).collect();
+    let kind = match ts.type_char() {
+        npyz::TypeChar::Bool => b'b',
+        npyz::TypeChar::Uint => b'u',
+        npyz::TypeChar::Int => b'i',
+        npyz::TypeChar::Float => b'f',
+        _ => return None,
+    };
+    let shape = npy.shape().iter().map(|&d| usize::try_from(d).ok()).collect::<Option<_>>()?;
+    Some(Layout { kind, size: ts.size_field() as usize, shape, start: npy_data_start(bytes)? })
+}
+
+/// The common case, fast: the data copied out in bulk rather than element
+/// by element. `None` for a type it does not know or a size past `budget`
+/// (npyz reads it then, and reports what is wrong).
+fn npy_bulk(name: &str, layout: &Layout, bytes: &[u8], budget: &mut u64) -> Option<Result<Tensor>> {
+    let Layout { kind, size, ref shape, start } = *layout;
     let count = shape.iter().try_fold(1usize, |a, &d| a.checked_mul(d))?;
-    let size = ts.size_field() as usize;
     let needed = count.checked_mul(size)?;
     if needed as u64 > *budget {
         return None; // the general path reports it
@@ -328,29 +376,28 @@ fn npy_little_endian(name: &str, npy: &npyz::NpyFile<&[u8]>, bytes: &[u8], budge
             Data::$variant(bytemuck::pod_collect_to_vec::<u8, $t>(data))
         };
     }
-    use npyz::TypeChar as C;
-    let data = match (ts.type_char(), size) {
-        (C::Bool, 1) => {
+    let data = match (kind, size) {
+        (b'b', 1) => {
             if data.iter().any(|&b| b > 1) {
                 return Some(Err(bad(format!("input {name:?}: a bool .npy holds a value other than 0 or 1"))));
             }
             Data::Bool(data.iter().map(|&b| b == 1).collect())
         }
-        (C::Uint, 1) => Data::Uint8(data.to_vec()),
-        (C::Int, 1) => le!(Int8, i8),
-        (C::Uint, 2) => le!(Uint16, u16),
-        (C::Int, 2) => le!(Int16, i16),
-        (C::Uint, 4) => le!(Uint32, u32),
-        (C::Int, 4) => le!(Int32, i32),
-        (C::Uint, 8) => le!(Uint64, u64),
-        (C::Int, 8) => le!(Int64, i64),
-        (C::Float, 2) => le!(Float16, f16),
-        (C::Float, 4) => le!(Float32, f32),
-        (C::Float, 8) => le!(Float64, f64),
+        (b'u', 1) => Data::Uint8(data.to_vec()),
+        (b'i', 1) => le!(Int8, i8),
+        (b'u', 2) => le!(Uint16, u16),
+        (b'i', 2) => le!(Int16, i16),
+        (b'u', 4) => le!(Uint32, u32),
+        (b'i', 4) => le!(Int32, i32),
+        (b'u', 8) => le!(Uint64, u64),
+        (b'i', 8) => le!(Int64, i64),
+        (b'f', 2) => le!(Float16, f16),
+        (b'f', 4) => le!(Float32, f32),
+        (b'f', 8) => le!(Float64, f64),
         _ => return None,
     };
     *budget -= needed as u64;
-    Some(Tensor::new(name, shape, data))
+    Some(Tensor::new(name, shape.clone(), data))
 }
 
 /// Where an .npy file's data starts: after the magic, version, header
@@ -362,21 +409,16 @@ fn npy_data_start(bytes: &[u8]) -> Option<usize> {
     })
 }
 
-/// The whole size of a request whose first bytes are an .npy header (so a
-/// buffer can be sized once); `None` for anything else, or a header cut
-/// short. Only a hint: nothing is checked against it.
+/// The whole size of a request whose first bytes are a NumPy-written .npy
+/// header (so a buffer can be sized once); `None` for anything else, or a
+/// header cut short. Only a hint: nothing is checked against it.
 pub fn declared_len(first: &[u8]) -> Option<u64> {
     if !first.starts_with(b"\x93NUMPY") {
         return None;
     }
-    std::panic::catch_unwind(|| {
-        let npy = npyz::NpyFile::new(first).ok()?;
-        let npyz::DType::Plain(ts) = npy.dtype() else { return None };
-        let data = npy.shape().iter().try_fold(ts.size_field(), |a, &d| a.checked_mul(d))?;
-        data.checked_add(npy_data_start(first)? as u64)
-    })
-    .ok()
-    .flatten()
+    let layout = numpy_header(first)?;
+    let data = layout.shape.iter().try_fold(layout.size as u64, |a, &d| a.checked_mul(d as u64))?;
+    data.checked_add(layout.start as u64)
 }
 
 /// Reads one array, if its decoded size fits what is left of `budget`.
@@ -644,12 +686,51 @@ mod tests {
         assert_eq!(err(&npy, &s), "input \"x\": shape [1099511627776] decodes to more than the limit of 1048576 bytes");
     }
 
+    /// An .npy file with this header text and no data.
+    fn npy_header_only(header: &str) -> Vec<u8> {
+        let mut out = b"\x93NUMPY\x01\x00".to_vec();
+        out.extend_from_slice(&(header.len() as u16 + 1).to_le_bytes());
+        out.extend_from_slice(header.as_bytes());
+        out.push(b'\n');
+        out
+    }
+
+    #[test]
+    fn numpys_own_headers_are_read_without_npyz_and_agree_with_it() {
+        for (header, kind, size, shape) in [
+            ("{'descr': '<f4', 'fortran_order': False, 'shape': (1, 16), }   ", b'f', 4, vec![1, 16]),
+            ("{'descr': '<i8', 'fortran_order': False, 'shape': (3,), }", b'i', 8, vec![3]),
+            ("{'descr': '<f8', 'fortran_order': False, 'shape': (), }", b'f', 8, vec![]),
+            ("{'descr': '|b1', 'fortran_order': False, 'shape': (2, 3), }", b'b', 1, vec![2, 3]),
+            ("{'descr': '|u1', 'fortran_order': False, 'shape': (0, 4, 5), }", b'u', 1, vec![0, 4, 5]),
+        ] {
+            let bytes = npy_header_only(header);
+            let fast = numpy_header(&bytes).unwrap_or_else(|| panic!("{header}"));
+            let npy = npyz::NpyFile::new(&bytes[..]).unwrap();
+            let slow = npyz_layout(&npy, &bytes).unwrap();
+            assert_eq!((fast.kind, fast.size, &fast.shape, fast.start), (kind, size, &shape, bytes.len()), "{header}");
+            assert_eq!((slow.kind, slow.size, &slow.shape, slow.start), (kind, size, &shape, bytes.len()), "{header}");
+        }
+        // Anything else is left to npyz.
+        for header in [
+            "{'descr': '>f4', 'fortran_order': False, 'shape': (1, 16), }",
+            "{'descr': '<f4', 'fortran_order': True, 'shape': (1, 16), }",
+            "{'fortran_order': False, 'descr': '<f4', 'shape': (1, 16), }",
+            "{'descr': '<f4', 'fortran_order': False, 'shape': (1,, 16), }",
+            "{'descr': '<f4', 'fortran_order': False, 'shape': (-1, 16), }",
+            "{'descr': [('a', '<f4')], 'fortran_order': False, 'shape': (2,), }",
+        ] {
+            assert!(numpy_header(&npy_header_only(header)).is_none(), "{header}");
+        }
+    }
+
     #[test]
     fn an_npy_header_declares_the_request_size() {
-        let t = Tensor::new("x", vec![3, 5], Data::Float32(vec![0.5; 15])).unwrap();
-        let mut bytes = Vec::new();
-        write_npy(&t, &mut bytes).unwrap();
-        assert_eq!(declared_len(&bytes[..bytes.len() - 7]), Some(bytes.len() as u64));
+        let mut bytes = npy_header_only("{'descr': '<f4', 'fortran_order': False, 'shape': (3, 5), }");
+        let whole = bytes.len() as u64 + 60;
+        assert_eq!(declared_len(&bytes), Some(whole));
+        bytes.extend_from_slice(&[0; 20]);
+        assert_eq!(declared_len(&bytes), Some(whole), "a partial body");
         assert_eq!(declared_len(&bytes[..20]), None, "a header cut short");
         assert_eq!(declared_len(b"[[1.0]]"), None);
     }
