@@ -15,7 +15,11 @@
 //! first dimension, stacks queued requests of the same version and shape
 //! into one run up to `max_batch` rows ([`sched::batch`]). It waits up to
 //! `batch_delay_us` for a fuller batch only while other requests of that
-//! version are in flight, so a lone client never waits.
+//! version are in flight, so a lone client never waits. At most one run
+//! per worker is in progress on a device. A reader about to wait for its
+//! own CPU job ([`Engine::submit_and_help`]) takes a free slot and runs the
+//! next job on its own thread instead of handing it to a worker (at most
+//! `inline_runs` such threads at once).
 //!
 //! **Loaded models.** A version is loaded on a device once and shared: a
 //! pool of backend [`Instance`]s (one request at a time runs on each), up
@@ -34,13 +38,13 @@
 //! result that comes after a job ended (it was cancelled or timed out while
 //! running) is discarded.
 //!
-//! **Records.** Job records live in sled (tree `jobs`, written as jobs
-//! change, flushed in the background), outputs of up to 256 KiB too (tree
-//! `job_outputs`; larger ones last while the daemon runs). An
-//! accepted job's record and input (up to 16 MiB; a larger input is not
-//! kept) are appended to the [`Journal`] before its `close()` returns: one
-//! `write(2)`, no fsync, so it survives the daemon being killed at any
-//! moment (not a power loss) and costs no disk round trip. At start, queued
+//! **Records.** An accepted job's record and input (up to 16 MiB; a larger
+//! input is not kept) are appended to the [`Journal`] before its `close()`
+//! returns: one `write(2)`, so it survives the daemon being killed at any
+//! moment and costs no disk round trip; the housekeeper syncs the journal
+//! every 500 ms. A job that ends is written once to sled (tree `jobs`:
+//! its record, and its output when that is at most 256 KiB; larger ones
+//! last while the daemon runs), flushed in the background. At start, queued
 //! or running jobs are queued again, or failed with "the daemon restarted"
 //! when their input is gone. Finished jobs are kept up to `max_finished_jobs`,
 //! `max_finished_bytes` (of inputs and outputs held) and `finished_job_ttl`.
@@ -84,6 +88,9 @@ pub struct EngineConfig {
     pub new_job_ttl: Duration,
     /// A queued job gains one priority point per `aging` waited.
     pub aging: Duration,
+    /// How many threads that submitted a job and wait for it may run jobs
+    /// themselves at once ([`Engine::submit_and_help`]); 0: none.
+    pub inline_runs: usize,
 }
 
 impl Default for EngineConfig {
@@ -96,6 +103,7 @@ impl Default for EngineConfig {
             finished_job_ttl: Duration::from_secs(3600),
             new_job_ttl: Duration::from_secs(600),
             aging: Duration::from_millis(100),
+            inline_runs: 0,
         }
     }
 }
@@ -311,7 +319,24 @@ struct DeviceQueue {
     /// `jobs[i]` is the job of `entries[i]`.
     jobs: Vec<Arc<Job>>,
     running: usize,
+    /// Runs (a batch is one) in progress: at most the device's workers.
+    slots_busy: usize,
     resident: HashMap<Digest, Resident>,
+}
+
+/// What a worker (or a helping thread) does next.
+enum Take {
+    Run(Taken),
+    /// Nothing to run now: wait for a wake-up, or this long for a batch.
+    Wait(Option<Duration>),
+}
+
+/// Jobs taken off a queue to run together, with their model's pool.
+struct Taken {
+    jobs: Vec<Arc<Job>>,
+    pool: Arc<Pool>,
+    /// Models unloaded to make room, dropped without the lock.
+    unloaded: Vec<Resident>,
 }
 
 #[derive(Default)]
@@ -321,6 +346,8 @@ struct Sched {
     /// Queued or running jobs per version: batching waits only if > batch.
     in_flight: HashMap<Digest, usize>,
     running_jobs: HashMap<u64, Arc<Job>>,
+    /// Runs in progress on threads that submitted them ([`Shared::help`]).
+    inline_runs: usize,
     seq: u64,
     shutdown: bool,
 }
@@ -400,8 +427,8 @@ struct Shared {
     /// Wakes the housekeeper only at shutdown; it otherwise ticks.
     tick: Condvar,
     metrics: Metrics,
+    /// Ended jobs: the record as one JSON line, then the output if kept.
     records: sled::Tree,
-    outputs: sled::Tree,
     journal: Journal,
 }
 
@@ -417,7 +444,6 @@ impl Engine {
         let dir = store.root().join("jobs");
         std::fs::create_dir_all(&dir).map_err(|e| Error::io(dir.display().to_string(), e))?;
         let records = store.db().open_tree("jobs")?;
-        let outputs = store.db().open_tree("job_outputs")?;
         let input_len = |header: &[u8]| Some(serde_json::from_slice::<Record>(header).ok()?.input_len.unwrap_or(0));
         let (journal, entries) = Journal::open(&dir, input_len).map_err(|e| Error::io(dir.display().to_string(), e))?;
         let sched = Sched { devices: devices.iter().map(|_| DeviceQueue::default()).collect(), ..Default::default() };
@@ -432,7 +458,6 @@ impl Engine {
             tick: Condvar::new(),
             metrics: Metrics::default(),
             records,
-            outputs,
             journal,
             config,
         });
@@ -548,13 +573,29 @@ impl Engine {
     /// Submits a `new` job's input (see the module header). On error the
     /// job has failed with that error as its reason.
     pub fn submit(&self, job: &Arc<Job>, input: Vec<u8>) -> Result<()> {
+        self.submit_with(job, input, false)
+    }
+
+    /// The same, for a caller about to wait for the job's reply: when the
+    /// job's device runs on the CPU and has a free slot, the next queued
+    /// job (normally this one) runs on the calling thread, saving the
+    /// hand-off to a worker. At most `inline_runs` threads do so at once.
+    pub fn submit_and_help(&self, job: &Arc<Job>, input: Vec<u8>) -> Result<()> {
+        self.submit_with(job, input, true)
+    }
+
+    fn submit_with(&self, job: &Arc<Job>, input: Vec<u8>, help: bool) -> Result<()> {
         self.shared.metrics.request(&job.model, job.version);
-        let result = self.shared.enqueue(job, input);
-        if let Err(e) = &result {
-            tracing::info!(job = job.id, model = %job.model, version = job.version, "rejected: {e}");
-            self.shared.fail(job, e);
+        match self.shared.enqueue(job, input) {
+            Ok(d) if help => self.shared.help(d),
+            Ok(d) => self.shared.wake[d].notify_one(),
+            Err(e) => {
+                tracing::info!(job = job.id, model = %job.model, version = job.version, "rejected: {e}");
+                self.shared.fail(job, &e);
+                return Err(e);
+            }
         }
-        result
+        Ok(())
     }
 
     /// Cancels a job that has not finished: its readers get ECANCELED. A
@@ -680,7 +721,8 @@ impl Shared {
     /// Decodes, checks and places a `new` job, records it, then queues it.
     /// Disk I/O happens before the scheduler lock is taken; the status is
     /// checked again under it, so a job cancelled meanwhile stays cancelled.
-    fn enqueue(&self, job: &Arc<Job>, input: Vec<u8>) -> Result<()> {
+    /// Returns the device it is queued on; the caller wakes its workers.
+    fn enqueue(&self, job: &Arc<Job>, input: Vec<u8>) -> Result<usize> {
         let (input, version, config, priority) = {
             let mut inner = job.inner();
             if inner.state.status != Status::New {
@@ -707,11 +749,8 @@ impl Shared {
         if full(&self.sched.lock().unwrap()) {
             return Err(Error::QueueFull { model: job.model.clone(), max: config.max_queue });
         }
-        // The journal entry makes the accepted job survive a crash; the
-        // catalog record (flushed in the background) still names it if the
-        // journal were damaged, so it would fail "restarted", not vanish.
+        // The journal entry makes the accepted job survive a crash.
         self.journal_input(job)?;
-        self.persist_as(job, Status::Queued);
 
         let mut s = self.sched.lock().unwrap();
         if full(&s) {
@@ -725,7 +764,6 @@ impl Shared {
                 drop(inner);
                 drop(s);
                 self.release_journal(job);
-                self.persist(job);
                 return Err(failure.map_or(Error::Cancelled(job.id), |f| f.to_error()));
             }
             inner.state.status = Status::Queued;
@@ -747,9 +785,7 @@ impl Shared {
         s.devices[d].jobs.push(job.clone());
         *s.queued_per_model.entry(job.model.clone()).or_default() += 1;
         *s.in_flight.entry(job.digest).or_default() += 1;
-        drop(s);
-        self.wake[d].notify_all();
-        Ok(())
+        Ok(d)
     }
 
     /// Takes a job out of its queue if it is there.
@@ -777,12 +813,7 @@ impl Shared {
         }
         // Small outputs (answers, scores, embeddings) are kept across a
         // restart; large ones (images, big tensors) only while the daemon runs.
-        if let Some(output) = output.filter(|o| o.len() <= KEPT_OUTPUT_BYTES) {
-            if let Err(e) = self.outputs.insert(job.id.to_be_bytes(), output.as_slice()) {
-                tracing::warn!("keeping the output of job {}: {e}", job.id);
-            }
-        }
-        self.persist(job);
+        self.persist(job, output.as_deref().map(Vec::as_slice).filter(|o| o.len() <= KEPT_OUTPUT_BYTES));
         self.release_journal(job);
         let mut r = self.registry.lock().unwrap();
         r.push_finished(job);
@@ -800,60 +831,108 @@ impl Shared {
     }
 
     fn work(&self, d: usize) {
-        let aging = self.config.aging;
         let mut s = self.sched.lock().unwrap();
         loop {
             if s.shutdown {
                 return;
             }
-            let now = Instant::now();
-            let dq = &s.devices[d];
-            let Some(first) = sched::next(&dq.entries, now, aging) else {
-                s = self.wake[d].wait(s).unwrap();
-                continue;
+            s = match self.take(&mut s, d) {
+                Take::Run(run) => self.run_taken(s, d, run),
+                Take::Wait(Some(timeout)) => self.wake[d].wait_timeout(s, timeout).unwrap().0,
+                Take::Wait(None) => self.wake[d].wait(s).unwrap(),
             };
-            let lead = dq.jobs[first].clone();
-            let (max_batch, delay) = {
-                let inner = lead.inner();
-                (inner.config.max_batch as usize, Duration::from_micros(inner.config.batch_delay_us))
-            };
-            let batchable = dq.entries[first].batch_key.is_some() && max_batch > 1;
-            let members = if batchable { sched::batch(&dq.entries, first, max_batch, now, aging) } else { vec![first] };
-            let others_in_flight = s.in_flight.get(&lead.digest).copied().unwrap_or(0) > members.len();
-            if batchable && sched::rows(&dq.entries, &members) < max_batch && others_in_flight {
-                let ready_at = dq.entries[first].since + delay;
-                if now < ready_at {
-                    s = self.wake[d].wait_timeout(s, ready_at - now).unwrap().0;
-                    continue;
+        }
+    }
+
+    /// Runs the next job of device `d` on the calling thread, if the device
+    /// runs on the CPU, a slot is free and nothing has to wait for a batch;
+    /// otherwise wakes a worker. For a caller that waits for the reply
+    /// anyway: it saves the hand-off to a worker thread.
+    fn help(&self, d: usize) {
+        let mut s = self.sched.lock().unwrap();
+        if self.devices[d].is_gpu() || s.inline_runs >= self.config.inline_runs {
+            drop(s);
+            self.wake[d].notify_one();
+            return;
+        }
+        match self.take(&mut s, d) {
+            Take::Run(run) => {
+                s.inline_runs += 1;
+                let mut s = self.run_taken(s, d, run);
+                s.inline_runs -= 1;
+                // The slot is free again: a worker takes what is queued.
+                if !s.devices[d].entries.is_empty() {
+                    self.wake[d].notify_one();
                 }
             }
-            let jobs: Vec<Arc<Job>> = members.iter().map(|&i| s.devices[d].jobs[i].clone()).collect();
-            let mut by_index = members.clone();
-            by_index.sort_unstable_by(|a, b| b.cmp(a));
-            for i in by_index {
-                s.remove_queued(d, i);
+            Take::Wait(_) => {
+                drop(s);
+                self.wake[d].notify_one();
             }
-            for j in &jobs {
-                s.running_jobs.insert(j.id, j.clone());
-            }
-            s.devices[d].running += jobs.len();
-            let (pool, unloaded) = self.make_resident(&mut s, d, &lead);
-            drop(s);
-            drop(unloaded);
-            self.run(d, &jobs, &pool);
-            s = self.sched.lock().unwrap();
-            let dq = &mut s.devices[d];
-            dq.running -= jobs.len();
-            if let Some(r) = dq.resident.get_mut(&lead.digest) {
-                r.busy -= 1;
-                r.last_used = Instant::now();
-            }
-            for j in &jobs {
-                s.running_jobs.remove(&j.id);
-                s.done_in_flight(&j.digest);
-            }
-            self.wake[d].notify_all();
         }
+    }
+
+    /// Takes the next job (or batch) of device `d` off its queue if one of
+    /// the device's slots is free, marking it running.
+    fn take(&self, s: &mut Sched, d: usize) -> Take {
+        if s.devices[d].slots_busy >= self.workers(d) {
+            return Take::Wait(None);
+        }
+        let aging = self.config.aging;
+        let now = Instant::now();
+        let dq = &s.devices[d];
+        let Some(first) = sched::next(&dq.entries, now, aging) else {
+            return Take::Wait(None);
+        };
+        let lead = dq.jobs[first].clone();
+        let (max_batch, delay) = {
+            let inner = lead.inner();
+            (inner.config.max_batch as usize, Duration::from_micros(inner.config.batch_delay_us))
+        };
+        let batchable = dq.entries[first].batch_key.is_some() && max_batch > 1;
+        let members = if batchable { sched::batch(&dq.entries, first, max_batch, now, aging) } else { vec![first] };
+        let others_in_flight = s.in_flight.get(&lead.digest).copied().unwrap_or(0) > members.len();
+        if batchable && sched::rows(&dq.entries, &members) < max_batch && others_in_flight {
+            let ready_at = dq.entries[first].since + delay;
+            if now < ready_at {
+                return Take::Wait(Some(ready_at - now));
+            }
+        }
+        let jobs: Vec<Arc<Job>> = members.iter().map(|&i| s.devices[d].jobs[i].clone()).collect();
+        let mut by_index = members.clone();
+        by_index.sort_unstable_by(|a, b| b.cmp(a));
+        for i in by_index {
+            s.remove_queued(d, i);
+        }
+        for j in &jobs {
+            s.running_jobs.insert(j.id, j.clone());
+        }
+        s.devices[d].running += jobs.len();
+        s.devices[d].slots_busy += 1;
+        let (pool, unloaded) = self.make_resident(s, d, &lead);
+        Take::Run(Taken { jobs, pool, unloaded })
+    }
+
+    /// Runs what [`Shared::take`] took, without the lock, then gives the
+    /// slot back.
+    fn run_taken<'a>(&'a self, s: MutexGuard<'a, Sched>, d: usize, taken: Taken) -> MutexGuard<'a, Sched> {
+        let Taken { jobs, pool, unloaded } = taken;
+        drop(s);
+        drop(unloaded);
+        self.run(d, &jobs, &pool);
+        let mut s = self.sched.lock().unwrap();
+        let dq = &mut s.devices[d];
+        dq.running -= jobs.len();
+        dq.slots_busy -= 1;
+        if let Some(r) = dq.resident.get_mut(&jobs[0].digest) {
+            r.busy -= 1;
+            r.last_used = Instant::now();
+        }
+        for j in &jobs {
+            s.running_jobs.remove(&j.id);
+            s.done_in_flight(&j.digest);
+        }
+        s
     }
 
     /// The pool of the lead job's version on device `d`, loading it (after
@@ -978,6 +1057,7 @@ impl Shared {
     /// past their keep-alive, removes old finished and stale new jobs.
     fn housekeeping(&self) {
         let tick = Duration::from_millis(50);
+        let mut last_sync = Instant::now();
         loop {
             let mut s = self.sched.lock().unwrap();
             s = self.tick.wait_timeout(s, tick).unwrap().0;
@@ -1019,6 +1099,12 @@ impl Shared {
             }
             drop(s);
             drop(unloaded);
+            if last_sync.elapsed() >= JOURNAL_SYNC {
+                if let Err(e) = self.journal.sync() {
+                    tracing::warn!("syncing the job journal: {e}");
+                }
+                last_sync = Instant::now();
+            }
             self.journal.collect(|| self.records.flush().map(|_| ()).map_err(std::io::Error::other));
             for job in expired {
                 let ms = job.inner().config.timeout_ms;
@@ -1079,25 +1165,23 @@ impl Shared {
         }
     }
 
-    /// Writes the job's record. Not flushed: if a crash loses a change, the
-    /// job is where its input file says (queued) and runs again.
-    fn persist(&self, job: &Job) {
-        self.persist_as(job, job.status())
-    }
-
-    fn persist_as(&self, job: &Job, status: Status) {
-        let mut record = Record::of(job);
-        record.status = status;
-        if let Err(e) =
-            self.records.insert(job.id.to_be_bytes(), serde_json::to_vec(&record).expect("records serialize"))
-        {
+    /// Writes an ended job's record, with its output if given: one catalog
+    /// write per job. Not flushed: if a crash loses it, the job is where
+    /// its journal entry says (queued) and runs again.
+    fn persist(&self, job: &Job, output: Option<&[u8]>) {
+        let mut value = serde_json::to_vec(&Record::of(job)).expect("records serialize");
+        if let Some(output) = output {
+            // Compact JSON has no raw newline: the first one ends the record.
+            value.push(b'\n');
+            value.extend_from_slice(output);
+        }
+        if let Err(e) = self.records.insert(job.id.to_be_bytes(), value) {
             tracing::warn!("recording job {}: {e}", job.id);
         }
     }
 
     fn forget(&self, id: u64) {
         let _ = self.records.remove(id.to_be_bytes());
-        let _ = self.outputs.remove(id.to_be_bytes());
     }
 
     /// Brings back the jobs of an earlier run (see the module header):
@@ -1105,10 +1189,18 @@ impl Shared {
     /// whose catalog record the crash lost or left behind.
     fn recover(&self, entries: Vec<crate::journal::Entry>) -> Result<()> {
         let mut records = BTreeMap::new();
+        let mut outputs = HashMap::new();
         for entry in self.records.iter() {
             let (_, value) = entry?;
-            match serde_json::from_slice::<Record>(&value) {
+            let (record, output) = match value.iter().position(|&b| b == b'\n') {
+                Some(n) => (&value[..n], Some(value[n + 1..].to_vec())),
+                None => (&value[..], None),
+            };
+            match serde_json::from_slice::<Record>(record) {
                 Ok(rec) => {
+                    if let Some(output) = output {
+                        outputs.insert(rec.id, output);
+                    }
                     records.insert(rec.id, rec);
                 }
                 Err(_) => tracing::warn!("skipping an unreadable job record"),
@@ -1132,7 +1224,7 @@ impl Shared {
                 .model(&rec.model)
                 .ok()
                 .and_then(|m| m.versions.get(&rec.version).map(|v| (Arc::new(v.clone()), m.config.clone())));
-            let output = self.outputs.get(rec.id.to_be_bytes()).ok().flatten().map(|v| v.to_vec());
+            let output = outputs.remove(&rec.id);
             let input = inputs.remove(&rec.id);
             let job = rec.to_job(version.clone(), input.clone(), output);
             match rec.status {
@@ -1151,8 +1243,9 @@ impl Shared {
 
         let count = requeue.len();
         for (job, input) in requeue {
-            if let Err(e) = self.enqueue(&job, input) {
-                self.fail(&job, &e);
+            match self.enqueue(&job, input) {
+                Ok(d) => self.wake[d].notify_all(),
+                Err(e) => self.fail(&job, &e),
             }
         }
         if count > 0 {
@@ -1163,6 +1256,10 @@ impl Shared {
         Ok(())
     }
 }
+
+/// How often the housekeeper makes the journal durable (as sled flushes its
+/// log): a power loss may lose the jobs accepted in this window.
+const JOURNAL_SYNC: Duration = Duration::from_millis(500);
 
 /// Outputs up to this size are kept in the catalog across a restart.
 const KEPT_OUTPUT_BYTES: usize = 256 << 10;

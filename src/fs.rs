@@ -1193,7 +1193,8 @@ use, EAGAIN when a model's queue is full, ETIMEDOUT, ECANCELED.
     /// session's last request whether or not it was accepted.
     fn send_request(&self, st: &mut InferStream) -> Result<()> {
         let job = self.engine.create_job(st.caller.uid, st.caller.gid, &st.model, st.number)?;
-        let result = self.engine.submit(&job, std::mem::take(&mut st.input));
+        // The reader waits for this reply: it may run the job itself.
+        let result = self.engine.submit_and_help(&job, std::mem::take(&mut st.input));
         self.remember(st, job);
         result
     }

@@ -5,10 +5,11 @@
 //! appends one entry, `<header>\n<input bytes>` (the header is the job's
 //! record as one JSON line, which says how long the input is), with a
 //! single `writev(2)` before the job's `close()` returns. The page cache
-//! keeps it if the daemon dies; a power loss may lose the tail (there is no
-//! fsync). A journal past [`ROTATE_BYTES`] is closed and the next one
-//! started; a closed journal is deleted once every job in it has ended and
-//! the caller has made the job records durable ([`Journal::collect`]).
+//! keeps it if the daemon dies; a power loss may lose what was appended
+//! since the owner last called [`Journal::sync`]. A journal past
+//! [`ROTATE_BYTES`] is closed and the next one started; a closed journal
+//! is deleted once every job in it has ended and the caller has made the
+//! job records durable ([`Journal::collect`]).
 //!
 //! At start, [`Journal::open`] reads every journal back. The caller queues
 //! the unfinished jobs again (into the new journal), then calls
@@ -40,6 +41,8 @@ struct State {
     file: File,
     current: u64,
     size: u64,
+    /// Appended to since the last [`Journal::sync`].
+    unsynced: bool,
     /// Journals (by number) and how many of their jobs have not ended.
     open_jobs: BTreeMap<u64, usize>,
     /// Journals of earlier runs, read at start.
@@ -81,6 +84,7 @@ impl Journal {
             file,
             current,
             size: 0,
+            unsynced: false,
             open_jobs: BTreeMap::from([(current, 0)]),
             old: found.into_iter().map(|(_, p)| p).collect(),
         };
@@ -94,6 +98,9 @@ impl Journal {
         let mut st = self.state.lock().unwrap();
         if st.size > 0 && st.size + len as u64 > ROTATE_BYTES {
             let next = st.current + 1;
+            if st.unsynced {
+                st.file.sync_data()?; // what sync() would have covered
+            }
             st.file = OpenOptions::new().create_new(true).append(true).open(path_of(&self.dir, next))?;
             st.current = next;
             st.size = 0;
@@ -101,9 +108,20 @@ impl Journal {
         }
         write_all_vectored(&mut st.file, &mut [IoSlice::new(header), IoSlice::new(b"\n"), IoSlice::new(input)])?;
         st.size += len as u64;
+        st.unsynced = true;
         let n = st.current;
         *st.open_jobs.get_mut(&n).expect("the current journal is listed") += 1;
         Ok(n)
+    }
+
+    /// Makes what was appended so far durable (`fdatasync`), if anything was.
+    pub fn sync(&self) -> io::Result<()> {
+        let mut st = self.state.lock().unwrap();
+        if st.unsynced {
+            st.file.sync_data()?;
+            st.unsynced = false;
+        }
+        Ok(())
     }
 
     /// A job in journal `n` ended.

@@ -22,11 +22,14 @@ struct Tree {
 const ME: Caller = Caller { uid: 1000, gid: 1000, pid: 1 };
 
 fn tree() -> Tree {
+    tree_with(EngineConfig { workers: 2, ..Default::default() })
+}
+
+fn tree_with(engine: EngineConfig) -> Tree {
     let dir = tempfile::tempdir().unwrap();
     let store = Store::open(dir.path()).unwrap();
     let onnx: Arc<dyn Backend> = OnnxRuntime::load(&common::onnxruntime()).unwrap();
     let devices: Vec<Arc<dyn Probe>> = vec![Arc::new(Cpu::new())];
-    let engine = EngineConfig { workers: 2, ..Default::default() };
     let fs = Fs::new(store, Backends::new(vec![onnx]), devices, Path::new("/mnt/aifs"), engine).unwrap();
     Tree { fs, dir }
 }
@@ -278,4 +281,21 @@ fn chmod_and_chown_of_models_are_kept() {
     assert_eq!((a.uid, a.gid, a.perm), (7, 8, 0o700));
     let m = t.fs.store().model("m").unwrap();
     assert_eq!((m.uid, m.gid, m.mode), (7, 8, 0o700));
+}
+
+#[test]
+fn a_waiting_reader_runs_its_cpu_job_on_its_own_thread() {
+    let t = tree_with(EngineConfig { workers: 2, inline_runs: 1, ..Default::default() });
+    t.mkdir(b"m").unwrap();
+    t.copy_in("m", "mlp.onnx", &fixture("mlp.onnx")).unwrap();
+    let o = t.fs.open(t.ino("models/m/v1/infer"), libc::O_RDWR, ME).unwrap();
+    let body = format!("[[{}]]", vec!["0.5"; 16].join(","));
+    t.fs.write(o.fh, 0, body.as_bytes()).unwrap();
+    let (tx, rx) = std::sync::mpsc::channel();
+    t.fs.read(o.fh, 0, 4096, move |r| tx.send((std::thread::current().id(), r)).unwrap());
+    // Answered before read() returned, on this thread: no worker hand-off.
+    let (thread, reply) = rx.try_recv().expect("answered inline");
+    assert_eq!(thread, std::thread::current().id());
+    assert!(reply.unwrap().starts_with(b"[["));
+    t.fs.release(o.fh).unwrap();
 }

@@ -165,6 +165,9 @@ fn serve(cli: &Cli, data_dir: &Path, library: &Path, ready: Option<OwnedFd>) -> 
         max_finished_bytes: cli.max_finished_bytes,
         finished_job_ttl: std::time::Duration::from_secs(cli.job_ttl_s),
         aging: std::time::Duration::from_millis(cli.aging_ms),
+        // A reader on the one-handle way may run its own CPU job on its FUSE
+        // thread; half the FUSE threads stay free for the rest of the tree.
+        inline_runs: cli.threads / 2,
         ..EngineConfig::default()
     };
     if let Some(workers) = cli.workers {
