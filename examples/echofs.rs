@@ -49,6 +49,12 @@ fn attr(ino: u64) -> FileAttr {
 const TTL: Duration = Duration::from_secs(1);
 
 impl Filesystem for Echo {
+    fn init(&mut self, _req: &Request, config: &mut fuser::KernelConfig) -> std::io::Result<()> {
+        // As aifs-mountd asks: 1 MiB writes.
+        let _ = config.set_max_write(1 << 20);
+        Ok(())
+    }
+
     fn lookup(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEntry) {
         if parent.0 == 1 && name == "echo" {
             reply.entry(&TTL, &attr(ECHO), Generation(0));

@@ -32,6 +32,7 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::fmt;
 use std::fs::{self, File, OpenOptions};
 use std::io::{ErrorKind, Read, Seek, SeekFrom};
+use std::os::fd::AsRawFd;
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 use std::str::FromStr;
@@ -523,7 +524,15 @@ impl Store {
         validate_name(file_name.as_bytes())?;
         self.model(model)?;
         let finished = upload.finish()?;
-        let inspected = inspect(finished.path())?;
+        // The backend's load and the fsync each take a good part of a
+        // large import; they overlap (both must succeed before the commit).
+        let (synced, inspected) = std::thread::scope(|scope| {
+            let sync = scope.spawn(|| finished.upload.sync());
+            let inspected = inspect(finished.path());
+            (sync.join().unwrap_or_else(|_| Err(Error::Runtime("syncing upload panicked".into()))), inspected)
+        });
+        synced?;
+        let inspected = inspected?;
 
         let _w = self.writer.lock().unwrap();
         let current = self.model(model)?; // it may have been removed meanwhile
@@ -670,6 +679,9 @@ fn resolve_target(model: &Model, target: &str) -> Result<u32> {
     Ok(number)
 }
 
+/// An upload's bytes are handed to the disk in pieces this large.
+const WRITEBACK_CHUNK: u64 = 8 << 20;
+
 /// A file being copied into the store. Hashes as bytes arrive in order
 /// (the usual `cp` case) and re-reads the file only if writes came out of
 /// order. Dropping it removes the temp file.
@@ -692,6 +704,17 @@ impl Upload {
 
     pub fn write_at(&mut self, offset: u64, data: &[u8]) -> Result<()> {
         self.file.write_all_at(data, offset).map_err(|e| Error::io("writing upload", e))?;
+        // Start writing back each full 8 MiB as it arrives (without waiting
+        // for it), so the fsync at the end has little left to do.
+        let end = offset + data.len() as u64;
+        let chunk = WRITEBACK_CHUNK;
+        if end / chunk > offset / chunk {
+            let start = (end / chunk - 1) * chunk;
+            // SAFETY: a plain syscall on a file descriptor this upload owns.
+            unsafe {
+                libc::sync_file_range(self.file.as_raw_fd(), start as i64, chunk as i64, libc::SYNC_FILE_RANGE_WRITE)
+            };
+        }
         if self.hashed_in_order && offset == self.len {
             self.hasher.update(data);
         } else {
@@ -714,7 +737,7 @@ impl Upload {
         self.file.sync_all().map_err(|e| Error::io("syncing upload", e))
     }
 
-    /// Fixes the content: digest computed, data fsynced.
+    /// Fixes the content: digest computed (the caller syncs).
     fn finish(mut self) -> Result<Finished> {
         let digest = if self.hashed_in_order {
             Digest(std::mem::take(&mut self.hasher).finalize().into())
@@ -732,7 +755,6 @@ impl Upload {
             }
             Digest(hasher.finalize().into())
         };
-        self.sync()?;
         Ok(Finished { digest, len: self.len, upload: self })
     }
 }
