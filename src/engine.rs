@@ -44,10 +44,12 @@
 //! moment and costs no disk round trip; the housekeeper syncs the journal
 //! every 500 ms. A job that ends is written once to sled (tree `jobs`:
 //! its record, and its output when that is at most 256 KiB; larger ones
-//! last while the daemon runs), flushed in the background. At start, queued
-//! or running jobs are queued again, or failed with "the daemon restarted"
-//! when their input is gone. Finished jobs are kept up to `max_finished_jobs`,
-//! `max_finished_bytes` (of inputs and outputs held) and `finished_job_ttl`.
+//! last while the daemon runs) by the housekeeper, off the request's path;
+//! a journal is deleted only once its jobs' records are flushed. At start,
+//! queued or running jobs are queued again, or failed with "the daemon
+//! restarted" when their input is gone. Finished jobs are kept up to
+//! `max_finished_jobs`, `max_finished_bytes` (of inputs and outputs held)
+//! and `finished_job_ttl`.
 //!
 //! Locks: `sched` before any job's own lock; callbacks run with no lock
 //! held.
@@ -429,6 +431,9 @@ struct Shared {
     metrics: Metrics,
     /// Ended jobs: the record as one JSON line, then the output if kept.
     records: sled::Tree,
+    /// Changes to `records` not yet made (value to insert, or `None` to
+    /// remove), written by the housekeeper in one go per tick.
+    unwritten: Mutex<Vec<(u64, Option<Vec<u8>>)>>,
     journal: Journal,
 }
 
@@ -458,6 +463,7 @@ impl Engine {
             tick: Condvar::new(),
             metrics: Metrics::default(),
             records,
+            unwritten: Mutex::default(),
             journal,
             config,
         });
@@ -1062,6 +1068,8 @@ impl Shared {
             let mut s = self.sched.lock().unwrap();
             s = self.tick.wait_timeout(s, tick).unwrap().0;
             if s.shutdown {
+                drop(s);
+                self.write_records();
                 return;
             }
             let now = Instant::now();
@@ -1105,7 +1113,13 @@ impl Shared {
                 }
                 last_sync = Instant::now();
             }
-            self.journal.collect(|| self.records.flush().map(|_| ()).map_err(std::io::Error::other));
+            self.write_records();
+            // A job releases its journal entry after queueing its record, so
+            // writing the queue here covers every job of a journal it deletes.
+            self.journal.collect(|| {
+                self.write_records();
+                self.records.flush().map(drop).map_err(std::io::Error::other)
+            });
             for job in expired {
                 let ms = job.inner().config.timeout_ms;
                 if self.end(&job, Status::Failed, Err(Failure::of(&Error::TimedOut { id: job.id, ms }))) {
@@ -1165,9 +1179,10 @@ impl Shared {
         }
     }
 
-    /// Writes an ended job's record, with its output if given: one catalog
-    /// write per job. Not flushed: if a crash loses it, the job is where
-    /// its journal entry says (queued) and runs again.
+    /// Records an ended job, with its output if given: one catalog write
+    /// per job, made by the housekeeper (off the request's path). Until the
+    /// catalog has it and is flushed, the job's journal is kept: if a crash
+    /// comes first, the job runs again.
     fn persist(&self, job: &Job, output: Option<&[u8]>) {
         let mut value = serde_json::to_vec(&Record::of(job)).expect("records serialize");
         if let Some(output) = output {
@@ -1175,13 +1190,25 @@ impl Shared {
             value.push(b'\n');
             value.extend_from_slice(output);
         }
-        if let Err(e) = self.records.insert(job.id.to_be_bytes(), value) {
-            tracing::warn!("recording job {}: {e}", job.id);
-        }
+        self.unwritten.lock().unwrap().push((job.id, Some(value)));
     }
 
     fn forget(&self, id: u64) {
-        let _ = self.records.remove(id.to_be_bytes());
+        self.unwritten.lock().unwrap().push((id, None));
+    }
+
+    /// Makes the catalog changes [`Shared::persist`] and [`Shared::forget`]
+    /// queued, in order.
+    fn write_records(&self) {
+        for (id, value) in std::mem::take(&mut *self.unwritten.lock().unwrap()) {
+            let written = match value {
+                Some(value) => self.records.insert(id.to_be_bytes(), value).map(drop),
+                None => self.records.remove(id.to_be_bytes()).map(drop),
+            };
+            if let Err(e) = written {
+                tracing::warn!("recording job {id}: {e}");
+            }
+        }
     }
 
     /// Brings back the jobs of an earlier run (see the module header):
@@ -1251,7 +1278,10 @@ impl Shared {
         if count > 0 {
             tracing::info!(jobs = count, "queued again the jobs an earlier run left unfinished");
         }
-        // Requeued jobs are in the new journal now.
+        // Requeued jobs are in the new journal now, and the records of the
+        // jobs failed above are made durable before the old journals go.
+        self.write_records();
+        self.records.flush()?;
         self.journal.drop_old();
         Ok(())
     }

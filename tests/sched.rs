@@ -272,7 +272,8 @@ fn finished_jobs_are_retired_past_their_byte_budget() {
 
 #[test]
 fn queued_jobs_run_after_the_daemon_is_killed_and_restarted() {
-    let mut m = Mount::start_with(&["--simulate-gpu", "1G,300"]);
+    // 600 ms per job: most of the jobs below are still queued at the kill.
+    let mut m = Mount::start_with(&["--simulate-gpu", "1G,600"]);
     import(&m, "id", &model_fixture("identity_int32.onnx"));
     configure(&m, "id", r#"{"device": "gpu0", "max_batch": 1}"#);
     let finished = submit(&m, "id", "[[42]]", None);
@@ -304,6 +305,15 @@ fn queued_jobs_run_after_the_daemon_is_killed_and_restarted() {
     assert!(job_file(&m, big, "error").contains("the daemon restarted and its input was lost"));
     // New ids never repeat old ones.
     assert!(submit(&m, "id", "[[9]]", None) > torn);
+
+    // Killed right after a job ended, its record perhaps not yet written:
+    // the job is not lost (it is recorded, or it runs again).
+    let last = submit(&m, "id", "[[7]]", None);
+    assert_eq!(output(&m, last).unwrap(), "[[7]]\n");
+    m.kill();
+    m.spawn();
+    assert_eq!(output(&m, last).unwrap(), "[[7]]\n");
+    assert_eq!(job_file(&m, last, "status"), "done\n");
 }
 
 #[test]
