@@ -321,7 +321,7 @@ struct Layout {
 /// decode. `None` for anything else, which npyz then reads.
 fn numpy_header(bytes: &[u8]) -> Option<Layout> {
     let start = npy_data_start(bytes)?;
-    let header = bytes.get(if bytes[6] == 1 { 10 } else { 12 }..start)?;
+    let header = bytes.get(if bytes[6] == 1 { 10 } else { 12 }..start)?; // version checked above
     let rest = std::str::from_utf8(header).ok()?.trim_end().strip_prefix("{'descr': '")?;
     let (descr, rest) = rest.split_once('\'')?;
     let (dims, rest) = rest.strip_prefix(", 'fortran_order': False, 'shape': (")?.split_once(')')?;
@@ -405,7 +405,8 @@ fn npy_bulk(name: &str, layout: &Layout, bytes: &[u8], budget: &mut u64) -> Opti
 fn npy_data_start(bytes: &[u8]) -> Option<usize> {
     Some(match bytes.get(6)? {
         1 => 10 + u16::from_le_bytes(bytes.get(8..10)?.try_into().ok()?) as usize,
-        _ => 12 + u32::from_le_bytes(bytes.get(8..12)?.try_into().ok()?) as usize,
+        2 | 3 => 12 + u32::from_le_bytes(bytes.get(8..12)?.try_into().ok()?) as usize,
+        _ => return None,
     })
 }
 

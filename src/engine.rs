@@ -7,7 +7,7 @@
 //! queueing (a malformed request fails at once with EINVAL and its reason),
 //! places the job on a device (the model's `config.json` `device`:
 //! [`sched::place`]), refuses it with EAGAIN if the model's queue is full,
-//! writes its record and input durably, and queues it.
+//! journals its record and input (see Records), and queues it.
 //!
 //! **Queues and workers.** Each device has a queue and workers (the CPU one
 //! per core, a GPU one). A worker takes the next job by priority with aging
@@ -17,9 +17,9 @@
 //! `batch_delay_us` for a fuller batch only while other requests of that
 //! version are in flight, so a lone client never waits. At most one run
 //! per worker is in progress on a device. A reader about to wait for its
-//! own CPU job ([`Engine::submit_and_help`]) takes a free slot and runs the
-//! next job on its own thread instead of handing it to a worker (at most
-//! `inline_runs` such threads at once).
+//! own CPU job ([`Engine::run_or_wake`]) takes a free slot and runs that
+//! job on its own thread when it is next, instead of handing it to a
+//! worker (at most `inline_runs` such threads at once).
 //!
 //! **Loaded models.** A version is loaded on a device once and shared: a
 //! pool of backend [`Instance`]s (one request at a time runs on each), up
@@ -40,7 +40,7 @@
 //!
 //! **Records.** An accepted job's record and input (up to 16 MiB; a larger
 //! input is not kept) are appended to the [`Journal`] before its `close()`
-//! returns: one `write(2)`, so it survives the daemon being killed at any
+//! returns: one `writev(2)`, so it survives the daemon being killed at any
 //! moment and costs no disk round trip; the housekeeper syncs the journal
 //! every 500 ms. A job that ends is written once to sled (tree `jobs`:
 //! its record, and its output when that is at most 256 KiB; larger ones
@@ -48,8 +48,10 @@
 //! a journal is deleted only once its jobs' records are flushed. At start,
 //! queued or running jobs are queued again, or failed with "the daemon
 //! restarted" when their input is gone. Finished jobs are kept up to
-//! `max_finished_jobs`, `max_finished_bytes` (of inputs and outputs held)
-//! and `finished_job_ttl`.
+//! `max_finished_jobs` and `finished_job_ttl`; a retired job whose journal
+//! entry still exists leaves a tombstone record until that journal is
+//! deleted, so a restart does not bring it back. Past `max_finished_bytes`,
+//! the oldest finished jobs whose output was read drop input and output.
 //!
 //! Locks: `sched` before any job's own lock; callbacks run with no lock
 //! held.
@@ -81,8 +83,9 @@ pub struct EngineConfig {
     pub max_input_bytes: u64,
     /// Finished jobs kept before the oldest are removed.
     pub max_finished_jobs: usize,
-    /// Bytes of input and output the finished jobs may hold in memory
-    /// before the oldest are removed (the newest is always kept).
+    /// Bytes of input and output the finished jobs may hold in memory:
+    /// past it, the oldest whose output was read (or that have none) drop
+    /// both. Outputs not yet read are kept.
     pub max_finished_bytes: u64,
     /// How long finished jobs are kept.
     pub finished_job_ttl: Duration,
@@ -175,6 +178,10 @@ pub struct Job {
     /// The journal its acceptance went to, until the job ends: taken once,
     /// by whichever path ends it.
     journal: Mutex<Option<u64>>,
+    /// The same, kept: where its entry is while that journal exists.
+    journaled_in: OnceLock<u64>,
+    /// A reader has had its whole output ([`Job::mark_output_read`]).
+    output_read: std::sync::atomic::AtomicBool,
     inner: Mutex<Inner>,
 }
 
@@ -216,6 +223,30 @@ impl Job {
         let inner = self.inner();
         let output = inner.state.outcome.as_ref().and_then(|o| o.as_ref().ok()).map_or(0, |o| o.len());
         inner.state.input.len() + output
+    }
+
+    /// A reader has had the whole output: from now on the job may drop it
+    /// to stay within `max_finished_bytes`.
+    pub fn mark_output_read(&self) {
+        self.output_read.store(true, std::sync::atomic::Ordering::Relaxed);
+    }
+
+    /// Drops the input and output of a finished job whose output was read
+    /// (or that has none); returns the bytes freed.
+    fn drop_payload(&self) -> usize {
+        let mut inner = self.inner();
+        let read = self.output_read.load(std::sync::atomic::Ordering::Relaxed);
+        let has_output = matches!(inner.state.outcome, Some(Ok(_)));
+        if !inner.state.status.is_finished() || (has_output && !read) {
+            return 0;
+        }
+        let freed =
+            inner.state.input.len() + inner.state.outcome.as_ref().and_then(|o| o.as_ref().ok()).map_or(0, |o| o.len());
+        inner.state.input = Arc::new(Vec::new());
+        if has_output {
+            inner.state.outcome = Some(Err(Failure::of(&Error::OutputDropped(self.id))));
+        }
+        freed
     }
 
     pub fn status(&self) -> Status {
@@ -380,8 +411,8 @@ impl Sched {
 #[derive(Default)]
 struct Registry {
     jobs: BTreeMap<u64, Arc<Job>>,
-    /// Finished jobs, oldest first: when they finished, id, bytes held.
-    finished: VecDeque<(Instant, u64, usize)>,
+    /// Finished jobs, oldest first: when they finished, and id.
+    finished: VecDeque<(Instant, u64)>,
     /// What the finished jobs hold, in bytes (their inputs and outputs).
     finished_bytes: usize,
     new: VecDeque<(Instant, u64)>,
@@ -389,17 +420,32 @@ struct Registry {
 
 impl Registry {
     fn push_finished(&mut self, job: &Job) {
-        let bytes = job.payload_bytes();
-        self.finished.push_back((Instant::now(), job.id, bytes));
-        self.finished_bytes += bytes;
+        self.finished.push_back((Instant::now(), job.id));
+        self.finished_bytes += job.payload_bytes();
     }
 
-    /// Removes the oldest finished job, returning its id.
-    fn pop_finished(&mut self) -> Option<u64> {
-        let (_, id, bytes) = self.finished.pop_front()?;
-        self.finished_bytes -= bytes;
-        self.jobs.remove(&id);
-        Some(id)
+    /// Removes the oldest finished job.
+    fn pop_finished(&mut self) -> Option<Arc<Job>> {
+        while let Some((_, id)) = self.finished.pop_front() {
+            if let Some(job) = self.jobs.remove(&id) {
+                self.finished_bytes -= job.payload_bytes();
+                return Some(job);
+            }
+        }
+        None
+    }
+
+    /// Past `max` bytes, drops the payloads of the oldest finished jobs
+    /// that may drop them ([`Job::drop_payload`]).
+    fn shed_payloads(&mut self, max: u64) {
+        let mut i = 0;
+        while self.finished_bytes as u64 > max && i < self.finished.len() {
+            let id = self.finished[i].1;
+            if let Some(job) = self.jobs.get(&id) {
+                self.finished_bytes -= job.drop_payload();
+            }
+            i += 1;
+        }
     }
 }
 
@@ -434,6 +480,9 @@ struct Shared {
     /// Changes to `records` not yet made (value to insert, or `None` to
     /// remove), written by the housekeeper in one go per tick.
     unwritten: Mutex<Vec<(u64, Option<Vec<u8>>)>>,
+    /// Retired jobs with a tombstone in `records`, by the journal that
+    /// still holds their entry.
+    retired: Mutex<BTreeMap<u64, Vec<u64>>>,
     journal: Journal,
 }
 
@@ -449,6 +498,8 @@ impl Engine {
         let dir = store.root().join("jobs");
         std::fs::create_dir_all(&dir).map_err(|e| Error::io(dir.display().to_string(), e))?;
         let records = store.db().open_tree("jobs")?;
+        // Earlier versions kept outputs in a tree of their own.
+        store.db().drop_tree("job_outputs")?;
         let input_len = |header: &[u8]| Some(serde_json::from_slice::<Record>(header).ok()?.input_len.unwrap_or(0));
         let (journal, entries) = Journal::open(&dir, input_len).map_err(|e| Error::io(dir.display().to_string(), e))?;
         let sched = Sched { devices: devices.iter().map(|_| DeviceQueue::default()).collect(), ..Default::default() };
@@ -464,6 +515,7 @@ impl Engine {
             metrics: Metrics::default(),
             records,
             unwritten: Mutex::default(),
+            retired: Mutex::default(),
             journal,
             config,
         });
@@ -513,6 +565,8 @@ impl Engine {
             deadline: OnceLock::new(),
             device: OnceLock::new(),
             journal: Mutex::new(None),
+            journaled_in: OnceLock::new(),
+            output_read: Default::default(),
             inner: Mutex::new(Inner {
                 state: JobState {
                     status: Status::New,
@@ -576,32 +630,46 @@ impl Engine {
         }
     }
 
-    /// Submits a `new` job's input (see the module header). On error the
-    /// job has failed with that error as its reason.
-    pub fn submit(&self, job: &Arc<Job>, input: Vec<u8>) -> Result<()> {
-        self.submit_with(job, input, false)
-    }
-
-    /// The same, for a caller about to wait for the job's reply: when the
-    /// job's device runs on the CPU and has a free slot, the next queued
-    /// job (normally this one) runs on the calling thread, saving the
-    /// hand-off to a worker. At most `inline_runs` threads do so at once.
-    pub fn submit_and_help(&self, job: &Arc<Job>, input: Vec<u8>) -> Result<()> {
-        self.submit_with(job, input, true)
-    }
-
-    fn submit_with(&self, job: &Arc<Job>, input: Vec<u8>, help: bool) -> Result<()> {
-        self.shared.metrics.request(&job.model, job.version);
-        match self.shared.enqueue(job, input) {
-            Ok(d) if help => self.shared.help(d),
-            Ok(d) => self.shared.wake[d].notify_one(),
-            Err(e) => {
-                tracing::info!(job = job.id, model = %job.model, version = job.version, "rejected: {e}");
-                self.shared.fail(job, &e);
-                return Err(e);
-            }
-        }
+    /// Writes the records of the jobs that ended and flushes the catalog
+    /// (the housekeeper does so on its own; this is for a process about to
+    /// exit without dropping the engine).
+    pub fn flush_records(&self) -> Result<()> {
+        self.shared.write_records()?;
+        self.shared.records.flush()?;
         Ok(())
+    }
+
+    /// Submits a `new` job's input (see the module header) and wakes a
+    /// worker. On error the job has failed with that error as its reason.
+    pub fn submit(&self, job: &Arc<Job>, input: Vec<u8>) -> Result<()> {
+        let d = self.queue(job, input)?;
+        self.shared.wake[d].notify_one();
+        Ok(())
+    }
+
+    /// The same, for a reader about to wait for the job's reply, without
+    /// waking a worker: the caller then calls [`Engine::run_or_wake`] once
+    /// it holds no lock.
+    pub fn submit_for_reader(&self, job: &Arc<Job>, input: Vec<u8>) -> Result<()> {
+        self.queue(job, input).map(drop)
+    }
+
+    /// Runs a job submitted by [`Engine::submit_for_reader`] on the calling
+    /// thread when its device runs on the CPU, has a free slot and would
+    /// take this job next (saving the hand-off to a worker; at most
+    /// `inline_runs` threads at once); otherwise wakes a worker.
+    pub fn run_or_wake(&self, job: &Arc<Job>) {
+        if let Some(&d) = job.device.get() {
+            self.shared.help(d, job.id);
+        }
+    }
+
+    fn queue(&self, job: &Arc<Job>, input: Vec<u8>) -> Result<usize> {
+        self.shared.metrics.request(&job.model, job.version);
+        self.shared.enqueue(job, input).inspect_err(|e| {
+            tracing::info!(job = job.id, model = %job.model, version = job.version, "rejected: {e}");
+            self.shared.fail(job, e);
+        })
     }
 
     /// Cancels a job that has not finished: its readers get ECANCELED. A
@@ -769,6 +837,9 @@ impl Shared {
                 let failure = inner.state.outcome.clone().and_then(|o| o.err());
                 drop(inner);
                 drop(s);
+                // Its record before its journal entry goes (the canceller
+                // may not have queued it yet); a second copy is harmless.
+                self.persist(job, None);
                 self.release_journal(job);
                 return Err(failure.map_or(Error::Cancelled(job.id), |f| f.to_error()));
             }
@@ -824,14 +895,13 @@ impl Shared {
         let mut r = self.registry.lock().unwrap();
         r.push_finished(job);
         let mut retired = Vec::new();
-        while r.finished.len() > self.config.max_finished_jobs
-            || (r.finished.len() > 1 && r.finished_bytes as u64 > self.config.max_finished_bytes)
-        {
+        while r.finished.len() > self.config.max_finished_jobs {
             retired.extend(r.pop_finished());
         }
+        r.shed_payloads(self.config.max_finished_bytes);
         drop(r);
-        for id in retired {
-            self.forget(id);
+        for job in retired {
+            self.forget(&job);
         }
         true
     }
@@ -842,7 +912,7 @@ impl Shared {
             if s.shutdown {
                 return;
             }
-            s = match self.take(&mut s, d) {
+            s = match self.take(&mut s, d, None) {
                 Take::Run(run) => self.run_taken(s, d, run),
                 Take::Wait(Some(timeout)) => self.wake[d].wait_timeout(s, timeout).unwrap().0,
                 Take::Wait(None) => self.wake[d].wait(s).unwrap(),
@@ -850,19 +920,11 @@ impl Shared {
         }
     }
 
-    /// Runs the next job of device `d` on the calling thread, if the device
-    /// runs on the CPU, a slot is free and nothing has to wait for a batch;
-    /// otherwise wakes a worker. For a caller that waits for the reply
-    /// anyway: it saves the hand-off to a worker thread.
-    fn help(&self, d: usize) {
+    /// See [`Engine::run_or_wake`]: job `id`, queued on device `d`.
+    fn help(&self, d: usize, id: u64) {
         let mut s = self.sched.lock().unwrap();
-        if self.devices[d].is_gpu() || s.inline_runs >= self.config.inline_runs {
-            drop(s);
-            self.wake[d].notify_one();
-            return;
-        }
-        match self.take(&mut s, d) {
-            Take::Run(run) => {
+        if !self.devices[d].is_gpu() && s.inline_runs < self.config.inline_runs {
+            if let Take::Run(run) = self.take(&mut s, d, Some(id)) {
                 s.inline_runs += 1;
                 let mut s = self.run_taken(s, d, run);
                 s.inline_runs -= 1;
@@ -870,17 +932,18 @@ impl Shared {
                 if !s.devices[d].entries.is_empty() {
                     self.wake[d].notify_one();
                 }
-            }
-            Take::Wait(_) => {
-                drop(s);
-                self.wake[d].notify_one();
+                return;
             }
         }
+        drop(s);
+        self.wake[d].notify_one();
     }
 
     /// Takes the next job (or batch) of device `d` off its queue if one of
-    /// the device's slots is free, marking it running.
-    fn take(&self, s: &mut Sched, d: usize) -> Take {
+    /// the device's slots is free, marking it running; with `only_with`,
+    /// only if that job is among those taken. A worker that takes a run
+    /// while more is queued and slots are free wakes the next worker.
+    fn take(&self, s: &mut Sched, d: usize, only_with: Option<u64>) -> Take {
         if s.devices[d].slots_busy >= self.workers(d) {
             return Take::Wait(None);
         }
@@ -905,6 +968,9 @@ impl Shared {
             }
         }
         let jobs: Vec<Arc<Job>> = members.iter().map(|&i| s.devices[d].jobs[i].clone()).collect();
+        if only_with.is_some_and(|id| !jobs.iter().any(|j| j.id == id)) {
+            return Take::Wait(None);
+        }
         let mut by_index = members.clone();
         by_index.sort_unstable_by(|a, b| b.cmp(a));
         for i in by_index {
@@ -915,6 +981,9 @@ impl Shared {
         }
         s.devices[d].running += jobs.len();
         s.devices[d].slots_busy += 1;
+        if !s.devices[d].entries.is_empty() && s.devices[d].slots_busy < self.workers(d) {
+            self.wake[d].notify_one();
+        }
         let (pool, unloaded) = self.make_resident(s, d, &lead);
         Take::Run(Taken { jobs, pool, unloaded })
     }
@@ -1069,7 +1138,9 @@ impl Shared {
             s = self.tick.wait_timeout(s, tick).unwrap().0;
             if s.shutdown {
                 drop(s);
-                self.write_records();
+                if let Err(e) = self.write_records() {
+                    tracing::warn!("recording finished jobs: {e}");
+                }
                 return;
             }
             let now = Instant::now();
@@ -1113,13 +1184,15 @@ impl Shared {
                 }
                 last_sync = Instant::now();
             }
-            self.write_records();
+            if let Err(e) = self.write_records() {
+                tracing::warn!("recording finished jobs (will retry): {e}");
+            }
             // A job releases its journal entry after queueing its record, so
             // writing the queue here covers every job of a journal it deletes.
-            self.journal.collect(|| {
-                self.write_records();
-                self.records.flush().map(drop).map_err(std::io::Error::other)
+            let deleted = self.journal.collect(|| {
+                self.write_records().and_then(|()| self.records.flush().map(drop)).map_err(std::io::Error::other)
             });
+            self.forget_tombstones(&deleted);
             for job in expired {
                 let ms = job.inner().config.timeout_ms;
                 if self.end(&job, Status::Failed, Err(Failure::of(&Error::TimedOut { id: job.id, ms }))) {
@@ -1134,9 +1207,11 @@ impl Shared {
     fn retire_old(&self) {
         let mut r = self.registry.lock().unwrap();
         let mut gone = Vec::new();
-        while r.finished.front().is_some_and(|&(at, _, _)| at.elapsed() >= self.config.finished_job_ttl) {
+        while r.finished.front().is_some_and(|&(at, _)| at.elapsed() >= self.config.finished_job_ttl) {
             gone.extend(r.pop_finished());
         }
+        // Outputs read since the last job ended may go now.
+        r.shed_payloads(self.config.max_finished_bytes);
         let mut stale = Vec::new();
         while let Some(&(at, id)) = r.new.front() {
             if at.elapsed() < self.config.new_job_ttl {
@@ -1146,8 +1221,8 @@ impl Shared {
             stale.extend(r.jobs.get(&id).filter(|j| j.status() == Status::New).cloned());
         }
         drop(r);
-        for id in gone {
-            self.forget(id);
+        for job in gone {
+            self.forget(&job);
         }
         // Ended, not just dropped: a reader waiting on one gets an answer.
         for job in stale {
@@ -1168,6 +1243,7 @@ impl Shared {
         let header = serde_json::to_vec(&record).expect("records serialize");
         let n = self.journal.append(&header, kept).map_err(|e| Error::io("appending to the job journal", e))?;
         *job.journal.lock().unwrap() = Some(n);
+        let _ = job.journaled_in.set(n);
         Ok(())
     }
 
@@ -1182,7 +1258,8 @@ impl Shared {
     /// Records an ended job, with its output if given: one catalog write
     /// per job, made by the housekeeper (off the request's path). Until the
     /// catalog has it and is flushed, the job's journal is kept: if a crash
-    /// comes first, the job runs again.
+    /// comes first, the job runs again (or fails "restarted" if its input
+    /// was too large to journal).
     fn persist(&self, job: &Job, output: Option<&[u8]>) {
         let mut value = serde_json::to_vec(&Record::of(job)).expect("records serialize");
         if let Some(output) = output {
@@ -1193,20 +1270,51 @@ impl Shared {
         self.unwritten.lock().unwrap().push((job.id, Some(value)));
     }
 
-    fn forget(&self, id: u64) {
-        self.unwritten.lock().unwrap().push((id, None));
+    /// Removes a retired job's record. While its journal entry may still
+    /// be read at a restart, a tombstone stands in for the record, so the
+    /// job does not come back; it goes with the journal.
+    fn forget(&self, job: &Job) {
+        let value = match job.journaled_in.get() {
+            Some(&n) if self.journal.holds(n) => {
+                self.retired.lock().unwrap().entry(n).or_default().push(job.id);
+                Some(TOMBSTONE.to_vec())
+            }
+            _ => None,
+        };
+        self.unwritten.lock().unwrap().push((job.id, value));
+    }
+
+    /// Journals `deleted` are gone: so are their retired jobs' tombstones.
+    fn forget_tombstones(&self, deleted: &[u64]) {
+        let mut retired = self.retired.lock().unwrap();
+        let ids: Vec<u64> = deleted.iter().filter_map(|n| retired.remove(n)).flatten().collect();
+        drop(retired);
+        self.unwritten.lock().unwrap().extend(ids.into_iter().map(|id| (id, None)));
     }
 
     /// Makes the catalog changes [`Shared::persist`] and [`Shared::forget`]
-    /// queued, in order.
-    fn write_records(&self) {
+    /// queued, in order. What fails stays queued, and the error is returned
+    /// (so no journal is deleted on the strength of it).
+    fn write_records(&self) -> sled::Result<()> {
+        let mut failed = Vec::new();
+        let mut error = None;
         for (id, value) in std::mem::take(&mut *self.unwritten.lock().unwrap()) {
-            let written = match value {
-                Some(value) => self.records.insert(id.to_be_bytes(), value).map(drop),
+            let written = match &value {
+                Some(value) => self.records.insert(id.to_be_bytes(), value.as_slice()).map(drop),
                 None => self.records.remove(id.to_be_bytes()).map(drop),
             };
             if let Err(e) = written {
-                tracing::warn!("recording job {id}: {e}");
+                failed.push((id, value));
+                error.get_or_insert(e);
+            }
+        }
+        match error {
+            None => Ok(()),
+            Some(e) => {
+                let mut unwritten = self.unwritten.lock().unwrap();
+                failed.append(&mut unwritten);
+                *unwritten = failed;
+                Err(e)
             }
         }
     }
@@ -1217,8 +1325,13 @@ impl Shared {
     fn recover(&self, entries: Vec<crate::journal::Entry>) -> Result<()> {
         let mut records = BTreeMap::new();
         let mut outputs = HashMap::new();
+        let mut tombstones = Vec::new();
         for entry in self.records.iter() {
-            let (_, value) = entry?;
+            let (key, value) = entry?;
+            if &*value == TOMBSTONE {
+                tombstones.extend(key.as_ref().try_into().map(u64::from_be_bytes));
+                continue;
+            }
             let (record, output) = match value.iter().position(|&b| b == b'\n') {
                 Some(n) => (&value[..n], Some(value[n + 1..].to_vec())),
                 None => (&value[..], None),
@@ -1236,6 +1349,9 @@ impl Shared {
         let mut inputs = HashMap::new();
         for entry in entries {
             let Ok(rec) = serde_json::from_slice::<Record>(&entry.header) else { continue };
+            if tombstones.contains(&rec.id) {
+                continue; // retired before the restart
+            }
             if records.get(&rec.id).is_none_or(|r| matches!(r.status, Status::New | Status::Queued | Status::Running)) {
                 if rec.input_len.is_some() {
                     inputs.insert(rec.id, entry.input);
@@ -1270,19 +1386,22 @@ impl Shared {
 
         let count = requeue.len();
         for (job, input) in requeue {
-            match self.enqueue(&job, input) {
-                Ok(d) => self.wake[d].notify_all(),
-                Err(e) => self.fail(&job, &e),
+            // The workers start after this and find the queue.
+            if let Err(e) = self.enqueue(&job, input) {
+                self.fail(&job, &e);
             }
         }
         if count > 0 {
             tracing::info!(jobs = count, "queued again the jobs an earlier run left unfinished");
         }
         // Requeued jobs are in the new journal now, and the records of the
-        // jobs failed above are made durable before the old journals go.
-        self.write_records();
+        // jobs failed above are made durable before the old journals go;
+        // the tombstones go with them.
+        self.write_records()?;
         self.records.flush()?;
+        self.journal.sync().map_err(|e| Error::io("syncing the job journal", e))?;
         self.journal.drop_old();
+        self.unwritten.lock().unwrap().extend(tombstones.into_iter().map(|id| (id, None)));
         Ok(())
     }
 }
@@ -1290,6 +1409,9 @@ impl Shared {
 /// How often the housekeeper makes the journal durable (as sled flushes its
 /// log): a power loss may lose the jobs accepted in this window.
 const JOURNAL_SYNC: Duration = Duration::from_millis(500);
+
+/// The catalog value of a retired job whose journal entry still exists.
+const TOMBSTONE: &[u8] = b"retired";
 
 /// Outputs up to this size are kept in the catalog across a restart.
 const KEPT_OUTPUT_BYTES: usize = 256 << 10;
@@ -1410,6 +1532,8 @@ impl Record {
             deadline: OnceLock::new(),
             device: OnceLock::new(),
             journal: Mutex::new(None),
+            journaled_in: OnceLock::new(),
+            output_read: Default::default(),
             inner: Mutex::new(Inner {
                 state: JobState {
                     status: if finished { self.status } else { Status::New },

@@ -54,6 +54,8 @@ pub enum Error {
     Expired(u64),
     #[error("job {0} finished before the daemon restarted; its output was too large to keep")]
     OutputNotKept(u64),
+    #[error("job {0}: its output was read and is no longer kept (past --max-finished-bytes)")]
+    OutputDropped(u64),
     /// A job that failed earlier: its errno and reason, as recorded.
     #[error("{message}")]
     Job { errno: i32, message: String },
@@ -114,7 +116,7 @@ impl Error {
             Error::NoDevice(_) => libc::ENODEV,
             Error::Restarted(_) => libc::EIO,
             Error::Expired(_) => libc::ETIMEDOUT,
-            Error::OutputNotKept(_) => libc::ENODATA,
+            Error::OutputNotKept(_) | Error::OutputDropped(_) => libc::ENODATA,
             Error::Job { errno, .. } => *errno,
             Error::NotEmpty(_) => libc::ENOTEMPTY,
             Error::Busy(_) => libc::EBUSY,
@@ -149,6 +151,7 @@ impl Error {
             | Error::Restarted(_)
             | Error::Expired(_)
             | Error::OutputNotKept(_)
+            | Error::OutputDropped(_)
             | Error::Job { .. }
             | Error::NotEmpty(_)
             | Error::Busy(_)

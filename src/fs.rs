@@ -384,6 +384,10 @@ impl Fs {
         })
     }
 
+    pub fn engine(&self) -> &Engine {
+        &self.engine
+    }
+
     pub fn store(&self) -> &Store {
         &self.store
     }
@@ -1145,15 +1149,29 @@ use, EAGAIN when a model's queue is full, ETIMEDOUT, ECANCELED.
         match &*handle {
             Handle::Content(bytes) => done(Ok(slice_at(bytes, offset as usize, size))),
             Handle::Blob(file) => done(read_file_at(file, offset, size)),
-            Handle::JobOutput(job) => job.when_done(move |outcome| {
-                done(outcome.as_ref().map(|out| slice_at(out, offset as usize, size)).map_err(|f| f.to_error()))
-            }),
+            Handle::JobOutput(job) => {
+                let reader = job.clone();
+                job.when_done(move |outcome| {
+                    done(outcome.as_ref().map_err(|f| f.to_error()).map(|out| {
+                        let bytes = slice_at(out, offset as usize, size);
+                        if offset as usize + bytes.len() >= out.len() {
+                            reader.mark_output_read();
+                        }
+                        bytes
+                    }))
+                })
+            }
             Handle::Infer(stream) => {
-                let job = match self.infer_job(&mut stream.lock().unwrap()) {
-                    Ok(job) => job,
+                let (job, sent) = match self.infer_job(&mut stream.lock().unwrap()) {
+                    Ok(found) => found,
                     Err(e) => return done(Err(e)),
                 };
+                if sent {
+                    // This reader waits for the reply: it may run the job itself.
+                    self.engine.run_or_wake(&job);
+                }
                 let handle = handle.clone();
+                let reader = job.clone();
                 job.when_done(move |outcome| {
                     let Handle::Infer(stream) = &*handle else { unreachable!("an infer handle") };
                     done(match outcome {
@@ -1161,6 +1179,9 @@ use, EAGAIN when a model's queue is full, ETIMEDOUT, ECANCELED.
                             let mut st = stream.lock().unwrap();
                             let bytes = slice_at(out, st.read_pos, size);
                             st.read_pos += bytes.len();
+                            if st.read_pos >= out.len() {
+                                reader.mark_output_read();
+                            }
                             Ok(bytes)
                         }
                         Err(f) => Err(f.to_error()),
@@ -1174,11 +1195,14 @@ use, EAGAIN when a model's queue is full, ETIMEDOUT, ECANCELED.
     }
 
     /// The job a read of `infer` answers with: this handle's request (sent
-    /// now if it was written but not yet sent), else the session's last.
-    fn infer_job(&self, st: &mut InferStream) -> Result<Arc<Job>> {
+    /// now if it was written but not yet sent: then `true`, and the caller
+    /// must call [`Engine::run_or_wake`]), else the session's last.
+    fn infer_job(&self, st: &mut InferStream) -> Result<(Arc<Job>, bool)> {
+        let mut sent = false;
         if st.job.is_none() {
             if !st.input.is_empty() {
-                self.send_request(st)?;
+                self.send_request(st, true)?;
+                sent = true;
             } else {
                 let key = st.sid.map(|sid| (st.model.clone(), st.number, sid, st.caller.uid));
                 let job = key.and_then(|k| self.sessions.lock().unwrap().get(&k).and_then(Weak::upgrade));
@@ -1186,15 +1210,18 @@ use, EAGAIN when a model's queue is full, ETIMEDOUT, ECANCELED.
                     Some(job.ok_or_else(|| Error::NoRequest(format!("models/{}/v{}/infer", st.model, st.number)))?);
             }
         }
-        Ok(st.job.clone().expect("set above"))
+        Ok((st.job.clone().expect("set above"), sent))
     }
 
     /// Makes a job of the handle's request and submits it; it becomes the
-    /// session's last request whether or not it was accepted.
-    fn send_request(&self, st: &mut InferStream) -> Result<()> {
+    /// session's last request whether or not it was accepted. A reader
+    /// (`for_reader`) runs it or wakes a worker itself, once it holds no
+    /// lock: [`Engine::submit_for_reader`].
+    fn send_request(&self, st: &mut InferStream, for_reader: bool) -> Result<()> {
         let job = self.engine.create_job(st.caller.uid, st.caller.gid, &st.model, st.number)?;
-        // The reader waits for this reply: it may run the job itself.
-        let result = self.engine.submit_and_help(&job, std::mem::take(&mut st.input));
+        let input = std::mem::take(&mut st.input);
+        let result =
+            if for_reader { self.engine.submit_for_reader(&job, input) } else { self.engine.submit(&job, input) };
         self.remember(st, job);
         result
     }
@@ -1237,7 +1264,11 @@ use, EAGAIN when a model's queue is full, ETIMEDOUT, ECANCELED.
                 if st.input.is_empty() {
                     // Grown once, not doubled: a 64 MB tensor otherwise
                     // copies itself and faults in fresh pages six times.
-                    st.input.reserve(codec::declared_len(data).unwrap_or(0).min(limit) as usize);
+                    // Only a hint: a header may lie, so no more than the
+                    // limit and no abort if memory is short.
+                    if let Some(declared) = codec::declared_len(data).filter(|&n| n <= limit) {
+                        let _ = st.input.try_reserve(declared as usize);
+                    }
                 }
                 st.input.extend_from_slice(data);
             }
@@ -1307,7 +1338,7 @@ use, EAGAIN when a model's queue is full, ETIMEDOUT, ECANCELED.
             Handle::Infer(stream) => {
                 let mut st = stream.lock().unwrap();
                 if st.job.is_none() && !st.input.is_empty() {
-                    self.send_request(&mut st)?;
+                    self.send_request(&mut st, false)?;
                 }
                 Ok(())
             }

@@ -1,15 +1,15 @@
 //! The journal of accepted jobs: what lets a job survive the daemon being
 //! killed without a disk round trip per request.
 //!
-//! One append-only file per run, `<dir>/journal-<n>`. Accepting a job
+//! Append-only files, `<dir>/journal-<n>`. Accepting a job
 //! appends one entry, `<header>\n<input bytes>` (the header is the job's
 //! record as one JSON line, which says how long the input is), with a
 //! single `writev(2)` before the job's `close()` returns. The page cache
 //! keeps it if the daemon dies; a power loss may lose what was appended
 //! since the owner last called [`Journal::sync`]. A journal past
-//! [`ROTATE_BYTES`] is closed and the next one started; a closed journal
-//! is deleted once every job in it has ended and the caller has made the
-//! job records durable ([`Journal::collect`]).
+//! [`ROTATE_BYTES`] or [`ROTATE_AGE`] is closed and the next one started; a
+//! closed journal is deleted once every job in it has ended and the caller
+//! has made the job records durable ([`Journal::collect`]).
 //!
 //! At start, [`Journal::open`] reads every journal back. The caller queues
 //! the unfinished jobs again (into the new journal), then calls
@@ -21,9 +21,13 @@ use std::fs::{File, OpenOptions};
 use std::io::{self, IoSlice, Write};
 use std::path::{Path, PathBuf};
 use std::sync::Mutex;
+use std::time::{Duration, Instant};
 
-/// A journal is closed and a new one started past this size.
+/// A journal is closed and a new one started past this size...
 pub const ROTATE_BYTES: u64 = 256 << 20;
+
+/// ...or this age, so that each one can be deleted soon after its jobs end.
+pub const ROTATE_AGE: Duration = Duration::from_secs(60);
 
 /// One accepted job as the journal holds it.
 pub struct Entry {
@@ -41,6 +45,8 @@ struct State {
     file: File,
     current: u64,
     size: u64,
+    /// When the current journal was started.
+    opened: Instant,
     /// Appended to since the last [`Journal::sync`].
     unsynced: bool,
     /// Journals (by number) and how many of their jobs have not ended.
@@ -84,6 +90,7 @@ impl Journal {
             file,
             current,
             size: 0,
+            opened: Instant::now(),
             unsynced: false,
             open_jobs: BTreeMap::from([(current, 0)]),
             old: found.into_iter().map(|(_, p)| p).collect(),
@@ -96,7 +103,7 @@ impl Journal {
     pub fn append(&self, header: &[u8], input: &[u8]) -> io::Result<u64> {
         let len = header.len() + 1 + input.len();
         let mut st = self.state.lock().unwrap();
-        if st.size > 0 && st.size + len as u64 > ROTATE_BYTES {
+        if st.size > 0 && (st.size + len as u64 > ROTATE_BYTES || st.opened.elapsed() > ROTATE_AGE) {
             let next = st.current + 1;
             if st.unsynced {
                 st.file.sync_data()?; // what sync() would have covered
@@ -104,9 +111,15 @@ impl Journal {
             st.file = OpenOptions::new().create_new(true).append(true).open(path_of(&self.dir, next))?;
             st.current = next;
             st.size = 0;
+            st.opened = Instant::now();
             st.open_jobs.insert(next, 0);
         }
-        write_all_vectored(&mut st.file, &mut [IoSlice::new(header), IoSlice::new(b"\n"), IoSlice::new(input)])?;
+        let parts = &mut [IoSlice::new(header), IoSlice::new(b"\n"), IoSlice::new(input)];
+        if let Err(e) = write_all_vectored(&mut st.file, parts) {
+            // No half entry may stay: later ones would be read as its input.
+            let _ = st.file.set_len(st.size);
+            return Err(e);
+        }
         st.size += len as u64;
         st.unsynced = true;
         let n = st.current;
@@ -115,13 +128,17 @@ impl Journal {
     }
 
     /// Makes what was appended so far durable (`fdatasync`), if anything was.
+    /// The disk is waited for without the lock, so appends go on meanwhile.
     pub fn sync(&self) -> io::Result<()> {
-        let mut st = self.state.lock().unwrap();
-        if st.unsynced {
-            st.file.sync_data()?;
+        let file = {
+            let mut st = self.state.lock().unwrap();
+            if !st.unsynced {
+                return Ok(());
+            }
             st.unsynced = false;
-        }
-        Ok(())
+            st.file.try_clone()?
+        };
+        file.sync_data().inspect_err(|_| self.state.lock().unwrap().unsynced = true)
     }
 
     /// A job in journal `n` ended.
@@ -133,23 +150,31 @@ impl Journal {
 
     /// Deletes closed journals none of whose jobs is unfinished, after
     /// `make_durable` (the job records' flush) succeeds.
-    pub fn collect(&self, make_durable: impl FnOnce() -> io::Result<()>) {
+    /// Returns the journals deleted.
+    pub fn collect(&self, make_durable: impl FnOnce() -> io::Result<()>) -> Vec<u64> {
         let mut st = self.state.lock().unwrap();
         let current = st.current;
         let empty: Vec<u64> = st.open_jobs.iter().filter(|(&n, &c)| c == 0 && n != current).map(|(&n, _)| n).collect();
         if empty.is_empty() {
-            return;
+            return empty;
         }
         if let Err(e) = make_durable() {
             tracing::warn!("keeping old journals: {e}");
-            return;
+            return Vec::new();
         }
-        for n in empty {
+        for &n in &empty {
             st.open_jobs.remove(&n);
             if let Err(e) = std::fs::remove_file(path_of(&self.dir, n)) {
                 tracing::warn!("removing journal-{n}: {e}");
             }
         }
+        empty
+    }
+
+    /// Whether journal `n` of this run is still on disk (so a restart would
+    /// read its entries).
+    pub fn holds(&self, n: u64) -> bool {
+        self.state.lock().unwrap().open_jobs.contains_key(&n)
     }
 
     /// Deletes the journals of earlier runs (their unfinished jobs have been
@@ -222,13 +247,15 @@ mod tests {
         let first = j.append(b"x", &big).unwrap();
         let second = j.append(b"x", &big).unwrap(); // rotates
         assert_eq!((first, second), (1, 2));
-        j.collect(|| Ok(()));
+        assert!(j.holds(1) && j.holds(2));
+        assert_eq!(j.collect(|| Ok(())), [0; 0]);
         assert_eq!(names(dir.path()), ["journal-1", "journal-2"], "journal-1 still has a job");
         j.done(first);
-        j.collect(|| Err(io::Error::other("flush failed")));
+        assert_eq!(j.collect(|| Err(io::Error::other("flush failed"))), [0; 0]);
         assert_eq!(names(dir.path()), ["journal-1", "journal-2"], "not before the records are durable");
-        j.collect(|| Ok(()));
+        assert_eq!(j.collect(|| Ok(())), [1]);
         assert_eq!(names(dir.path()), ["journal-2"]);
+        assert!(!j.holds(1));
         j.done(second);
         j.collect(|| Ok(()));
         assert_eq!(names(dir.path()), ["journal-2"], "the current journal stays");

@@ -245,29 +245,53 @@ fn cancel_timeout_and_backpressure() {
 }
 
 #[test]
-fn finished_jobs_are_retired_past_their_byte_budget() {
+fn read_outputs_are_dropped_past_the_byte_budget_unread_ones_kept() {
     let m = Mount::start_with(&["--max-finished-bytes", "300"]);
     import(&m, "id", &model_fixture("identity_int32.onnx"));
     // Each job holds about 2 x 100 bytes (input and output).
     let body = format!("[[{}]]", vec!["1"; 48].join(","));
-    // The first reply is read through a handle, which holds its job.
-    let mut f = std::fs::OpenOptions::new().read(true).write(true).open(m.path("models/id/v1/infer")).unwrap();
-    std::io::Write::write_all(&mut f, body.as_bytes()).unwrap();
-    let mut reply = vec![0; 10];
-    std::io::Read::read_exact(&mut f, &mut reply).unwrap();
+    let infer = m.path("models/id/v1/infer");
+    let done = |id: u64| wait_for("the job", Duration::from_secs(10), || job_file(&m, id, "status") == "done\n");
+    // Read in full: through one handle, and through jobs/<id>/output.
+    assert_eq!(String::from_utf8(one_handle(&infer, body.as_bytes()).unwrap()).unwrap().trim(), body);
     let first = newest_job(&m);
     let second = submit(&m, "id", &body, None);
     assert_eq!(output(&m, second).unwrap().trim(), body);
-    let third = submit(&m, "id", &body, None);
-    assert_eq!(output(&m, third).unwrap().trim(), body);
-    // Only the newest fits the budget; the older ones are gone from jobs/.
-    assert_eq!(job_file(&m, third, "status"), "done\n");
-    assert_eq!(sh_ok(&m.mnt, "ls jobs"), format!("{third}\n"));
-    for gone in [first, second] {
-        assert_eq!(errno(std::fs::read(m.path(&format!("jobs/{gone}/status")))), libc::ENOENT, "job {gone}");
+    // Not read yet: the shell way's request (its reply is read below) and two clones.
+    write_file(&infer, body.as_bytes()).unwrap();
+    let shell = newest_job(&m);
+    let unread: Vec<u64> = (0..2).map(|_| submit(&m, "id", &body, None)).collect();
+    unread.iter().for_each(|&id| done(id));
+    // Over the budget, the read outputs went (the jobs stay, done)...
+    for id in [first, second] {
+        assert_eq!(output(&m, id), Err(libc::ENODATA), "job {id}");
+        assert!(job_file(&m, id, "error").contains("no longer kept (past --max-finished-bytes)"));
+        assert_eq!(job_file(&m, id, "status"), "done\n");
     }
-    std::io::Read::read_to_end(&mut f, &mut reply).unwrap();
-    assert_eq!(String::from_utf8(reply).unwrap().trim(), body, "the open handle still reads its retired job");
+    // ...and the unread ones stay, however far over it.
+    assert_eq!(read(&infer).trim(), body, "the shell way still gets its reply");
+    for id in unread {
+        assert_eq!(output(&m, id).unwrap().trim(), body, "job {id}");
+    }
+    assert_eq!(job_file(&m, shell, "status"), "done\n");
+}
+
+#[test]
+fn retired_jobs_stay_gone_after_a_crash() {
+    let mut m = Mount::start_with(&["--max-finished-jobs", "1"]);
+    import(&m, "id", &model_fixture("identity_int32.onnx"));
+    let first = submit(&m, "id", "[[1]]", None);
+    assert_eq!(output(&m, first).unwrap(), "[[1]]\n");
+    let second = submit(&m, "id", "[[2]]", None);
+    assert_eq!(output(&m, second).unwrap(), "[[2]]\n");
+    // Only one finished job is kept: the first is gone, though its journal
+    // entry is still on disk.
+    assert_eq!(sh_ok(&m.mnt, "ls jobs"), format!("{second}\n"));
+    std::thread::sleep(Duration::from_millis(1200)); // the catalog is flushed
+    m.kill();
+    m.spawn();
+    assert_eq!(sh_ok(&m.mnt, "ls jobs"), format!("{second}\n"), "a retired job came back");
+    assert_eq!(output(&m, second).unwrap(), "[[2]]\n");
 }
 
 #[test]

@@ -78,7 +78,7 @@ struct Cli {
     #[arg(long, default_value_t = 10_000)]
     max_finished_jobs: usize,
 
-    /// Bytes of inputs and outputs finished jobs may hold in memory before the oldest are removed.
+    /// Bytes of inputs and outputs finished jobs may hold in memory; past it, the oldest already read drop theirs.
     #[arg(long, default_value_t = 256 << 20)]
     max_finished_bytes: u64,
 
@@ -234,9 +234,8 @@ fn serve(cli: &Cli, data_dir: &Path, library: &Path, ready: Option<OwnedFd>) -> 
                             .unwrap_or(false);
                         if detached {
                             // The detached mount lives on while its users do, and so would
-                            // the session: leave now. Catalog and job records are flushed
-                            // as they change; this flush is for good measure.
-                            if let Err(e) = fs_for_signal.store().db().flush() {
+                            // the session: leave now, with the jobs' records written.
+                            if let Err(e) = fs_for_signal.engine().flush_records() {
                                 tracing::error!("flushing the catalog: {e}");
                             }
                             tracing::info!("detached the busy mount; bye");
