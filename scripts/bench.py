@@ -59,6 +59,24 @@ def timed(fn, n, warmup=50):
     return pctl(out)
 
 
+def timed_rounds(fns, n, rounds=10, warmup=50):
+    """p50 and p99 (us) of each of `fns` (name -> call), n calls each, taken
+    in interleaved rounds: this VM drifts between fast and slow spells, and
+    a floor measured in one spell against aifs in another would skew the
+    ratio."""
+    samples = {name: [] for name in fns}
+    for fn in fns.values():
+        for _ in range(warmup):
+            fn()
+    for _ in range(rounds):
+        for name, fn in fns.items():
+            for _ in range(n // rounds):
+                t = time.perf_counter()
+                fn()
+                samples[name].append((time.perf_counter() - t) * 1e6)
+    return {name: pctl(s) for name, s in samples.items()}
+
+
 def npy(a):
     b = io.BytesIO()
     np.save(b, a)
@@ -249,16 +267,23 @@ def run():
         v1 = d.add_model(model, path, {"max_batch": 1})
         body = npy(x)
         sess = ort.InferenceSession(path, providers=["CPUExecutionProvider"])
-        floor, floor99 = timed(lambda: sess.run(None, {name: x}), n_lat)
-        fuse, fuse99 = timed(lambda: one_handle(os.path.join(echo_mnt, "echo"), body), n_lat)
         infer = os.path.join(v1, "infer")
         assert np.allclose(np.load(io.BytesIO(one_handle(infer, body))), sess.run(None, {name: x})[0], rtol=1e-5, atol=1e-6)
-        one, one99 = timed(lambda: one_handle(infer, body), n_lat)
-        two, two99 = timed(lambda: write_then_read(infer, body), n_lat)
         kbody = kserve_body(name, x)
-        kjson, kjson99 = timed(lambda: one_handle(infer, kbody), n_lat)
-        http_p50, http99 = timed(lambda: peer.infer(model, kbody), n_lat)
-        ml_p50, ml99 = timed(lambda: mlserver.infer(model, kbody), n_lat)
+        t = timed_rounds(
+            {
+                "floor": lambda: sess.run(None, {name: x}),
+                "fuse": lambda: one_handle(os.path.join(echo_mnt, "echo"), body),
+                "one": lambda: one_handle(infer, body),
+                "two": lambda: write_then_read(infer, body),
+                "kjson": lambda: one_handle(infer, kbody),
+                "http": lambda: peer.infer(model, kbody),
+                "ml": lambda: mlserver.infer(model, kbody),
+            },
+            n_lat,
+        )
+        (floor, _), (fuse, fuse99), (one, one99), (two, _) = t["floor"], t["fuse"], t["one"], t["two"]
+        (kjson, _), (http_p50, _), (ml_p50, _) = t["kjson"], t["http"], t["ml"]
         sec = f"latency {model}"
         row(sec, "in-process ONNX Runtime p50 (floor)", floor, unit="us")
         row(sec, "trivial FUSE write+read p50 (kernel floor)", fuse, unit="us")
