@@ -50,9 +50,7 @@ const TTL: Duration = Duration::from_secs(1);
 
 impl Filesystem for Echo {
     fn init(&mut self, _req: &Request, config: &mut fuser::KernelConfig) -> std::io::Result<()> {
-        // As aifs-mountd asks: 1 MiB writes.
-        let _ = config.set_max_write(1 << 20);
-        Ok(())
+        aifs::fuse::init_kernel_config(config)
     }
 
     fn lookup(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEntry) {

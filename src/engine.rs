@@ -214,6 +214,23 @@ struct Inner {
 }
 
 impl Job {
+    fn new(id: u64, uid: u32, gid: u32, model: String, version: u32, digest: Digest, inner: Inner) -> Arc<Job> {
+        Arc::new(Job {
+            id,
+            uid,
+            gid,
+            model,
+            version,
+            digest,
+            deadline: OnceLock::new(),
+            device: OnceLock::new(),
+            journal: Mutex::new(None),
+            journaled_in: OnceLock::new(),
+            output_read: Default::default(),
+            inner: Mutex::new(inner),
+        })
+    }
+
     pub fn snapshot(&self) -> JobState {
         self.inner().state.clone()
     }
@@ -555,19 +572,14 @@ impl Engine {
         let v = m.versions.get(&version).ok_or_else(|| Error::NotFound(format!("models/{model}/v{version}")))?;
         // sled's ids only grow, across restarts too: a job id never names two jobs.
         let id = self.shared.store.db().generate_id()? + 1;
-        let job = Arc::new(Job {
+        let job = Job::new(
             id,
             uid,
             gid,
-            model: model.to_string(),
+            model.to_string(),
             version,
-            digest: v.digest,
-            deadline: OnceLock::new(),
-            device: OnceLock::new(),
-            journal: Mutex::new(None),
-            journaled_in: OnceLock::new(),
-            output_read: Default::default(),
-            inner: Mutex::new(Inner {
+            v.digest,
+            Inner {
                 state: JobState {
                     status: Status::New,
                     input: Arc::new(Vec::new()),
@@ -587,8 +599,8 @@ impl Engine {
                 config: m.config.clone(),
                 queued_at: None,
                 waiters: Vec::new(),
-            }),
-        });
+            },
+        );
         // Not recorded while new: a job that never got its input does not
         // outlive the daemon.
         self.shared.register(&job, false);
@@ -1522,19 +1534,14 @@ impl Record {
             (None, None) => Some(Err(Failure::of(&Error::OutputNotKept(self.id)))),
         };
         let (version, config) = version.map_or((None, ModelConfig::default()), |(v, c)| (Some(v), c));
-        Arc::new(Job {
-            id: self.id,
-            uid: self.uid,
-            gid: self.gid,
-            model: self.model.clone(),
-            version: self.version,
-            digest: self.digest,
-            deadline: OnceLock::new(),
-            device: OnceLock::new(),
-            journal: Mutex::new(None),
-            journaled_in: OnceLock::new(),
-            output_read: Default::default(),
-            inner: Mutex::new(Inner {
+        Job::new(
+            self.id,
+            self.uid,
+            self.gid,
+            self.model.clone(),
+            self.version,
+            self.digest,
+            Inner {
                 state: JobState {
                     status: if finished { self.status } else { Status::New },
                     input: Arc::new(input.unwrap_or_default()),
@@ -1554,7 +1561,7 @@ impl Record {
                 config,
                 queued_at: None,
                 waiters: Vec::new(),
-            }),
-        })
+            },
+        )
     }
 }

@@ -100,11 +100,17 @@ fn fopen_flags(o: &Opened) -> FopenFlags {
     flags
 }
 
+/// What aifs asks of the kernel at `init` (the benchmarks' trivial FUSE
+/// floor asks the same): 1 MiB writes, which make imports and large
+/// tensors faster; the kernel may clamp it.
+pub fn init_kernel_config(config: &mut KernelConfig) -> io::Result<()> {
+    let _ = config.set_max_write(1 << 20);
+    Ok(())
+}
+
 impl Filesystem for Adapter {
     fn init(&mut self, _req: &Request, config: &mut KernelConfig) -> io::Result<()> {
-        // Bigger writes make imports faster; the kernel may clamp it.
-        let _ = config.set_max_write(1 << 20);
-        Ok(())
+        init_kernel_config(config)
     }
 
     fn lookup(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEntry) {
