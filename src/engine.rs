@@ -202,6 +202,12 @@ pub struct JobState {
     pub batch_size: Option<usize>,
 }
 
+impl JobState {
+    fn payload_bytes(&self) -> usize {
+        self.input.len() + self.outcome.as_ref().and_then(|o| o.as_ref().ok()).map_or(0, |o| o.len())
+    }
+}
+
 struct Inner {
     state: JobState,
     /// The decoded request, between submit and run.
@@ -237,9 +243,7 @@ impl Job {
 
     /// The bytes of input and output it holds.
     fn payload_bytes(&self) -> usize {
-        let inner = self.inner();
-        let output = inner.state.outcome.as_ref().and_then(|o| o.as_ref().ok()).map_or(0, |o| o.len());
-        inner.state.input.len() + output
+        self.inner().state.payload_bytes()
     }
 
     /// A reader has had the whole output: from now on the job may drop it
@@ -257,8 +261,7 @@ impl Job {
         if !inner.state.status.is_finished() || (has_output && !read) {
             return 0;
         }
-        let freed =
-            inner.state.input.len() + inner.state.outcome.as_ref().and_then(|o| o.as_ref().ok()).map_or(0, |o| o.len());
+        let freed = inner.state.payload_bytes();
         inner.state.input = Arc::new(Vec::new());
         if has_output {
             inner.state.outcome = Some(Err(Failure::of(&Error::OutputDropped(self.id))));
