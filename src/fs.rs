@@ -23,7 +23,10 @@
 //!
 //! **Handles.** `open` snapshots generated files (status, device values,
 //! meta.json) so that one read sequence sees one consistent text; model
-//! files and blobs are read straight from the blob file.
+//! files and blobs are read straight from the blob file. Only a handle
+//! that may hold writes for its `close()` gets a `flush` from the kernel
+//! ([`Opened::no_flush`]); `infer` opened for reading too sends by its
+//! read, or by its release when closed unread (see [`Session`]).
 //!
 //! **Imports.** `create` in `models/<name>/` starts an [`Upload`]: a temp
 //! file in the store being hashed as it is written. The first `flush` (the
@@ -48,7 +51,7 @@ use std::fs::File;
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, Weak};
+use std::sync::{Arc, Condvar, Mutex, Weak};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use crate::backend::Backends;
@@ -218,6 +221,10 @@ pub struct Opened {
     /// A stream, not a file with offsets (`infer`): reads and writes
     /// ignore positions.
     pub stream: bool,
+    /// `close()` has nothing to do: the handle cannot have been written,
+    /// or (`infer` opened for reading too) its request is sent by its read
+    /// or its release. The kernel then skips the `flush` round trip.
+    pub no_flush: bool,
 }
 
 /// `setattr` changes; `None` leaves a field alone. Time changes are
@@ -264,6 +271,11 @@ struct InferStream {
     /// The caller's session (getsid), for the write-then-read way; `None`
     /// when the caller's pid is not visible to the daemon.
     sid: Option<u32>,
+    /// Opened for reading too: the kernel sends no `flush`, so a request
+    /// left unread is sent at release, after the writer's `close()`.
+    no_flush: bool,
+    /// Counted in its session's `unsent` (see [`Session`]).
+    unsent: bool,
     input: Vec<u8>,
     /// The request sent from this handle (or, for a handle that wrote
     /// nothing, the session's last one), once there is one.
@@ -317,6 +329,26 @@ fn example_request(sig: &crate::tensor::Signature) -> Option<String> {
 /// (model, version, session id, uid): whose last request `cat infer` reads.
 type SessionKey = (String, u32, u32, u32);
 
+/// A session's requests to one version, for the write-then-read way.
+#[derive(Default)]
+struct Session {
+    /// Its last request: what a handle that wrote nothing reads.
+    last: Weak<Job>,
+    /// Its `no_flush` handles holding written, unsent input. Such a
+    /// handle closed unread sends at its release, which the kernel queues
+    /// without waiting; a reader of the session waits for it (at most
+    /// [`UNSENT_WAIT`]) rather than read the request before.
+    unsent: usize,
+    /// Readers waiting so.
+    waiting: usize,
+}
+
+/// How long a reader waits for its session's unsent requests: a release
+/// in flight takes microseconds. Longer means the input is held by an open
+/// handle (`exec 3<>infer; echo ... >&3; cat infer`): the read then goes on
+/// without it.
+const UNSENT_WAIT: Duration = Duration::from_millis(500);
+
 /// The largest `config.json` accepted.
 const CONFIG_MAX_BYTES: u64 = 1 << 20;
 
@@ -334,9 +366,11 @@ pub struct Fs {
     store: Arc<Store>,
     engine: Engine,
     backends: Backends,
-    /// The last request of each (version, session, uid): what `cat infer`
+    /// The requests of each (version, session, uid): what `cat infer`
     /// reads. Weak: a job retired from `jobs/` is gone here too.
-    sessions: Mutex<HashMap<SessionKey, Weak<Job>>>,
+    sessions: Mutex<HashMap<SessionKey, Session>>,
+    /// Signalled when a session's `unsent` falls, for its waiting readers.
+    sent: Condvar,
     /// Files just imported: (model, name) -> (version, when).
     imported: Mutex<HashMap<(String, String), (u32, Instant)>>,
     inodes: Mutex<Inodes>,
@@ -372,6 +406,7 @@ impl Fs {
             store,
             backends,
             sessions: Mutex::new(HashMap::new()),
+            sent: Condvar::new(),
             imported: Mutex::new(HashMap::new()),
             inodes: Mutex::new(inodes),
             handles: Mutex::new(HashMap::new()),
@@ -1076,7 +1111,7 @@ use, EAGAIN when a model's queue is full, ETIMEDOUT, ECANCELED.
             // Writing the name just imported again (a second `cp`): a new upload.
             Node::Imported { model, file, .. } if writing => {
                 let fh = self.start_upload(model.clone(), file, 0o644, caller)?;
-                return Ok(Opened { fh, direct_io: false, keep_cache: false, stream: false });
+                return Ok(Opened { fh, direct_io: false, keep_cache: false, stream: false, no_flush: false });
             }
             Node::VersionFile { model, number, file: VersionFile::Model(name) }
             | Node::Imported { model, number, file: name } => {
@@ -1093,17 +1128,20 @@ use, EAGAIN when a model's queue is full, ETIMEDOUT, ECANCELED.
             | Node::DeviceFile { .. } => (Handle::Content(self.content(&node)?), true, false),
             Node::Infer { model, number } => {
                 self.version(model, *number)?;
+                let no_flush = flags & libc::O_ACCMODE != libc::O_WRONLY;
                 let stream = InferStream {
                     model: model.clone(),
                     number: *number,
                     caller,
                     sid: (caller.pid != 0).then(|| session_of(caller.pid)),
+                    no_flush,
+                    unsent: false,
                     input: Vec::new(),
                     job: None,
                     read_pos: 0,
                 };
                 let fh = self.add_handle(Handle::Infer(Mutex::new(stream)));
-                return Ok(Opened { fh, direct_io: true, keep_cache: false, stream: true });
+                return Ok(Opened { fh, direct_io: true, keep_cache: false, stream: true, no_flush });
             }
             Node::Clone { model, number } => {
                 let job = self.engine.create_job(caller.uid, caller.gid, model, *number)?;
@@ -1133,7 +1171,7 @@ use, EAGAIN when a model's queue is full, ETIMEDOUT, ECANCELED.
             _ => return Err(Error::IsDir(self.describe(&node))),
         };
         let fh = self.add_handle(handle);
-        Ok(Opened { fh, direct_io, keep_cache, stream: false })
+        Ok(Opened { fh, direct_io, keep_cache, stream: false, no_flush: !writing })
     }
 
     /// Reads from an open file and calls `done` with the bytes. Most reads
@@ -1204,8 +1242,7 @@ use, EAGAIN when a model's queue is full, ETIMEDOUT, ECANCELED.
                 self.send_request(st, true)?;
                 sent = true;
             } else {
-                let key = st.sid.map(|sid| (st.model.clone(), st.number, sid, st.caller.uid));
-                let job = key.and_then(|k| self.sessions.lock().unwrap().get(&k).and_then(Weak::upgrade));
+                let job = st.sid.and_then(|sid| self.session_last((st.model.clone(), st.number, sid, st.caller.uid)));
                 st.job =
                     Some(job.ok_or_else(|| Error::NoRequest(format!("models/{}/v{}/infer", st.model, st.number)))?);
             }
@@ -1222,17 +1259,56 @@ use, EAGAIN when a model's queue is full, ETIMEDOUT, ECANCELED.
         let input = std::mem::take(&mut st.input);
         let result =
             if for_reader { self.engine.submit_for_reader(&job, input) } else { self.engine.submit(&job, input) };
-        self.remember(st, job);
+        self.remember(st, Some(job));
         result
     }
 
-    /// Makes `job` the handle's request and its session's last.
-    fn remember(&self, st: &mut InferStream, job: Arc<Job>) {
-        if let Some(sid) = st.sid {
-            let key = (st.model.clone(), st.number, sid, st.caller.uid);
-            self.sessions.lock().unwrap().insert(key, Arc::downgrade(&job));
+    /// The last request of a session, once those of its handles closed
+    /// unread are sent (see [`Session`]).
+    fn session_last(&self, key: SessionKey) -> Option<Arc<Job>> {
+        let mut sessions = self.sessions.lock().unwrap();
+        let deadline = Instant::now() + UNSENT_WAIT;
+        loop {
+            let session = sessions.get_mut(&key)?;
+            let now = Instant::now();
+            if session.unsent == 0 || now >= deadline {
+                return session.last.upgrade();
+            }
+            session.waiting += 1;
+            sessions = self.sent.wait_timeout(sessions, deadline - now).unwrap().0;
+            sessions.get_mut(&key).expect("an entry with waiters stays").waiting -= 1;
         }
-        st.job = Some(job);
+    }
+
+    /// Counts the handle in its session's `unsent` as its input starts.
+    fn hold_unsent(&self, st: &mut InferStream) {
+        if let (Some(sid), true, false) = (st.sid, st.no_flush, st.unsent) {
+            let key = (st.model.clone(), st.number, sid, st.caller.uid);
+            self.sessions.lock().unwrap().entry(key).or_default().unsent += 1;
+            st.unsent = true;
+        }
+    }
+
+    /// Makes `job` (if any: `None` when the input was dropped unsent) the
+    /// handle's request and its session's last, and uncounts the handle.
+    fn remember(&self, st: &mut InferStream, job: Option<Arc<Job>>) {
+        if let Some(sid) = st.sid.filter(|_| job.is_some() || st.unsent) {
+            let key = (st.model.clone(), st.number, sid, st.caller.uid);
+            let mut sessions = self.sessions.lock().unwrap();
+            let session = sessions.entry(key).or_default();
+            if let Some(job) = &job {
+                session.last = Arc::downgrade(job);
+            }
+            if std::mem::take(&mut st.unsent) {
+                session.unsent -= 1;
+                if session.waiting > 0 {
+                    self.sent.notify_all();
+                }
+            }
+        }
+        if job.is_some() {
+            st.job = job;
+        }
     }
 
     pub fn write(&self, fh: u64, offset: u64, data: &[u8]) -> Result<u32> {
@@ -1258,10 +1334,11 @@ use, EAGAIN when a model's queue is full, ETIMEDOUT, ECANCELED.
                     let e = Error::TooBig { limit };
                     let job = self.engine.create_job(st.caller.uid, st.caller.gid, &st.model, st.number)?;
                     self.engine.fail(&job, &e);
-                    self.remember(&mut st, job);
+                    self.remember(&mut st, Some(job));
                     return Err(e);
                 }
                 if st.input.is_empty() {
+                    self.hold_unsent(&mut st);
                     // Grown once, not doubled: a 64 MB tensor otherwise
                     // copies itself and faults in fresh pages six times.
                     // Only a hint: a header may lie, so no more than the
@@ -1386,7 +1463,12 @@ use, EAGAIN when a model's queue is full, ETIMEDOUT, ECANCELED.
                 return Ok(());
             }
         }
-        self.finish_writes(&handle)
+        let result = self.finish_writes(&handle);
+        if let Handle::Infer(stream) = &*handle {
+            // Sent or not, its input is gone: readers stop waiting for it.
+            self.remember(&mut stream.lock().unwrap(), None);
+        }
+        result
     }
 
     fn open_blob(&self, digest: &Digest) -> Result<File> {
@@ -1419,7 +1501,7 @@ use, EAGAIN when a model's queue is full, ETIMEDOUT, ECANCELED.
         }
         let fh = self.start_upload(model, file_name, mode, caller)?;
         let attr = self.attr(&Node::Upload(fh))?;
-        Ok((attr, Opened { fh, direct_io: false, keep_cache: false, stream: false }))
+        Ok((attr, Opened { fh, direct_io: false, keep_cache: false, stream: false, no_flush: false }))
     }
 
     /// A new upload of `file_name` into a model; returns its handle.

@@ -97,6 +97,9 @@ fn fopen_flags(o: &Opened) -> FopenFlags {
     if o.stream {
         flags |= FopenFlags::FOPEN_STREAM | FopenFlags::FOPEN_NONSEEKABLE;
     }
+    if o.no_flush {
+        flags |= FopenFlags::FOPEN_NOFLUSH;
+    }
     flags
 }
 

@@ -299,3 +299,80 @@ fn a_waiting_reader_runs_its_cpu_job_on_its_own_thread() {
     assert!(reply.unwrap().starts_with(b"[["));
     t.fs.release(o.fh).unwrap();
 }
+
+#[test]
+fn only_handles_that_may_hold_unsent_writes_get_a_flush() {
+    let t = tree();
+    t.mkdir(b"m").unwrap();
+    t.copy_in("m", "mlp.onnx", &fixture("mlp.onnx")).unwrap();
+    let cases = [
+        ("models/m/v1/infer", libc::O_WRONLY, false),
+        ("models/m/v1/infer", libc::O_RDWR, true),
+        ("models/m/v1/infer", libc::O_RDONLY, true),
+        ("models/m/config.json", libc::O_WRONLY | libc::O_TRUNC, false),
+        ("models/m/v1/meta.json", libc::O_RDONLY, true),
+        ("status", libc::O_RDONLY, true),
+    ];
+    for (path, flags, no_flush) in cases {
+        let o = t.fs.open(t.ino(path), flags, ME).unwrap();
+        assert_eq!(o.no_flush, no_flush, "{path} opened with {flags:#o}");
+        t.fs.release(o.fh).unwrap();
+    }
+}
+
+/// A read-write `infer` handle gets no `flush`: closed unread, its request
+/// is sent by the release, which the kernel queues without waiting for it.
+/// The session's next reader, arriving first, waits for it.
+#[test]
+fn a_request_closed_unread_is_what_its_session_reads_next() {
+    let t = tree();
+    t.mkdir(b"m").unwrap();
+    t.copy_in("m", "mlp.onnx", &fixture("mlp.onnx")).unwrap();
+    let infer = t.ino("models/m/v1/infer");
+    let body = |x: f32| format!("[[{}]]", vec![x.to_string(); 16].join(","));
+    let one_handle = |x: f32| {
+        let o = t.fs.open(infer, libc::O_RDWR, ME).unwrap();
+        t.fs.write(o.fh, 0, body(x).as_bytes()).unwrap();
+        let out = t.read(o.fh, 0, 4096).unwrap();
+        t.fs.release(o.fh).unwrap();
+        out
+    };
+    let (earlier, later) = (one_handle(0.25), one_handle(0.75));
+    assert_ne!(earlier, later);
+
+    // The session's last request is the 0.25 one; then a handle writes 0.75
+    // and its release comes after the next reader's read started.
+    one_handle(0.25);
+    let w = t.fs.open(infer, libc::O_RDWR, ME).unwrap();
+    t.fs.write(w.fh, 0, body(0.75).as_bytes()).unwrap();
+    let r = t.fs.open(infer, libc::O_RDONLY, ME).unwrap();
+    let read = std::thread::scope(|s| {
+        let reader = s.spawn(|| t.read(r.fh, 0, 4096));
+        std::thread::sleep(std::time::Duration::from_millis(100));
+        t.fs.release(w.fh).unwrap();
+        reader.join().unwrap()
+    });
+    assert_eq!(read.unwrap(), later, "the reader saw the request before the one released");
+    t.fs.release(r.fh).unwrap();
+
+    // A handle that keeps its input and stays open is not waited for long:
+    // the read goes on with the session's last request.
+    let w = t.fs.open(infer, libc::O_RDWR, ME).unwrap();
+    t.fs.write(w.fh, 0, body(0.25).as_bytes()).unwrap();
+    let r = t.fs.open(infer, libc::O_RDONLY, ME).unwrap();
+    assert_eq!(t.read(r.fh, 0, 4096).unwrap(), later);
+    t.fs.release(r.fh).unwrap();
+    // Its own read sends it, and from then on the session reads it.
+    assert_eq!(t.read(w.fh, 0, 4096).unwrap(), earlier);
+    t.fs.release(w.fh).unwrap();
+    assert_eq!(t.read_all("models/m/v1/infer"), earlier);
+
+    // A write-only handle still gets its flush, which sends (and reports).
+    let w = t.fs.open(infer, libc::O_WRONLY, ME).unwrap();
+    t.fs.write(w.fh, 0, b"[[1, 2").unwrap();
+    assert_eq!(t.fs.flush(w.fh).unwrap_err().errno(), libc::EINVAL);
+    t.fs.release(w.fh).unwrap();
+    let r = t.fs.open(infer, libc::O_RDONLY, ME).unwrap();
+    assert_eq!(t.read(r.fh, 0, 4096).unwrap_err().errno(), libc::EINVAL);
+    t.fs.release(r.fh).unwrap();
+}

@@ -214,6 +214,27 @@ fn bad_requests_fail_with_their_errno_and_one_line_reason() {
     assert!(m.log_text().contains("rejected"), "reasons are logged");
 }
 
+/// The kernel sends no `flush` for a read-write `infer` handle: one closed
+/// without a read sends its request at the release, which `close()` does
+/// not wait for. The session's next read still gets that request.
+#[test]
+fn a_read_write_handle_closed_unread_still_sends() {
+    let m = Mount::start();
+    let infer = import(&m, "id", &model_fixture("identity_int32.onnx")).join("infer");
+    for i in 0..200 {
+        let mut f = OpenOptions::new().read(true).write(true).open(&infer).unwrap();
+        f.write_all(format!("[[{i}, 1]]").as_bytes()).unwrap();
+        close(f).unwrap();
+        assert_eq!(std::fs::read(&infer).unwrap(), format!("[[{i},1]]\n").into_bytes(), "request {i}");
+    }
+    // A bad request closed so: no close() reports it; the read gives its errno.
+    let mut f = OpenOptions::new().read(true).write(true).open(&infer).unwrap();
+    f.write_all(b"[[1, 2").unwrap();
+    close(f).unwrap();
+    assert_eq!(errno(std::fs::read(&infer)), libc::EINVAL);
+    assert!(job_file(&m, newest_job(&m), "error").starts_with("malformed JSON"));
+}
+
 #[test]
 fn waiting_readers_hold_no_fuse_thread() {
     const READERS: usize = 100;
