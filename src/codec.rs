@@ -22,7 +22,6 @@ use std::io::Cursor;
 compile_error!("aifs's .npy codec assumes a little-endian machine");
 
 use half::f16;
-use npyz::WriterBuilder;
 use serde_json::{Map, Value};
 
 use crate::error::{Error, Result};
@@ -330,8 +329,11 @@ fn numpy_header(bytes: &[u8]) -> Option<Layout> {
     }
     // "()" is a scalar, "(3,)" one dimension, "(1, 16)" two.
     let dims = dims.strip_suffix(',').unwrap_or(dims);
-    let shape =
-        if dims.is_empty() { Vec::new() } else { dims.split(", ").map(|d| d.parse().ok()).collect::<Option<_>>()? };
+    let shape = if dims.is_empty() {
+        Vec::new()
+    } else {
+        dims.split(',').map(|d| d.trim_start().parse().ok()).collect::<Option<_>>()?
+    };
     let (order, kind, size) = (descr.as_bytes().first()?, descr.as_bytes().get(1)?, descr.get(2..)?.parse().ok()?);
     matches!((order, size), (b'<', _) | (b'|', 1)).then_some(Layout { kind: *kind, size, shape, start })
 }
@@ -483,36 +485,49 @@ fn npz_tensors(bytes: &[u8], budget: &mut u64) -> Result<Vec<Tensor>> {
 
 /// A tensor as .npy: npyz writes the header, the data follows in bulk as
 /// little-endian bytes (what npyz's default dtypes say).
+/// Writes a tensor as .npy with the header NumPy's `np.save` writes
+/// (`{'descr': '<f4', 'fortran_order': False, 'shape': (1, 16), }`,
+/// padded with spaces so the data starts at a multiple of 64): the mirror
+/// of [`numpy_header`], as cheap, since every .npy response carries one.
 fn write_npy(t: &Tensor, out: &mut impl std::io::Write) -> std::io::Result<()> {
-    let shape: Vec<u64> = t.shape.iter().map(|&d| d as u64).collect();
-    macro_rules! le {
-        ($v:expr, $t:ty) => {{
-            let w =
-                npyz::WriteOptions::<$t>::new().default_dtype().shape(&shape).writer(&mut *out).write_header_only()?;
-            w.write_all(bytemuck::cast_slice::<$t, u8>($v))
-        }};
-    }
-    match &t.data {
+    use bytemuck::cast_slice as bytes;
+    let bools: Vec<u8>;
+    let (descr, data): (&str, &[u8]) = match &t.data {
         Data::Bool(v) => {
-            let w = npyz::WriteOptions::<bool>::new()
-                .default_dtype()
-                .shape(&shape)
-                .writer(&mut *out)
-                .write_header_only()?;
-            w.write_all(&v.iter().map(|&b| b as u8).collect::<Vec<u8>>())
+            bools = v.iter().map(|&b| b as u8).collect();
+            ("|b1", &bools)
         }
-        Data::Uint8(v) => le!(v, u8),
-        Data::Int8(v) => le!(v, i8),
-        Data::Uint16(v) => le!(v, u16),
-        Data::Int16(v) => le!(v, i16),
-        Data::Uint32(v) => le!(v, u32),
-        Data::Int32(v) => le!(v, i32),
-        Data::Uint64(v) => le!(v, u64),
-        Data::Int64(v) => le!(v, i64),
-        Data::Float16(v) => le!(v, f16),
-        Data::Float32(v) => le!(v, f32),
-        Data::Float64(v) => le!(v, f64),
+        Data::Uint8(v) => ("|u1", v),
+        Data::Int8(v) => ("|i1", bytes(v)),
+        Data::Uint16(v) => ("<u2", bytes(v)),
+        Data::Int16(v) => ("<i2", bytes(v)),
+        Data::Uint32(v) => ("<u4", bytes(v)),
+        Data::Int32(v) => ("<i4", bytes(v)),
+        Data::Uint64(v) => ("<u8", bytes(v)),
+        Data::Int64(v) => ("<i8", bytes(v)),
+        Data::Float16(v) => ("<f2", bytes(v)),
+        Data::Float32(v) => ("<f4", bytes(v)),
+        Data::Float64(v) => ("<f8", bytes(v)),
+    };
+    let dims: Vec<String> = t.shape.iter().map(usize::to_string).collect();
+    let shape = if dims.len() == 1 { format!("({},)", dims[0]) } else { format!("({})", dims.join(", ")) };
+    let mut header = format!("{{'descr': '{descr}', 'fortran_order': False, 'shape': {shape}, }}");
+    // Format 1.0 counts the header in 16 bits; 2.0 in 32, for huge ranks.
+    let padded_in = |prefix: usize| (prefix + header.len() + 1).next_multiple_of(64) - prefix;
+    let v1 = padded_in(10) <= 0xffff;
+    let padded = padded_in(if v1 { 10 } else { 12 });
+    header.extend(std::iter::repeat_n(' ', padded - header.len() - 1));
+    header.push('\n');
+    out.write_all(b"\x93NUMPY")?;
+    if v1 {
+        out.write_all(&[1, 0])?;
+        out.write_all(&(header.len() as u16).to_le_bytes())?;
+    } else {
+        out.write_all(&[2, 0])?;
+        out.write_all(&(header.len() as u32).to_le_bytes())?;
     }
+    out.write_all(header.as_bytes())?;
+    out.write_all(data)
 }
 
 // ---- responses ----------------------------------------------------------------
@@ -646,6 +661,29 @@ mod tests {
         assert_eq!(err(wrong, &s), "input \"x\": shape [2] needs 2 elements, got 3");
         let unknown = br#"{"inputs": [{"name": "x", "shape": [1], "datatype": "BYTES", "data": ["a"]}]}"#;
         assert_eq!(err(unknown, &s), "input \"x\": unsupported KServe datatype \"BYTES\"");
+    }
+
+    /// Headers as NumPy 2's `np.save` wrote them (the test's literals).
+    #[test]
+    fn npy_headers_are_numpys_own() {
+        let cases = [
+            (Tensor::new("y", vec![1, 16], Data::Float32(vec![0.5; 16])), "'<f4'", "(1, 16)"),
+            (Tensor::new("y", vec![], Data::Int64(vec![7])), "'<i8'", "()"),
+            (Tensor::new("y", vec![3], Data::Bool(vec![true, false, true])), "'|b1'", "(3,)"),
+            (Tensor::new("y", vec![2, 0, 3], Data::Float16(vec![])), "'<f2'", "(2, 0, 3)"),
+        ];
+        for (t, descr, shape) in cases {
+            let t = t.unwrap();
+            let mut bytes = Vec::new();
+            write_npy(&t, &mut bytes).unwrap();
+            let dict = format!("{{'descr': {descr}, 'fortran_order': False, 'shape': {shape}, }}");
+            let header = format!("\u{93}NUMPY\u{1}\0v\0{dict:<117}\n");
+            let header: Vec<u8> = header.chars().map(|c| c as u8).collect(); // one byte each
+            assert_eq!(&bytes[..128], &header[..], "{shape}");
+            let layout = numpy_header(&bytes).expect("read back on the fast path");
+            assert_eq!((layout.shape, layout.start), (t.shape.clone(), 128));
+            assert_eq!(bytes.len(), 128 + t.data.byte_len());
+        }
     }
 
     #[test]

@@ -598,7 +598,7 @@ impl Engine {
                     batch_size: None,
                 },
                 request: None,
-                version: Some(Arc::new(v.clone())),
+                version: Some(v.clone()),
                 config: m.config.clone(),
                 queued_at: None,
                 waiters: Vec::new(),
@@ -1381,7 +1381,7 @@ impl Shared {
                 .store
                 .model(&rec.model)
                 .ok()
-                .and_then(|m| m.versions.get(&rec.version).map(|v| (Arc::new(v.clone()), m.config.clone())));
+                .and_then(|m| m.versions.get(&rec.version).map(|v| (v.clone(), m.config.clone())));
             let output = outputs.remove(&rec.id);
             let input = inputs.remove(&rec.id);
             let job = rec.to_job(version.clone(), input.clone(), output);

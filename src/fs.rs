@@ -472,7 +472,7 @@ impl Fs {
 
     // ---- resolving names ------------------------------------------------
 
-    fn version(&self, model: &str, number: u32) -> Result<(Arc<Model>, Version)> {
+    fn version(&self, model: &str, number: u32) -> Result<(Arc<Model>, Arc<Version>)> {
         let m = self.store.model(model)?;
         let v = m.versions.get(&number).cloned().ok_or_else(|| Error::NotFound(format!("models/{model}/v{number}")))?;
         Ok((m, v))

@@ -57,7 +57,16 @@ impl Digest {
     }
 
     pub fn hex(&self) -> String {
-        hex::encode(self.0)
+        self.with_text(|t| t[7..].to_string())
+    }
+
+    /// Calls `f` with `sha256:<hex>`, made without allocating: every job
+    /// record names a digest.
+    fn with_text<R>(&self, f: impl FnOnce(&str) -> R) -> R {
+        let mut buf = [0u8; 71];
+        buf[..7].copy_from_slice(b"sha256:");
+        hex::encode_to_slice(self.0, &mut buf[7..]).expect("64 hex digits fill the rest");
+        f(std::str::from_utf8(&buf).expect("ASCII"))
     }
 
     /// The blob's file name: `sha256-<hex>`.
@@ -88,7 +97,7 @@ impl FromStr for Digest {
 
 impl fmt::Display for Digest {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "sha256:{}", self.hex())
+        self.with_text(|t| f.write_str(t))
     }
 }
 
@@ -100,7 +109,7 @@ impl fmt::Debug for Digest {
 
 impl Serialize for Digest {
     fn serialize<S: serde::Serializer>(&self, s: S) -> std::result::Result<S::Ok, S::Error> {
-        s.collect_str(self)
+        self.with_text(|t| s.serialize_str(t))
     }
 }
 
@@ -278,7 +287,7 @@ pub struct Model {
     pub created: u64,
     /// Version numbers are never reused, even after a delete.
     pub next_version: u32,
-    pub versions: BTreeMap<u32, Version>,
+    pub versions: BTreeMap<u32, Arc<Version>>,
     /// User aliases (never `latest`, which is derived).
     pub aliases: BTreeMap<String, u32>,
     #[serde(default)]
@@ -550,7 +559,7 @@ impl Store {
         record.next_version += 1;
         record.versions.insert(
             number,
-            Version {
+            Arc::new(Version {
                 number,
                 digest: Digest::of(Version::manifest(&files).as_bytes()),
                 files,
@@ -559,7 +568,7 @@ impl Store {
                 format: inspected.format,
                 backend: inspected.backend,
                 signature: inspected.signature,
-            },
+            }),
         );
         if let Err(e) = self.put(record) {
             if added {
