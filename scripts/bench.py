@@ -114,12 +114,12 @@ def rss_kb(pid):
 
 
 class Daemon:
-    def __init__(self, work, *args):
+    def __init__(self, work, *args, binary=DAEMON):
         self.mnt = os.path.join(work, "mnt")
         os.makedirs(self.mnt, exist_ok=True)
         self.log = open(os.path.join(work, "daemon.log"), "w")
         self.proc = subprocess.Popen(
-            [DAEMON, self.mnt, "--data-dir", os.path.join(work, "data"), "--foreground", *args],
+            [binary, self.mnt, "--data-dir", os.path.join(work, "data"), "--foreground", *args],
             stderr=self.log,
             env={**os.environ, "RUST_LOG": "warn"},
         )

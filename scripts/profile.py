@@ -7,6 +7,10 @@ the trivial FUSE floor) like scripts/bench.py, then:
     .venv/bin/python scripts/profile.py large [N]     64 MB .npy round trips, per phase
     .venv/bin/python scripts/profile.py loop SECONDS  MLP round trips, pinned, for
                                                       `perf record -a -C 0 -g -- sleep 3`
+    .venv/bin/python scripts/profile.py ab BIN...     pinned MLP p50 of several daemon builds
+                                                      (and echofs), in interleaved rounds; keep
+                                                      each copy in target/release/ so it finds
+                                                      ONNX Runtime; name one twice to see noise
 
 Build first: cargo build --release --workspace --bins --examples.
 """
@@ -22,7 +26,7 @@ import time
 import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from bench import ECHOFS, FIXTURES, Daemon, cleanup, npy, one_handle, pctl, pin, wait_mounted  # noqa: E402
+from bench import ECHOFS, FIXTURES, Daemon, cleanup, npy, one_handle, pctl, pin, timed_rounds, wait_mounted  # noqa: E402
 
 
 def cpu_seconds(pid):
@@ -46,10 +50,38 @@ def per_request(call, n, pid):
     return pctl(samples)[0], (u1 - u0) * 1e6 / n, (s1 - s0) * 1e6 / n
 
 
+def compare_builds(work, binaries, n=8000):
+    """p50 of the same pinned MLP round trip through each build."""
+    os.sched_setaffinity(0, {0})
+    body = npy(np.random.default_rng(0).standard_normal((1, 16)).astype(np.float32))
+    echo_mnt = os.path.join(work, "echo")
+    os.makedirs(echo_mnt)
+    echo = subprocess.Popen([ECHOFS, echo_mnt], stderr=subprocess.DEVNULL)
+    wait_mounted(echo_mnt, echo, "echofs")
+    pin(echo.pid, "0")
+    calls = {"echofs": lambda: one_handle(os.path.join(echo_mnt, "echo"), body)}
+    for i, binary in enumerate(binaries):
+        d = Daemon(os.path.join(work, f"d{i}"), binary=os.path.abspath(binary))
+        pin(d.proc.pid, "0")
+        infer = os.path.join(d.add_model("mlp", os.path.join(FIXTURES, "mlp.onnx"), {"max_batch": 1}), "infer")
+        calls[f"{i}: {binary}"] = lambda infer=infer: one_handle(infer, body)
+    results = timed_rounds(calls, n, rounds=20)
+    floor = results["echofs"][0]
+    for name, (p50, p99) in results.items():
+        print(f"{name:<40} p50 {p50:6.1f} us  p99 {p99:6.1f} us  {p50 / floor:.2f}x")
+
+
 def main():
     what = sys.argv[1] if len(sys.argv) > 1 else "latency"
-    arg = float(sys.argv[2]) if len(sys.argv) > 2 else None
     work = tempfile.mkdtemp(prefix="aifs-profile-")
+    if what == "ab":
+        try:
+            compare_builds(work, sys.argv[2:])
+        finally:
+            cleanup()
+            shutil.rmtree(work, ignore_errors=True)
+        return
+    arg = float(sys.argv[2]) if len(sys.argv) > 2 else None
     try:
         d = Daemon(work)
         if what == "large":
