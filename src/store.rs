@@ -11,8 +11,8 @@
 //!
 //! Promises:
 //!
-//! - **Atomic versions.** An import streams into a temp file while hashing,
-//!   is validated by the caller's inspector, fsynced, renamed to its digest
+//! - **Atomic versions.** An import streams into a temp file, is hashed,
+//!   validated by the caller's inspector and fsynced, renamed to its digest
 //!   name, and only then is the model record (with the new version) written
 //!   to sled and flushed. A model's versions and aliases live in its one
 //!   record, so a crash leaves either the old record or the new one: never a
@@ -31,7 +31,7 @@
 use std::collections::{BTreeMap, BTreeSet};
 use std::fmt;
 use std::fs::{self, File, OpenOptions};
-use std::io::{ErrorKind, Read, Seek, SeekFrom};
+use std::io::ErrorKind;
 use std::os::fd::AsRawFd;
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
@@ -516,7 +516,7 @@ impl Store {
             .create_new(true)
             .open(&path)
             .map_err(|e| Error::io(path.display().to_string(), e))?;
-        Ok(Upload { file, path: Some(path), hasher: Sha256::new(), len: 0, hashed_in_order: true })
+        Ok(Upload { file, path: Some(path), len: 0 })
     }
 
     /// Commits an upload as the next version of `model`, file name
@@ -532,15 +532,18 @@ impl Store {
     ) -> Result<Imported> {
         validate_name(file_name.as_bytes())?;
         self.model(model)?;
-        let finished = upload.finish()?;
-        // The backend's load and the fsync each take a good part of a
-        // large import; they overlap (both must succeed before the commit).
-        let (synced, inspected) = std::thread::scope(|scope| {
-            let sync = scope.spawn(|| finished.upload.sync());
-            let inspected = inspect(finished.path());
-            (sync.join().unwrap_or_else(|_| Err(Error::Runtime("syncing upload panicked".into()))), inspected)
+        // The fsync, the sha256 and the backend's load each take a good
+        // part of a large import; they overlap (all must succeed before the
+        // commit). Hashing here rather than as the bytes arrive keeps it
+        // off the writes' path: the file is still in the page cache.
+        let (synced, digest, inspected) = std::thread::scope(|scope| {
+            let sync = scope.spawn(|| upload.sync());
+            let hash = scope.spawn(|| upload.digest());
+            let inspected = inspect(upload.path.as_deref().expect("a live upload has a path"));
+            (joined(sync.join(), "syncing"), joined(hash.join(), "hashing"), inspected)
         });
         synced?;
+        let finished = Finished { digest: digest?, len: upload.len, upload };
         let inspected = inspected?;
 
         let _w = self.writer.lock().unwrap();
@@ -697,9 +700,7 @@ const WRITEBACK_CHUNK: u64 = 8 << 20;
 pub struct Upload {
     file: File,
     path: Option<PathBuf>,
-    hasher: Sha256,
     len: u64,
-    hashed_in_order: bool,
 }
 
 impl Upload {
@@ -724,11 +725,6 @@ impl Upload {
                 libc::sync_file_range(self.file.as_raw_fd(), start as i64, chunk as i64, libc::SYNC_FILE_RANGE_WRITE)
             };
         }
-        if self.hashed_in_order && offset == self.len {
-            self.hasher.update(data);
-        } else {
-            self.hashed_in_order = false;
-        }
         self.len = self.len.max(offset + data.len() as u64);
         Ok(())
     }
@@ -737,7 +733,6 @@ impl Upload {
         if len != self.len {
             self.file.set_len(len).map_err(|e| Error::io("truncating upload", e))?;
             self.len = len;
-            self.hashed_in_order = false;
         }
         Ok(())
     }
@@ -746,26 +741,26 @@ impl Upload {
         self.file.sync_all().map_err(|e| Error::io("syncing upload", e))
     }
 
-    /// Fixes the content: digest computed (the caller syncs).
-    fn finish(mut self) -> Result<Finished> {
-        let digest = if self.hashed_in_order {
-            Digest(std::mem::take(&mut self.hasher).finalize().into())
-        } else {
-            let mut hasher = Sha256::new();
-            let mut buf = vec![0u8; 1 << 20];
-            let mut f = &self.file;
-            f.seek(SeekFrom::Start(0)).map_err(|e| Error::io("hashing upload", e))?;
-            loop {
-                let n = f.read(&mut buf).map_err(|e| Error::io("hashing upload", e))?;
-                if n == 0 {
-                    break;
-                }
-                hasher.update(&buf[..n]);
+    /// The sha256 of the bytes written, read back from the file.
+    fn digest(&self) -> Result<Digest> {
+        let mut hasher = Sha256::new();
+        let mut buf = vec![0u8; 1 << 20];
+        let mut at = 0;
+        while at < self.len {
+            let n = self.file.read_at(&mut buf, at).map_err(|e| Error::io("hashing upload", e))?;
+            if n == 0 {
+                return Err(Error::io("hashing upload", std::io::ErrorKind::UnexpectedEof.into()));
             }
-            Digest(hasher.finalize().into())
-        };
-        Ok(Finished { digest, len: self.len, upload: self })
+            hasher.update(&buf[..n]);
+            at += n as u64;
+        }
+        Ok(Digest(hasher.finalize().into()))
     }
+}
+
+/// A scoped thread's result; its panic as an error.
+fn joined<T>(r: std::thread::Result<Result<T>>, what: &str) -> Result<T> {
+    r.unwrap_or_else(|_| Err(Error::Runtime(format!("{what} the upload panicked"))))
 }
 
 impl Drop for Upload {
@@ -786,10 +781,6 @@ struct Finished {
 }
 
 impl Finished {
-    fn path(&self) -> &Path {
-        self.upload.path.as_deref().expect("a live upload has a path")
-    }
-
     /// Moves the temp file to `dest`, replacing a blob already there: the
     /// same name means the same bytes, so this also repairs a blob damaged
     /// on disk. Returns whether a new blob was added.
