@@ -26,10 +26,10 @@
 //! files and blobs are read straight from the blob file. Only a handle
 //! that may hold writes for its `close()` gets a `flush` from the kernel
 //! ([`Opened::no_flush`]); `infer` opened for reading too sends by its
-//! read, or by its release when closed unread (see [`Session`]).
+//! read, by its session's next reader, or by its release (see [`Session`]).
 //!
 //! **Imports.** `create` in `models/<name>/` starts an [`Upload`]: a temp
-//! file in the store being hashed as it is written. The first `flush` (the
+//! file in the store. The first `flush` (the
 //! `close()` a process sees) after data was written commits it as the next
 //! version, or fails the `close()` with the reason (EINVAL for a model no
 //! backend loads), leaving nothing behind. A `flush` with no data yet
@@ -51,7 +51,7 @@ use std::fs::File;
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Condvar, Mutex, Weak};
+use std::sync::{Arc, Mutex, Weak};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use crate::backend::Backends;
@@ -272,10 +272,10 @@ struct InferStream {
     /// when the caller's pid is not visible to the daemon.
     sid: Option<u32>,
     /// Opened for reading too: the kernel sends no `flush`, so a request
-    /// left unread is sent at release, after the writer's `close()`.
+    /// left unread is sent by the session's next reader or at release.
     no_flush: bool,
-    /// Counted in its session's `unsent` (see [`Session`]).
-    unsent: bool,
+    /// When the input being written began (see [`Session`]); 0 for none.
+    stamp: u64,
     input: Vec<u8>,
     /// The request sent from this handle (or, for a handle that wrote
     /// nothing, the session's last one), once there is one.
@@ -330,24 +330,21 @@ fn example_request(sig: &crate::tensor::Signature) -> Option<String> {
 type SessionKey = (String, u32, u32, u32);
 
 /// A session's requests to one version, for the write-then-read way.
+///
+/// Inputs are stamped in the order their writing began, and the session's
+/// last request is the sent one with the latest stamp: a request sent late
+/// (by a release the kernel queued without waiting) does not displace a
+/// later one. A `no_flush` handle's input is sent by its read, else by its
+/// release, which may come after the next reader's read; so that reader
+/// first sends what the session's handles hold unsent (as their `close()`
+/// would have, had it had a `flush`), then reads the last request.
 #[derive(Default)]
 struct Session {
-    /// Its last request: what a handle that wrote nothing reads.
     last: Weak<Job>,
-    /// Its `no_flush` handles holding written, unsent input. Such a
-    /// handle closed unread sends at its release, which the kernel queues
-    /// without waiting; a reader of the session waits for it (at most
-    /// [`UNSENT_WAIT`]) rather than read the request before.
-    unsent: usize,
-    /// Readers waiting so.
-    waiting: usize,
+    last_stamp: u64,
+    /// `no_flush` handles holding written, unsent input, with its stamp.
+    unsent: Vec<(u64, Weak<Handle>)>,
 }
-
-/// How long a reader waits for its session's unsent requests: a release
-/// in flight takes microseconds. Longer means the input is held by an open
-/// handle (`exec 3<>infer; echo ... >&3; cat infer`): the read then goes on
-/// without it.
-const UNSENT_WAIT: Duration = Duration::from_millis(500);
 
 /// The largest `config.json` accepted.
 const CONFIG_MAX_BYTES: u64 = 1 << 20;
@@ -369,8 +366,8 @@ pub struct Fs {
     /// The requests of each (version, session, uid): what `cat infer`
     /// reads. Weak: a job retired from `jobs/` is gone here too.
     sessions: Mutex<HashMap<SessionKey, Session>>,
-    /// Signalled when a session's `unsent` falls, for its waiting readers.
-    sent: Condvar,
+    /// The next input's stamp (see [`Session`]).
+    stamps: AtomicU64,
     /// Files just imported: (model, name) -> (version, when).
     imported: Mutex<HashMap<(String, String), (u32, Instant)>>,
     inodes: Mutex<Inodes>,
@@ -406,7 +403,7 @@ impl Fs {
             store,
             backends,
             sessions: Mutex::new(HashMap::new()),
-            sent: Condvar::new(),
+            stamps: AtomicU64::new(1),
             imported: Mutex::new(HashMap::new()),
             inodes: Mutex::new(inodes),
             handles: Mutex::new(HashMap::new()),
@@ -1135,7 +1132,7 @@ use, EAGAIN when a model's queue is full, ETIMEDOUT, ECANCELED.
                     caller,
                     sid: (caller.pid != 0).then(|| session_of(caller.pid)),
                     no_flush,
-                    unsent: false,
+                    stamp: 0,
                     input: Vec::new(),
                     job: None,
                     read_pos: 0,
@@ -1242,7 +1239,8 @@ use, EAGAIN when a model's queue is full, ETIMEDOUT, ECANCELED.
                 self.send_request(st, true)?;
                 sent = true;
             } else {
-                let job = st.sid.and_then(|sid| self.session_last((st.model.clone(), st.number, sid, st.caller.uid)));
+                let key = st.sid.map(|sid| (st.model.clone(), st.number, sid, st.caller.uid));
+                let job = key.and_then(|key| self.session_last(key, st.stamp));
                 st.job =
                     Some(job.ok_or_else(|| Error::NoRequest(format!("models/{}/v{}/infer", st.model, st.number)))?);
             }
@@ -1263,47 +1261,53 @@ use, EAGAIN when a model's queue is full, ETIMEDOUT, ECANCELED.
         result
     }
 
-    /// The last request of a session, once those of its handles closed
-    /// unread are sent (see [`Session`]).
-    fn session_last(&self, key: SessionKey) -> Option<Arc<Job>> {
-        let mut sessions = self.sessions.lock().unwrap();
-        let deadline = Instant::now() + UNSENT_WAIT;
-        loop {
+    /// The last request of a session, after sending what its handles
+    /// hold unsent (see [`Session`]). `own` is the reader's stamp: its own
+    /// handle is never among those it sends.
+    fn session_last(&self, key: SessionKey, own: u64) -> Option<Arc<Job>> {
+        let unsent: Vec<Arc<Handle>> = {
+            let mut sessions = self.sessions.lock().unwrap();
             let session = sessions.get_mut(&key)?;
-            let now = Instant::now();
-            if session.unsent == 0 || now >= deadline {
-                return session.last.upgrade();
+            session.unsent.retain(|(_, h)| h.strong_count() > 0);
+            session.unsent.iter().filter(|(stamp, _)| *stamp != own).filter_map(|(_, h)| h.upgrade()).collect()
+        };
+        for handle in unsent {
+            let Handle::Infer(stream) = &*handle else { continue };
+            let mut st = stream.lock().unwrap();
+            if st.job.is_none() && !st.input.is_empty() {
+                if let Err(e) = self.send_request(&mut st, false) {
+                    tracing::info!(model = %key.0, version = key.1, "a held request was not sent: {e}");
+                }
             }
-            session.waiting += 1;
-            sessions = self.sent.wait_timeout(sessions, deadline - now).unwrap().0;
-            sessions.get_mut(&key).expect("an entry with waiters stays").waiting -= 1;
         }
+        self.sessions.lock().unwrap().get(&key)?.last.upgrade()
     }
 
-    /// Counts the handle in its session's `unsent` as its input starts.
-    fn hold_unsent(&self, st: &mut InferStream) {
-        if let (Some(sid), true, false) = (st.sid, st.no_flush, st.unsent) {
+    /// Stamps the input a handle begins to write; a `no_flush` handle's is
+    /// listed as unsent in its session.
+    fn begin_input(&self, st: &mut InferStream, handle: &Arc<Handle>) {
+        st.stamp = self.stamps.fetch_add(1, Ordering::Relaxed);
+        if let (Some(sid), true) = (st.sid, st.no_flush) {
             let key = (st.model.clone(), st.number, sid, st.caller.uid);
-            self.sessions.lock().unwrap().entry(key).or_default().unsent += 1;
-            st.unsent = true;
+            self.sessions.lock().unwrap().entry(key).or_default().unsent.push((st.stamp, Arc::downgrade(handle)));
         }
     }
 
     /// Makes `job` (if any: `None` when the input was dropped unsent) the
-    /// handle's request and its session's last, and uncounts the handle.
+    /// handle's request and, unless a later input was sent already, its
+    /// session's last; the input is no longer unsent.
     fn remember(&self, st: &mut InferStream, job: Option<Arc<Job>>) {
-        if let Some(sid) = st.sid.filter(|_| job.is_some() || st.unsent) {
+        let stamp = std::mem::take(&mut st.stamp);
+        if let Some(sid) = st.sid.filter(|_| job.is_some() || stamp != 0) {
             let key = (st.model.clone(), st.number, sid, st.caller.uid);
             let mut sessions = self.sessions.lock().unwrap();
             let session = sessions.entry(key).or_default();
-            if let Some(job) = &job {
+            if let Some(job) = job.as_ref().filter(|_| stamp >= session.last_stamp) {
                 session.last = Arc::downgrade(job);
+                session.last_stamp = stamp;
             }
-            if std::mem::take(&mut st.unsent) {
-                session.unsent -= 1;
-                if session.waiting > 0 {
-                    self.sent.notify_all();
-                }
+            if st.no_flush && stamp != 0 {
+                session.unsent.retain(|(s, _)| *s != stamp);
             }
         }
         if job.is_some() {
@@ -1313,7 +1317,8 @@ use, EAGAIN when a model's queue is full, ETIMEDOUT, ECANCELED.
 
     pub fn write(&self, fh: u64, offset: u64, data: &[u8]) -> Result<u32> {
         let limit = self.engine.config().max_input_bytes;
-        match &*self.handle(fh)? {
+        let handle = self.handle(fh)?;
+        match &*handle {
             Handle::Upload(_) => self.with_pending(fh, |p| match &mut p.upload {
                 Some(_) if offset + data.len() as u64 > p.limit => Err(no_space(&p.model, &p.file_name, p.limit)),
                 Some(u) => u.write_at(offset, data),
@@ -1329,16 +1334,19 @@ use, EAGAIN when a model's queue is full, ETIMEDOUT, ECANCELED.
                     st.job = None;
                     st.read_pos = 0;
                 }
+                if st.stamp == 0 {
+                    self.begin_input(&mut st, &handle);
+                }
                 if (st.input.len() + data.len()) as u64 > limit {
                     st.input = Vec::new();
                     let e = Error::TooBig { limit };
-                    let job = self.engine.create_job(st.caller.uid, st.caller.gid, &st.model, st.number)?;
+                    let job = self.engine.create_job(st.caller.uid, st.caller.gid, &st.model, st.number);
+                    let job = job.inspect_err(|_| self.remember(&mut st, None))?;
                     self.engine.fail(&job, &e);
                     self.remember(&mut st, Some(job));
                     return Err(e);
                 }
                 if st.input.is_empty() {
-                    self.hold_unsent(&mut st);
                     // Grown once, not doubled: a 64 MB tensor otherwise
                     // copies itself and faults in fresh pages six times.
                     // Only a hint: a header may lie, so no more than the

@@ -227,6 +227,10 @@ fn a_read_write_handle_closed_unread_still_sends() {
         close(f).unwrap();
         assert_eq!(std::fs::read(&infer).unwrap(), format!("[[{i},1]]\n").into_bytes(), "request {i}");
     }
+    // Written by one process to a descriptor the shell keeps open, read by
+    // another: the reader sends what the session holds.
+    let shell = "exec 3<>models/id/v1/infer; echo '[[5, 6]]' >&3; cat models/id/v1/infer; exec 3<&-";
+    assert_eq!(sh_ok(&m.mnt, shell), "[[5,6]]\n");
     // A bad request closed so: no close() reports it; the read gives its errno.
     let mut f = OpenOptions::new().read(true).write(true).open(&infer).unwrap();
     f.write_all(b"[[1, 2").unwrap();
