@@ -84,6 +84,12 @@ impl Tree {
         flushed
     }
 
+    /// `models/m/v1`: the MLP fixture.
+    fn add_mlp(&self) {
+        self.mkdir(b"m").unwrap();
+        self.copy_in("m", "mlp.onnx", &fixture("mlp.onnx")).unwrap();
+    }
+
     fn mkdir(&self, name: &[u8]) -> aifs::Result<()> {
         self.fs.mkdir(self.ino("models"), OsStr::from_bytes(name), 0o755, ME).map(|_| ())
     }
@@ -200,8 +206,7 @@ fn files_that_cannot_be_models_are_refused_at_create() {
 #[test]
 fn versions_are_read_only() {
     let t = tree();
-    t.mkdir(b"m").unwrap();
-    t.copy_in("m", "mlp.onnx", &fixture("mlp.onnx")).unwrap();
+    t.add_mlp();
     for path in ["models/m/v1/mlp.onnx", "models/m/v1/digest", "models/m/v1/meta.json"] {
         for flags in [libc::O_WRONLY, libc::O_RDWR, libc::O_RDONLY | libc::O_TRUNC] {
             assert_eq!(t.fs.open(t.ino(path), flags, ME).unwrap_err().errno(), libc::EROFS, "{path}");
@@ -286,8 +291,7 @@ fn chmod_and_chown_of_models_are_kept() {
 #[test]
 fn a_waiting_reader_runs_its_cpu_job_on_its_own_thread() {
     let t = tree_with(EngineConfig { workers: 2, inline_runs: 1, ..Default::default() });
-    t.mkdir(b"m").unwrap();
-    t.copy_in("m", "mlp.onnx", &fixture("mlp.onnx")).unwrap();
+    t.add_mlp();
     let o = t.fs.open(t.ino("models/m/v1/infer"), libc::O_RDWR, ME).unwrap();
     let body = format!("[[{}]]", vec!["0.5"; 16].join(","));
     t.fs.write(o.fh, 0, body.as_bytes()).unwrap();
@@ -303,8 +307,7 @@ fn a_waiting_reader_runs_its_cpu_job_on_its_own_thread() {
 #[test]
 fn only_handles_that_may_hold_unsent_writes_get_a_flush() {
     let t = tree();
-    t.mkdir(b"m").unwrap();
-    t.copy_in("m", "mlp.onnx", &fixture("mlp.onnx")).unwrap();
+    t.add_mlp();
     let cases = [
         ("models/m/v1/infer", libc::O_WRONLY, false),
         ("models/m/v1/infer", libc::O_RDWR, true),
@@ -327,8 +330,7 @@ fn only_handles_that_may_hold_unsent_writes_get_a_flush() {
 #[test]
 fn a_request_closed_unread_is_what_its_session_reads_next() {
     let t = tree();
-    t.mkdir(b"m").unwrap();
-    t.copy_in("m", "mlp.onnx", &fixture("mlp.onnx")).unwrap();
+    t.add_mlp();
     let infer = t.ino("models/m/v1/infer");
     let body = |x: f32| format!("[[{}]]", vec![x.to_string(); 16].join(","));
     let one_handle = |x: f32| {
