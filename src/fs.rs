@@ -1473,7 +1473,7 @@ use, EAGAIN when a model's queue is full, ETIMEDOUT, ECANCELED.
         }
         let result = self.finish_writes(&handle);
         if let Handle::Infer(stream) = &*handle {
-            // Sent or not, its input is gone: readers stop waiting for it.
+            // Sent or not, its input is no longer held for the session.
             self.remember(&mut stream.lock().unwrap(), None);
         }
         result
