@@ -483,8 +483,6 @@ fn npz_tensors(bytes: &[u8], budget: &mut u64) -> Result<Vec<Tensor>> {
         .collect()
 }
 
-/// A tensor as .npy: npyz writes the header, the data follows in bulk as
-/// little-endian bytes (what npyz's default dtypes say).
 /// Writes a tensor as .npy with the header NumPy's `np.save` writes
 /// (`{'descr': '<f4', 'fortran_order': False, 'shape': (1, 16), }`,
 /// padded with spaces so the data starts at a multiple of 64): the mirror

@@ -29,9 +29,8 @@
 //! read, by its session's next reader, or by its release (see [`Session`]).
 //!
 //! **Imports.** `create` in `models/<name>/` starts an [`Upload`]: a temp
-//! file in the store. The first `flush` (the
-//! `close()` a process sees) after data was written commits it as the next
-//! version, or fails the `close()` with the reason (EINVAL for a model no
+//! file in the store. The first `flush` (the `close()` a process sees)
+//! after data was written commits it as the next version, or fails the `close()` with the reason (EINVAL for a model no
 //! backend loads), leaving nothing behind. A `flush` with no data yet
 //! reports EINVAL ("empty file") but keeps the upload open, because shells
 //! close a duplicate of the descriptor before the program writes to it.
@@ -282,6 +281,12 @@ struct InferStream {
     job: Option<Arc<Job>>,
     /// Bytes of the response already read.
     read_pos: usize,
+}
+
+impl InferStream {
+    fn session_key(&self) -> Option<SessionKey> {
+        self.sid.map(|sid| (self.model.clone(), self.number, sid, self.caller.uid))
+    }
 }
 
 /// `jobs/<id>/input` opened for writing.
@@ -1239,8 +1244,7 @@ use, EAGAIN when a model's queue is full, ETIMEDOUT, ECANCELED.
                 self.send_request(st, true)?;
                 sent = true;
             } else {
-                let key = st.sid.map(|sid| (st.model.clone(), st.number, sid, st.caller.uid));
-                let job = key.and_then(|key| self.session_last(key, st.stamp));
+                let job = st.session_key().and_then(|key| self.session_last(key, st.stamp));
                 st.job =
                     Some(job.ok_or_else(|| Error::NoRequest(format!("models/{}/v{}/infer", st.model, st.number)))?);
             }
@@ -1287,8 +1291,7 @@ use, EAGAIN when a model's queue is full, ETIMEDOUT, ECANCELED.
     /// listed as unsent in its session.
     fn begin_input(&self, st: &mut InferStream, handle: &Arc<Handle>) {
         st.stamp = self.stamps.fetch_add(1, Ordering::Relaxed);
-        if let (Some(sid), true) = (st.sid, st.no_flush) {
-            let key = (st.model.clone(), st.number, sid, st.caller.uid);
+        if let Some(key) = st.session_key().filter(|_| st.no_flush) {
             self.sessions.lock().unwrap().entry(key).or_default().unsent.push((st.stamp, Arc::downgrade(handle)));
         }
     }
@@ -1298,8 +1301,7 @@ use, EAGAIN when a model's queue is full, ETIMEDOUT, ECANCELED.
     /// session's last; the input is no longer unsent.
     fn remember(&self, st: &mut InferStream, job: Option<Arc<Job>>) {
         let stamp = std::mem::take(&mut st.stamp);
-        if let Some(sid) = st.sid.filter(|_| job.is_some() || stamp != 0) {
-            let key = (st.model.clone(), st.number, sid, st.caller.uid);
+        if let Some(key) = st.session_key().filter(|_| job.is_some() || stamp != 0) {
             let mut sessions = self.sessions.lock().unwrap();
             let session = sessions.entry(key).or_default();
             if let Some(job) = job.as_ref().filter(|_| stamp >= session.last_stamp) {

@@ -400,3 +400,15 @@ pub fn clear_stale_mount(path: &Path) -> io::Result<bool> {
         Err(io::Error::other(format!("could not unmount stale mount {}", path.display())))
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn no_flush_reaches_the_kernel_as_fopen_noflush() {
+        let o = Opened { fh: 1, direct_io: true, keep_cache: false, stream: true, no_flush: true };
+        assert!(fopen_flags(&o).contains(FopenFlags::FOPEN_NOFLUSH | FopenFlags::FOPEN_DIRECT_IO));
+        assert!(!fopen_flags(&Opened { no_flush: false, ..o }).contains(FopenFlags::FOPEN_NOFLUSH));
+    }
+}

@@ -543,7 +543,7 @@ impl Store {
             (joined(sync.join(), "syncing"), joined(hash.join(), "hashing"), inspected)
         });
         synced?;
-        let finished = Finished { digest: digest?, len: upload.len, upload };
+        let finished = Finished { digest: digest?, upload };
         let inspected = inspected?;
 
         let _w = self.writer.lock().unwrap();
@@ -554,7 +554,7 @@ impl Store {
             return Ok(Imported::Existing(v.number));
         }
         let digest = finished.digest;
-        let size = finished.len;
+        let size = finished.upload.len;
         let added = finished.persist(&self.blob_path(&digest))?;
         let files = BTreeMap::from([(file_name.to_string(), digest)]);
         let mut record = (*current).clone();
@@ -776,7 +776,6 @@ impl Drop for Upload {
 /// An upload whose digest is known and whose bytes are on disk.
 struct Finished {
     digest: Digest,
-    len: u64,
     upload: Upload,
 }
 
