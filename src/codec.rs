@@ -558,7 +558,7 @@ pub fn encode(request: &Request, mut outputs: Vec<Tensor>, model: &str, version:
             response
         }
         Codec::Npy => {
-            let first = outputs.first().ok_or_else(|| Error::Runtime("the model returned no outputs".into()))?;
+            let first = outputs.first().ok_or_else(|| Error::Internal("the model returned no outputs".into()))?;
             // The header is at most a few hundred bytes.
             let mut out = Vec::with_capacity(first.data.byte_len() + 512);
             write_npy(first, &mut out).map_err(|e| Error::io("encoding .npy", e))?;

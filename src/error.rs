@@ -88,8 +88,16 @@ pub enum Error {
     /// The catalog holds a record this build cannot read.
     #[error("catalog record {key}: {why}")]
     CorruptRecord { key: String, why: String },
-    #[error("ONNX Runtime: {0}")]
-    Runtime(String),
+    /// A backend failed to load or run a model: its own message, on one line.
+    #[error("{backend}: {message}")]
+    Backend { backend: &'static str, message: String },
+    /// A blob whose bytes no longer hash to its name: refused, not run.
+    #[error("blob {digest} of {file} does not match its digest (modified on disk?); refusing to run it")]
+    CorruptBlob { file: String, digest: crate::store::Digest },
+    /// A broken promise inside the daemon (a panic caught, a record that
+    /// names a backend this daemon lacks): a bug or a damaged install.
+    #[error("internal error: {0}")]
+    Internal(String),
 }
 
 impl Error {
@@ -129,7 +137,9 @@ impl Error {
             Error::Io { source, .. } => source.raw_os_error().unwrap_or(libc::EIO),
             Error::Catalog(_) => libc::EIO,
             Error::CorruptRecord { .. } => libc::EIO,
-            Error::Runtime(_) => libc::EIO,
+            Error::Backend { .. } => libc::EIO,
+            Error::CorruptBlob { .. } => libc::EIO,
+            Error::Internal(_) => libc::EIO,
         }
     }
 
@@ -161,9 +171,12 @@ impl Error {
             | Error::NotDir(_)
             | Error::IsDir(_)
             | Error::BadHandle(_) => tracing::Level::INFO,
-            Error::Io { .. } | Error::Catalog(_) | Error::CorruptRecord { .. } | Error::Runtime(_) => {
-                tracing::Level::WARN
-            }
+            Error::Io { .. }
+            | Error::Catalog(_)
+            | Error::CorruptRecord { .. }
+            | Error::Backend { .. }
+            | Error::CorruptBlob { .. }
+            | Error::Internal(_) => tracing::Level::WARN,
         }
     }
 }

@@ -18,15 +18,15 @@
 //! - [`error`]: the one error type and the one errno mapping.
 
 pub mod backend;
-pub mod codec;
+mod codec;
 pub mod device;
 pub mod engine;
 pub mod error;
 pub mod fs;
 pub mod fuse;
-pub mod journal;
-pub mod metrics;
-pub mod sched;
+mod journal;
+mod metrics;
+mod sched;
 pub mod store;
 pub mod tensor;
 

@@ -39,9 +39,10 @@ pub fn effective_priority(q: &Queued, now: Instant, aging: Duration) -> i64 {
     q.priority as i64 + bonus
 }
 
-/// The index of the job to run next.
-pub fn next(queue: &[Queued], now: Instant, aging: Duration) -> Option<usize> {
-    (0..queue.len()).max_by(|&a, &b| {
+/// The index of the job to run next, among those that `can_run` (a job
+/// whose model has no free instance cannot, and keeps its place).
+pub fn next(queue: &[Queued], now: Instant, aging: Duration, can_run: impl Fn(usize) -> bool) -> Option<usize> {
+    (0..queue.len()).filter(|&i| can_run(i)).max_by(|&a, &b| {
         let (qa, qb) = (&queue[a], &queue[b]);
         effective_priority(qa, now, aging).cmp(&effective_priority(qb, now, aging)).then(qb.seq.cmp(&qa.seq))
         // earlier seq wins ties
@@ -143,7 +144,7 @@ mod tests {
 
     fn order(mut queue: Vec<Queued>, now: Instant, aging: Duration) -> Vec<u64> {
         let mut out = Vec::new();
-        while let Some(i) = next(&queue, now, aging) {
+        while let Some(i) = next(&queue, now, aging, |_| true) {
             out.push(queue.remove(i).id);
         }
         out
@@ -154,6 +155,18 @@ mod tests {
         let t = Instant::now();
         let queue = vec![q(1, 0, t), q(2, 5, t), q(3, 0, t), q(4, 5, t), q(5, -1, t)];
         assert_eq!(order(queue, t, Duration::ZERO), [2, 4, 1, 3, 5]);
+    }
+
+    #[test]
+    fn a_job_that_cannot_run_keeps_its_place_and_the_next_runs() {
+        let t = Instant::now();
+        let queue = vec![q(1, 0, t), q(2, 10, t), q(3, 5, t)];
+        // Job 2's model has no free instance: the best of the rest runs.
+        let blocked = |i: usize| queue[i].id != 2;
+        assert_eq!(queue[next(&queue, t, Duration::ZERO, blocked).unwrap()].id, 3);
+        // Once it can, it is first again.
+        assert_eq!(queue[next(&queue, t, Duration::ZERO, |_| true).unwrap()].id, 2);
+        assert_eq!(next(&queue, t, Duration::ZERO, |_| false), None);
     }
 
     #[test]
@@ -179,7 +192,7 @@ mod tests {
         for ms in 1..=200u64 {
             let now = t0 + Duration::from_millis(ms);
             queue.push(Queued { seq: ms, ..q(ms, 5, now) });
-            let i = next(&queue, now, aging).unwrap();
+            let i = next(&queue, now, aging, |_| true).unwrap();
             ran.push(queue.remove(i).id);
         }
         let at = ran.iter().position(|&id| id == 0).expect("the low-priority job ran");
@@ -193,7 +206,7 @@ mod tests {
         queue[1].batch_key = Some(8); // another version or shape
         queue[2].rows = 3;
         queue[4].priority = 9;
-        let first = next(&queue, t, Duration::ZERO).unwrap();
+        let first = next(&queue, t, Duration::ZERO, |_| true).unwrap();
         assert_eq!(queue[first].id, 5);
         let members = batch(&queue, first, 4, t, Duration::ZERO);
         let ids: Vec<u64> = members.iter().map(|&i| queue[i].id).collect();

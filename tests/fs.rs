@@ -1,16 +1,16 @@
 //! The tree's semantics, driven through `aifs::fs::Fs` directly: no FUSE,
-//! no kernel. Real store on disk, real ONNX Runtime.
-
-mod common;
+//! no kernel, no runtime library. A real store on disk, the real engine,
+//! and the fake backend (`aifs::backend::fake`): models are `.fake` files.
 
 use std::ffi::OsStr;
 use std::os::unix::ffi::OsStrExt;
 use std::path::Path;
 use std::sync::Arc;
 
-use aifs::backend::{Backend, Backends, OnnxRuntime};
+use aifs::backend::fake::{Fake, Spec};
+use aifs::backend::{Backend, Backends};
 use aifs::device::{Cpu, Probe};
-use aifs::engine::EngineConfig;
+use aifs::engine::{Engine, EngineConfig};
 use aifs::fs::{Caller, Fs, Kind, SetAttr, ROOT_INO};
 use aifs::store::Store;
 
@@ -27,10 +27,12 @@ fn tree() -> Tree {
 
 fn tree_with(engine: EngineConfig) -> Tree {
     let dir = tempfile::tempdir().unwrap();
-    let store = Store::open(dir.path()).unwrap();
-    let onnx: Arc<dyn Backend> = OnnxRuntime::load(&common::onnxruntime()).unwrap();
+    let store = Arc::new(Store::open(dir.path()).unwrap());
+    let fake: Arc<dyn Backend> = Arc::new(Fake::default());
+    let backends = Backends::new(vec![fake]);
     let devices: Vec<Arc<dyn Probe>> = vec![Arc::new(Cpu::new())];
-    let fs = Fs::new(store, Backends::new(vec![onnx]), devices, Path::new("/mnt/aifs"), engine).unwrap();
+    let engine = Arc::new(Engine::start(store.clone(), backends.clone(), devices, engine).unwrap());
+    let fs = Fs::new(store, engine, backends, Path::new("/mnt/aifs"));
     Tree { fs, dir }
 }
 
@@ -87,7 +89,7 @@ impl Tree {
     /// `models/m/v1`: the MLP fixture.
     fn add_mlp(&self) {
         self.mkdir(b"m").unwrap();
-        self.copy_in("m", "mlp.onnx", &fixture("mlp.onnx")).unwrap();
+        self.copy_in("m", "mlp.fake", &fixture("mlp.fake")).unwrap();
     }
 
     fn mkdir(&self, name: &[u8]) -> aifs::Result<()> {
@@ -105,8 +107,21 @@ impl Tree {
     }
 }
 
+/// The bytes of a model file: `.fake` models of several shapes, and bad
+/// ones that no backend loads.
 fn fixture(name: &str) -> Vec<u8> {
-    std::fs::read(common::fixture(name)).unwrap()
+    match name {
+        "mlp.fake" => Spec::scaled(16, 2.0).to_file(),
+        "a.fake" => Spec::scaled(4, 3.0).to_file(),
+        "b.fake" => Spec::scaled(4, 5.0).to_file(),
+        "empty.fake" => Vec::new(),
+        "garbage.fake" => (0..4096u32).map(|i| (i.wrapping_mul(2654435761) >> 24) as u8).collect(),
+        "truncated.fake" => {
+            let good = fixture("mlp.fake");
+            good[..good.len() / 2].to_vec()
+        }
+        _ => panic!("no fixture {name}"),
+    }
 }
 
 #[test]
@@ -119,7 +134,7 @@ fn root_lists_the_tree() {
     let readme = String::from_utf8(t.read_all("README")).unwrap();
     assert!(readme.contains("mkdir /mnt/aifs/models/demo"), "{readme}");
     let status: serde_json::Value = serde_json::from_slice(&t.read_all("status")).unwrap();
-    assert_eq!(status["backends"][0]["name"], "onnxruntime");
+    assert_eq!(status["backends"][0]["name"], "fake");
     assert_eq!(status["store"]["bytes"], 0);
 }
 
@@ -140,11 +155,11 @@ fn invalid_model_names_create_nothing() {
 fn copy_in_makes_a_version_with_its_files() {
     let t = tree();
     t.mkdir(b"m").unwrap();
-    let mlp = fixture("mlp.onnx");
-    t.copy_in("m", "mlp.onnx", &mlp).unwrap();
+    let mlp = fixture("mlp.fake");
+    t.copy_in("m", "mlp.fake", &mlp).unwrap();
     assert_eq!(t.names("models/m"), ["config.json", "latest", "v1"]);
-    assert_eq!(t.names("models/m/v1"), ["mlp.onnx", "digest", "meta.json", "stats", "infer", "clone"]);
-    assert_eq!(t.read_all("models/m/v1/mlp.onnx"), mlp);
+    assert_eq!(t.names("models/m/v1"), ["mlp.fake", "digest", "meta.json", "stats", "infer", "clone"]);
+    assert_eq!(t.read_all("models/m/v1/mlp.fake"), mlp);
     assert_eq!(t.fs.readlink(t.ino("models/m/latest")).unwrap(), "v1");
     let meta: serde_json::Value = serde_json::from_slice(&t.read_all("models/m/v1/meta.json")).unwrap();
     assert_eq!(
@@ -153,20 +168,20 @@ fn copy_in_makes_a_version_with_its_files() {
     );
     assert_eq!(meta["size"], mlp.len());
     // The same bytes again: no new version.
-    t.copy_in("m", "mlp.onnx", &mlp).unwrap();
+    t.copy_in("m", "mlp.fake", &mlp).unwrap();
     assert_eq!(t.names("models/m"), ["config.json", "latest", "v1"]);
 }
 
 #[test]
 fn a_shell_redirect_closes_a_duplicate_before_writing() {
-    // `cat f > models/m/f.onnx`: the shell closes its own descriptor after
+    // `cat f > models/m/f.fake`: the shell closes its own descriptor after
     // dup2, before cat writes. That first close must not commit (or lose)
     // anything; the last one commits.
     let t = tree();
     t.mkdir(b"m").unwrap();
-    let (_, o) = t.fs.create(t.ino("models/m"), OsStr::new("s.onnx"), 0o644, ME).unwrap();
+    let (_, o) = t.fs.create(t.ino("models/m"), OsStr::new("s.fake"), 0o644, ME).unwrap();
     assert_eq!(t.fs.flush(o.fh).unwrap_err().errno(), libc::EINVAL);
-    t.fs.write(o.fh, 0, &fixture("sigmoid.onnx")).unwrap();
+    t.fs.write(o.fh, 0, &fixture("b.fake")).unwrap();
     t.fs.flush(o.fh).unwrap();
     t.fs.release(o.fh).unwrap();
     assert_eq!(t.names("models/m"), ["config.json", "latest", "v1"]);
@@ -176,7 +191,7 @@ fn a_shell_redirect_closes_a_duplicate_before_writing() {
 fn bad_models_fail_the_close_and_leave_nothing() {
     let t = tree();
     t.mkdir(b"m").unwrap();
-    for name in ["empty.onnx", "garbage.onnx", "truncated.onnx"] {
+    for name in ["empty.fake", "garbage.fake", "truncated.fake"] {
         let err = t.copy_in("m", name, &fixture(name)).unwrap_err();
         assert_eq!(err.errno(), libc::EINVAL, "{name}: {err}");
         assert!(err.to_string().contains(name), "{err}");
@@ -194,11 +209,11 @@ fn files_that_cannot_be_models_are_refused_at_create() {
     let create = |parent, name: &str| t.fs.create(parent, OsStr::new(name), 0o644, ME).map(|_| ()).unwrap_err().errno();
     assert_eq!(create(m, "weights.bin"), libc::EINVAL);
     assert_eq!(create(m, "digest"), libc::EINVAL);
-    assert_eq!(create(m, ".x.onnx"), libc::EINVAL);
-    assert_eq!(create(t.ino("models"), "x.onnx"), libc::EPERM);
-    assert_eq!(create(ROOT_INO, "x.onnx"), libc::EPERM);
-    t.copy_in("m", "mlp.onnx", &fixture("mlp.onnx")).unwrap();
-    assert_eq!(create(t.ino("models/m/v1"), "x.onnx"), libc::EROFS);
+    assert_eq!(create(m, ".x.fake"), libc::EINVAL);
+    assert_eq!(create(t.ino("models"), "x.fake"), libc::EPERM);
+    assert_eq!(create(ROOT_INO, "x.fake"), libc::EPERM);
+    t.copy_in("m", "mlp.fake", &fixture("mlp.fake")).unwrap();
+    assert_eq!(create(t.ino("models/m/v1"), "x.fake"), libc::EROFS);
     assert_eq!(create(m, "v1"), libc::EEXIST);
     assert!(t.blob_files().len() == 1);
 }
@@ -207,7 +222,7 @@ fn files_that_cannot_be_models_are_refused_at_create() {
 fn versions_are_read_only() {
     let t = tree();
     t.add_mlp();
-    for path in ["models/m/v1/mlp.onnx", "models/m/v1/digest", "models/m/v1/meta.json"] {
+    for path in ["models/m/v1/mlp.fake", "models/m/v1/digest", "models/m/v1/meta.json"] {
         for flags in [libc::O_WRONLY, libc::O_RDWR, libc::O_RDONLY | libc::O_TRUNC] {
             assert_eq!(t.fs.open(t.ino(path), flags, ME).unwrap_err().errno(), libc::EROFS, "{path}");
         }
@@ -215,7 +230,7 @@ fn versions_are_read_only() {
     let chmod = SetAttr { mode: Some(0o777), ..Default::default() };
     assert_eq!(t.fs.setattr(t.ino("models/m/v1"), chmod).unwrap_err().errno(), libc::EROFS);
     let truncate = SetAttr { size: Some(0), ..Default::default() };
-    assert_eq!(t.fs.setattr(t.ino("models/m/v1/mlp.onnx"), truncate).unwrap_err().errno(), libc::EROFS);
+    assert_eq!(t.fs.setattr(t.ino("models/m/v1/mlp.fake"), truncate).unwrap_err().errno(), libc::EROFS);
     assert_eq!(t.fs.mkdir(t.ino("models/m/v1"), OsStr::new("d"), 0o755, ME).unwrap_err().errno(), libc::EROFS);
     assert_eq!(t.fs.open(t.ino("README"), libc::O_WRONLY, ME).unwrap_err().errno(), libc::EACCES);
     assert_eq!(t.fs.open(t.ino("status"), libc::O_RDWR, ME).unwrap_err().errno(), libc::EACCES);
@@ -227,8 +242,8 @@ fn versions_are_read_only() {
 fn aliases_rename_and_pin() {
     let t = tree();
     t.mkdir(b"m").unwrap();
-    t.copy_in("m", "a.onnx", &fixture("mul_1.onnx")).unwrap();
-    t.copy_in("m", "b.onnx", &fixture("sigmoid.onnx")).unwrap();
+    t.copy_in("m", "a.fake", &fixture("a.fake")).unwrap();
+    t.copy_in("m", "b.fake", &fixture("b.fake")).unwrap();
     let m = t.ino("models/m");
     t.fs.symlink(m, OsStr::new("stable"), Path::new("v1")).unwrap();
     assert_eq!(t.fs.getattr(t.ino("models/m/stable")).unwrap().kind, Kind::Symlink);
@@ -253,16 +268,16 @@ fn aliases_rename_and_pin() {
 fn removing_a_version_file_by_file_follows_rmdir_rules() {
     let t = tree();
     t.mkdir(b"m").unwrap();
-    t.copy_in("m", "a.onnx", &fixture("mul_1.onnx")).unwrap();
+    t.copy_in("m", "a.fake", &fixture("a.fake")).unwrap();
     let m = t.ino("models/m");
     let v1 = t.ino("models/m/v1");
     t.fs.symlink(m, OsStr::new("stable"), Path::new("v1")).unwrap();
-    assert_eq!(t.fs.unlink(v1, OsStr::new("a.onnx")).unwrap_err().errno(), libc::EBUSY);
+    assert_eq!(t.fs.unlink(v1, OsStr::new("a.fake")).unwrap_err().errno(), libc::EBUSY);
     assert_eq!(t.fs.rmdir(m, OsStr::new("v1")).unwrap_err().errno(), libc::EBUSY);
     assert_eq!(t.fs.rmdir(t.ino("models"), OsStr::new("m")).unwrap_err().errno(), libc::ENOTEMPTY);
     t.fs.unlink(m, OsStr::new("stable")).unwrap();
     // rm -r v1: unlink each file (accepted, nothing changes yet), then rmdir.
-    for f in ["a.onnx", "digest", "meta.json", "stats", "infer", "clone"] {
+    for f in ["a.fake", "digest", "meta.json", "stats", "infer", "clone"] {
         t.fs.unlink(v1, OsStr::new(f)).unwrap();
     }
     assert_eq!(t.names("models/m/v1").len(), 6);

@@ -1,6 +1,7 @@
-//! `aifs-mountd`: parses the command line, sets up logging, opens the store,
-//! mounts, and unmounts on SIGINT/SIGTERM. It only wires the library
-//! together; everything it mounts is `aifs::fs::Fs`.
+//! `aifs-mountd`: parses the command line, sets up logging, and is the
+//! composition root: it builds the store, the backends, the devices, the
+//! engine and the filesystem, mounts, and on SIGINT/SIGTERM shuts them down
+//! in order (see [`serve`]). Everything it mounts is `aifs::fs::Fs`.
 
 use std::fs::OpenOptions;
 use std::io::{IsTerminal, Read, Write};
@@ -12,8 +13,9 @@ use std::sync::Arc;
 
 use aifs::backend::{find_onnxruntime, Backend, Backends, OnnxRuntime};
 use aifs::device::{Cpu, Nvidia, Probe, Simulated};
-use aifs::engine::EngineConfig;
+use aifs::engine::{Engine, EngineConfig};
 use aifs::fs::Fs;
+use aifs::store::Store;
 use clap::Parser;
 use signal_hook::consts::{SIGINT, SIGTERM};
 
@@ -178,11 +180,17 @@ fn run(cli: Cli) -> Result<(), String> {
     result
 }
 
+/// Builds the parts, mounts, serves until unmounted, then shuts down in
+/// order: the mount is gone first (no new requests), then the engine stops
+/// (runs in progress finish, queued jobs stay in the journal for the next
+/// start, every ended job's record is written and flushed), and the store
+/// closes last (its catalog writes are durable as they happen).
 fn serve(cli: &Cli, data_dir: &Path, library: &Path, ready: Option<OwnedFd>) -> Result<(), String> {
     let mountpoint = std::path::absolute(&cli.mountpoint).map_err(|e| e.to_string())?;
     let store =
-        aifs::store::Store::open(data_dir).map_err(|e| format!("opening the store in {}: {e}", data_dir.display()))?;
+        Arc::new(Store::open(data_dir).map_err(|e| format!("opening the store in {}: {e}", data_dir.display()))?);
     let onnx: Arc<dyn Backend> = OnnxRuntime::load(library).map_err(|e| e.to_string())?;
+    let backends = Backends::new(vec![onnx]);
     let mut devices: Vec<Arc<dyn Probe>> = vec![Arc::new(Cpu::new())];
     devices.extend(Nvidia::discover().into_iter().map(|g| Arc::new(g) as Arc<dyn Probe>));
     for spec in &cli.simulate_gpu {
@@ -203,9 +211,11 @@ fn serve(cli: &Cli, data_dir: &Path, library: &Path, ready: Option<OwnedFd>) -> 
     if let Some(workers) = cli.workers {
         engine.workers = workers;
     }
-    let fs = Fs::new(store, Backends::new(vec![onnx]), devices, &mountpoint, engine)
-        .map_err(|e| format!("starting the engine: {e}"))?;
-    let fs = Arc::new(fs);
+    let engine = Arc::new(
+        Engine::start(store.clone(), backends.clone(), devices, engine)
+            .map_err(|e| format!("starting the engine: {e}"))?,
+    );
+    let fs = Arc::new(Fs::new(store, engine.clone(), backends, &mountpoint));
 
     let config = aifs::fuse::mount_config(cli.allow_other, cli.threads);
     let mut session = fuser::Session::new(aifs::fuse::Adapter::new(fs.clone()), &mountpoint, &config)
@@ -215,7 +225,7 @@ fn serve(cli: &Cli, data_dir: &Path, library: &Path, ready: Option<OwnedFd>) -> 
     purge_memory_periodically();
     let mut unmounter = session.unmount_callable();
     let mountpoint_for_signal = mountpoint.clone();
-    let fs_for_signal = fs.clone();
+    let engine_for_signal = engine.clone();
     let mut signals = signal_hook::iterator::Signals::new([SIGINT, SIGTERM]).map_err(|e| e.to_string())?;
     std::thread::Builder::new()
         .name("signals".into())
@@ -234,9 +244,10 @@ fn serve(cli: &Cli, data_dir: &Path, library: &Path, ready: Option<OwnedFd>) -> 
                             .unwrap_or(false);
                         if detached {
                             // The detached mount lives on while its users do, and so would
-                            // the session: leave now, with the jobs' records written.
-                            if let Err(e) = fs_for_signal.engine().flush_records() {
-                                tracing::error!("flushing the catalog: {e}");
+                            // the session: leave now, with the engine stopped and the
+                            // jobs' records written.
+                            if let Err(e) = engine_for_signal.shutdown() {
+                                tracing::error!("stopping the engine: {e}");
                             }
                             tracing::info!("detached the busy mount; bye");
                             std::process::exit(0);
@@ -251,7 +262,10 @@ fn serve(cli: &Cli, data_dir: &Path, library: &Path, ready: Option<OwnedFd>) -> 
         let mut pipe = std::fs::File::from(fd);
         let _ = pipe.write_all(b"ok");
     }
-    session.run().map_err(|e| format!("serving the mount: {e}"))?;
+    let served = session.run().map_err(|e| format!("serving the mount: {e}"));
+    drop(fs);
+    engine.shutdown().map_err(|e| format!("stopping the engine: {e}"))?;
+    served?;
     tracing::info!("unmounted; bye");
     Ok(())
 }

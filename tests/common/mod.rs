@@ -40,12 +40,23 @@ pub fn daemon_bin() -> PathBuf {
     let built = std::fs::metadata(&bin)
         .and_then(|m| m.modified())
         .unwrap_or_else(|_| panic!("missing {}: run cargo build --workspace (scripts/test.sh does)", bin.display()));
-    let newest_source = ["src", "mountd/src"]
+    // Cargo lists the workspace sources the binary was built from in its
+    // dep-info file (`<bin>: src1 src2 ...`, spaces in paths escaped).
+    let dep_info = std::fs::read_to_string(bin.with_extension("d")).unwrap_or_default();
+    let sources = dep_info.split_once(": ").map_or("", |(_, deps)| deps).replace("\\ ", "\0");
+    let sources: Vec<PathBuf> = sources
+        .split_whitespace()
+        .map(|p| PathBuf::from(p.replace('\0', " ")))
+        .filter(|p| p.extension().is_some_and(|e| e == "rs"))
+        .collect();
+    if let Some(other) = sources.iter().find(|p| !p.starts_with(repo())) {
+        panic!("{} was built from {}, not this checkout: run cargo build --workspace", bin.display(), other.display());
+    }
+    let newest_source = sources
         .iter()
-        .flat_map(|dir| std::fs::read_dir(repo().join(dir)).unwrap())
-        .filter_map(|e| e.ok()?.metadata().ok()?.modified().ok())
+        .filter_map(|p| std::fs::metadata(p).ok()?.modified().ok())
         .max()
-        .unwrap();
+        .expect("the binary's dep-info names its sources");
     assert!(
         built >= newest_source,
         "{} is older than the sources: run cargo build --workspace (scripts/test.sh does)",

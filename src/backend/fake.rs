@@ -1,0 +1,227 @@
+//! A fake backend for hermetic tests: no runtime library, deterministic
+//! arithmetic, and knobs that make scheduling observable. Compiled for the
+//! crate's own tests and, with the `fake-backend` feature, for `tests/`.
+//!
+//! A fake model is one `.fake` file holding JSON:
+//!
+//! ```json
+//! {"inputs":  [{"name": "x", "dtype": "float32", "shape": [-1, 4], "dim_names": ["N", ""]}],
+//!  "outputs": [{"name": "y", "dtype": "float32", "shape": [-1, 4], "dim_names": ["N", ""]}],
+//!  "scale": 2.0, "fill": 1.0, "run_ms": 0, "fail": null, "gated": false}
+//! ```
+//!
+//! Output `i` is input `i` times `scale` (float32 only); a model with no
+//! inputs returns its outputs' shapes (free dimensions 1) filled with
+//! `fill`. `run_ms` sleeps in every run; `fail` makes every run fail with
+//! that message; a `gated` model's runs wait while the backend's [`Gate`]
+//! (shared with the test) is closed. A file that is not such JSON is an
+//! invalid model.
+//!
+//! The
+//! [`Counters`] tell how many loads and runs happened and the most runs in
+//! progress at once.
+
+use std::path::Path;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Condvar, Mutex};
+use std::time::Duration;
+
+use serde::Deserialize;
+
+use crate::device::Target;
+use crate::error::{Error, Result};
+use crate::tensor::{DType, Data, Signature, Tensor, TensorSpec};
+
+use super::{Backend, Files, Instance};
+
+const NAME: &str = "fake";
+
+/// What a `.fake` file says.
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Spec {
+    pub inputs: Vec<TensorSpec>,
+    pub outputs: Vec<TensorSpec>,
+    #[serde(default = "one")]
+    pub scale: f32,
+    #[serde(default = "one")]
+    pub fill: f32,
+    #[serde(default)]
+    pub run_ms: u64,
+    #[serde(default)]
+    pub fail: Option<String>,
+    /// Runs wait for the backend's [`Gate`].
+    #[serde(default)]
+    pub gated: bool,
+}
+
+fn one() -> f32 {
+    1.0
+}
+
+impl Spec {
+    /// A model `x[N,width] float32 -> y[N,width] = x * scale`, batchable
+    /// along `N`.
+    pub fn scaled(width: i64, scale: f32) -> Spec {
+        let spec = |name: &str| TensorSpec {
+            name: name.into(),
+            dtype: DType::Float32,
+            shape: vec![-1, width],
+            dim_names: vec!["N".into(), String::new()],
+        };
+        Spec {
+            inputs: vec![spec("x")],
+            outputs: vec![spec("y")],
+            scale,
+            fill: 1.0,
+            run_ms: 0,
+            fail: None,
+            gated: false,
+        }
+    }
+
+    /// The bytes of its `.fake` file.
+    pub fn to_file(&self) -> Vec<u8> {
+        serde_json::json!({
+            "inputs": self.inputs, "outputs": self.outputs, "scale": self.scale, "fill": self.fill,
+            "run_ms": self.run_ms, "fail": self.fail, "gated": self.gated,
+        })
+        .to_string()
+        .into_bytes()
+    }
+
+    fn read(path: &Path, name: &str) -> Result<Spec> {
+        let bytes = std::fs::read(path).map_err(|e| Error::io(path.display().to_string(), e))?;
+        serde_json::from_slice(&bytes)
+            .map_err(|e| Error::InvalidModel { name: name.to_string(), why: format!("not a fake model: {e}") })
+    }
+}
+
+/// Holds every run while closed.
+#[derive(Default)]
+pub struct Gate {
+    closed: Mutex<bool>,
+    opened: Condvar,
+}
+
+impl Gate {
+    pub fn close(&self) {
+        *self.closed.lock().unwrap() = true;
+    }
+
+    pub fn open(&self) {
+        *self.closed.lock().unwrap() = false;
+        self.opened.notify_all();
+    }
+
+    fn pass(&self) {
+        let mut closed = self.closed.lock().unwrap();
+        while *closed {
+            closed = self.opened.wait(closed).unwrap();
+        }
+    }
+}
+
+/// What the fake backend has done.
+#[derive(Default)]
+pub struct Counters {
+    pub loads: AtomicUsize,
+    pub runs: AtomicUsize,
+    pub running: AtomicUsize,
+    pub max_running: AtomicUsize,
+}
+
+#[derive(Clone, Default)]
+pub struct Fake {
+    pub gate: Arc<Gate>,
+    pub counters: Arc<Counters>,
+}
+
+fn the_file(files: &Files) -> Result<(&str, &Path)> {
+    match files.iter().next() {
+        Some((name, path)) if files.len() == 1 => Ok((name, path)),
+        _ => Err(Error::InvalidModel { name: "fake".into(), why: "a fake version is one .fake file".into() }),
+    }
+}
+
+impl Backend for Fake {
+    fn name(&self) -> &'static str {
+        NAME
+    }
+
+    fn format(&self) -> &'static str {
+        "fake"
+    }
+
+    fn handles(&self, names: &[&str]) -> bool {
+        matches!(names, [name] if name.ends_with(".fake"))
+    }
+
+    fn inspect(&self, files: &Files) -> Result<Signature> {
+        let (name, path) = the_file(files)?;
+        let spec = Spec::read(path, name)?;
+        Ok(Signature { inputs: spec.inputs, outputs: spec.outputs })
+    }
+
+    fn describe(&self) -> serde_json::Value {
+        serde_json::json!({"name": NAME, "format": "fake"})
+    }
+
+    fn load(&self, files: &Files, _target: Target) -> Result<Box<dyn Instance>> {
+        let (name, path) = the_file(files)?;
+        let spec = Spec::read(path, name)?;
+        self.counters.loads.fetch_add(1, Ordering::SeqCst);
+        Ok(Box::new(FakeInstance { spec, fake: self.clone() }))
+    }
+}
+
+struct FakeInstance {
+    spec: Spec,
+    fake: Fake,
+}
+
+impl Instance for FakeInstance {
+    fn run(&mut self, inputs: Vec<Tensor>) -> Result<Vec<Tensor>> {
+        let c = &self.fake.counters;
+        let now = c.running.fetch_add(1, Ordering::SeqCst) + 1;
+        c.max_running.fetch_max(now, Ordering::SeqCst);
+        if self.spec.gated {
+            self.fake.gate.pass();
+        }
+        std::thread::sleep(Duration::from_millis(self.spec.run_ms));
+        let result = self.compute(inputs);
+        c.running.fetch_sub(1, Ordering::SeqCst);
+        c.runs.fetch_add(1, Ordering::SeqCst);
+        result
+    }
+}
+
+impl FakeInstance {
+    fn compute(&self, inputs: Vec<Tensor>) -> Result<Vec<Tensor>> {
+        if let Some(message) = &self.spec.fail {
+            return Err(Error::Backend { backend: NAME, message: message.clone() });
+        }
+        if inputs.is_empty() {
+            return self
+                .spec
+                .outputs
+                .iter()
+                .map(|o| {
+                    let shape: Vec<usize> = o.shape.iter().map(|&d| d.max(1) as usize).collect();
+                    let n = shape.iter().product();
+                    Tensor::new(&o.name, shape, Data::Float32(vec![self.spec.fill; n]))
+                })
+                .collect();
+        }
+        inputs
+            .into_iter()
+            .zip(&self.spec.outputs)
+            .map(|(t, o)| match t.data {
+                Data::Float32(v) => {
+                    Tensor::new(&o.name, t.shape, Data::Float32(v.iter().map(|x| x * self.spec.scale).collect()))
+                }
+                other => Tensor::new(&o.name, t.shape, other),
+            })
+            .collect()
+    }
+}

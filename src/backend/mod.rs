@@ -1,0 +1,148 @@
+//! Backends: what can load a version's files, say what the model takes and
+//! returns, and run it.
+//!
+//! One trait, [`Backend`], over a *set of files* (name → path), because a
+//! version is a manifest of files. The daemon holds a list of backends
+//! ([`Backends`]): at import the first that [`Backend::handles`] the file
+//! names inspects them, and its [`Backend::name`] is recorded in the
+//! version; every later load goes to that backend by name, never
+//! re-derived from a file name. The files a backend loads have been
+//! verified against their digests by the store
+//! ([`crate::store::Store::verified_files`]).
+//!
+//! A loaded model is an [`Instance`]: one request at a time runs on it
+//! (ONNX Runtime sessions are not safe to run concurrently from `ort`), so
+//! the engine keeps a pool of instances per version.
+//!
+//! Backends: ONNX Runtime ([`OnnxRuntime`], `ort.rs`); a fake one for
+//! hermetic tests (`fake.rs`, behind the `fake-backend` feature). No
+//! backend panics on a missing library: failures are [`Error::Backend`].
+
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use crate::device::Target;
+use crate::error::{Error, Result};
+use crate::tensor::{Signature, Tensor};
+
+#[cfg(any(test, feature = "fake-backend"))]
+pub mod fake;
+mod ort;
+
+pub use self::ort::{find_onnxruntime, OnnxRuntime, ONNXRUNTIME_LIB};
+
+/// A version's files as a backend sees them: name → path of the bytes.
+pub type Files = BTreeMap<String, PathBuf>;
+
+pub trait Backend: Send + Sync {
+    /// Short name shown in `meta.json` and `/status`, and recorded in each
+    /// version it imports, e.g. `onnxruntime`.
+    fn name(&self) -> &'static str;
+    /// The model format it reads, e.g. `onnx`.
+    fn format(&self) -> &'static str;
+    /// Whether this backend reads a version made of files with these names.
+    fn handles(&self, names: &[&str]) -> bool;
+    /// Loads the model to check it and report its signature. An unloadable
+    /// set of files is [`Error::InvalidModel`] with the reason on one line.
+    fn inspect(&self, files: &Files) -> Result<Signature>;
+    /// Facts for `/status`.
+    fn describe(&self) -> serde_json::Value;
+    /// Loads a model from its (already verified) files, ready to run on
+    /// `target`.
+    fn load(&self, files: &Files, target: Target) -> Result<Box<dyn Instance>>;
+}
+
+/// One loaded copy of a model.
+pub trait Instance: Send {
+    /// Runs one request: inputs in the model's order (already checked
+    /// against its signature; none for a model that takes none); outputs
+    /// in the model's order.
+    fn run(&mut self, inputs: Vec<Tensor>) -> Result<Vec<Tensor>>;
+}
+
+/// What a backend found in the files of an import.
+#[derive(Clone, Debug)]
+pub struct Inspected {
+    pub format: String,
+    pub backend: String,
+    pub signature: Signature,
+}
+
+/// The backends a daemon runs with, in order of preference.
+#[derive(Clone, Default)]
+pub struct Backends(Vec<Arc<dyn Backend>>);
+
+impl Backends {
+    pub fn new(list: Vec<Arc<dyn Backend>>) -> Self {
+        Backends(list)
+    }
+
+    /// The backend that reads files with these names (an import's).
+    pub fn for_files(&self, names: &[&str]) -> Result<&Arc<dyn Backend>> {
+        self.0.iter().find(|b| b.handles(names)).ok_or_else(|| {
+            let formats: Vec<&str> = self.0.iter().map(|b| b.format()).collect();
+            Error::InvalidModel {
+                name: names.join(", "),
+                why: format!("no backend reads this file type (known: {})", formats.join(", ")),
+            }
+        })
+    }
+
+    /// The backend a version was imported with.
+    pub fn get(&self, name: &str) -> Result<&Arc<dyn Backend>> {
+        self.0.iter().find(|b| b.name() == name).ok_or_else(|| {
+            Error::Internal(format!("the version was imported with backend {name:?}, which this daemon does not have"))
+        })
+    }
+
+    /// Checks an import's files with the backend that reads them: the
+    /// store's inspector. Empty files are refused before any backend sees
+    /// them.
+    pub fn inspect(&self, files: &Files) -> Result<Inspected> {
+        let names: Vec<&str> = files.keys().map(String::as_str).collect();
+        let backend = self.for_files(&names)?;
+        for (name, path) in files {
+            let size = std::fs::metadata(path).map_err(|e| Error::io(path.display().to_string(), e))?.len();
+            if size == 0 {
+                return Err(Error::InvalidModel { name: name.clone(), why: "empty file".into() });
+            }
+        }
+        Ok(Inspected {
+            format: backend.format().to_string(),
+            backend: backend.name().to_string(),
+            signature: backend.inspect(files)?,
+        })
+    }
+
+    pub fn describe(&self) -> Vec<serde_json::Value> {
+        self.0.iter().map(|b| b.describe()).collect()
+    }
+}
+
+/// The first non-empty line of a library's (often multi-line) message.
+pub(crate) fn first_line(s: &str) -> String {
+    s.lines().map(str::trim).find(|l| !l.is_empty()).unwrap_or("unknown error").to_string()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn unknown_file_types_are_refused_by_name() {
+        let backends = Backends::default();
+        let err = backends.for_files(&["weights.bin"]).err().unwrap();
+        assert_eq!(err.errno(), libc::EINVAL);
+        assert!(err.to_string().contains("no backend reads this file type"), "{err}");
+    }
+
+    #[test]
+    fn a_version_goes_to_the_backend_it_was_imported_with() {
+        let backends = Backends::new(vec![Arc::new(fake::Fake::default())]);
+        assert_eq!(backends.get("fake").unwrap().name(), "fake");
+        let err = backends.get("onnxruntime").err().unwrap();
+        assert_eq!(err.errno(), libc::EIO);
+        assert!(err.to_string().contains("does not have"), "{err}");
+    }
+}

@@ -1,0 +1,261 @@
+//! A [`Job`]: one request from submission to output, its state as the
+//! job files show it, how it ends (once), and the [`Registry`] of all jobs
+//! with their retention order.
+
+use std::collections::{BTreeMap, VecDeque};
+use std::sync::{Arc, Mutex, MutexGuard, OnceLock};
+use std::time::{Instant, SystemTime};
+
+use serde::{Deserialize, Serialize};
+
+use crate::codec::Request;
+use crate::error::Error;
+use crate::store::{Digest, ModelConfig, Version};
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Status {
+    New,
+    Queued,
+    Running,
+    Done,
+    Failed,
+    Cancelled,
+}
+
+impl Status {
+    pub fn name(self) -> &'static str {
+        match self {
+            Status::New => "new",
+            Status::Queued => "queued",
+            Status::Running => "running",
+            Status::Done => "done",
+            Status::Failed => "failed",
+            Status::Cancelled => "cancelled",
+        }
+    }
+
+    pub fn is_finished(self) -> bool {
+        matches!(self, Status::Done | Status::Failed | Status::Cancelled)
+    }
+}
+
+/// A job's failure: the errno its readers get, and the one-line reason.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Failure {
+    pub errno: i32,
+    pub reason: String,
+}
+
+impl Failure {
+    pub(super) fn of(e: &Error) -> Failure {
+        Failure { errno: e.errno(), reason: e.to_string() }
+    }
+
+    pub fn to_error(&self) -> Error {
+        Error::Job { errno: self.errno, message: self.reason.clone() }
+    }
+}
+
+/// How a job ended: its output, or its failure.
+pub type Outcome = std::result::Result<Arc<Vec<u8>>, Failure>;
+
+pub(super) type Waiter = Box<dyn FnOnce(&Outcome) + Send>;
+
+/// One request, from submission to output.
+pub struct Job {
+    pub id: u64,
+    pub uid: u32,
+    pub gid: u32,
+    pub model: String,
+    pub version: u32,
+    /// The version's digest (`sha256:` of its manifest).
+    pub digest: Digest,
+    /// Set once at submit: when it times out, and the device it is placed on.
+    pub(super) deadline: OnceLock<Instant>,
+    pub(super) device: OnceLock<usize>,
+    /// The journal its acceptance went to, until the job ends: taken once,
+    /// by whichever path ends it.
+    pub(super) journal: Mutex<Option<u64>>,
+    /// The same, kept: where its entry is while that journal exists.
+    pub(super) journaled_in: OnceLock<u64>,
+    /// A reader has had its whole output ([`Job::mark_output_read`]).
+    pub(super) output_read: std::sync::atomic::AtomicBool,
+    pub(super) inner: Mutex<Inner>,
+}
+
+/// What a job's files show; a copy from [`Job::snapshot`].
+#[derive(Clone, Debug)]
+pub struct JobState {
+    pub status: Status,
+    pub input: Arc<Vec<u8>>,
+    pub outcome: Option<Outcome>,
+    pub priority: i32,
+    pub device: String,
+    pub created: SystemTime,
+    pub submitted: Option<SystemTime>,
+    pub started: Option<SystemTime>,
+    pub finished: Option<SystemTime>,
+    pub queue_us: Option<u64>,
+    pub compute_us: Option<u64>,
+    pub batch_size: Option<usize>,
+}
+
+impl JobState {
+    pub(super) fn payload_bytes(&self) -> usize {
+        self.input.len() + self.outcome.as_ref().and_then(|o| o.as_ref().ok()).map_or(0, |o| o.len())
+    }
+}
+
+pub(super) struct Inner {
+    pub(super) state: JobState,
+    /// The decoded request, between submit and run.
+    pub(super) request: Option<Request>,
+    /// The version record (signature, files), while the job may still run.
+    pub(super) version: Option<Arc<Version>>,
+    pub(super) config: ModelConfig,
+    pub(super) queued_at: Option<Instant>,
+    pub(super) waiters: Vec<Waiter>,
+}
+
+impl Job {
+    pub(super) fn new(
+        id: u64,
+        uid: u32,
+        gid: u32,
+        model: String,
+        version: u32,
+        digest: Digest,
+        inner: Inner,
+    ) -> Arc<Job> {
+        Arc::new(Job {
+            id,
+            uid,
+            gid,
+            model,
+            version,
+            digest,
+            deadline: OnceLock::new(),
+            device: OnceLock::new(),
+            journal: Mutex::new(None),
+            journaled_in: OnceLock::new(),
+            output_read: Default::default(),
+            inner: Mutex::new(inner),
+        })
+    }
+
+    pub fn snapshot(&self) -> JobState {
+        self.inner().state.clone()
+    }
+
+    /// The bytes of input and output it holds.
+    pub(super) fn payload_bytes(&self) -> usize {
+        self.inner().state.payload_bytes()
+    }
+
+    /// A reader has had the whole output: from now on the job may drop it
+    /// to stay within `max_finished_bytes`.
+    pub fn mark_output_read(&self) {
+        self.output_read.store(true, std::sync::atomic::Ordering::Relaxed);
+    }
+
+    /// Drops the input and output of a finished job whose output was read
+    /// (or that has none); returns the bytes freed.
+    pub(super) fn drop_payload(&self) -> usize {
+        let mut inner = self.inner();
+        let read = self.output_read.load(std::sync::atomic::Ordering::Relaxed);
+        let has_output = matches!(inner.state.outcome, Some(Ok(_)));
+        if !inner.state.status.is_finished() || (has_output && !read) {
+            return 0;
+        }
+        let freed = inner.state.payload_bytes();
+        inner.state.input = Arc::new(Vec::new());
+        if has_output {
+            inner.state.outcome = Some(Err(Failure::of(&Error::OutputDropped(self.id))));
+        }
+        freed
+    }
+
+    pub fn status(&self) -> Status {
+        self.inner().state.status
+    }
+
+    pub(super) fn inner(&self) -> MutexGuard<'_, Inner> {
+        self.inner.lock().unwrap()
+    }
+
+    /// Calls `f` with the outcome when the job ends: now if it has ended,
+    /// else from the thread that ends it. Never called with a lock held.
+    pub fn when_done(&self, f: impl FnOnce(&Outcome) + Send + 'static) {
+        let mut inner = self.inner();
+        match inner.state.outcome.clone() {
+            Some(outcome) => {
+                drop(inner);
+                f(&outcome);
+            }
+            None => inner.waiters.push(Box::new(f)),
+        }
+    }
+
+    /// Ends the job unless it already ended, and wakes its waiters. Returns
+    /// whether this call ended it.
+    pub(super) fn finish(&self, status: Status, outcome: Outcome) -> bool {
+        let mut inner = self.inner();
+        if inner.state.status.is_finished() {
+            return false;
+        }
+        inner.state.status = status;
+        inner.state.finished = Some(SystemTime::now());
+        inner.state.outcome = Some(outcome.clone());
+        inner.request = None;
+        inner.version = None;
+        let waiters = std::mem::take(&mut inner.waiters);
+        drop(inner);
+        for w in waiters {
+            w(&outcome);
+        }
+        true
+    }
+}
+
+/// All jobs by id, with the order in which they were created or finished,
+/// so retention is O(1) per job.
+#[derive(Default)]
+pub(super) struct Registry {
+    pub(super) jobs: BTreeMap<u64, Arc<Job>>,
+    /// Finished jobs, oldest first: when they finished, and id.
+    pub(super) finished: VecDeque<(Instant, u64)>,
+    /// What the finished jobs hold, in bytes (their inputs and outputs).
+    pub(super) finished_bytes: usize,
+    pub(super) new: VecDeque<(Instant, u64)>,
+}
+
+impl Registry {
+    pub(super) fn push_finished(&mut self, job: &Job) {
+        self.finished.push_back((Instant::now(), job.id));
+        self.finished_bytes += job.payload_bytes();
+    }
+
+    /// Removes the oldest finished job.
+    pub(super) fn pop_finished(&mut self) -> Option<Arc<Job>> {
+        while let Some((_, id)) = self.finished.pop_front() {
+            if let Some(job) = self.jobs.remove(&id) {
+                self.finished_bytes -= job.payload_bytes();
+                return Some(job);
+            }
+        }
+        None
+    }
+
+    /// Past `max` bytes, drops the payloads of the oldest finished jobs
+    /// that may drop them ([`Job::drop_payload`]).
+    pub(super) fn shed_payloads(&mut self, max: u64) {
+        let mut i = 0;
+        while self.finished_bytes as u64 > max && i < self.finished.len() {
+            let id = self.finished[i].1;
+            if let Some(job) = self.jobs.get(&id) {
+                self.finished_bytes -= job.drop_payload();
+            }
+            i += 1;
+        }
+    }
+}

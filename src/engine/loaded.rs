@@ -1,0 +1,109 @@
+//! Loaded models: each version loaded on a device is a [`Resident`] with a
+//! [`Pool`] of backend instances; loading makes room by evicting the least
+//! recently used idle models; every load verifies the blobs first.
+
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use crate::backend::Instance;
+use crate::error::Result;
+use crate::sched;
+use crate::store::{Digest, Version};
+
+use super::job::Job;
+use super::queue::Sched;
+use super::Shared;
+
+/// The idle instances of one loaded version. How many exist at once is
+/// bounded by the scheduler, not here: a job is taken off its queue only
+/// when its version's [`Resident`] has a free instance, so taking one
+/// never waits.
+#[derive(Default)]
+pub(super) struct Pool {
+    pub(super) idle: Mutex<Vec<Box<dyn Instance>>>,
+}
+
+impl Pool {
+    /// An idle instance, or a new one from `load`.
+    pub(super) fn acquire(&self, load: impl FnOnce() -> Result<Box<dyn Instance>>) -> Result<Box<dyn Instance>> {
+        let idle = self.idle.lock().unwrap().pop();
+        idle.map_or_else(load, Ok)
+    }
+
+    pub(super) fn release(&self, instance: Box<dyn Instance>) {
+        self.idle.lock().unwrap().push(instance);
+    }
+}
+
+/// A version loaded on a device.
+pub(super) struct Resident {
+    pub(super) model: String,
+    pub(super) version: u32,
+    pub(super) bytes: u64,
+    pub(super) pool: Arc<Pool>,
+    /// Runs using an instance now.
+    pub(super) busy: usize,
+    /// The most instances at once (the model's `instances`, or one per
+    /// worker of the device).
+    pub(super) instances: usize,
+    pub(super) last_used: Instant,
+    pub(super) keep_alive: Duration,
+}
+
+impl Resident {
+    pub(super) fn has_free_instance(&self) -> bool {
+        self.busy < self.instances
+    }
+}
+
+impl Shared {
+    pub(super) fn make_resident(&self, s: &mut Sched, d: usize, lead: &Job) -> (Arc<Pool>, Vec<Resident>) {
+        let device = &self.devices[d];
+        let dq = &mut s.devices[d];
+        let mut unloaded = Vec::new();
+        if !dq.resident.contains_key(&lead.digest) {
+            let inner = lead.inner();
+            let bytes = inner.version.as_ref().map_or(0, |v| v.size);
+            let config = inner.config.clone();
+            drop(inner);
+            let resident: Vec<sched::Resident<Digest>> = dq
+                .resident
+                .iter()
+                .map(|(k, r)| sched::Resident { key: *k, bytes: r.bytes, busy: r.busy, last_used: r.last_used })
+                .collect();
+            for key in sched::evictions(&resident, device.memory_budget(), bytes) {
+                let r = dq.resident.remove(&key).expect("listed above");
+                tracing::info!(device = device.id(), model = %r.model, version = r.version, "unloaded to make room");
+                unloaded.push(r);
+            }
+            let instances = if config.instances == 0 { self.workers(d) } else { config.instances as usize };
+            dq.resident.insert(
+                lead.digest,
+                Resident {
+                    model: lead.model.clone(),
+                    version: lead.version,
+                    bytes,
+                    pool: Arc::default(),
+                    busy: 0,
+                    instances,
+                    last_used: Instant::now(),
+                    keep_alive: Duration::from_secs(config.keep_alive_s),
+                },
+            );
+            device.note_loaded_bytes(dq.resident.values().map(|r| r.bytes).sum());
+        }
+        let r = dq.resident.get_mut(&lead.digest).expect("inserted above");
+        r.busy += 1;
+        (r.pool.clone(), unloaded)
+    }
+
+    /// Verifies the version's blobs (streamed from disk) and loads them
+    /// with the backend the version was imported with.
+    pub(super) fn load(&self, version: &Version, d: usize) -> Result<Box<dyn Instance>> {
+        let files = self.store.verified_files(version)?;
+        let device = &self.devices[d];
+        let instance = self.backends.get(&version.backend)?.load(&files, device.target())?;
+        tracing::info!(device = device.id(), version = %version.digest, "loaded an instance");
+        Ok(instance)
+    }
+}

@@ -1,0 +1,290 @@
+//! Queues and slots: placing a submitted job on a device's queue, and a
+//! worker (or a waiting reader) taking the next job or batch off it, in
+//! priority order, only when a slot of the device and an instance of the
+//! job's version are free.
+
+use std::collections::hash_map::DefaultHasher;
+use std::collections::HashMap;
+use std::hash::{Hash, Hasher};
+use std::sync::{Arc, MutexGuard};
+use std::time::{Duration, Instant, SystemTime};
+
+use crate::codec;
+use crate::error::{Error, Result};
+use crate::sched::{self, Queued};
+use crate::store::{Digest, Version};
+use crate::tensor::Tensor;
+
+use super::job::{Job, Status};
+use super::loaded::{Pool, Resident};
+use super::Shared;
+/// One device's queue and loaded models.
+#[derive(Default)]
+pub(super) struct DeviceQueue {
+    pub(super) entries: Vec<Queued>,
+    /// `jobs[i]` is the job of `entries[i]`.
+    pub(super) jobs: Vec<Arc<Job>>,
+    pub(super) running: usize,
+    /// Runs (a batch is one) in progress: at most the device's workers.
+    pub(super) slots_busy: usize,
+    pub(super) resident: HashMap<Digest, Resident>,
+}
+
+/// What a worker (or a helping thread) does next.
+pub(super) enum Take {
+    Run(Taken),
+    /// Nothing to run now: wait for a wake-up, or this long for a batch.
+    Wait(Option<Duration>),
+}
+
+/// Jobs taken off a queue to run together, with their model's pool.
+pub(super) struct Taken {
+    pub(super) jobs: Vec<Arc<Job>>,
+    pub(super) pool: Arc<Pool>,
+    /// Models unloaded to make room, dropped without the lock.
+    pub(super) unloaded: Vec<Resident>,
+}
+
+#[derive(Default)]
+pub(super) struct Sched {
+    pub(super) devices: Vec<DeviceQueue>,
+    pub(super) queued_per_model: HashMap<String, usize>,
+    /// Queued or running jobs per version: batching waits only if > batch.
+    pub(super) in_flight: HashMap<Digest, usize>,
+    pub(super) running_jobs: HashMap<u64, Arc<Job>>,
+    /// Runs in progress on threads that submitted them ([`Shared::help`]).
+    pub(super) inline_runs: usize,
+    pub(super) seq: u64,
+    pub(super) shutdown: bool,
+}
+
+impl Sched {
+    pub(super) fn remove_queued(&mut self, d: usize, i: usize) -> Arc<Job> {
+        let dq = &mut self.devices[d];
+        dq.entries.remove(i);
+        let job = dq.jobs.remove(i);
+        if let Some(n) = self.queued_per_model.get_mut(&job.model) {
+            *n -= 1;
+        }
+        job
+    }
+
+    pub(super) fn done_in_flight(&mut self, digest: &Digest) {
+        if let Some(n) = self.in_flight.get_mut(digest) {
+            *n -= 1;
+            if *n == 0 {
+                self.in_flight.remove(digest);
+            }
+        }
+    }
+}
+
+/// The batch key and rows of a request, if the version can batch it: the
+/// model names a batch dimension ([`crate::tensor::Signature::batch_dimension`])
+/// and the request's inputs agree on its size.
+pub(super) fn batch_key(version: &Version, inputs: &[Tensor]) -> Option<(u64, usize)> {
+    version.signature.batch_dimension()?;
+    let rows = inputs.first()?.shape.first().copied()?;
+    let mut h = DefaultHasher::new();
+    version.digest.hash(&mut h);
+    for t in inputs {
+        let (n, rest) = t.rows()?;
+        if n != rows {
+            return None;
+        }
+        (rest, t.dtype()).hash(&mut h);
+    }
+    Some((h.finish(), rows))
+}
+
+impl Shared {
+    pub(super) fn enqueue(&self, job: &Arc<Job>, input: Vec<u8>) -> Result<usize> {
+        let (input, version, config, priority) = {
+            let mut inner = job.inner();
+            if inner.state.status != Status::New {
+                return Err(Error::Busy(format!("job {}: already submitted", job.id)));
+            }
+            inner.state.input = Arc::new(input);
+            inner.state.submitted = Some(SystemTime::now());
+            let version = inner.version.clone().expect("a new job has its version");
+            (inner.state.input.clone(), version, inner.config.clone(), inner.state.priority)
+        };
+        let mut request = codec::decode(&input, &version.signature, self.config.max_input_bytes)?;
+        request.inputs = version.signature.check(std::mem::take(&mut request.inputs))?;
+        let views: Vec<sched::DeviceView> = self
+            .devices
+            .iter()
+            .map(|p| sched::DeviceView { id: p.id().to_string(), is_gpu: p.is_gpu(), memory_budget: p.memory_budget() })
+            .collect();
+        let d = sched::place(&config.device, version.size, &views)
+            .map_err(|why| Error::NoDevice(format!("models/{}: {why}", job.model)))?;
+        let batch = (config.max_batch > 1).then(|| batch_key(&version, &request.inputs)).flatten();
+        job.inner().state.device = self.devices[d].id().to_string();
+        // Refuse a full queue before writing anything (checked again below).
+        let full = |s: &Sched| s.queued_per_model.get(&job.model).copied().unwrap_or(0) >= config.max_queue as usize;
+        if full(&self.sched.lock().unwrap()) {
+            return Err(Error::QueueFull { model: job.model.clone(), max: config.max_queue });
+        }
+        // The journal entry makes the accepted job survive a crash.
+        self.records.journal_input(job)?;
+
+        let mut s = self.sched.lock().unwrap();
+        if full(&s) {
+            return Err(Error::QueueFull { model: job.model.clone(), max: config.max_queue });
+        }
+        {
+            let mut inner = job.inner();
+            if inner.state.status != Status::New {
+                // Cancelled (or expired) while being recorded: it stays ended.
+                let failure = inner.state.outcome.clone().and_then(|o| o.err());
+                drop(inner);
+                drop(s);
+                // Its record before its journal entry goes (the canceller
+                // may not have queued it yet); a second copy is harmless.
+                self.records.persist(job, None);
+                self.records.release_journal(job);
+                return Err(failure.map_or(Error::Cancelled(job.id), |f| f.to_error()));
+            }
+            inner.state.status = Status::Queued;
+            inner.queued_at = Some(Instant::now());
+            inner.request = Some(request);
+        }
+        let _ = job.device.set(d);
+        let _ = job.deadline.set(Instant::now() + Duration::from_millis(config.timeout_ms));
+        s.seq += 1;
+        let entry = Queued {
+            id: job.id,
+            priority,
+            seq: s.seq,
+            since: Instant::now(),
+            batch_key: batch.map(|(k, _)| k),
+            rows: batch.map_or(1, |(_, rows)| rows),
+        };
+        s.devices[d].entries.push(entry);
+        s.devices[d].jobs.push(job.clone());
+        *s.queued_per_model.entry(job.model.clone()).or_default() += 1;
+        *s.in_flight.entry(job.digest).or_default() += 1;
+        Ok(d)
+    }
+
+    /// Takes a job out of its queue if it is there.
+    pub(super) fn dequeue(&self, job: &Job) {
+        let Some(&d) = job.device.get() else { return };
+        let mut s = self.sched.lock().unwrap();
+        if let Some(i) = s.devices[d].jobs.iter().position(|j| j.id == job.id) {
+            s.remove_queued(d, i);
+            s.done_in_flight(&job.digest);
+        }
+    }
+
+    pub(super) fn work(&self, d: usize) {
+        let mut s = self.sched.lock().unwrap();
+        loop {
+            if s.shutdown {
+                return;
+            }
+            s = match self.take(&mut s, d, None) {
+                Take::Run(run) => self.run_taken(s, d, run),
+                Take::Wait(Some(timeout)) => self.wake[d].wait_timeout(s, timeout).unwrap().0,
+                Take::Wait(None) => self.wake[d].wait(s).unwrap(),
+            };
+        }
+    }
+
+    /// See [`Engine::run_or_wake`]: job `id`, queued on device `d`.
+    pub(super) fn help(&self, d: usize, id: u64) {
+        let mut s = self.sched.lock().unwrap();
+        if !self.devices[d].is_gpu() && s.inline_runs < self.config.inline_runs {
+            if let Take::Run(run) = self.take(&mut s, d, Some(id)) {
+                s.inline_runs += 1;
+                let mut s = self.run_taken(s, d, run);
+                s.inline_runs -= 1;
+                // The slot is free again: a worker takes what is queued.
+                if !s.devices[d].entries.is_empty() {
+                    self.wake[d].notify_one();
+                }
+                return;
+            }
+        }
+        drop(s);
+        self.wake[d].notify_one();
+    }
+
+    /// Takes the next job (or batch) of device `d` off its queue if one of
+    /// the device's slots is free, marking it running; with `only_with`,
+    /// only if that job is among those taken. A worker that takes a run
+    /// while more is queued and slots are free wakes the next worker.
+    pub(super) fn take(&self, s: &mut Sched, d: usize, only_with: Option<u64>) -> Take {
+        if s.devices[d].slots_busy >= self.workers(d) {
+            return Take::Wait(None);
+        }
+        let aging = self.config.aging;
+        let now = Instant::now();
+        let dq = &s.devices[d];
+        // A job whose version has no free instance stays queued, in its
+        // place, and the device's slot goes to the next job that can run.
+        let free = |i: usize| dq.resident.get(&dq.jobs[i].digest).is_none_or(Resident::has_free_instance);
+        let Some(first) = sched::next(&dq.entries, now, aging, free) else {
+            return Take::Wait(None);
+        };
+        let lead = dq.jobs[first].clone();
+        let (max_batch, delay) = {
+            let inner = lead.inner();
+            (inner.config.max_batch as usize, Duration::from_micros(inner.config.batch_delay_us))
+        };
+        let batchable = dq.entries[first].batch_key.is_some() && max_batch > 1;
+        let members = if batchable { sched::batch(&dq.entries, first, max_batch, now, aging) } else { vec![first] };
+        let others_in_flight = s.in_flight.get(&lead.digest).copied().unwrap_or(0) > members.len();
+        if batchable && sched::rows(&dq.entries, &members) < max_batch && others_in_flight {
+            let ready_at = dq.entries[first].since + delay;
+            if now < ready_at {
+                return Take::Wait(Some(ready_at - now));
+            }
+        }
+        let jobs: Vec<Arc<Job>> = members.iter().map(|&i| s.devices[d].jobs[i].clone()).collect();
+        if only_with.is_some_and(|id| !jobs.iter().any(|j| j.id == id)) {
+            return Take::Wait(None);
+        }
+        let mut by_index = members.clone();
+        by_index.sort_unstable_by(|a, b| b.cmp(a));
+        for i in by_index {
+            s.remove_queued(d, i);
+        }
+        for j in &jobs {
+            s.running_jobs.insert(j.id, j.clone());
+        }
+        s.devices[d].running += jobs.len();
+        s.devices[d].slots_busy += 1;
+        if !s.devices[d].entries.is_empty() && s.devices[d].slots_busy < self.workers(d) {
+            self.wake[d].notify_one();
+        }
+        let (pool, unloaded) = self.make_resident(s, d, &lead);
+        Take::Run(Taken { jobs, pool, unloaded })
+    }
+
+    /// Runs what [`Shared::take`] took, without the lock, then gives the
+    /// slot back.
+    pub(super) fn run_taken<'a>(&'a self, s: MutexGuard<'a, Sched>, d: usize, taken: Taken) -> MutexGuard<'a, Sched> {
+        let Taken { jobs, pool, unloaded } = taken;
+        drop(s);
+        drop(unloaded);
+        self.run(d, &jobs, &pool);
+        let mut s = self.sched.lock().unwrap();
+        let dq = &mut s.devices[d];
+        dq.running -= jobs.len();
+        dq.slots_busy -= 1;
+        if let Some(r) = dq.resident.get_mut(&jobs[0].digest) {
+            r.busy -= 1;
+            r.last_used = Instant::now();
+        }
+        if !dq.entries.is_empty() {
+            // A job waiting for this instance may run now.
+            self.wake[d].notify_one();
+        }
+        for j in &jobs {
+            s.running_jobs.remove(&j.id);
+            s.done_in_flight(&j.digest);
+        }
+        s
+    }
+}

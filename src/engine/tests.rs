@@ -1,0 +1,262 @@
+//! The engine without FUSE or a runtime library: a real store and job
+//! records on disk, the fake backend ([`crate::backend::fake`]), whose
+//! gate holds a gated model's runs so that what is queued, running or
+//! waiting can be looked at.
+
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::Duration;
+
+use super::*;
+use crate::backend::fake::{Fake, Spec};
+use crate::backend::Backend;
+use crate::device::Cpu;
+use crate::store::{Imported, ModelConfig};
+
+struct Rig {
+    dir: tempfile::TempDir,
+    store: Arc<Store>,
+    fake: Fake,
+    engine: Engine,
+}
+
+fn rig(workers: usize) -> Rig {
+    rig_in(tempfile::tempdir().unwrap(), workers)
+}
+
+fn rig_in(dir: tempfile::TempDir, workers: usize) -> Rig {
+    let store = Arc::new(Store::open(dir.path()).unwrap());
+    let fake = Fake::default();
+    let backends = Backends::new(vec![Arc::new(fake.clone()) as Arc<dyn Backend>]);
+    let config = EngineConfig { workers, aging: Duration::from_secs(3600), ..Default::default() };
+    let engine = Engine::start(store.clone(), backends, vec![Arc::new(Cpu::new())], config).unwrap();
+    Rig { dir, store, fake, engine }
+}
+
+impl Rig {
+    /// Imports `spec` as the next version of `model` (made if missing),
+    /// with `config`.
+    fn model(&self, model: &str, spec: &Spec, config: ModelConfig) -> u32 {
+        if self.store.model(model).is_err() {
+            self.store.create_model(model, 0, 0, 0o755).unwrap();
+        }
+        self.store.set_config(model, config).unwrap();
+        let mut upload = self.store.begin_upload().unwrap();
+        upload.write_at(0, &spec.to_file()).unwrap();
+        let backends = Backends::new(vec![Arc::new(self.fake.clone()) as Arc<dyn Backend>]);
+        match self.store.import(model, "m.fake", upload, |files| backends.inspect(files)).unwrap() {
+            Imported::New(n) | Imported::Existing(n) => n,
+        }
+    }
+
+    fn submit(&self, model: &str, version: u32, input: &str) -> Arc<Job> {
+        let job = self.engine.create_job(0, 0, model, version).unwrap();
+        self.engine.submit(&job, input.as_bytes().to_vec()).unwrap();
+        job
+    }
+
+    fn running(&self) -> usize {
+        self.fake.counters.running.load(Ordering::SeqCst)
+    }
+}
+
+fn gated(width: i64) -> Spec {
+    Spec { gated: true, ..Spec::scaled(width, 2.0) }
+}
+
+fn config(instances: u32, max_batch: u32) -> ModelConfig {
+    ModelConfig { instances, max_batch, batch_delay_us: 0, ..Default::default() }
+}
+
+/// The job's output as text, waiting for it.
+fn output(job: &Job) -> std::result::Result<String, Failure> {
+    let (tx, rx) = std::sync::mpsc::channel();
+    job.when_done(move |outcome| tx.send(outcome.clone()).unwrap());
+    let outcome = rx.recv_timeout(Duration::from_secs(10)).expect("the job ended");
+    outcome.map(|bytes| String::from_utf8(bytes.to_vec()).unwrap())
+}
+
+fn wait_until(what: &str, ok: impl Fn() -> bool) {
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while !ok() {
+        assert!(std::time::Instant::now() < deadline, "timed out waiting until {what}");
+        std::thread::sleep(Duration::from_millis(2));
+    }
+}
+
+#[test]
+fn a_submitted_job_runs_and_answers_in_its_codec() {
+    let r = rig(1);
+    let v = r.model("m", &Spec::scaled(4, 2.0), config(0, 8));
+    let job = r.submit("m", v, "[[1, 2, 3, 4]]");
+    assert_eq!(output(&job).unwrap(), "[[2.0,4.0,6.0,8.0]]\n");
+    let state = job.snapshot();
+    assert_eq!((state.status, state.device.as_str(), state.batch_size), (Status::Done, "cpu", Some(1)));
+    assert!(state.started.is_some() && state.compute_us.is_some());
+}
+
+#[test]
+fn a_bad_request_fails_at_submit_and_queues_nothing() {
+    let r = rig(1);
+    let v = r.model("m", &Spec::scaled(4, 2.0), config(0, 8));
+    let job = r.engine.create_job(0, 0, "m", v).unwrap();
+    let err = r.engine.submit(&job, b"[[1, 2, 3]]".to_vec()).unwrap_err();
+    assert_eq!(err.errno(), libc::EINVAL);
+    assert!(err.to_string().contains("expected shape [-1, 4], got [1, 3]"), "{err}");
+    assert_eq!(job.status(), Status::Failed);
+    assert_eq!(r.engine.device_state("cpu").unwrap().queue, 0);
+    assert_eq!(r.fake.counters.runs.load(Ordering::SeqCst), 0);
+}
+
+#[test]
+fn queued_requests_of_one_version_run_as_one_batch() {
+    let r = rig(1);
+    let v = r.model("m", &gated(4), config(0, 8));
+    r.fake.gate.close();
+    let first = r.submit("m", v, "[[1, 1, 1, 1]]");
+    wait_until("the first job runs", || r.running() == 1);
+    let rest: Vec<Arc<Job>> = (1..=3).map(|i| r.submit("m", v, &format!("[[{i}, 0, 0, {i}]]"))).collect();
+    r.fake.gate.open();
+    assert_eq!(output(&first).unwrap(), "[[2.0,2.0,2.0,2.0]]\n");
+    for (i, job) in rest.iter().enumerate() {
+        let n = 2.0 * (i + 1) as f32;
+        assert_eq!(output(job).unwrap(), format!("[[{n:?},0.0,0.0,{n:?}]]\n"));
+        assert_eq!(job.snapshot().batch_size, Some(3));
+    }
+    assert_eq!(r.fake.counters.runs.load(Ordering::SeqCst), 2);
+}
+
+#[test]
+fn a_cancelled_queued_job_never_runs() {
+    let r = rig(1);
+    let v = r.model("m", &gated(4), config(0, 1));
+    r.fake.gate.close();
+    let running = r.submit("m", v, "[[1, 2, 3, 4]]");
+    wait_until("the first job runs", || r.running() == 1);
+    let queued = r.submit("m", v, "[[1, 2, 3, 4]]");
+    r.engine.cancel(&queued).unwrap();
+    assert_eq!(output(&queued).unwrap_err().errno, libc::ECANCELED);
+    assert_eq!(r.engine.cancel(&queued).unwrap_err().errno(), libc::EINVAL, "already finished");
+    r.fake.gate.open();
+    output(&running).unwrap();
+    assert_eq!(queued.status(), Status::Cancelled);
+    assert_eq!(r.fake.counters.runs.load(Ordering::SeqCst), 1);
+}
+
+#[test]
+fn a_job_past_its_timeout_fails_and_a_late_result_is_discarded() {
+    let r = rig(1);
+    let v = r.model("m", &gated(4), ModelConfig { timeout_ms: 100, ..config(0, 1) });
+    r.fake.gate.close();
+    let job = r.submit("m", v, "[[1, 2, 3, 4]]");
+    let failure = output(&job).unwrap_err();
+    assert_eq!(failure.errno, libc::ETIMEDOUT);
+    assert!(failure.reason.contains("timed out after 100 ms"), "{}", failure.reason);
+    r.fake.gate.open();
+    wait_until("the run returns", || r.fake.counters.runs.load(Ordering::SeqCst) == 1);
+    assert_eq!(job.status(), Status::Failed);
+}
+
+#[test]
+fn a_full_queue_refuses_with_eagain() {
+    let r = rig(1);
+    let v = r.model("m", &gated(4), ModelConfig { max_queue: 1, ..config(0, 1) });
+    r.fake.gate.close();
+    let running = r.submit("m", v, "[[1, 2, 3, 4]]");
+    wait_until("the first job runs", || r.running() == 1);
+    let queued = r.submit("m", v, "[[1, 2, 3, 4]]");
+    let refused = r.engine.create_job(0, 0, "m", v).unwrap();
+    let err = r.engine.submit(&refused, b"[[1, 2, 3, 4]]".to_vec()).unwrap_err();
+    assert_eq!(err.errno(), libc::EAGAIN);
+    r.fake.gate.open();
+    output(&running).unwrap();
+    output(&queued).unwrap();
+}
+
+/// Instances 1, max_batch 1, two workers: while the one instance runs a
+/// job, later jobs of that version stay queued in priority order instead
+/// of taking the second worker and waiting for the instance; the second
+/// worker runs other models' jobs meanwhile.
+#[test]
+fn the_instance_limit_keeps_priority_order() {
+    let r = rig(2);
+    let v = r.model("m", &gated(4), config(1, 1));
+    let other = r.model("other", &Spec::scaled(4, 3.0), config(0, 1));
+    r.fake.gate.close();
+    let long = r.submit("m", v, "[[1, 1, 1, 1]]");
+    wait_until("the long job runs", || r.running() == 1);
+    let low = r.engine.create_job(0, 0, "m", v).unwrap();
+    r.engine.set_priority(&low, 0).unwrap();
+    r.engine.submit(&low, b"[[2, 2, 2, 2]]".to_vec()).unwrap();
+    let high = r.engine.create_job(0, 0, "m", v).unwrap();
+    r.engine.set_priority(&high, 10).unwrap();
+    r.engine.submit(&high, b"[[3, 3, 3, 3]]".to_vec()).unwrap();
+
+    // The free worker is not tied up waiting for m's instance.
+    let elsewhere = r.submit("other", other, "[[1, 1, 1, 1]]");
+    assert_eq!(output(&elsewhere).unwrap(), "[[3.0,3.0,3.0,3.0]]\n");
+    assert_eq!((low.status(), high.status()), (Status::Queued, Status::Queued));
+    assert_eq!(r.engine.device_state("cpu").unwrap().queue, 2);
+    assert_eq!(r.running(), 1);
+
+    std::thread::sleep(Duration::from_millis(50));
+    r.fake.gate.open();
+    output(&long).unwrap();
+    assert_eq!(output(&high).unwrap(), "[[6.0,6.0,6.0,6.0]]\n");
+    assert_eq!(output(&low).unwrap(), "[[4.0,4.0,4.0,4.0]]\n");
+    let (high, low) = (high.snapshot(), low.snapshot());
+    assert!(high.started.unwrap() <= low.started.unwrap(), "the higher priority ran first");
+    // Neither counts the 50 ms it waited for the instance as compute.
+    assert!(high.compute_us.unwrap() < 40_000, "compute_us {:?}", high.compute_us);
+    assert!(high.queue_us.unwrap() >= 50_000, "queue_us {:?}", high.queue_us);
+    assert_eq!(r.fake.counters.loads.load(Ordering::SeqCst), 2, "one instance of m, one of other");
+}
+
+#[test]
+fn a_model_with_no_inputs_runs_on_an_empty_request() {
+    let r = rig(1);
+    let output_spec = Spec::scaled(3, 1.0).outputs;
+    let constant = Spec { inputs: vec![], outputs: output_spec, fill: 7.0, ..Spec::scaled(3, 1.0) };
+    let v = r.model("c", &constant, config(0, 8));
+    assert_eq!(output(&r.submit("c", v, "{}")).unwrap(), "{\"y\":[[7.0,7.0,7.0]]}\n");
+    let kserve = output(&r.submit("c", v, r#"{"inputs": []}"#)).unwrap();
+    assert!(kserve.contains(r#""data":[7.0,7.0,7.0]"#), "{kserve}");
+}
+
+#[test]
+fn accepted_jobs_survive_a_restart_and_run_then() {
+    let dir = tempfile::tempdir().unwrap();
+    let (v, finished, queued) = {
+        let r = rig_in(dir, 1);
+        let v = r.model("m", &gated(4), config(0, 1));
+        r.fake.gate.close();
+        let running = r.submit("m", v, "[[1, 1, 1, 1]]");
+        wait_until("the first job runs", || r.running() == 1);
+        let queued: Vec<u64> = (2..=3).map(|i| r.submit("m", v, &format!("[[{i}, {i}, {i}, {i}]]")).id).collect();
+        // Stopping lets the running job finish and leaves the queue to the journal.
+        let stopper = std::thread::spawn({
+            let gate = r.fake.gate.clone();
+            move || {
+                std::thread::sleep(Duration::from_millis(50));
+                gate.open();
+            }
+        });
+        r.engine.shutdown().unwrap();
+        stopper.join().unwrap();
+        assert_eq!(running.status(), Status::Done);
+        assert_eq!(r.fake.counters.runs.load(Ordering::SeqCst), 1, "nothing else ran");
+        let Rig { dir, engine, store, .. } = r;
+        drop(engine);
+        drop(store);
+        (v, (dir, running.id), queued)
+    };
+    let (dir, running) = finished;
+    let r = rig_in(dir, 1);
+    assert_eq!(r.engine.job(running).unwrap().status(), Status::Done);
+    for (i, id) in queued.into_iter().enumerate() {
+        let job = r.engine.job(id).expect("the queued job is back");
+        let n = 2.0 * (i + 2) as f32;
+        assert_eq!(output(&job).unwrap(), format!("[[{n:?},{n:?},{n:?},{n:?}]]\n"));
+    }
+    assert_eq!(r.store.model("m").unwrap().versions.len(), v as usize);
+}

@@ -1,0 +1,105 @@
+//! Open files: what each [`Handle`] holds, and reading and writing their
+//! bytes.
+
+use std::fs::File;
+use std::os::unix::fs::FileExt;
+use std::sync::atomic::Ordering;
+use std::sync::{Arc, Mutex};
+
+use crate::engine::Job;
+use crate::error::{Error, Result};
+use crate::store::Digest;
+
+use super::infer::InferStream;
+use super::jobs::JobInput;
+use super::upload::Pending;
+use super::{Fs, JobFile};
+/// An open file: its handle and how the kernel should cache it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Opened {
+    pub fh: u64,
+    /// Content is generated per open: bypass the page cache and `i_size`.
+    pub direct_io: bool,
+    /// Content never changes: keep the page cache across opens.
+    pub keep_cache: bool,
+    /// A stream, not a file with offsets (`infer`): reads and writes
+    /// ignore positions.
+    pub stream: bool,
+    /// `close()` has nothing to do: the handle cannot have been written,
+    /// or (`infer` opened for reading too) its request is sent by its read
+    /// or its release. The kernel then skips the `flush` round trip.
+    pub no_flush: bool,
+}
+
+pub(super) enum Handle {
+    Content(Vec<u8>),
+    Blob(File),
+    Upload(Mutex<Pending>),
+    /// `config.json` opened for writing: the new text, applied at close.
+    Config(String, Mutex<Option<Vec<u8>>>),
+    Infer(Mutex<InferStream>),
+    JobInput(Mutex<JobInput>),
+    JobOutput(Arc<Job>),
+    /// `ctl` or `priority` opened for writing: each write is one command.
+    JobCommand(Arc<Job>, JobFile),
+}
+
+impl Fs {
+    pub(super) fn open_blob(&self, digest: &Digest) -> Result<File> {
+        let path = self.store.blob_path(digest);
+        File::open(&path).map_err(|e| Error::io(path.display().to_string(), e))
+    }
+
+    // ---- helpers ------------------------------------------------------------
+
+    pub(super) fn add_handle(&self, handle: Handle) -> u64 {
+        let fh = self.next_fh.fetch_add(1, Ordering::Relaxed);
+        self.handles.lock().unwrap().insert(fh, Arc::new(handle));
+        fh
+    }
+
+    pub(super) fn handle(&self, fh: u64) -> Result<Arc<Handle>> {
+        self.handles.lock().unwrap().get(&fh).cloned().ok_or(Error::BadHandle(fh))
+    }
+
+    pub(super) fn with_pending<T>(&self, fh: u64, f: impl FnOnce(&mut Pending) -> Result<T>) -> Result<T> {
+        let handle = self.handle(fh)?;
+        let Handle::Upload(pending) = &*handle else {
+            return Err(Error::BadHandle(fh));
+        };
+        let mut p = pending.lock().unwrap();
+        f(&mut p)
+    }
+}
+/// Writes `data` at `offset` into a buffer that may not grow past `limit`.
+pub(super) fn write_into(buf: &mut Vec<u8>, offset: u64, data: &[u8], limit: u64) -> Result<()> {
+    let end = offset.saturating_add(data.len() as u64);
+    if end > limit {
+        return Err(Error::TooBig { limit });
+    }
+    let (start, end) = (offset as usize, end as usize);
+    if buf.len() < end {
+        buf.resize(end, 0);
+    }
+    buf[start..end].copy_from_slice(data);
+    Ok(())
+}
+
+pub(super) fn slice_at(bytes: &[u8], offset: usize, size: usize) -> Vec<u8> {
+    let start = offset.min(bytes.len());
+    bytes[start..(start + size).min(bytes.len())].to_vec()
+}
+
+pub(super) fn read_file_at(file: &File, offset: u64, size: usize) -> Result<Vec<u8>> {
+    let mut buf = vec![0u8; size];
+    let mut filled = 0;
+    while filled < size {
+        let n = file.read_at(&mut buf[filled..], offset + filled as u64).map_err(|e| Error::io("reading blob", e))?;
+        if n == 0 {
+            break;
+        }
+        filled += n;
+    }
+    buf.truncate(filled);
+    Ok(buf)
+}

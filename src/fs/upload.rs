@@ -1,0 +1,100 @@
+//! Imports through the tree: `create` in a model directory starts an
+//! upload; its `close()` commits the version (see the module header of
+//! `fs`).
+
+use std::ffi::OsStr;
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
+
+use crate::error::{Error, Result};
+use crate::store::{self, Imported, Upload};
+
+use super::handles::{Handle, Opened};
+use super::node::VERSION_FILES;
+use super::{Attr, Caller, Fs, Node};
+/// An import in progress (see the module header).
+pub(super) struct Pending {
+    pub(super) model: String,
+    pub(super) file_name: String,
+    pub(super) uid: u32,
+    pub(super) gid: u32,
+    pub(super) perm: u16,
+    /// The free space of the store when it began: no file can be larger.
+    pub(super) limit: u64,
+    /// `None` once committed or failed.
+    pub(super) upload: Option<Upload>,
+}
+
+/// How long an imported file's name still resolves after the commit.
+pub(super) const IMPORTED_NAME_GRACE: Duration = Duration::from_secs(10);
+
+impl Fs {
+    /// The version a file just imported under `name` went to, within the
+    /// grace period.
+    pub(super) fn recently_imported(&self, model: &str, name: &str) -> Option<u32> {
+        let mut imported = self.imported.lock().unwrap();
+        imported.retain(|_, (_, at)| at.elapsed() < IMPORTED_NAME_GRACE);
+        imported.get(&(model.to_string(), name.to_string())).map(|(n, _)| *n)
+    }
+
+    /// Starts copying a model file into `models/<name>/`.
+    pub fn create(&self, parent: u64, name: &OsStr, mode: u32, caller: Caller) -> Result<(Attr, Opened)> {
+        let model = match self.node(parent)? {
+            Node::Model(model) => model,
+            node @ (Node::Version { .. } | Node::Blobs) => return Err(Error::ReadOnly(self.describe(&node))),
+            Node::Models => {
+                return Err(Error::NotPermitted(
+                    "models/ holds model directories: mkdir models/NAME, then copy the model file into it".into(),
+                ))
+            }
+            node => return Err(Error::NotPermitted(format!("{}: cannot create files here", self.describe(&node)))),
+        };
+        let file_name = store::validate_name(name.as_encoded_bytes())?;
+        if VERSION_FILES.contains(&file_name) {
+            return Err(Error::InvalidName {
+                name: file_name.to_string(),
+                why: "reserved for the files aifs adds to every version",
+            });
+        }
+        match self.child(&Node::Model(model.clone()), file_name) {
+            Ok(Node::Imported { .. }) | Err(_) => {}
+            Ok(node) => return Err(Error::Exists(self.describe(&node))),
+        }
+        let fh = self.start_upload(model, file_name, mode, caller)?;
+        let attr = self.attr(&Node::Upload(fh))?;
+        Ok((attr, Opened { fh, direct_io: false, keep_cache: false, stream: false, no_flush: false }))
+    }
+
+    /// A new upload of `file_name` into a model; returns its handle.
+    pub(super) fn start_upload(&self, model: String, file_name: &str, mode: u32, caller: Caller) -> Result<u64> {
+        self.backends.for_files(&[file_name])?;
+        let pending = Pending {
+            model,
+            file_name: file_name.to_string(),
+            uid: caller.uid,
+            gid: caller.gid,
+            perm: (mode & 0o777) as u16,
+            limit: self.statfs().map_or(u64::MAX, |s| s.bavail * s.frsize as u64),
+            upload: Some(self.store.begin_upload()?),
+        };
+        Ok(self.add_handle(Handle::Upload(Mutex::new(pending))))
+    }
+
+    pub(super) fn commit(&self, p: &mut Pending) -> Result<()> {
+        let upload = p.upload.take().expect("caller checked");
+        let bytes = upload.len();
+        let file_name = p.file_name.clone();
+        let imported = self.store.import(&p.model, &file_name, upload, |files| self.backends.inspect(files))?;
+        let (number, what) = match imported {
+            Imported::New(n) => (n, "imported new version"),
+            Imported::Existing(n) => (n, "content identical to an existing version; no new version"),
+        };
+        tracing::info!(model = %p.model, version = number, file = %file_name, bytes, "{what}");
+        self.imported.lock().unwrap().insert((p.model.clone(), file_name), (number, Instant::now()));
+        Ok(())
+    }
+}
+pub(super) fn no_space(model: &str, file: &str, free: u64) -> Error {
+    let context = format!("models/{model}/{file}: larger than the store's free space ({free} bytes)");
+    Error::io(context, std::io::Error::from_raw_os_error(libc::ENOSPC))
+}

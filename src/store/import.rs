@@ -1,0 +1,217 @@
+//! Imports: an [`Upload`] streams into a temp file in the blob directory;
+//! [`Store::import`] hashes, checks (the caller's inspector), fsyncs,
+//! renames it to its digest name and commits the version.
+
+use std::collections::BTreeMap;
+use std::fs::{self, File, OpenOptions};
+use std::os::fd::AsRawFd;
+use std::os::unix::fs::FileExt;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+
+use sha2::{Digest as _, Sha256};
+
+use crate::backend::{Files, Inspected};
+use crate::error::{Error, Result};
+
+use super::blobs::{remove_file_if_present, sync_dir};
+use super::names::validate_name;
+use super::{now_secs, Digest, Store, Version};
+
+/// What a successful import did.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Imported {
+    /// A new version with this number.
+    New(u32),
+    /// The content equals this existing version; nothing was added.
+    Existing(u32),
+}
+
+impl Store {
+    /// Starts an import: a temp file in the blob directory (so the final
+    /// rename never crosses file systems).
+    pub fn begin_upload(&self) -> Result<Upload> {
+        let n = self.next_temp.fetch_add(1, Ordering::Relaxed);
+        let path = self.blobs.join(format!("tmp-{}-{n}", std::process::id()));
+        let file = OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create_new(true)
+            .open(&path)
+            .map_err(|e| Error::io(path.display().to_string(), e))?;
+        Ok(Upload { file, path: Some(path), len: 0 })
+    }
+
+    /// Commits an upload as the next version of `model`, file name
+    /// `file_name`. `inspect` must load the version's files with a backend
+    /// (it runs on the temp file before anything is committed); its error
+    /// leaves nothing behind. The version records the backend it names.
+    pub fn import(
+        &self,
+        model: &str,
+        file_name: &str,
+        upload: Upload,
+        inspect: impl FnOnce(&Files) -> Result<Inspected>,
+    ) -> Result<Imported> {
+        validate_name(file_name.as_bytes())?;
+        self.model(model)?;
+        // The fsync, the sha256 and the backend's load each take a good
+        // part of a large import; they overlap (all must succeed before the
+        // commit). Hashing here rather than as the bytes arrive keeps it
+        // off the writes' path: the file is still in the page cache.
+        let (synced, digest, inspected) = std::thread::scope(|scope| {
+            let sync = scope.spawn(|| upload.sync());
+            let hash = scope.spawn(|| upload.digest());
+            let path = upload.path.clone().expect("a live upload has a path");
+            let inspected = inspect(&Files::from([(file_name.to_string(), path)]));
+            (joined(sync.join(), "syncing"), joined(hash.join(), "hashing"), inspected)
+        });
+        synced?;
+        let finished = Finished { digest: digest?, upload };
+        let inspected = inspected?;
+
+        let _w = self.writer.lock().unwrap();
+        let current = self.model(model)?; // it may have been removed meanwhile
+        if let Some(v) =
+            current.versions.values().find(|v| v.files.len() == 1 && v.files.values().next() == Some(&finished.digest))
+        {
+            return Ok(Imported::Existing(v.number));
+        }
+        let digest = finished.digest;
+        let size = finished.upload.len;
+        let added = finished.persist(&self.blob_path(&digest))?;
+        let files = BTreeMap::from([(file_name.to_string(), digest)]);
+        let mut record = (*current).clone();
+        let number = record.next_version;
+        record.next_version += 1;
+        record.versions.insert(
+            number,
+            Arc::new(Version {
+                number,
+                digest: Digest::of(Version::manifest(&files).as_bytes()),
+                files,
+                size,
+                created: now_secs(),
+                format: inspected.format,
+                backend: inspected.backend,
+                signature: inspected.signature,
+            }),
+        );
+        if let Err(e) = self.put(record) {
+            if added {
+                // Not referenced by anything durable: take it back now rather
+                // than waiting for the next start-up.
+                let _ = remove_file_if_present(&self.blob_path(&digest));
+            }
+            return Err(e);
+        }
+        if added {
+            self.bytes.fetch_add(size, Ordering::Relaxed);
+        }
+        Ok(Imported::New(number))
+    }
+}
+/// An upload's bytes are handed to the disk in pieces this large.
+const WRITEBACK_CHUNK: u64 = 8 << 20;
+
+/// A file being copied into the store. Hashes as bytes arrive in order
+/// (the usual `cp` case) and re-reads the file only if writes came out of
+/// order. Dropping it removes the temp file.
+pub struct Upload {
+    file: File,
+    path: Option<PathBuf>,
+    len: u64,
+}
+
+impl Upload {
+    pub fn len(&self) -> u64 {
+        self.len
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+
+    pub fn write_at(&mut self, offset: u64, data: &[u8]) -> Result<()> {
+        self.file.write_all_at(data, offset).map_err(|e| Error::io("writing upload", e))?;
+        // Start writing back each full 8 MiB as it arrives (without waiting
+        // for it), so the fsync at the end has little left to do.
+        let end = offset + data.len() as u64;
+        let chunk = WRITEBACK_CHUNK;
+        if end / chunk > offset / chunk {
+            let start = (end / chunk - 1) * chunk;
+            // SAFETY: a plain syscall on a file descriptor this upload owns.
+            unsafe {
+                libc::sync_file_range(self.file.as_raw_fd(), start as i64, chunk as i64, libc::SYNC_FILE_RANGE_WRITE)
+            };
+        }
+        self.len = self.len.max(offset + data.len() as u64);
+        Ok(())
+    }
+
+    pub fn set_len(&mut self, len: u64) -> Result<()> {
+        if len != self.len {
+            self.file.set_len(len).map_err(|e| Error::io("truncating upload", e))?;
+            self.len = len;
+        }
+        Ok(())
+    }
+
+    pub fn sync(&self) -> Result<()> {
+        self.file.sync_all().map_err(|e| Error::io("syncing upload", e))
+    }
+
+    /// The sha256 of the bytes written, read back from the file.
+    fn digest(&self) -> Result<Digest> {
+        let mut hasher = Sha256::new();
+        let mut buf = vec![0u8; 1 << 20];
+        let mut at = 0;
+        while at < self.len {
+            let n = self.file.read_at(&mut buf, at).map_err(|e| Error::io("hashing upload", e))?;
+            if n == 0 {
+                return Err(Error::io("hashing upload", std::io::ErrorKind::UnexpectedEof.into()));
+            }
+            hasher.update(&buf[..n]);
+            at += n as u64;
+        }
+        Ok(Digest::finish(hasher))
+    }
+}
+
+/// A scoped thread's result; its panic as an error.
+fn joined<T>(r: std::thread::Result<Result<T>>, what: &str) -> Result<T> {
+    r.unwrap_or_else(|_| Err(Error::Internal(format!("{what} the upload panicked"))))
+}
+
+impl Drop for Upload {
+    fn drop(&mut self) {
+        if let Some(path) = &self.path {
+            if let Err(e) = remove_file_if_present(path) {
+                tracing::warn!("{e}");
+            }
+        }
+    }
+}
+
+/// An upload whose digest is known and whose bytes are on disk.
+struct Finished {
+    digest: Digest,
+    upload: Upload,
+}
+
+impl Finished {
+    /// Moves the temp file to `dest`, replacing a blob already there: the
+    /// same name means the same bytes, so this also repairs a blob damaged
+    /// on disk. Returns whether a new blob was added.
+    fn persist(mut self, dest: &Path) -> Result<bool> {
+        let added = !dest.exists();
+        let tmp = self.upload.path.take().expect("a live upload has a path");
+        if let Err(e) = fs::rename(&tmp, dest) {
+            let _ = remove_file_if_present(&tmp);
+            return Err(Error::io(dest.display().to_string(), e));
+        }
+        sync_dir(dest.parent().expect("blob paths have a parent"))?;
+        Ok(added)
+    }
+}

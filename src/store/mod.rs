@@ -1,0 +1,114 @@
+//! The model store: content-addressed blobs on disk and a sled catalog of
+//! models, versions and aliases.
+//!
+//! Layout of the data directory:
+//!
+//! ```text
+//! <data>/blobs/sha256-<hex>   one file per distinct content, never modified
+//! <data>/blobs/tmp-<pid>-<n>  an import in progress (removed on failure and at start-up)
+//! <data>/catalog/             sled: one record per model (JSON), key = model name
+//! ```
+//!
+//! Promises:
+//!
+//! - **Atomic versions.** An import streams into a temp file, is hashed,
+//!   validated by the caller's inspector and fsynced, renamed to its digest
+//!   name, and only then is the model record (with the new version) written
+//!   to sled and flushed. A model's versions and aliases live in its one
+//!   record, so a crash leaves either the old record or the new one: never a
+//!   half version or a dangling alias. A crash after the rename but before
+//!   the catalog write leaves an unreferenced blob; [`Store::open`] deletes
+//!   it, along with every temp file.
+//! - **Dedup.** Identical bytes are stored once; importing content identical
+//!   to an existing version of the same model makes no new version.
+//! - **GC.** Deleting a version deletes each of its blobs that no remaining
+//!   version (of any model) references.
+//! - **Ordering.** Catalog mutations are serialized by one mutex, which is
+//!   also held across "rename blob + commit record" and across GC, so GC can
+//!   never delete a blob an import is about to reference. Readers use an
+//!   in-memory copy of the catalog and never wait on disk.
+
+mod blobs;
+mod catalog;
+mod digest;
+mod import;
+mod names;
+
+pub use catalog::{Model, ModelConfig, Version};
+pub use digest::Digest;
+pub use import::{Imported, Upload};
+pub use names::{parse_version_name, validate_name, LATEST};
+
+use std::collections::BTreeMap;
+use std::fs;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::AtomicU64;
+use std::sync::{Arc, Mutex, RwLock};
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use crate::error::{Error, Result};
+pub struct Store {
+    root: PathBuf,
+    blobs: PathBuf,
+    db: sled::Db,
+    /// Readers' copy of the catalog; replaced record by record after each
+    /// durable write.
+    models: RwLock<BTreeMap<String, Arc<Model>>>,
+    /// Serializes catalog mutations and blob renames/deletes (see header).
+    writer: Mutex<()>,
+    next_temp: AtomicU64,
+    /// Bytes of all blobs on disk.
+    bytes: AtomicU64,
+}
+
+impl Store {
+    /// Opens (creating if needed) the store in `root`, then recovers from any
+    /// crash: removes temp files and blobs no version references.
+    pub fn open(root: &Path) -> Result<Store> {
+        let blobs = root.join("blobs");
+        fs::create_dir_all(&blobs).map_err(|e| Error::io(blobs.display().to_string(), e))?;
+        let db = sled::Config::new().path(root.join("catalog")).mode(sled::Mode::LowSpace).open()?;
+        let mut models = BTreeMap::new();
+        for entry in db.iter() {
+            let (key, value) = entry?;
+            let key = String::from_utf8_lossy(&key).into_owned();
+            let model: Model = serde_json::from_slice(&value)
+                .map_err(|e| Error::CorruptRecord { key: key.clone(), why: e.to_string() })?;
+            models.insert(key, Arc::new(model));
+        }
+        let store = Store {
+            root: root.to_path_buf(),
+            blobs,
+            db,
+            models: RwLock::new(models),
+            writer: Mutex::new(()),
+            next_temp: AtomicU64::new(0),
+            bytes: AtomicU64::new(0),
+        };
+        store.recover()?;
+        Ok(store)
+    }
+
+    pub fn root(&self) -> &Path {
+        &self.root
+    }
+
+    /// The catalog database, for other trees (the engine's job records).
+    pub fn db(&self) -> &sled::Db {
+        &self.db
+    }
+
+    pub fn models(&self) -> Vec<Arc<Model>> {
+        self.models.read().unwrap().values().cloned().collect()
+    }
+
+    pub fn model(&self, name: &str) -> Result<Arc<Model>> {
+        self.models.read().unwrap().get(name).cloned().ok_or_else(|| Error::NotFound(format!("models/{name}")))
+    }
+}
+pub(crate) fn now_secs() -> u64 {
+    SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs())
+}
+
+#[cfg(test)]
+mod tests;

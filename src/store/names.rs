@@ -1,0 +1,69 @@
+//! What a user may type as a name: models, aliases, model files, and
+//! `v<N>` for versions. Every name is checked here before it reaches the
+//! catalog or a path.
+
+use crate::error::{Error, Result};
+
+use super::Model;
+/// Names of models, aliases and model files: what a user may type as one
+/// path component. Returns the name back as `&str` when valid.
+pub fn validate_name(name: &[u8]) -> Result<&str> {
+    let invalid = |why| Error::InvalidName { name: String::from_utf8_lossy(name).into_owned(), why };
+    if name.is_empty() {
+        return Err(invalid("empty"));
+    }
+    if name.len() > 255 {
+        return Err(invalid("longer than 255 bytes"));
+    }
+    if name.contains(&b'/') {
+        return Err(invalid("contains '/'"));
+    }
+    if name.contains(&0) {
+        return Err(invalid("contains NUL"));
+    }
+    if name[0] == b'.' {
+        return Err(invalid("starts with '.'"));
+    }
+    std::str::from_utf8(name).map_err(|_| invalid("not UTF-8"))
+}
+
+/// `v<N>` names a version; anything else in a model directory is an alias.
+pub fn parse_version_name(name: &str) -> Option<u32> {
+    let digits = name.strip_prefix('v')?;
+    if digits.is_empty() || digits.starts_with('0') || !digits.bytes().all(|b| b.is_ascii_digit()) {
+        return None;
+    }
+    digits.parse().ok()
+}
+
+/// The alias the daemon keeps pointing at the newest version.
+pub const LATEST: &str = "latest";
+
+/// Alias names: valid names that do not look like a version or `latest`.
+pub(super) fn validate_alias(alias: &str) -> Result<()> {
+    validate_name(alias.as_bytes())?;
+    if alias == LATEST {
+        return Err(Error::NotPermitted(format!("{LATEST} is kept by the daemon")));
+    }
+    if alias == "config.json" {
+        return Err(Error::InvalidName { name: alias.to_string(), why: "config.json is the model's settings" });
+    }
+    if alias.starts_with('v') && alias[1..].bytes().all(|b| b.is_ascii_digit()) {
+        return Err(Error::InvalidName { name: alias.to_string(), why: "v<N> names versions, not aliases" });
+    }
+    Ok(())
+}
+
+/// The version a symlink target names: `v<N>` or `./v<N>`.
+pub(super) fn resolve_target(model: &Model, target: &str) -> Result<u32> {
+    let name = target.strip_prefix("./").unwrap_or(target);
+    let number = parse_version_name(name).ok_or_else(|| {
+        Error::InvalidArgument(format!(
+            "alias target {target:?}: an alias points at a version of the same model, e.g. v1"
+        ))
+    })?;
+    if !model.versions.contains_key(&number) {
+        return Err(Error::NotFound(format!("models/{}/{name}", model.name)));
+    }
+    Ok(number)
+}

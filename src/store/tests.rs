@@ -1,0 +1,224 @@
+//! The store's unit tests: a real sled catalog and blob directory in a temp dir.
+
+use super::*;
+use crate::backend::{Files, Inspected};
+use crate::tensor::{DType, Signature, TensorSpec};
+
+fn ok_inspect(_: &Files) -> Result<Inspected> {
+    Ok(Inspected {
+        format: "onnx".into(),
+        backend: "test".into(),
+        signature: Signature {
+            inputs: vec![TensorSpec { name: "x".into(), dtype: DType::Float32, shape: vec![-1], dim_names: vec![] }],
+            outputs: vec![],
+        },
+    })
+}
+
+fn upload(store: &Store, bytes: &[u8]) -> Upload {
+    let mut u = store.begin_upload().unwrap();
+    u.write_at(0, bytes).unwrap();
+    u
+}
+
+/// Everything in the blob directory, by name.
+fn blob_dir(store: &Store) -> Vec<String> {
+    let mut names: Vec<String> =
+        fs::read_dir(&store.blobs).unwrap().map(|e| e.unwrap().file_name().to_string_lossy().into_owned()).collect();
+    names.sort();
+    names
+}
+
+/// Opens a store just dropped in this process: sled's flusher thread
+/// may hold the file lock a moment longer (a new process never waits).
+fn reopen(dir: &Path) -> Store {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+    loop {
+        match Store::open(dir) {
+            Ok(store) => return store,
+            Err(_) if std::time::Instant::now() < deadline => std::thread::sleep(std::time::Duration::from_millis(20)),
+            Err(e) => panic!("{e}"),
+        }
+    }
+}
+
+fn new_store() -> (tempfile::TempDir, Store) {
+    let dir = tempfile::tempdir().unwrap();
+    let store = Store::open(dir.path()).unwrap();
+    store.create_model("m", 0, 0, 0o755).unwrap();
+    (dir, store)
+}
+
+#[test]
+fn digest_parses_both_spellings_and_rejects_the_rest() {
+    let d = Digest::of(b"abc");
+    assert_eq!(d.to_string().parse::<Digest>().unwrap(), d);
+    assert_eq!(d.file_name().parse::<Digest>().unwrap(), d);
+    assert_eq!(d.to_string(), "sha256:ba7816bf8f01cfea414140de5dae2223b00361a396177a9cb410ff61f20015ad");
+    for bad in [
+        "",
+        "sha256:",
+        "md5:ba7816bf8f01cfea414140de5dae2223b00361a396177a9cb410ff61f20015ad",
+        "sha256:BA7816BF8F01CFEA414140DE5DAE2223B00361A396177A9CB410FF61F20015AD",
+        "sha256:ba7816bf8f01cfea414140de5dae2223b00361a396177a9cb410ff61f20015a",
+        "sha256:ba7816bf8f01cfea414140de5dae2223b00361a396177a9cb410ff61f20015ad0",
+        "sha256-../../../../etc/passwd",
+    ] {
+        assert!(bad.parse::<Digest>().is_err(), "{bad:?} parsed");
+    }
+}
+
+#[test]
+fn names_are_validated() {
+    assert_eq!(validate_name(b"resnet-50_v2.onnx").unwrap(), "resnet-50_v2.onnx");
+    assert!(validate_name(&[b'a'; 255]).is_ok());
+    for bad in [&b""[..], b".", b"..", b".hidden", b"a/b", b"a\0b", &[b'a'; 256], b"\xff"] {
+        let err = validate_name(bad).unwrap_err();
+        assert_eq!(err.errno(), libc::EINVAL, "{bad:?}");
+    }
+}
+
+#[test]
+fn version_names() {
+    assert_eq!(parse_version_name("v1"), Some(1));
+    assert_eq!(parse_version_name("v42"), Some(42));
+    for bad in ["v", "v0", "v01", "1", "V1", "v1a", "latest", "v99999999999"] {
+        assert_eq!(parse_version_name(bad), None, "{bad}");
+    }
+}
+
+#[test]
+fn import_commits_a_version_atomically() {
+    let (_dir, store) = new_store();
+    let got = store.import("m", "a.onnx", upload(&store, b"model bytes"), ok_inspect).unwrap();
+    assert_eq!(got, Imported::New(1));
+    let m = store.model("m").unwrap();
+    let v = &m.versions[&1];
+    let blob = Digest::of(b"model bytes");
+    assert_eq!(v.files, BTreeMap::from([("a.onnx".to_string(), blob)]));
+    assert_eq!(v.digest, Digest::of(format!("{blob}  a.onnx\n").as_bytes()));
+    assert_eq!(fs::read(store.blob_path(&blob)).unwrap(), b"model bytes");
+    assert_eq!(blob_dir(&store), vec![blob.file_name()]);
+    assert_eq!(store.size(), 11);
+    assert_eq!(m.latest(), Some(1));
+}
+
+#[test]
+fn failed_inspection_leaves_nothing() {
+    let (_dir, store) = new_store();
+    let err = store
+        .import("m", "a.onnx", upload(&store, b"garbage"), |_| {
+            Err(Error::InvalidModel { name: "a.onnx".into(), why: "nope".into() })
+        })
+        .unwrap_err();
+    assert_eq!(err.errno(), libc::EINVAL);
+    assert!(store.model("m").unwrap().versions.is_empty());
+    assert_eq!(blob_dir(&store), Vec::<String>::new());
+    assert_eq!(store.size(), 0);
+}
+
+#[test]
+fn identical_content_makes_no_new_version_and_is_stored_once() {
+    let (_dir, store) = new_store();
+    store.create_model("other", 0, 0, 0o755).unwrap();
+    assert_eq!(store.import("m", "a.onnx", upload(&store, b"one"), ok_inspect).unwrap(), Imported::New(1));
+    assert_eq!(store.import("m", "a.onnx", upload(&store, b"one"), ok_inspect).unwrap(), Imported::Existing(1));
+    assert_eq!(store.import("m", "b.onnx", upload(&store, b"one"), ok_inspect).unwrap(), Imported::Existing(1));
+    assert_eq!(store.import("m", "a.onnx", upload(&store, b"two"), ok_inspect).unwrap(), Imported::New(2));
+    // Same bytes in another model: a version there, one blob on disk.
+    assert_eq!(store.import("other", "a.onnx", upload(&store, b"one"), ok_inspect).unwrap(), Imported::New(1));
+    assert_eq!(blob_dir(&store).len(), 2);
+    assert_eq!(store.size(), 6);
+}
+
+#[test]
+fn out_of_order_writes_hash_the_final_bytes() {
+    let (_dir, store) = new_store();
+    let mut u = store.begin_upload().unwrap();
+    u.write_at(3, b"def").unwrap();
+    u.write_at(0, b"abc").unwrap();
+    store.import("m", "a.onnx", u, ok_inspect).unwrap();
+    let v = &store.model("m").unwrap().versions[&1];
+    assert_eq!(v.files["a.onnx"], Digest::of(b"abcdef"));
+}
+
+#[test]
+fn delete_collects_unreferenced_blobs_only() {
+    let (_dir, store) = new_store();
+    store.create_model("other", 0, 0, 0o755).unwrap();
+    store.import("m", "a.onnx", upload(&store, b"shared"), ok_inspect).unwrap();
+    store.import("m", "a.onnx", upload(&store, b"mine"), ok_inspect).unwrap();
+    store.import("other", "a.onnx", upload(&store, b"shared"), ok_inspect).unwrap();
+    store.delete_version("m", 1).unwrap();
+    assert_eq!(blob_dir(&store).len(), 2, "shared blob still used by other/v1");
+    store.delete_version("m", 2).unwrap();
+    assert_eq!(blob_dir(&store), vec![Digest::of(b"shared").file_name()]);
+    assert_eq!(store.size(), 6);
+    // Numbers are not reused.
+    assert_eq!(store.import("m", "a.onnx", upload(&store, b"new"), ok_inspect).unwrap(), Imported::New(3));
+}
+
+#[test]
+fn aliases_pin_versions() {
+    let (_dir, store) = new_store();
+    store.import("m", "a.onnx", upload(&store, b"1"), ok_inspect).unwrap();
+    store.import("m", "a.onnx", upload(&store, b"2"), ok_inspect).unwrap();
+    store.create_alias("m", "stable", "v1").unwrap();
+    assert_eq!(store.create_alias("m", "stable", "v2").unwrap_err().errno(), libc::EEXIST);
+    assert_eq!(store.create_alias("m", "x", "v9").unwrap_err().errno(), libc::ENOENT);
+    assert_eq!(store.create_alias("m", "x", "../other").unwrap_err().errno(), libc::EINVAL);
+    assert_eq!(store.create_alias("m", "latest", "v1").unwrap_err().errno(), libc::EPERM);
+    assert_eq!(store.create_alias("m", "v7", "v1").unwrap_err().errno(), libc::EINVAL);
+    assert_eq!(store.create_alias("m", "config.json", "v1").unwrap_err().errno(), libc::EINVAL);
+    assert_eq!(store.delete_version("m", 1).unwrap_err().errno(), libc::EBUSY);
+    // ln -sfn v2 stable: a temp alias renamed over the old one.
+    store.create_alias("m", "tmp123", "./v2").unwrap();
+    store.rename_alias("m", "tmp123", "stable", false).unwrap();
+    let m = store.model("m").unwrap();
+    assert_eq!(m.aliases, BTreeMap::from([("stable".to_string(), 2)]));
+    store.delete_version("m", 1).unwrap();
+    store.remove_alias("m", "stable").unwrap();
+    assert_eq!(store.remove_model("m").unwrap_err().errno(), libc::ENOTEMPTY);
+    store.delete_version("m", 2).unwrap();
+    store.remove_model("m").unwrap();
+    assert_eq!(store.model("m").unwrap_err().errno(), libc::ENOENT);
+}
+
+#[test]
+fn config_is_validated_and_kept() {
+    let (dir, store) = new_store();
+    assert_eq!(store.model("m").unwrap().config, ModelConfig::default());
+    let c = ModelConfig::parse(br#"{"device": "gpu0", "max_batch": 16}"#).unwrap();
+    assert_eq!((c.device.as_str(), c.max_batch, c.max_queue), ("gpu0", 16, 1024));
+    for bad in [&br#"{"device": "tpu"}"#[..], br#"{"max_batch": 0}"#, br#"{"nope": 1}"#, br#"{"max_batch": -1}"#, b"{"]
+    {
+        let e = ModelConfig::parse(bad).unwrap_err();
+        assert_eq!(e.errno(), libc::EINVAL);
+        assert!(e.to_string().starts_with("config.json: "), "{e}");
+    }
+    store.set_config("m", c.clone()).unwrap();
+    drop(store);
+    assert_eq!(reopen(dir.path()).model("m").unwrap().config, c);
+}
+
+#[test]
+fn reopen_keeps_everything_and_removes_leftovers() {
+    let dir = tempfile::tempdir().unwrap();
+    let blob = Digest::of(b"kept");
+    {
+        let store = Store::open(dir.path()).unwrap();
+        store.create_model("m", 1000, 1000, 0o700).unwrap();
+        store.import("m", "a.onnx", upload(&store, b"kept"), ok_inspect).unwrap();
+        store.create_alias("m", "stable", "v1").unwrap();
+        // A crash mid-import (temp file) and after the blob rename but
+        // before the catalog write (orphan blob):
+        std::mem::forget(upload(&store, b"half"));
+        fs::write(store.blob_path(&Digest::of(b"orphan")), b"orphan").unwrap();
+    }
+    let store = reopen(dir.path());
+    assert_eq!(blob_dir(&store), vec![blob.file_name()]);
+    let m = store.model("m").unwrap();
+    assert_eq!((m.uid, m.gid, m.mode), (1000, 1000, 0o700));
+    assert_eq!(m.aliases["stable"], 1);
+    assert_eq!(store.size(), 4);
+}
