@@ -209,9 +209,25 @@ def fixed(path):
     build(path, graph, {"x": x}, {"y": x + 1})
 
 
+def constant(path):
+    """A graph with no inputs: a constant generator (an empty request runs it)."""
+    y = np.arange(6, dtype=np.float32).reshape(2, 3) / 4
+    n = np.array([7, -7], dtype=np.int64)
+    graph = helper.make_graph(
+        [
+            helper.make_node("Constant", [], ["y"], value=numpy_helper.from_array(y)),
+            helper.make_node("Constant", [], ["n"], value=numpy_helper.from_array(n)),
+        ],
+        "constant",
+        [],
+        [tensor("y", np.float32, [2, 3]), tensor("n", np.int64, [2])],
+    )
+    build(path, graph, {}, {"y": y, "n": n})
+
+
 def synthesize(models):
     made = {f"identity_{dt}.onnx": lambda p, dt=dt: identity(p, dt) for dt in IDENTITY}
-    made.update({"multi.onnx": multi, "fixed.onnx": fixed})
+    made.update({"multi.onnx": multi, "fixed.onnx": fixed, "constant.onnx": constant})
     for name, make in made.items():
         dest = os.path.join(models, name)
         if not os.path.exists(dest):
@@ -286,6 +302,7 @@ CASES = {
     "magika": ("magika.onnx", magika_inputs, {}),
     "silero_vad": ("silero_vad.onnx", silero_vad_inputs, {}),
     "multi": ("multi.onnx", lambda _: MULTI, {}),
+    "constant": ("constant.onnx", lambda _: {}, {}),
 }
 CASES.update(
     {

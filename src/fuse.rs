@@ -381,8 +381,9 @@ pub fn clear_stale_mount(path: &Path) -> io::Result<bool> {
         .map_err(|_| io::Error::new(io::ErrorKind::InvalidInput, "path has a NUL"))?;
     // statfs, not stat: the kernel may answer stat from its attribute cache
     // for a while after the daemon died, but always asks the daemon for statfs.
-    // SAFETY: a valid C string and a zeroed struct for statfs to fill.
+    // SAFETY: statfs is plain old data, for which all zeros is valid.
     let mut st: libc::statfs = unsafe { std::mem::zeroed() };
+    // SAFETY: a valid C string, and a struct statfs only writes into.
     if unsafe { libc::statfs(c_path.as_ptr(), &mut st) } == 0
         || io::Error::last_os_error().raw_os_error() != Some(libc::ENOTCONN)
     {

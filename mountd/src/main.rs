@@ -52,7 +52,7 @@ struct Cli {
     #[arg(long, env = "AIFS_DATA_DIR")]
     data_dir: Option<PathBuf>,
 
-    /// Stay in the foreground and log to stderr (otherwise detach once mounted and log to <data-dir>/aifs-mountd.log).
+    /// Stay in the foreground and log to stderr (otherwise detach once mounted and log to DATA_DIR/aifs-mountd.log).
     #[arg(long, short)]
     foreground: bool,
 
@@ -92,7 +92,7 @@ struct Cli {
     #[arg(long, default_value_t = 100)]
     aging_ms: u64,
 
-    /// Add a simulated GPU (repeatable): MEMORY[,DELAY_MS[,WORKERS]], e.g. 512M or 2G,5. It runs
+    /// Add a simulated GPU (repeatable): SPEC is MEMORY, MEMORY,DELAY_MS or MEMORY,DELAY_MS,WORKERS, e.g. 512M or 2G,5. It runs
     /// on the CPU with that memory budget, extra time per run and workers (default 1); for trying
     /// scheduling and placement without a GPU.
     #[arg(long, value_name = "SPEC")]

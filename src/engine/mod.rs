@@ -1,33 +1,48 @@
 //! The inference engine: jobs, per-device queues, workers, loaded models,
-//! and the job records that survive a restart.
+//! and the job records that survive a restart. Built by the caller from
+//! its parts ([`Engine::start`] takes the store, backends and devices) and
+//! stopped by [`Engine::shutdown`].
+//!
+//! | file | owns |
+//! |---|---|
+//! | `job.rs` | [`Job`], its state and ending, the registry of all jobs |
+//! | `queue.rs` | placing, queueing, and taking the next job or batch |
+//! | `loaded.rs` | versions loaded on a device, their instances, eviction |
+//! | `run.rs` | one backend call for a job or a batch |
+//! | `housekeeping.rs` | timeouts, keep-alive, retention, record writes |
+//! | `records.rs` | the journal, the catalog of ended jobs, recovery |
 //!
 //! **Jobs.** Every request is a [`Job`], whichever way it came (`infer` or
 //! `clone`). A job is `new` until its input is submitted. [`Engine::submit`]
 //! decodes and checks the input against the version's signature *before*
 //! queueing (a malformed request fails at once with EINVAL and its reason),
 //! places the job on a device (the model's `config.json` `device`:
-//! [`sched::place`]), refuses it with EAGAIN if the model's queue is full,
+//! [`crate::sched::place`]), refuses it with EAGAIN if the model's queue is full,
 //! journals its record and input (see Records), and queues it.
 //!
 //! **Queues and workers.** Each device has a queue and workers (the CPU one
 //! per core, a GPU one). A worker takes the next job by priority with aging
-//! ([`sched::next`]) and, for a model whose inputs and outputs have a free
+//! ([`crate::sched::next`]) and, for a model whose inputs and outputs have a free
 //! first dimension, stacks queued requests of the same version and shape
-//! into one run up to `max_batch` rows ([`sched::batch`]). It waits up to
+//! into one run up to `max_batch` rows ([`crate::sched::batch`]). It waits up to
 //! `batch_delay_us` for a fuller batch only while other requests of that
 //! version are in flight, so a lone client never waits. At most one run
-//! per worker is in progress on a device. A reader about to wait for its
+//! per worker is in progress on a device, and a job is taken only when its
+//! version has a free instance: until then it stays queued in its place
+//! (`queued`, its wait counted in `queue_us`) and the worker takes the
+//! next job that can run. A reader about to wait for its
 //! own CPU job ([`Engine::run_or_wake`]) takes a free slot and runs that
 //! job on its own thread when it is next, instead of handing it to a
 //! worker (at most `inline_runs` such threads at once).
 //!
 //! **Loaded models.** A version is loaded on a device once and shared: a
-//! pool of backend [`Instance`]s (one request at a time runs on each), up
+//! pool of backend [`Instance`](crate::backend::Instance)s (one request at a time runs on each), up
 //! to `instances` (0: one per worker). Loading makes room by unloading the
 //! least recently used idle models when the device's memory budget would
 //! be exceeded, never one in use; models idle for `keep_alive_s` are
-//! unloaded. Every load re-reads the blob and verifies its sha256, so a
-//! tampered file is refused (EIO), not run.
+//! unloaded. Every load verifies each blob's sha256, streamed from disk,
+//! and hands the backend the verified paths, so a tampered file is refused
+//! (EIO), not run.
 //!
 //! **Waiting never blocks a thread.** [`Job::when_done`] takes a callback
 //! run when the job ends (at once if it has); the FUSE adapter passes one
@@ -39,7 +54,7 @@
 //! running) is discarded.
 //!
 //! **Records.** An accepted job's record and input (up to 16 MiB; a larger
-//! input is not kept) are appended to the [`Journal`] before its `close()`
+//! input is not kept) are appended to the [`Journal`](crate::journal::Journal) before its `close()`
 //! returns: one `writev(2)`, so it survives the daemon being killed at any
 //! moment and costs no disk round trip; the housekeeper syncs the journal
 //! every 500 ms. A job that ends is written once to sled (tree `jobs`:
@@ -98,7 +113,7 @@ pub struct EngineConfig {
     /// A queued job gains one priority point per `aging` waited.
     pub aging: Duration,
     /// How many threads that submitted a job and wait for it may run jobs
-    /// themselves at once ([`Engine::submit_and_help`]); 0: none.
+    /// themselves at once ([`Engine::run_or_wake`]); 0: none.
     pub inline_runs: usize,
 }
 
@@ -427,11 +442,6 @@ impl Shared {
             r.new.push_back((Instant::now(), job.id));
         }
     }
-
-    /// Decodes, checks and places a `new` job, records it, then queues it.
-    /// Disk I/O happens before the scheduler lock is taken; the status is
-    /// checked again under it, so a job cancelled meanwhile stays cancelled.
-    /// Returns the device it is queued on; the caller wakes its workers.
 
     fn fail(&self, job: &Arc<Job>, e: &Error) {
         self.end(job, Status::Failed, Err(Failure::of(e)));

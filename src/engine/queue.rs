@@ -98,6 +98,10 @@ pub(super) fn batch_key(version: &Version, inputs: &[Tensor]) -> Option<(u64, us
 }
 
 impl Shared {
+    /// Decodes, checks and places a `new` job, records it, then queues it.
+    /// Disk I/O happens before the scheduler lock is taken; the status is
+    /// checked again under it, so a job cancelled meanwhile stays cancelled.
+    /// Returns the device it is queued on; the caller wakes its workers.
     pub(super) fn enqueue(&self, job: &Arc<Job>, input: Vec<u8>) -> Result<usize> {
         let (input, version, config, priority) = {
             let mut inner = job.inner();
@@ -191,7 +195,7 @@ impl Shared {
         }
     }
 
-    /// See [`Engine::run_or_wake`]: job `id`, queued on device `d`.
+    /// See [`Engine::run_or_wake`](super::Engine::run_or_wake): job `id`, queued on device `d`.
     pub(super) fn help(&self, d: usize, id: u64) {
         let mut s = self.sched.lock().unwrap();
         if !self.devices[d].is_gpu() && s.inline_runs < self.config.inline_runs {

@@ -59,7 +59,7 @@ pub(super) struct Session {
 impl Fs {
     /// The job a read of `infer` answers with: this handle's request (sent
     /// now if it was written but not yet sent: then `true`, and the caller
-    /// must call [`Engine::run_or_wake`]), else the session's last.
+    /// must call [`Engine::run_or_wake`](crate::engine::Engine::run_or_wake)), else the session's last.
     pub(super) fn infer_job(&self, st: &mut InferStream) -> Result<(Arc<Job>, bool)> {
         let mut sent = false;
         if st.job.is_none() {
@@ -78,7 +78,7 @@ impl Fs {
     /// Makes a job of the handle's request and submits it; it becomes the
     /// session's last request whether or not it was accepted. A reader
     /// (`for_reader`) runs it or wakes a worker itself, once it holds no
-    /// lock: [`Engine::submit_for_reader`].
+    /// lock: [`Engine::submit_for_reader`](crate::engine::Engine::submit_for_reader).
     pub(super) fn send_request(&self, st: &mut InferStream, for_reader: bool) -> Result<()> {
         let job = self.engine.create_job(st.caller.uid, st.caller.gid, &st.model, st.number)?;
         let input = std::mem::take(&mut st.input);

@@ -1,5 +1,20 @@
 //! The aifs tree and its semantics, as plain Rust: no FUSE types here, so
-//! every rule is testable without a kernel (see `tests/fs.rs`).
+//! every rule is testable without a kernel (see `tests/fs.rs`). [`Fs`] is
+//! built from its parts (a store, an engine, the backends) and answers
+//! the operations the FUSE adapter forwards; this file holds the
+//! operations that dispatch on what a node or handle is.
+//!
+//! | file | owns |
+//! |---|---|
+//! | `node.rs` | [`Node`]: what a path is, and its path for messages |
+//! | `inodes.rs` | inode numbers for nodes |
+//! | `handles.rs` | open files and their bytes |
+//! | `tree.rs` | names, listings, attributes, generated files |
+//! | `models.rs` | mkdir/rmdir, versions' removal, aliases, chmod/chown |
+//! | `upload.rs` | imports: create, write, commit at close |
+//! | `infer.rs` | `infer` handles and sessions |
+//! | `jobs.rs` | `jobs/<id>/` |
+//! | `status.rs` | `status` and `README` |
 //!
 //! ```text
 //! /README  /status
@@ -28,7 +43,7 @@
 //! ([`Opened::no_flush`]); `infer` opened for reading too sends by its
 //! read, by its session's next reader, or by its release (see [`Session`]).
 //!
-//! **Imports.** `create` in `models/<name>/` starts an [`Upload`]: a temp
+//! **Imports.** `create` in `models/<name>/` starts an [`Upload`](crate::store::Upload): a temp
 //! file in the store. The first `flush` (the `close()` a process sees)
 //! after data was written commits it as the next version, or fails the `close()` with the reason (EINVAL for a model no
 //! backend loads), leaving nothing behind. A `flush` with no data yet
@@ -508,8 +523,9 @@ impl Fs {
     pub fn statfs(&self) -> Result<StatFs> {
         let path = std::ffi::CString::new(self.store.root().as_os_str().as_encoded_bytes())
             .map_err(|_| Error::InvalidArgument("data dir path has a NUL".into()))?;
-        // SAFETY: statvfs only writes into the zeroed struct we pass.
+        // SAFETY: statvfs is plain old data, for which all zeros is valid.
         let mut s: libc::statvfs = unsafe { std::mem::zeroed() };
+        // SAFETY: a valid C string, and a struct statvfs only writes into.
         if unsafe { libc::statvfs(path.as_ptr(), &mut s) } != 0 {
             return Err(Error::io("statfs", std::io::Error::last_os_error()));
         }

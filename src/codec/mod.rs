@@ -1,0 +1,184 @@
+//! Request and response codecs. The input's first bytes pick the codec; the
+//! output is written with the same one.
+//!
+//! | first bytes        | codec        | inputs            | output                              |
+//! |--------------------|--------------|-------------------|-------------------------------------|
+//! | `[`                | JSON array   | the only input    | the only output (several: object)   |
+//! | `{` (no `inputs`)  | JSON object  | by name           | object by name                      |
+//! | `{"inputs": [...]` | KServe v2    | by name, typed    | KServe v2 response                  |
+//! | `\x93NUMPY`        | .npy         | the only input    | .npy of the only (or first) output  |
+//! | `PK\x03\x04`, `PK\x05\x06` (empty) | .npz | by name    | .npz by name                        |
+//!
+//! JSON carries no element type, so JSON numbers are converted to the
+//! dtype the model declares (a float where an integer is required, or a
+//! value out of the dtype's range, is an error). KServe, .npy and .npz carry
+//! their dtype, and it must be the model's. Decoding only builds tensors;
+//! [`crate::tensor::Signature::check`] then checks them against the model.
+
+//!
+//! One file per format: `json.rs` (nested arrays, objects by name),
+//! `kserve.rs` (KServe v2 / Triton JSON), `numpy.rs` (.npy, .npz).
+
+mod json;
+mod kserve;
+mod numpy;
+#[cfg(test)]
+mod tests;
+
+pub use numpy::declared_len;
+
+use std::io::Cursor;
+
+use serde_json::Value;
+
+use crate::error::{Error, Result};
+use crate::tensor::{Signature, Tensor};
+
+use json::{flat_values, json_tensor, json_value};
+use kserve::{kserve_datatype, kserve_request};
+use numpy::{npy_tensor, npz_tensors, write_npy};
+// Tensors are read from and written to little-endian bytes by bulk copies.
+#[cfg(not(target_endian = "little"))]
+compile_error!("aifs's .npy codec assumes a little-endian machine");
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Codec {
+    JsonArray,
+    JsonObject,
+    KServe,
+    Npy,
+    Npz,
+}
+
+/// A decoded request: the tensors, and what the response needs to know.
+#[derive(Debug)]
+pub struct Request {
+    pub codec: Codec,
+    pub inputs: Vec<Tensor>,
+    /// KServe's request `id`, echoed in the response.
+    pub id: Option<Value>,
+    /// KServe's requested `outputs`, if it named any.
+    pub outputs: Option<Vec<String>>,
+}
+
+fn bad(msg: impl Into<String>) -> Error {
+    Error::BadInput(msg.into())
+}
+
+/// Decodes a request for a model with signature `sig`. `limit` bounds the
+/// bytes of decoded data (a compressed .npz can hold far more than it
+/// weighs). Never panics and never allocates from an unchecked shape.
+pub fn decode(bytes: &[u8], sig: &Signature, limit: u64) -> Result<Request> {
+    let request = |codec, inputs| Request { codec, inputs, id: None, outputs: None };
+    // An .npz with no arrays (for a model that takes no inputs) is a zip
+    // of nothing: its end-of-directory record alone.
+    let npz = bytes.starts_with(b"PK\x03\x04") || bytes.starts_with(b"PK\x05\x06");
+    if bytes.starts_with(b"\x93NUMPY") || npz {
+        // The npy header parser is not ours: a hostile header must not take
+        // the daemon down.
+        let numpy = std::panic::catch_unwind(|| {
+            let mut budget = limit;
+            if bytes.starts_with(b"PK") {
+                Ok(request(Codec::Npz, npz_tensors(bytes, &mut budget)?))
+            } else {
+                let only = only_input(sig, ".npy")?;
+                Ok(request(Codec::Npy, vec![npy_tensor(only, bytes, &mut budget)?]))
+            }
+        });
+        return numpy.unwrap_or_else(|_| Err(bad("malformed .npy/.npz header")));
+    }
+    match bytes.iter().find(|b| !b.is_ascii_whitespace()) {
+        Some(b'[') | Some(b'{') => {}
+        None => return Err(bad("empty request")),
+        Some(_) => return Err(bad("unrecognized input: expected JSON, .npy or .npz")),
+    }
+    let value: Value = serde_json::from_slice(bytes).map_err(|e| bad(format!("malformed JSON: {e}")))?;
+    match value {
+        Value::Array(_) => {
+            let only = only_input(sig, "a JSON array")?;
+            let dtype = sig.input(only).map(|s| s.dtype).expect("only_input found it");
+            Ok(request(Codec::JsonArray, vec![json_tensor(only, &value, dtype)?]))
+        }
+        Value::Object(map) if map.get("inputs").is_some_and(Value::is_array) => kserve_request(map),
+        Value::Object(map) => {
+            let inputs = map
+                .iter()
+                .map(|(name, v)| {
+                    let spec = sig.input(name).ok_or_else(|| unknown_input(sig, name))?;
+                    json_tensor(name, v, spec.dtype)
+                })
+                .collect::<Result<_>>()?;
+            Ok(request(Codec::JsonObject, inputs))
+        }
+        _ => unreachable!("first byte was [ or {{"),
+    }
+}
+
+fn only_input<'a>(sig: &'a Signature, what: &str) -> Result<&'a str> {
+    match sig.inputs.as_slice() {
+        [only] => Ok(&only.name),
+        inputs => Err(bad(format!(
+            "{what} is the model's only input, but it has {} ({}); send inputs by name (a JSON object or .npz)",
+            inputs.len(),
+            inputs.iter().map(|s| s.name.as_str()).collect::<Vec<_>>().join(", ")
+        ))),
+    }
+}
+
+fn unknown_input(sig: &Signature, name: &str) -> Error {
+    let names: Vec<&str> = sig.inputs.iter().map(|s| s.name.as_str()).collect();
+    bad(format!("unknown input {name:?} (the model's inputs: {})", names.join(", ")))
+}
+
+// ---- responses ----------------------------------------------------------------
+
+/// Encodes the outputs in the request's codec.
+pub fn encode(request: &Request, mut outputs: Vec<Tensor>, model: &str, version: u32) -> Result<Vec<u8>> {
+    let by_name = |outputs: &[Tensor]| -> Value {
+        Value::Object(outputs.iter().map(|t| (t.name.clone(), json_value(t))).collect())
+    };
+    let json = match request.codec {
+        Codec::JsonArray if outputs.len() == 1 => json_value(&outputs[0]),
+        Codec::JsonArray | Codec::JsonObject => by_name(&outputs),
+        Codec::KServe => {
+            if let Some(wanted) = &request.outputs {
+                outputs.retain(|t| wanted.contains(&t.name));
+            }
+            let mut response = serde_json::json!({
+                "model_name": model,
+                "model_version": version.to_string(),
+                "outputs": outputs.iter().map(|t| serde_json::json!({
+                    "name": t.name,
+                    "datatype": kserve_datatype(t.dtype()),
+                    "shape": t.shape,
+                    "data": flat_values(&t.data),
+                })).collect::<Vec<_>>(),
+            });
+            if let Some(id) = &request.id {
+                response["id"] = id.clone();
+            }
+            response
+        }
+        Codec::Npy => {
+            let first = outputs.first().ok_or_else(|| Error::Internal("the model returned no outputs".into()))?;
+            // The header is at most a few hundred bytes.
+            let mut out = Vec::with_capacity(first.data.byte_len() + 512);
+            write_npy(first, &mut out).map_err(|e| Error::io("encoding .npy", e))?;
+            return Ok(out);
+        }
+        Codec::Npz => {
+            let mut npz = zip::ZipWriter::new(Cursor::new(Vec::new()));
+            let options = zip::write::FileOptions::default().compression_method(zip::CompressionMethod::Stored);
+            for t in &outputs {
+                let entry = npyz::npz::file_name_from_array_name(&t.name);
+                npz.start_file(entry, options).map_err(|e| Error::io("encoding .npz", e.into()))?;
+                write_npy(t, &mut npz).map_err(|e| Error::io("encoding .npz", e))?;
+            }
+            let cursor = npz.finish().map_err(|e| Error::io("encoding .npz", e.into()))?;
+            return Ok(cursor.into_inner());
+        }
+    };
+    let mut text = serde_json::to_vec(&json).expect("JSON values serialize");
+    text.push(b'\n');
+    Ok(text)
+}

@@ -1,0 +1,222 @@
+//! The codecs' unit tests.
+
+use super::numpy::{npyz_layout, numpy_header};
+use super::*;
+use crate::tensor::{DType, Data, TensorSpec};
+
+fn sig(inputs: &[(&str, DType, &[i64])]) -> Signature {
+    Signature {
+        inputs: inputs
+            .iter()
+            .map(|(n, d, s)| TensorSpec { name: n.to_string(), dtype: *d, shape: s.to_vec(), dim_names: vec![] })
+            .collect(),
+        outputs: vec![],
+    }
+}
+
+fn decode_test(bytes: &[u8], sig: &Signature) -> Result<Request> {
+    decode(bytes, sig, 1 << 20)
+}
+
+fn err(bytes: &[u8], sig: &Signature) -> String {
+    let e = decode_test(bytes, sig).unwrap_err();
+    assert_eq!(e.errno(), libc::EINVAL);
+    e.to_string()
+}
+
+#[test]
+fn json_array_takes_the_models_dtype() {
+    let s = sig(&[("x", DType::Float32, &[-1, 2])]);
+    let r = decode_test(b" [[1, 2.5], [3, 4]]\n", &s).unwrap();
+    assert_eq!(r.codec, Codec::JsonArray);
+    assert_eq!(r.inputs[0].shape, [2, 2]);
+    assert_eq!(r.inputs[0].data, Data::Float32(vec![1.0, 2.5, 3.0, 4.0]));
+    let s = sig(&[("ids", DType::Int64, &[-1])]);
+    assert_eq!(decode_test(b"[1, -2]", &s).unwrap().inputs[0].data, Data::Int64(vec![1, -2]));
+}
+
+#[test]
+fn json_errors_name_the_input() {
+    let ints = sig(&[("ids", DType::Uint8, &[-1])]);
+    assert_eq!(err(b"[1, 2.5]", &ints), "input \"ids\": a float (2.5) where an integer (uint8) is required");
+    assert_eq!(err(b"[1, 300]", &ints), "input \"ids\": 300 is out of range for uint8");
+    assert_eq!(err(b"[[1], [2, 3]]", &ints), "input \"ids\": ragged array (not a rectangular shape)");
+    assert!(err(b"[1, 2", &ints).starts_with("malformed JSON"));
+    assert_eq!(err(b"hello", &ints), "unrecognized input: expected JSON, .npy or .npz");
+    assert_eq!(err(b"", &ints), "empty request");
+    assert_eq!(err(br#"{"nope": [1]}"#, &ints), "unknown input \"nope\" (the model's inputs: ids)");
+    let two = sig(&[("a", DType::Float32, &[-1]), ("b", DType::Float32, &[-1])]);
+    assert!(err(b"[1]", &two).contains("it has 2 (a, b)"));
+}
+
+#[test]
+fn json_object_and_scalars() {
+    let s = sig(&[("x", DType::Float32, &[1, 2]), ("sr", DType::Int64, &[])]);
+    let r = decode_test(br#"{"x": [[1, 2]], "sr": 16000}"#, &s).unwrap();
+    assert_eq!(r.codec, Codec::JsonObject);
+    let sr = r.inputs.iter().find(|t| t.name == "sr").unwrap();
+    assert_eq!((sr.shape.as_slice(), &sr.data), (&[][..], &Data::Int64(vec![16000])));
+}
+
+#[test]
+fn kserve_round_trip() {
+    let s = sig(&[("x", DType::Float32, &[-1, 2])]);
+    let body = br#"{"id": "42", "inputs": [{"name": "x", "shape": [1, 2], "datatype": "FP32", "data": [1, 2]}]}"#;
+    let r = decode_test(body, &s).unwrap();
+    assert_eq!(r.codec, Codec::KServe);
+    assert_eq!(r.inputs[0].data, Data::Float32(vec![1.0, 2.0]));
+    let out = Tensor::new("y", vec![1, 2], Data::Float32(vec![3.0, 4.0])).unwrap();
+    let bytes = encode(&r, vec![out], "m", 3).unwrap();
+    let v: Value = serde_json::from_slice(&bytes).unwrap();
+    assert_eq!(
+        v,
+        serde_json::json!({"id": "42", "model_name": "m", "model_version": "3",
+            "outputs": [{"name": "y", "datatype": "FP32", "shape": [1, 2], "data": [3.0, 4.0]}]})
+    );
+    let wrong = br#"{"inputs": [{"name": "x", "shape": [2], "datatype": "FP32", "data": [1, 2, 3]}]}"#;
+    assert_eq!(err(wrong, &s), "input \"x\": shape [2] needs 2 elements, got 3");
+    let unknown = br#"{"inputs": [{"name": "x", "shape": [1], "datatype": "BYTES", "data": ["a"]}]}"#;
+    assert_eq!(err(unknown, &s), "input \"x\": unsupported KServe datatype \"BYTES\"");
+}
+
+/// Headers as NumPy 2's `np.save` wrote them (the test's literals).
+#[test]
+fn npy_headers_are_numpys_own() {
+    let cases = [
+        (Tensor::new("y", vec![1, 16], Data::Float32(vec![0.5; 16])), "'<f4'", "(1, 16)"),
+        (Tensor::new("y", vec![], Data::Int64(vec![7])), "'<i8'", "()"),
+        (Tensor::new("y", vec![3], Data::Bool(vec![true, false, true])), "'|b1'", "(3,)"),
+        (Tensor::new("y", vec![2, 0, 3], Data::Float16(vec![])), "'<f2'", "(2, 0, 3)"),
+    ];
+    for (t, descr, shape) in cases {
+        let t = t.unwrap();
+        let mut bytes = Vec::new();
+        write_npy(&t, &mut bytes).unwrap();
+        let dict = format!("{{'descr': {descr}, 'fortran_order': False, 'shape': {shape}, }}");
+        let header = format!("\u{93}NUMPY\u{1}\0v\0{dict:<117}\n");
+        let header: Vec<u8> = header.chars().map(|c| c as u8).collect(); // one byte each
+        assert_eq!(&bytes[..128], &header[..], "{shape}");
+        let layout = numpy_header(&bytes).expect("read back on the fast path");
+        assert_eq!((layout.shape, layout.start), (t.shape.clone(), 128));
+        assert_eq!(bytes.len(), 128 + t.data.byte_len());
+    }
+}
+
+#[test]
+fn npy_round_trip_and_truncation() {
+    let s = sig(&[("x", DType::Int16, &[-1, 3])]);
+    let t = Tensor::new("x", vec![2, 3], Data::Int16(vec![1, -2, 3, -4, 5, i16::MAX])).unwrap();
+    let mut bytes = Vec::new();
+    write_npy(&t, &mut bytes).unwrap();
+    let r = decode_test(&bytes, &s).unwrap();
+    assert_eq!((r.codec, &r.inputs[0]), (Codec::Npy, &t));
+    let e = err(&bytes[..bytes.len() - 3], &s);
+    assert!(e.contains("truncated or malformed .npy"), "{e}");
+    let e = err(&bytes[..20], &s);
+    assert!(e.contains("malformed .npy"), "{e}");
+    let out = encode(&r, vec![t.clone()], "m", 1).unwrap();
+    assert_eq!(out, bytes);
+}
+
+#[test]
+fn hostile_shapes_are_refused_without_allocating() {
+    let s = sig(&[("x", DType::Float32, &[-1])]);
+    // A first element nested 5 deep, 1024 wide: a naive reader would
+    // reserve 1024^5 elements.
+    let mut v = String::from("0");
+    for _ in 0..5 {
+        v = format!("[{v}{}]", ",0".repeat(1023));
+    }
+    assert!(err(v.as_bytes(), &s).contains("ragged"));
+    let huge = br#"{"inputs": [{"name": "x", "shape": [4294967296, 4294967296], "datatype": "FP32", "data": [1]}]}"#;
+    assert!(err(huge, &s).contains("too large"));
+    // An .npy whose header claims 2^40 elements, with 8 bytes of data.
+    let header = "{'descr': '<f4', 'fortran_order': False, 'shape': (1099511627776,), }";
+    let header = format!("{header:<117}\n");
+    let mut npy = b"\x93NUMPY\x01\x00".to_vec();
+    npy.extend((header.len() as u16).to_le_bytes());
+    npy.extend(header.as_bytes());
+    npy.extend([0u8; 8]);
+    assert_eq!(err(&npy, &s), "input \"x\": shape [1099511627776] decodes to more than the limit of 1048576 bytes");
+}
+
+/// An .npy file with this header text and no data.
+fn npy_header_only(header: &str) -> Vec<u8> {
+    let mut out = b"\x93NUMPY\x01\x00".to_vec();
+    out.extend_from_slice(&(header.len() as u16 + 1).to_le_bytes());
+    out.extend_from_slice(header.as_bytes());
+    out.push(b'\n');
+    out
+}
+
+#[test]
+fn numpys_own_headers_are_read_without_npyz_and_agree_with_it() {
+    for (header, kind, size, shape) in [
+        ("{'descr': '<f4', 'fortran_order': False, 'shape': (1, 16), }   ", b'f', 4, vec![1, 16]),
+        ("{'descr': '<i8', 'fortran_order': False, 'shape': (3,), }", b'i', 8, vec![3]),
+        ("{'descr': '<f8', 'fortran_order': False, 'shape': (), }", b'f', 8, vec![]),
+        ("{'descr': '|b1', 'fortran_order': False, 'shape': (2, 3), }", b'b', 1, vec![2, 3]),
+        ("{'descr': '|u1', 'fortran_order': False, 'shape': (0, 4, 5), }", b'u', 1, vec![0, 4, 5]),
+    ] {
+        let bytes = npy_header_only(header);
+        let fast = numpy_header(&bytes).unwrap_or_else(|| panic!("{header}"));
+        let npy = npyz::NpyFile::new(&bytes[..]).unwrap();
+        let slow = npyz_layout(&npy, &bytes).unwrap();
+        assert_eq!((fast.kind, fast.size, &fast.shape, fast.start), (kind, size, &shape, bytes.len()), "{header}");
+        assert_eq!((slow.kind, slow.size, &slow.shape, slow.start), (kind, size, &shape, bytes.len()), "{header}");
+    }
+    // Anything else is left to npyz.
+    for header in [
+        "{'descr': '>f4', 'fortran_order': False, 'shape': (1, 16), }",
+        "{'descr': '<f4', 'fortran_order': True, 'shape': (1, 16), }",
+        "{'fortran_order': False, 'descr': '<f4', 'shape': (1, 16), }",
+        "{'descr': '<f4', 'fortran_order': False, 'shape': (1,, 16), }",
+        "{'descr': '<f4', 'fortran_order': False, 'shape': (-1, 16), }",
+        "{'descr': [('a', '<f4')], 'fortran_order': False, 'shape': (2,), }",
+    ] {
+        assert!(numpy_header(&npy_header_only(header)).is_none(), "{header}");
+    }
+}
+
+#[test]
+fn an_npy_header_declares_the_request_size() {
+    let mut bytes = npy_header_only("{'descr': '<f4', 'fortran_order': False, 'shape': (3, 5), }");
+    let whole = bytes.len() as u64 + 60;
+    assert_eq!(declared_len(&bytes), Some(whole));
+    bytes.extend_from_slice(&[0; 20]);
+    assert_eq!(declared_len(&bytes), Some(whole), "a partial body");
+    assert_eq!(declared_len(&bytes[..20]), None, "a header cut short");
+    assert_eq!(declared_len(b"[[1.0]]"), None);
+}
+
+#[test]
+fn npz_round_trip() {
+    let s = sig(&[("a", DType::Float64, &[-1]), ("b", DType::Bool, &[2])]);
+    let a = Tensor::new("a", vec![3], Data::Float64(vec![1.0, 2.0, 3.0])).unwrap();
+    let b = Tensor::new("b", vec![2], Data::Bool(vec![true, false])).unwrap();
+    let request = Request { codec: Codec::Npz, inputs: vec![], id: None, outputs: None };
+    let bytes = encode(&request, vec![a.clone(), b.clone()], "m", 1).unwrap();
+    let r = decode_test(&bytes, &s).unwrap();
+    assert_eq!(r.codec, Codec::Npz);
+    let mut got = r.inputs;
+    got.sort_by(|x, y| x.name.cmp(&y.name));
+    assert_eq!(got, vec![a, b]);
+}
+
+#[test]
+fn an_empty_request_is_no_inputs_in_each_codec() {
+    let none = sig(&[]);
+    // What np.savez(f) writes: a zip of nothing.
+    let empty_npz = b"PK\x05\x06\0\0\0\0\0\0\0\0\0\0\0\0\0\0\0\0\0\0";
+    for (bytes, codec) in
+        [(&b"{}"[..], Codec::JsonObject), (br#"{"inputs": []}"#, Codec::KServe), (&empty_npz[..], Codec::Npz)]
+    {
+        let r = decode_test(bytes, &none).unwrap();
+        assert_eq!((r.codec, r.inputs.len()), (codec, 0), "{}", String::from_utf8_lossy(bytes));
+    }
+    // A model that does take inputs says which are missing.
+    let one = sig(&[("x", DType::Float32, &[-1])]);
+    let r = decode_test(b"{}", &one).unwrap();
+    let e = one.check(r.inputs).unwrap_err();
+    assert!(e.to_string().contains("missing input \"x\""), "{e}");
+}
