@@ -260,3 +260,40 @@ fn accepted_jobs_survive_a_restart_and_run_then() {
     }
     assert_eq!(r.store.model("m").unwrap().versions.len(), v as usize);
 }
+
+/// Copies a directory tree: taken while nothing writes to it, a copy of a
+/// data directory is what a crash at that moment leaves on disk.
+fn copy_tree(from: &std::path::Path, to: &std::path::Path) {
+    std::fs::create_dir_all(to).unwrap();
+    for entry in std::fs::read_dir(from).unwrap() {
+        let entry = entry.unwrap();
+        let dest = to.join(entry.file_name());
+        if entry.file_type().unwrap().is_dir() {
+            copy_tree(&entry.path(), &dest);
+        } else {
+            std::fs::copy(entry.path(), dest).unwrap();
+        }
+    }
+}
+
+/// The disk as a crash leaves it with one job running and two queued (no
+/// record of any of them in the catalog, only their journal entries): a
+/// daemon started on it runs all three.
+#[test]
+fn a_crash_loses_no_accepted_job() {
+    let r = rig(1);
+    let v = r.model("m", &gated(4), config(0, 1));
+    r.fake.gate.close();
+    let jobs: Vec<u64> = (1..=3).map(|i| r.submit("m", v, &format!("[[{i}, {i}, {i}, {i}]]")).id).collect();
+    wait_until("the first job runs", || r.running() == 1);
+    let image = tempfile::tempdir().unwrap();
+    copy_tree(r.dir.path(), image.path());
+    r.fake.gate.open();
+
+    let after = rig_in(image, 1);
+    for (i, id) in jobs.into_iter().enumerate() {
+        let job = after.engine.job(id).expect("the accepted job is back");
+        let n = 2.0 * (i + 1) as f32;
+        assert_eq!(output(&job).unwrap(), format!("[[{n:?},{n:?},{n:?},{n:?}]]\n"));
+    }
+}

@@ -71,7 +71,8 @@ mod upload;
 
 pub use handles::Opened;
 pub use models::SetAttr;
-pub use node::{JobFile, Kind, Node, VersionFile};
+pub use node::Kind;
+use node::{JobFile, Node, VersionFile};
 pub use tree::{Attr, DirEntry};
 
 use std::collections::HashMap;
