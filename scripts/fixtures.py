@@ -7,6 +7,7 @@ Idempotent: a file already present is left alone.
     .venv/bin/python scripts/fixtures.py [DIR]
 """
 
+import hashlib
 import os
 import shutil
 import sys
@@ -60,6 +61,29 @@ def big(path, megabytes=100):
     save(helper.make_model(graph, opset_imports=OPSET), path)
 
 
+def external(path, target):
+    """A model whose weights are ONNX external data in a file named like the
+    store's blob of `target` (sha256-<hex>): it must not reach that blob."""
+    with open(target, "rb") as f:
+        blob = "sha256-" + hashlib.sha256(f.read()).hexdigest()
+    w = helper.make_tensor("w", TensorProto.FLOAT, [16], [0.0] * 16)
+    w.ClearField("float_data")
+    w.data_location = TensorProto.EXTERNAL
+    for key, value in [("location", blob), ("offset", "0"), ("length", "64")]:
+        entry = w.external_data.add()
+        entry.key, entry.value = key, value
+    graph = helper.make_graph(
+        [helper.make_node("Add", ["x", "w"], ["y"])],
+        "external",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [16])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [16])],
+        [w],
+    )
+    tmp = path + ".tmp"
+    onnx.save(helper.make_model(graph, opset_imports=OPSET), tmp)
+    os.replace(tmp, path)
+
+
 def main():
     out = sys.argv[1] if len(sys.argv) > 1 else "target/fixtures"
     os.makedirs(out, exist_ok=True)
@@ -73,6 +97,9 @@ def main():
         dest = os.path.join(out, name)
         if not os.path.exists(dest):
             make(dest)
+    dest = os.path.join(out, "external.onnx")
+    if not os.path.exists(dest):
+        external(dest, os.path.join(out, "mlp.onnx"))
     # Bad inputs: each must be refused on import.
     with open(os.path.join(out, "mlp.onnx"), "rb") as f:
         good = f.read()

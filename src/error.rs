@@ -45,6 +45,9 @@ pub enum Error {
     /// Backpressure: the model's queue is at `max_queue`.
     #[error("models/{model}: queue full ({max} jobs queued, the model's max_queue); retry later")]
     QueueFull { model: String, max: u32 },
+    /// A request that came while the daemon stops: it was not accepted.
+    #[error("the daemon is shutting down; retry once it is back")]
+    ShuttingDown,
     /// A model pinned to a device that is not there.
     #[error("{0}")]
     NoDevice(String),
@@ -121,6 +124,7 @@ impl Error {
             Error::Cancelled(_) => libc::ECANCELED,
             Error::TimedOut { .. } => libc::ETIMEDOUT,
             Error::QueueFull { .. } => libc::EAGAIN,
+            Error::ShuttingDown => libc::EAGAIN,
             Error::NoDevice(_) => libc::ENODEV,
             Error::Restarted(_) => libc::EIO,
             Error::Expired(_) => libc::ETIMEDOUT,
@@ -157,6 +161,7 @@ impl Error {
             | Error::Cancelled(_)
             | Error::TimedOut { .. }
             | Error::QueueFull { .. }
+            | Error::ShuttingDown
             | Error::NoDevice(_)
             | Error::Restarted(_)
             | Error::Expired(_)
@@ -181,9 +186,34 @@ impl Error {
     }
 }
 
+/// The longest reason kept in a job's `error` file and logged.
+pub const MAX_REASON: usize = 200;
+
+/// `text` as one line of at most [`MAX_REASON`] bytes: control characters
+/// (newlines, escapes) become spaces and a longer text is cut, with `...`.
+pub fn one_line(text: &str) -> String {
+    let mut line: String = text.chars().map(|c| if c.is_control() { ' ' } else { c }).collect();
+    if line.len() > MAX_REASON {
+        let mut end = MAX_REASON - 3;
+        while !line.is_char_boundary(end) {
+            end -= 1;
+        }
+        line.truncate(end);
+        line.push_str("...");
+    }
+    line
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn reasons_are_one_short_line() {
+        assert_eq!(one_line("a\nb\x1b[31mc"), "a b [31mc");
+        let long = one_line(&"é".repeat(300));
+        assert!(long.len() <= MAX_REASON && long.ends_with("..."), "{long}");
+    }
 
     #[test]
     fn io_errors_keep_their_errno() {

@@ -19,6 +19,7 @@
 use std::collections::BTreeMap;
 use std::fs::{File, OpenOptions};
 use std::io::{self, IoSlice, Write};
+use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
@@ -85,7 +86,7 @@ impl Journal {
             }
         }
         let current = found.last().map_or(1, |(n, _)| n + 1);
-        let file = OpenOptions::new().create_new(true).append(true).open(path_of(dir, current))?;
+        let file = OpenOptions::new().mode(0o600).create_new(true).append(true).open(path_of(dir, current))?;
         let state = State {
             file,
             current,
@@ -108,7 +109,7 @@ impl Journal {
             if st.unsynced {
                 st.file.sync_data()?; // what sync() would have covered
             }
-            st.file = OpenOptions::new().create_new(true).append(true).open(path_of(&self.dir, next))?;
+            st.file = OpenOptions::new().mode(0o600).create_new(true).append(true).open(path_of(&self.dir, next))?;
             st.current = next;
             st.size = 0;
             st.opened = Instant::now();

@@ -5,6 +5,7 @@
 mod common;
 
 use std::fs::OpenOptions;
+use std::os::unix::fs::PermissionsExt;
 use std::path::Path;
 use std::process::Command;
 use std::time::{Duration, Instant};
@@ -188,6 +189,12 @@ fn bad_models_fail_cp_and_leave_nothing() {
     // The daemon is fine: a good model still imports.
     import(&m, "m", "mlp.onnx");
     assert_eq!(ls(&m, "models/m"), ["config.json", "latest", "v1"]);
+    // A model whose external data names that model's blob reaches no file
+    // but its own version's, at import as at every load.
+    sh_ok(&m.mnt, "mkdir models/x");
+    sh_err(&m.mnt, &format!("cp {} models/x/", fixture("external.onnx").display()), "Invalid argument");
+    assert_eq!(ls(&m, "models/x"), ["config.json"]);
+    assert!(m.log_text().contains("invalid model \"external.onnx\": "), "{}", m.log_text());
 }
 
 #[test]
@@ -221,6 +228,49 @@ fn bad_names_and_read_only_versions() {
     assert_eq!(errno(std::fs::remove_dir(m.path("models/m"))), libc::ENOTEMPTY);
     assert_eq!(m.blob_files().len(), 1);
     sh_ok(&m.mnt, &format!("cmp models/m/v1/mlp.onnx {}", fixture("mlp.onnx").display()));
+}
+
+/// With a data directory an admin made 0755, and subdirectories an older
+/// daemon left 0755, another user reads nothing the daemon keeps: no
+/// model, no job input in the journal, no catalog; and request values
+/// never reach the log.
+#[test]
+fn data_on_disk_is_private_and_the_log_holds_no_request_values() {
+    let mut m = Mount::start_with(&["--allow-other"]);
+    import(&m, "m", "mlp.onnx");
+    assert!(m.stop().success());
+    for dir in ["", "blobs", "catalog", "jobs"] {
+        std::fs::set_permissions(m.data.join(dir), std::fs::Permissions::from_mode(0o755)).unwrap();
+    }
+    m.spawn();
+    let secret = "[[4242.4242, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, \"SECRET-VALUE\"]]";
+    sh_err(&m.mnt, &format!("echo '{secret}' > models/m/v1/infer; cat models/m/v1/infer"), "Invalid argument");
+    let id = sh_ok(&m.mnt, "cat models/m/v1/clone").trim().to_string();
+    std::fs::write(
+        m.path(&format!("jobs/{id}/input")),
+        "[[4242.4242, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15]]",
+    )
+    .unwrap();
+    assert!(read(m.path(&format!("jobs/{id}/output"))).starts_with("[["));
+
+    for dir in ["blobs", "catalog", "jobs"] {
+        let mode = std::fs::metadata(m.data.join(dir)).unwrap().permissions().mode() & 0o777;
+        assert_eq!(mode, 0o700, "data/{dir}");
+    }
+    let out = sh(
+        &m.data,
+        "setpriv --reuid=65534 --regid=65534 --clear-groups -- find . -mindepth 1 -readable -print 2>/dev/null",
+    );
+    assert_eq!(String::from_utf8_lossy(&out.stdout), "", "readable by another user");
+    let journal = sh_ok(&m.data, "ls jobs/ | head -1");
+    sh_err(
+        &m.data,
+        &format!("setpriv --reuid=65534 --regid=65534 --clear-groups -- cat jobs/{}", journal.trim()),
+        "Permission denied",
+    );
+    let log = m.log_text();
+    assert!(!log.contains("SECRET") && !log.contains("4242"), "{log}");
+    assert!(log.contains("expected a number (float32), got a string"), "{log}");
 }
 
 #[test]

@@ -6,7 +6,7 @@
 use std::fs::OpenOptions;
 use std::io::{IsTerminal, Read, Write};
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
-use std::os::unix::fs::DirBuilderExt;
+use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use std::sync::Arc;
@@ -163,6 +163,11 @@ fn run(cli: Cli) -> Result<(), String> {
     let cleared_stale = aifs::fuse::clear_stale_mount(&cli.mountpoint)
         .map_err(|e| format!("mount point {}: {e}", cli.mountpoint.display()))?;
     std::fs::create_dir_all(&cli.mountpoint).map_err(|e| format!("mount point {}: {e}", cli.mountpoint.display()))?;
+    // From here on, whatever the daemon creates (blobs, the catalog, the
+    // journal, the log) is its user's alone, whatever the data directory's
+    // mode; the library sets the modes it relies on itself too.
+    // SAFETY: umask only sets the process's file mode mask.
+    unsafe { libc::umask(0o077) };
     let library = find_onnxruntime(cli.onnxruntime.as_deref())?;
 
     // Detach before any thread exists; the parent waits for "mounted".
@@ -263,7 +268,6 @@ fn serve(cli: &Cli, data_dir: &Path, library: &Path, ready: Option<OwnedFd>) -> 
         let _ = pipe.write_all(b"ok");
     }
     let served = session.run().map_err(|e| format!("serving the mount: {e}"));
-    drop(fs);
     engine.shutdown().map_err(|e| format!("stopping the engine: {e}"))?;
     served?;
     tracing::info!("unmounted; bye");
@@ -287,7 +291,12 @@ fn detach(log: &Path) -> Result<OwnedFd, String> {
     let log_file = OpenOptions::new()
         .create(true)
         .append(true)
+        .mode(0o600)
         .open(log)
+        .map_err(|e| format!("log file {}: {e}", log.display()))?;
+    // One made by an earlier version may be wider.
+    log_file
+        .set_permissions(std::fs::Permissions::from_mode(0o600))
         .map_err(|e| format!("log file {}: {e}", log.display()))?;
     let mut fds = [0; 2];
     // SAFETY: pipe writes two fds into the array.

@@ -6,9 +6,10 @@
 //! ([`Backends`]): at import the first that [`Backend::handles`] the file
 //! names inspects them, and its [`Backend::name`] is recorded in the
 //! version; every later load goes to that backend by name, never
-//! re-derived from a file name. The files a backend loads have been
-//! verified against their digests by the store
-//! ([`crate::store::Store::verified_files`]).
+//! re-derived from a file name. The files a backend is given are staged by
+//! the store ([`crate::store::Staged`]): all in one directory that holds
+//! nothing else, each verified against its digest before a load. A
+//! backend may read any of them, and no file beside them.
 //!
 //! A loaded model is an [`Instance`]: one request at a time runs on it
 //! (ONNX Runtime sessions are not safe to run concurrently from `ort`), so

@@ -1,5 +1,9 @@
 //! JSON requests: a nested array for the only input, or an object of
 //! inputs by name; numbers take the model's dtype.
+//!
+//! JSON has no NaN or infinities: like protobuf's JSON mapping (and so
+//! KServe's), they are the strings `"NaN"`, `"Infinity"` and
+//! `"-Infinity"`, in responses and in requests.
 
 use half::f16;
 use serde_json::Value;
@@ -56,7 +60,12 @@ pub(super) fn json_data(name: &str, leaves: &[&Value], dtype: DType) -> Result<D
                                     "input {name:?}: a float ({v}) where an integer ({dtype}) is required"
                                 )))
                             }
-                            _ => return Err(bad(format!("input {name:?}: expected a number ({dtype}), got {v}"))),
+                            _ => {
+                                return Err(bad(format!(
+                                    "input {name:?}: expected a number ({dtype}), got {}",
+                                    kind(v)
+                                )))
+                            }
                         };
                         n.ok_or_else(|| bad(format!("input {name:?}: {v} is out of range for {dtype}")))
                     })
@@ -64,13 +73,18 @@ pub(super) fn json_data(name: &str, leaves: &[&Value], dtype: DType) -> Result<D
             )
         };
     }
-    let float =
-        |v: &Value| v.as_f64().ok_or_else(|| bad(format!("input {name:?}: expected a number ({dtype}), got {v}")));
+    let float = |v: &Value| {
+        v.as_f64()
+            .or_else(|| non_finite(v))
+            .ok_or_else(|| bad(format!("input {name:?}: expected a number ({dtype}), got {}", kind(v))))
+    };
     Ok(match dtype {
         DType::Bool => Data::Bool(
             leaves
                 .iter()
-                .map(|v| v.as_bool().ok_or_else(|| bad(format!("input {name:?}: expected true or false, got {v}"))))
+                .map(|v| {
+                    v.as_bool().ok_or_else(|| bad(format!("input {name:?}: expected true or false, got {}", kind(v))))
+                })
                 .collect::<Result<_>>()?,
         ),
         DType::Uint8 => ints!(Uint8, u8),
@@ -104,9 +118,9 @@ pub(super) fn json_value(t: &Tensor) -> Value {
 pub(super) fn flat_values(data: &Data) -> Vec<Value> {
     match data {
         Data::Bool(v) => v.iter().map(|&x| Value::from(x)).collect(),
-        Data::Float16(v) => v.iter().map(|&x| Value::from(f32::from(x))).collect(),
-        Data::Float32(v) => v.iter().map(|&x| Value::from(x)).collect(),
-        Data::Float64(v) => v.iter().map(|&x| Value::from(x)).collect(),
+        Data::Float16(v) => v.iter().map(|&x| float_value(f64::from(f32::from(x)))).collect(),
+        Data::Float32(v) => v.iter().map(|&x| float_value(x as f64)).collect(),
+        Data::Float64(v) => v.iter().map(|&x| float_value(x)).collect(),
         Data::Uint8(v) => v.iter().map(|&x| Value::from(x)).collect(),
         Data::Int8(v) => v.iter().map(|&x| Value::from(x)).collect(),
         Data::Uint16(v) => v.iter().map(|&x| Value::from(x)).collect(),
@@ -115,5 +129,39 @@ pub(super) fn flat_values(data: &Data) -> Vec<Value> {
         Data::Int32(v) => v.iter().map(|&x| Value::from(x)).collect(),
         Data::Uint64(v) => v.iter().map(|&x| Value::from(x)).collect(),
         Data::Int64(v) => v.iter().map(|&x| Value::from(x)).collect(),
+    }
+}
+
+/// A float as JSON: a number, or one of the strings NaN and the
+/// infinities are written as (see the module header).
+fn float_value(x: f64) -> Value {
+    if x.is_nan() {
+        Value::from("NaN")
+    } else if x.is_infinite() {
+        Value::from(if x > 0.0 { "Infinity" } else { "-Infinity" })
+    } else {
+        Value::from(x)
+    }
+}
+
+/// The non-finite float a JSON string names, if it names one.
+fn non_finite(v: &Value) -> Option<f64> {
+    match v.as_str()? {
+        "NaN" => Some(f64::NAN),
+        "Infinity" => Some(f64::INFINITY),
+        "-Infinity" => Some(f64::NEG_INFINITY),
+        _ => None,
+    }
+}
+
+/// What a JSON value is, for a reason that must not quote the request.
+fn kind(v: &Value) -> &'static str {
+    match v {
+        Value::Null => "null",
+        Value::Bool(_) => "a boolean",
+        Value::Number(_) => "a number",
+        Value::String(_) => "a string",
+        Value::Array(_) => "an array",
+        Value::Object(_) => "an object",
     }
 }

@@ -61,8 +61,10 @@ pub struct Request {
     pub outputs: Option<Vec<String>>,
 }
 
+/// A request that does not fit: its reason on one short line (names in it
+/// come from the request, so it is clipped).
 fn bad(msg: impl Into<String>) -> Error {
-    Error::BadInput(msg.into())
+    Error::BadInput(crate::error::one_line(&msg.into()))
 }
 
 /// Decodes a request for a model with signature `sig`. `limit` bounds the
@@ -79,7 +81,7 @@ pub fn decode(bytes: &[u8], sig: &Signature, limit: u64) -> Result<Request> {
         let numpy = std::panic::catch_unwind(|| {
             let mut budget = limit;
             if bytes.starts_with(b"PK") {
-                Ok(request(Codec::Npz, npz_tensors(bytes, &mut budget)?))
+                Ok(request(Codec::Npz, npz_tensors(bytes, sig, &mut budget)?))
             } else {
                 let only = only_input(sig, ".npy")?;
                 Ok(request(Codec::Npy, vec![npy_tensor(only, bytes, &mut budget)?]))

@@ -1,7 +1,7 @@
 //! NumPy `.npy` (the only input) and `.npz` (inputs by name): NumPy's own
 //! headers read by hand for a bulk copy, anything else through `npyz`.
 
-use std::io::Cursor;
+use std::io::{Cursor, Read};
 
 use half::f16;
 
@@ -9,13 +9,32 @@ use crate::error::Result;
 use crate::tensor::{Data, Tensor};
 
 use super::bad;
-// ---- NumPy -----------------------------------------------------------------
+use crate::tensor::Signature;
+
+/// The longest .npy header read, as NumPy's own `np.load` allows
+/// (`max_header_size`): a header is a few dozen bytes, and a hostile one
+/// must not cost its length in parsing.
+const MAX_HEADER: usize = 10_000;
+
+/// Checks that `bytes` (a whole .npy) has a header no longer than
+/// [`MAX_HEADER`]. Before any parser sees it.
+fn check_header(name: &str, bytes: &[u8]) -> Result<()> {
+    let prefix = if bytes.get(6) == Some(&1) { 10 } else { 12 };
+    match npy_data_start(bytes) {
+        Some(start) if start - prefix > MAX_HEADER => {
+            Err(bad(format!("input {name:?}: .npy header longer than {MAX_HEADER} bytes")))
+        }
+        _ => Ok(()),
+    }
+}
 
 pub(super) fn npy_tensor(name: &str, bytes: &[u8], budget: &mut u64) -> Result<Tensor> {
+    check_header(name, bytes)?;
     if let Some(t) = numpy_header(bytes).and_then(|layout| npy_bulk(name, &layout, bytes, budget)) {
         return t;
     }
-    let npy = npyz::NpyFile::new(bytes).map_err(|e| bad(format!("input {name:?}: malformed .npy: {e}")))?;
+    // npyz's messages can quote the header: the reason names none of it.
+    let npy = npyz::NpyFile::new(bytes).map_err(|_| bad(format!("input {name:?}: malformed .npy header")))?;
     if let Some(t) = npyz_layout(&npy, bytes).and_then(|layout| npy_bulk(name, &layout, bytes, budget)) {
         return t;
     }
@@ -189,17 +208,33 @@ pub(super) fn npy_file_tensor<R: std::io::Read>(name: &str, npy: npyz::NpyFile<R
     Tensor::new(name, shape, data)
 }
 
-pub(super) fn npz_tensors(bytes: &[u8], budget: &mut u64) -> Result<Vec<Tensor>> {
-    let mut npz = npyz::npz::NpzArchive::new(Cursor::new(bytes)).map_err(|e| bad(format!("malformed .npz: {e}")))?;
-    let names: Vec<String> = npz.array_names().map(String::from).collect();
-    names
-        .iter()
-        .map(|name| {
-            let npy = npz
-                .by_name(name)
-                .map_err(|e| bad(format!("input {name:?}: malformed .npz entry: {e}")))?
-                .ok_or_else(|| bad(format!("input {name:?}: missing from the .npz")))?;
-            npy_file_tensor(name, npy, budget)
+/// The arrays of an .npz (a zip of .npy files), each bounded before it is
+/// read: no more members than the model has inputs, and each member's
+/// declared size within what is left of `budget` (plus its header), read
+/// no further than that.
+pub(super) fn npz_tensors(bytes: &[u8], sig: &Signature, budget: &mut u64) -> Result<Vec<Tensor>> {
+    let mut zip = zip::ZipArchive::new(Cursor::new(bytes)).map_err(|_| bad("malformed .npz (not a zip archive)"))?;
+    if zip.len() > sig.inputs.len() {
+        return Err(bad(format!(".npz holds {} arrays; the model takes {} inputs", zip.len(), sig.inputs.len())));
+    }
+    (0..zip.len())
+        .map(|i| {
+            let mut member = zip.by_index(i).map_err(|_| bad(format!("malformed .npz (member {i})")))?;
+            let name = member.name().strip_suffix(".npy").unwrap_or(member.name()).to_string();
+            let size = member.size();
+            if size > budget.saturating_add(MAX_HEADER as u64 + 128) {
+                return Err(bad(format!("input {name:?}: decodes to more than the limit of {budget} bytes")));
+            }
+            // Grown as bytes come, not reserved from what the zip claims.
+            let mut npy = Vec::with_capacity(size.min(1 << 20) as usize);
+            (&mut member)
+                .take(size + 1)
+                .read_to_end(&mut npy)
+                .map_err(|_| bad(format!("input {name:?}: malformed .npz member")))?;
+            if npy.len() as u64 != size {
+                return Err(bad(format!("input {name:?}: .npz member is not the size it declares")));
+            }
+            npy_tensor(&name, &npy, budget)
         })
         .collect()
 }

@@ -220,3 +220,75 @@ fn an_empty_request_is_no_inputs_in_each_codec() {
     let e = one.check(r.inputs).unwrap_err();
     assert!(e.to_string().contains("missing input \"x\""), "{e}");
 }
+
+/// An .npz of the given members, deflated.
+fn npz_of(members: &[(&str, Vec<u8>)]) -> Vec<u8> {
+    use std::io::Write;
+    let mut npz = zip::ZipWriter::new(std::io::Cursor::new(Vec::new()));
+    let options = zip::write::FileOptions::default().compression_method(zip::CompressionMethod::Deflated);
+    for (name, bytes) in members {
+        npz.start_file(*name, options).unwrap();
+        npz.write_all(bytes).unwrap();
+    }
+    npz.finish().unwrap().into_inner()
+}
+
+/// A version-2 .npy whose header is `n` spaces: a few KB deflated.
+fn spaces_header(n: u32) -> Vec<u8> {
+    let mut npy = b"\x93NUMPY\x02\x00".to_vec();
+    npy.extend_from_slice(&n.to_le_bytes());
+    npy.extend(std::iter::repeat_n(b' ', n as usize - 1));
+    npy.push(b'\n');
+    npy
+}
+
+#[test]
+fn hostile_npz_members_are_bounded_before_they_are_read() {
+    let one = sig(&[("x", DType::Float32, &[-1])]);
+    // A header of 16 MiB of spaces deflates to ~16 KB; it is refused by
+    // its declared length, unparsed, with a short reason.
+    let bomb = npz_of(&[("x.npy", spaces_header(16 << 20))]);
+    assert!(bomb.len() < 64 << 10, "{}", bomb.len());
+    let e = decode(&bomb, &one, 64 << 20).unwrap_err();
+    assert_eq!(e.errno(), libc::EINVAL);
+    assert!(e.to_string().contains("header longer than 10000 bytes"), "{e}");
+    assert!(e.to_string().len() <= 200, "{e}");
+    // Past the limit by its declared size: refused before it is inflated.
+    let e = decode(&bomb, &one, 1 << 20).unwrap_err();
+    assert!(e.to_string().contains("decodes to more than the limit"), "{e}");
+    // More arrays than the model has inputs.
+    let x = npz_of(&[("x.npy", Vec::new()), ("y.npy", Vec::new())]);
+    let e = decode_test(&x, &one).unwrap_err();
+    assert!(e.to_string().contains(".npz holds 2 arrays; the model takes 1 inputs"), "{e}");
+    // A plain .npy with a long header is refused the same way.
+    let e = decode(&spaces_header(1 << 20), &one, 64 << 20).unwrap_err();
+    assert!(e.to_string().contains("header longer than 10000 bytes"), "{e}");
+}
+
+#[test]
+fn malformed_headers_are_not_quoted_back() {
+    let one = sig(&[("x", DType::Float32, &[-1])]);
+    let mut npy = b"\x93NUMPY\x01\x00".to_vec();
+    let header = b"{'descr': 'SECRET-SECRET', 'fortran_order': False, 'shape': (1,), }\n";
+    npy.extend_from_slice(&(header.len() as u16).to_le_bytes());
+    npy.extend_from_slice(header);
+    let e = decode_test(&npy, &one).unwrap_err().to_string();
+    assert!(!e.contains("SECRET"), "{e}");
+}
+
+#[test]
+fn nan_and_infinities_survive_json_both_ways() {
+    let t = Tensor::new("y", vec![4], Data::Float32(vec![f32::NAN, f32::INFINITY, f32::NEG_INFINITY, 0.5])).unwrap();
+    for codec in [Codec::JsonArray, Codec::KServe] {
+        let request = Request { codec, inputs: vec![], id: None, outputs: None };
+        let text = String::from_utf8(encode(&request, vec![t.clone()], "m", 1).unwrap()).unwrap();
+        assert!(text.contains(r#"["NaN","Infinity","-Infinity",0.5]"#), "{text}");
+    }
+    let s = sig(&[("x", DType::Float64, &[-1])]);
+    let r = decode_test(br#"["NaN", "Infinity", "-Infinity", 1]"#, &s).unwrap();
+    let Data::Float64(v) = &r.inputs[0].data else { panic!() };
+    assert!(v[0].is_nan() && v[1] == f64::INFINITY && v[2] == f64::NEG_INFINITY && v[3] == 1.0);
+    // Any other string is still not a number.
+    let e = err(br#"["nan"]"#, &s);
+    assert!(e.contains("expected a number (float64), got a string"), "{e}");
+}

@@ -48,7 +48,7 @@ pub struct Failure {
 
 impl Failure {
     pub(super) fn of(e: &Error) -> Failure {
-        Failure { errno: e.errno(), reason: e.to_string() }
+        Failure { errno: e.errno(), reason: crate::error::one_line(&e.to_string()) }
     }
 
     pub fn to_error(&self) -> Error {

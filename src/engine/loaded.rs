@@ -33,6 +33,12 @@ impl Pool {
     pub(super) fn release(&self, instance: Box<dyn Instance>) {
         self.idle.lock().unwrap().push(instance);
     }
+
+    /// Drops idle instances past `max` (the model's `instances` was
+    /// lowered).
+    pub(super) fn keep(&self, max: usize) {
+        self.idle.lock().unwrap().truncate(max);
+    }
 }
 
 /// A version loaded on a device.
@@ -57,15 +63,20 @@ impl Resident {
 }
 
 impl Shared {
+    /// The pool of the lead job's version on device `d`, loading it (after
+    /// unloading least recently used idle models if the budget needs it),
+    /// with the model's `instances` and `keep_alive_s` as `config.json`
+    /// says now. Returns the unloaded models too, to be dropped without the
+    /// lock.
     pub(super) fn make_resident(&self, s: &mut Sched, d: usize, lead: &Job) -> (Arc<Pool>, Vec<Resident>) {
         let device = &self.devices[d];
+        let config = self.store.model(&lead.model).map_or_else(|_| lead.inner().config.clone(), |m| m.config.clone());
+        let instances = if config.instances == 0 { self.workers(d) } else { config.instances as usize };
+        let keep_alive = Duration::from_secs(config.keep_alive_s);
         let dq = &mut s.devices[d];
         let mut unloaded = Vec::new();
         if !dq.resident.contains_key(&lead.digest) {
-            let inner = lead.inner();
-            let bytes = inner.version.as_ref().map_or(0, |v| v.size);
-            let config = inner.config.clone();
-            drop(inner);
+            let bytes = lead.inner().version.as_ref().map_or(0, |v| v.size);
             let resident: Vec<sched::Resident<Digest>> = dq
                 .resident
                 .iter()
@@ -76,7 +87,6 @@ impl Shared {
                 tracing::info!(device = device.id(), model = %r.model, version = r.version, "unloaded to make room");
                 unloaded.push(r);
             }
-            let instances = if config.instances == 0 { self.workers(d) } else { config.instances as usize };
             dq.resident.insert(
                 lead.digest,
                 Resident {
@@ -87,12 +97,15 @@ impl Shared {
                     busy: 0,
                     instances,
                     last_used: Instant::now(),
-                    keep_alive: Duration::from_secs(config.keep_alive_s),
+                    keep_alive,
                 },
             );
             device.note_loaded_bytes(dq.resident.values().map(|r| r.bytes).sum());
         }
         let r = dq.resident.get_mut(&lead.digest).expect("inserted above");
+        r.instances = instances;
+        r.keep_alive = keep_alive;
+        r.pool.keep(instances);
         r.busy += 1;
         (r.pool.clone(), unloaded)
     }
@@ -100,9 +113,9 @@ impl Shared {
     /// Verifies the version's blobs (streamed from disk) and loads them
     /// with the backend the version was imported with.
     pub(super) fn load(&self, version: &Version, d: usize) -> Result<Box<dyn Instance>> {
-        let files = self.store.verified_files(version)?;
+        let staged = self.store.stage(version)?;
         let device = &self.devices[d];
-        let instance = self.backends.get(&version.backend)?.load(&files, device.target())?;
+        let instance = self.backends.get(&version.backend)?.load(staged.files(), device.target())?;
         tracing::info!(device = device.id(), version = %version.digest, "loaded an instance");
         Ok(instance)
     }

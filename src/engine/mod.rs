@@ -319,7 +319,7 @@ impl Engine {
 
     fn queue(&self, job: &Arc<Job>, input: Vec<u8>) -> Result<usize> {
         self.shared.metrics.request(&job.model, job.version);
-        self.shared.enqueue(job, input).inspect_err(|e| {
+        self.shared.enqueue(job, input, false).inspect_err(|e| {
             tracing::info!(job = job.id, model = %job.model, version = job.version, "rejected: {e}");
             self.shared.fail(job, e);
         })
@@ -411,14 +411,29 @@ impl Engine {
         self.shared.sched.lock().unwrap().shutdown = true;
         self.shared.wake.iter().for_each(Condvar::notify_all);
         self.shared.tick.notify_all();
+        // A run that hangs in its backend must not hang the exit: past the
+        // deadline its thread is left behind (the journal still holds its
+        // job, which runs again at the next start).
+        let deadline = Instant::now() + SHUTDOWN_WAIT;
+        let me = std::thread::current().id();
         for t in std::mem::take(&mut *self.threads.lock().unwrap()) {
-            let _ = t.join();
+            while !t.is_finished() && t.thread().id() != me && Instant::now() < deadline {
+                std::thread::sleep(Duration::from_millis(10));
+            }
+            if t.is_finished() {
+                let _ = t.join();
+            } else if t.thread().id() != me {
+                tracing::warn!(thread = t.thread().name(), "still running at shutdown; not waiting for it");
+            }
         }
         self.shared.records.flush()?;
         self.shared.records.sync_journal();
         Ok(())
     }
 }
+
+/// How long [`Engine::shutdown`] waits for runs in progress.
+const SHUTDOWN_WAIT: Duration = Duration::from_secs(10);
 
 impl Drop for Engine {
     fn drop(&mut self) {

@@ -102,7 +102,9 @@ impl Shared {
     /// Disk I/O happens before the scheduler lock is taken; the status is
     /// checked again under it, so a job cancelled meanwhile stays cancelled.
     /// Returns the device it is queued on; the caller wakes its workers.
-    pub(super) fn enqueue(&self, job: &Arc<Job>, input: Vec<u8>) -> Result<usize> {
+    /// A job `accepted` before (replayed at start) is never refused for a
+    /// full queue: its `close()` returned.
+    pub(super) fn enqueue(&self, job: &Arc<Job>, input: Vec<u8>, accepted: bool) -> Result<usize> {
         let (input, version, config, priority) = {
             let mut inner = job.inner();
             if inner.state.status != Status::New {
@@ -125,16 +127,22 @@ impl Shared {
         let batch = (config.max_batch > 1).then(|| batch_key(&version, &request.inputs)).flatten();
         job.inner().state.device = self.devices[d].id().to_string();
         // Refuse a full queue before writing anything (checked again below).
-        let full = |s: &Sched| s.queued_per_model.get(&job.model).copied().unwrap_or(0) >= config.max_queue as usize;
-        if full(&self.sched.lock().unwrap()) {
-            return Err(Error::QueueFull { model: job.model.clone(), max: config.max_queue });
+        let refused = |s: &Sched| {
+            if s.shutdown {
+                return Some(Error::ShuttingDown);
+            }
+            let full = s.queued_per_model.get(&job.model).copied().unwrap_or(0) >= config.max_queue as usize;
+            (full && !accepted).then(|| Error::QueueFull { model: job.model.clone(), max: config.max_queue })
+        };
+        if let Some(e) = refused(&self.sched.lock().unwrap()) {
+            return Err(e);
         }
         // The journal entry makes the accepted job survive a crash.
         self.records.journal_input(job)?;
 
         let mut s = self.sched.lock().unwrap();
-        if full(&s) {
-            return Err(Error::QueueFull { model: job.model.clone(), max: config.max_queue });
+        if let Some(e) = refused(&s) {
+            return Err(e);
         }
         {
             let mut inner = job.inner();
@@ -219,7 +227,7 @@ impl Shared {
     /// only if that job is among those taken. A worker that takes a run
     /// while more is queued and slots are free wakes the next worker.
     pub(super) fn take(&self, s: &mut Sched, d: usize, only_with: Option<u64>) -> Take {
-        if s.devices[d].slots_busy >= self.workers(d) {
+        if s.shutdown || s.devices[d].slots_busy >= self.workers(d) {
             return Take::Wait(None);
         }
         let aging = self.config.aging;
@@ -272,7 +280,14 @@ impl Shared {
         let Taken { jobs, pool, unloaded } = taken;
         drop(s);
         drop(unloaded);
-        self.run(d, &jobs, &pool);
+        // A panic anywhere in the run (loading, the backend, encoding) fails
+        // its jobs; the slot and the instance are given back all the same.
+        let ran = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| self.run(d, &jobs, &pool)));
+        if ran.is_err() {
+            for job in &jobs {
+                self.fail(job, &Error::Internal("the run panicked".into()));
+            }
+        }
         let mut s = self.sched.lock().unwrap();
         let dq = &mut s.devices[d];
         dq.running -= jobs.len();

@@ -33,7 +33,7 @@ impl Records {
     /// [`Shared::recover`].
     pub(super) fn open(store: &Store) -> Result<(Records, Vec<Entry>)> {
         let dir = store.root().join("jobs");
-        std::fs::create_dir_all(&dir).map_err(|e| Error::io(dir.display().to_string(), e))?;
+        crate::store::private_dir(&dir)?;
         let tree = store.db().open_tree("jobs")?;
         // Earlier versions kept outputs in a tree of their own.
         store.db().drop_tree("job_outputs")?;
@@ -225,7 +225,7 @@ impl Shared {
         let count = requeue.len();
         for (job, input) in requeue {
             // The workers start after this and find the queue.
-            if let Err(e) = self.enqueue(&job, input) {
+            if let Err(e) = self.enqueue(&job, input, true) {
                 self.fail(&job, &e);
             }
         }

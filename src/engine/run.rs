@@ -13,6 +13,8 @@ use super::job::{Failure, Job, Status};
 use super::loaded::Pool;
 use super::Shared;
 impl Shared {
+    /// Runs a batch of jobs (one or more) of one version on device `d`,
+    /// and ends each with its output or the failure.
     pub(super) fn run(&self, d: usize, jobs: &[Arc<Job>], pool: &Pool) {
         let now = SystemTime::now();
         let mut live: Vec<(Arc<Job>, Request)> = Vec::with_capacity(jobs.len());
@@ -33,12 +35,17 @@ impl Shared {
         let started = Instant::now();
         let device = &self.devices[d];
         let outputs = pool.acquire(|| self.load(&version, d)).and_then(|mut instance| {
-            // A backend that panics fails these jobs, not the worker.
+            // A backend that panics fails these jobs, and its instance is
+            // not used again.
             let result =
-                std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| run_batch(&mut *instance, &mut live)))
-                    .unwrap_or_else(|_| Err(Error::Internal("the backend panicked".into())));
-            pool.release(instance);
-            result
+                std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| run_batch(&mut *instance, &mut live)));
+            match result {
+                Ok(result) => {
+                    pool.release(instance);
+                    result
+                }
+                Err(_) => Err(Error::Internal("the backend panicked".into())),
+            }
         });
         std::thread::sleep(device.run_delay());
         let compute_us = started.elapsed().as_micros() as u64;

@@ -1,6 +1,7 @@
 //! Blob files: `<data>/blobs/sha256-<hex>`, one per distinct content, never
 //! modified; what start-up removes (temp files, unreferenced blobs); and
-//! the streaming digest check every load makes.
+//! [`Staged`] files, what a backend is given to load: the streaming digest
+//! check every load makes happens there.
 
 use std::collections::BTreeSet;
 use std::fs::{self, File};
@@ -60,24 +61,79 @@ impl Store {
         self.referenced_blobs().into_iter().collect()
     }
 
-    /// The version's files, each blob's sha256 checked by streaming it from
-    /// disk (never the whole file in memory): what a backend may load. A
+    /// The version's files staged for a backend to load (see [`Staged`]),
+    /// each blob's sha256 checked by streaming it from disk (never the
+    /// whole file in memory), through the link the backend will open. A
     /// blob whose bytes changed is [`Error::CorruptBlob`].
-    pub fn verified_files(&self, version: &Version) -> Result<Files> {
-        version
-            .files
-            .iter()
-            .map(|(name, digest)| {
-                let path = self.blob_path(digest);
-                let actual = Digest::of_file(&path).map_err(|e| Error::io(path.display().to_string(), e))?;
-                if actual != *digest {
-                    return Err(Error::CorruptBlob { file: name.clone(), digest: *digest });
-                }
-                Ok((name.clone(), path))
-            })
-            .collect()
+    pub fn stage(&self, version: &Version) -> Result<Staged> {
+        let mut staged = self.staging()?;
+        for (name, digest) in &version.files {
+            let path = staged.link(name, &self.blob_path(digest))?;
+            let actual = Digest::of_file(&path).map_err(|e| Error::io(path.display().to_string(), e))?;
+            if actual != *digest {
+                return Err(Error::CorruptBlob { file: name.clone(), digest: *digest });
+            }
+        }
+        Ok(staged)
+    }
+
+    /// A new, empty staging directory.
+    pub(super) fn staging(&self) -> Result<Staged> {
+        let n = self.next_temp.fetch_add(1, Ordering::Relaxed);
+        let dir = self.root.join(STAGING).join(format!("{}-{n}", std::process::id()));
+        private_dir(&dir)?;
+        Ok(Staged { dir, files: Files::new() })
     }
 }
+/// Makes `dir` (and missing parents) a directory only the daemon's user
+/// can enter, also when it exists with a wider mode: what the daemon keeps
+/// there (models, requests, outputs) is every user's.
+/// Where [`Staged`] directories are made: `<data>/staging/`, emptied at
+/// start.
+pub(super) const STAGING: &str = "staging";
+
+/// A version's files as a backend loads them: hard links to their blobs
+/// (or to an import's temp file), under the version's own file names, in a
+/// private directory that holds nothing else. So a model file that names
+/// other files (ONNX external data) finds its version's files and no
+/// other: not the blobs of other models, not an upload still being
+/// written. Import checks and loads go through the same kind of directory,
+/// so what an import accepted is what runs. Removed when dropped.
+pub struct Staged {
+    dir: PathBuf,
+    files: Files,
+}
+
+impl Staged {
+    /// Name -> path, for [`crate::backend::Backend::inspect`] and `load`.
+    pub fn files(&self) -> &Files {
+        &self.files
+    }
+
+    /// Links `target` in as `name`; returns the link's path.
+    pub(super) fn link(&mut self, name: &str, target: &Path) -> Result<PathBuf> {
+        let path = self.dir.join(name);
+        fs::hard_link(target, &path).map_err(|e| Error::io(format!("staging {name}"), e))?;
+        self.files.insert(name.to_string(), path.clone());
+        Ok(path)
+    }
+}
+
+impl Drop for Staged {
+    fn drop(&mut self) {
+        if let Err(e) = fs::remove_dir_all(&self.dir) {
+            tracing::warn!("removing {}: {e}", self.dir.display());
+        }
+    }
+}
+
+pub(crate) fn private_dir(dir: &Path) -> Result<()> {
+    use std::os::unix::fs::{DirBuilderExt, PermissionsExt};
+    let io = |e| Error::io(dir.display().to_string(), e);
+    fs::DirBuilder::new().recursive(true).mode(0o700).create(dir).map_err(io)?;
+    fs::set_permissions(dir, fs::Permissions::from_mode(0o700)).map_err(io)
+}
+
 pub(super) fn remove_file_if_present(path: &Path) -> Result<()> {
     match fs::remove_file(path) {
         Err(e) if e.kind() != ErrorKind::NotFound => Err(Error::io(path.display().to_string(), e)),

@@ -102,8 +102,11 @@ impl ModelConfig {
     pub fn parse(text: &[u8]) -> Result<ModelConfig> {
         let value: serde_json::Value =
             serde_json::from_slice(text).map_err(|e| Error::InvalidArgument(format!("config.json: {e}")))?;
+        let Some(object) = value.as_object() else {
+            return Err(Error::InvalidArgument("config.json: expected a JSON object of settings".into()));
+        };
         let known = serde_json::to_value(ModelConfig::default()).expect("serializes");
-        if let Some(unknown) = value.as_object().and_then(|o| o.keys().find(|k| known.get(k.as_str()).is_none())) {
+        if let Some(unknown) = object.keys().find(|k| known.get(k.as_str()).is_none()) {
             return Err(Error::InvalidArgument(format!(
                 "config.json: unknown key {unknown:?} (known: device, max_batch, batch_delay_us, instances, keep_alive_s, priority, timeout_ms, max_queue)"
             )));

@@ -6,6 +6,7 @@ use std::collections::BTreeMap;
 use std::fs::{self, File, OpenOptions};
 use std::os::fd::AsRawFd;
 use std::os::unix::fs::FileExt;
+use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
@@ -35,6 +36,7 @@ impl Store {
         let n = self.next_temp.fetch_add(1, Ordering::Relaxed);
         let path = self.blobs.join(format!("tmp-{}-{n}", std::process::id()));
         let file = OpenOptions::new()
+            .mode(0o600)
             .read(true)
             .write(true)
             .create_new(true)
@@ -63,8 +65,11 @@ impl Store {
         let (synced, digest, inspected) = std::thread::scope(|scope| {
             let sync = scope.spawn(|| upload.sync());
             let hash = scope.spawn(|| upload.digest());
-            let path = upload.path.clone().expect("a live upload has a path");
-            let inspected = inspect(&Files::from([(file_name.to_string(), path)]));
+            let path = upload.path.as_deref().expect("a live upload has a path");
+            let inspected = self.staging().and_then(|mut staged| {
+                staged.link(file_name, path)?;
+                inspect(staged.files())
+            });
             (joined(sync.join(), "syncing"), joined(hash.join(), "hashing"), inspected)
         });
         synced?;

@@ -39,8 +39,10 @@ pub use digest::Digest;
 pub use import::{Imported, Upload};
 pub use names::{parse_version_name, validate_name, LATEST};
 
+pub(crate) use blobs::private_dir;
+pub use blobs::Staged;
+
 use std::collections::BTreeMap;
-use std::fs;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::AtomicU64;
 use std::sync::{Arc, Mutex, RwLock};
@@ -66,7 +68,14 @@ impl Store {
     /// crash: removes temp files and blobs no version references.
     pub fn open(root: &Path) -> Result<Store> {
         let blobs = root.join("blobs");
-        fs::create_dir_all(&blobs).map_err(|e| Error::io(blobs.display().to_string(), e))?;
+        // Private whatever the data directory's mode (an admin's `mkdir -p`).
+        private_dir(&blobs)?;
+        private_dir(&root.join("catalog"))?;
+        // Staged files of the last run: links, nothing is lost with them.
+        let staging = root.join(blobs::STAGING);
+        if staging.exists() {
+            std::fs::remove_dir_all(&staging).map_err(|e| Error::io(staging.display().to_string(), e))?;
+        }
         let db = sled::Config::new().path(root.join("catalog")).mode(sled::Mode::LowSpace).open()?;
         let mut models = BTreeMap::new();
         for entry in db.iter() {

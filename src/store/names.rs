@@ -21,6 +21,11 @@ pub fn validate_name(name: &[u8]) -> Result<&str> {
     if name.contains(&0) {
         return Err(invalid("contains NUL"));
     }
+    // A newline or an escape in a name garbles every listing and log line
+    // that shows it.
+    if name.iter().any(|&b| b < 0x20 || b == 0x7f) {
+        return Err(invalid("contains a control character"));
+    }
     if name[0] == b'.' {
         return Err(invalid("starts with '.'"));
     }

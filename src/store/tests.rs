@@ -1,5 +1,7 @@
 //! The store's unit tests: a real sled catalog and blob directory in a temp dir.
 
+use std::fs;
+
 use super::*;
 use crate::backend::{Files, Inspected};
 use crate::tensor::{DType, Signature, TensorSpec};
@@ -72,7 +74,8 @@ fn digest_parses_both_spellings_and_rejects_the_rest() {
 fn names_are_validated() {
     assert_eq!(validate_name(b"resnet-50_v2.onnx").unwrap(), "resnet-50_v2.onnx");
     assert!(validate_name(&[b'a'; 255]).is_ok());
-    for bad in [&b""[..], b".", b"..", b".hidden", b"a/b", b"a\0b", &[b'a'; 256], b"\xff"] {
+    let controls = [&b"a\nb"[..], b"\x1b[31mred", b"tab\there", b"del\x7f"];
+    for bad in [&b""[..], b".", b"..", b".hidden", b"a/b", b"a\0b", &[b'a'; 256], b"\xff"].into_iter().chain(controls) {
         let err = validate_name(bad).unwrap_err();
         assert_eq!(err.errno(), libc::EINVAL, "{bad:?}");
     }
@@ -190,7 +193,10 @@ fn config_is_validated_and_kept() {
     assert_eq!(store.model("m").unwrap().config, ModelConfig::default());
     let c = ModelConfig::parse(br#"{"device": "gpu0", "max_batch": 16}"#).unwrap();
     assert_eq!((c.device.as_str(), c.max_batch, c.max_queue), ("gpu0", 16, 1024));
+    let not_objects = [&b"[]"[..], b"[\"cpu\", 8]", b"null", b"7", b"\"cpu\""];
     for bad in [&br#"{"device": "tpu"}"#[..], br#"{"max_batch": 0}"#, br#"{"nope": 1}"#, br#"{"max_batch": -1}"#, b"{"]
+        .into_iter()
+        .chain(not_objects)
     {
         let e = ModelConfig::parse(bad).unwrap_err();
         assert_eq!(e.errno(), libc::EINVAL);
