@@ -6,10 +6,16 @@
 //! its lock.
 //!
 //! Rules:
-//! - **Order**: highest effective priority first; FIFO among equals.
+//! - **Order**: highest effective priority first; among equals, the
+//!   user whose *turn* it is, then arrival.
 //! - **Aging**: a queued job's effective priority grows by one per `aging`
-//!   waited, so under a constant stream of higher-priority jobs a
-//!   low-priority one still runs (after `aging * difference` at most).
+//!   waited, up to the highest priority queued, so under a constant stream
+//!   of higher-priority jobs a low-priority one still runs (after
+//!   `aging * difference` at most).
+//! - **Turns**: users take turns within a priority: the user whose last
+//!   job started on the device longest ago (or who has none) goes first.
+//!   One user's thousand queued jobs delay another user's job by at most
+//!   one run per slot, and one user's jobs stay FIFO.
 //! - **Batching**: jobs join the next job's batch if they have the same
 //!   batch key (same version, same trailing dimensions and dtypes), in the
 //!   order they would run, while their rows fit `max_batch`.
@@ -17,12 +23,16 @@
 //!   the model, else the CPU; a named device must exist.
 //! - **Eviction**: least recently used first, never a model in use.
 
+use std::cmp::Reverse;
+use std::collections::HashMap;
 use std::time::{Duration, Instant};
 
 /// A queued job, as the scheduler sees it.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Queued {
     pub id: u64,
+    /// Whose job it is (the uid).
+    pub user: u32,
     pub priority: i32,
     /// Arrival order (ties in effective priority run in this order).
     pub seq: u64,
@@ -33,29 +43,50 @@ pub struct Queued {
     pub rows: usize,
 }
 
-pub fn effective_priority(q: &Queued, now: Instant, aging: Duration) -> i64 {
-    let waited = now.saturating_duration_since(q.since);
-    let bonus = if aging.is_zero() { 0 } else { (waited.as_nanos() / aging.as_nanos()) as i64 };
-    q.priority as i64 + bonus
+/// What a queue is ordered by besides its jobs: the time, the aging rate,
+/// and when each user's last job started on the device.
+pub struct Clock<'a> {
+    pub now: Instant,
+    pub aging: Duration,
+    pub last_start: &'a HashMap<u32, Instant>,
+}
+
+impl Clock<'_> {
+    /// The priority `q` runs at now: its own, plus one per `aging` waited,
+    /// but never past `top` (the highest priority queued) by aging alone.
+    pub fn effective_priority(&self, q: &Queued, top: i32) -> i64 {
+        let waited = self.now.saturating_duration_since(q.since);
+        let bonus = if self.aging.is_zero() { 0 } else { (waited.as_nanos() / self.aging.as_nanos()) as i64 };
+        q.priority as i64 + bonus.min((top as i64 - q.priority as i64).max(0))
+    }
+
+    /// Sorts before (is smaller than) every job that runs after `q`: by
+    /// effective priority, then turns (see the module header), then
+    /// arrival.
+    fn rank(&self, q: &Queued, top: i32) -> (Reverse<i64>, Option<Instant>, u64) {
+        (Reverse(self.effective_priority(q, top)), self.last_start.get(&q.user).copied(), q.seq)
+    }
+}
+
+fn top(queue: &[Queued]) -> i32 {
+    queue.iter().map(|q| q.priority).max().unwrap_or(0)
 }
 
 /// The index of the job to run next, among those that `can_run` (a job
 /// whose model has no free instance cannot, and keeps its place).
-pub fn next(queue: &[Queued], now: Instant, aging: Duration, can_run: impl Fn(usize) -> bool) -> Option<usize> {
-    (0..queue.len()).filter(|&i| can_run(i)).max_by(|&a, &b| {
-        let (qa, qb) = (&queue[a], &queue[b]);
-        effective_priority(qa, now, aging).cmp(&effective_priority(qb, now, aging)).then(qb.seq.cmp(&qa.seq))
-        // earlier seq wins ties
-    })
+pub fn next(queue: &[Queued], clock: &Clock, can_run: impl Fn(usize) -> bool) -> Option<usize> {
+    let top = top(queue);
+    (0..queue.len()).filter(|&i| can_run(i)).min_by_key(|&i| clock.rank(&queue[i], top))
 }
 
 /// The jobs that run together with `queue[first]` (itself included, first),
 /// in the order they would run, while the total rows fit `max_batch`.
-pub fn batch(queue: &[Queued], first: usize, max_batch: usize, now: Instant, aging: Duration) -> Vec<usize> {
+pub fn batch(queue: &[Queued], first: usize, max_batch: usize, clock: &Clock) -> Vec<usize> {
     let lead = &queue[first];
     let Some(key) = lead.batch_key else { return vec![first] };
+    let top = top(queue);
     let mut others: Vec<usize> = (0..queue.len()).filter(|&i| i != first && queue[i].batch_key == Some(key)).collect();
-    others.sort_by_key(|&i| (std::cmp::Reverse(effective_priority(&queue[i], now, aging)), queue[i].seq));
+    others.sort_by_key(|&i| clock.rank(&queue[i], top));
     let mut members = vec![first];
     let mut rows = lead.rows;
     for i in others {
@@ -139,12 +170,18 @@ mod tests {
     const S: Duration = Duration::from_secs(1);
 
     fn q(id: u64, priority: i32, since: Instant) -> Queued {
-        Queued { id, priority, seq: id, since, batch_key: Some(7), rows: 1 }
+        Queued { id, user: 0, priority, seq: id, since, batch_key: Some(7), rows: 1 }
+    }
+
+    /// No user has run anything yet.
+    fn at(now: Instant, aging: Duration) -> Clock<'static> {
+        static NONE: std::sync::OnceLock<HashMap<u32, Instant>> = std::sync::OnceLock::new();
+        Clock { now, aging, last_start: NONE.get_or_init(HashMap::new) }
     }
 
     fn order(mut queue: Vec<Queued>, now: Instant, aging: Duration) -> Vec<u64> {
         let mut out = Vec::new();
-        while let Some(i) = next(&queue, now, aging, |_| true) {
+        while let Some(i) = next(&queue, &at(now, aging), |_| true) {
             out.push(queue.remove(i).id);
         }
         out
@@ -163,10 +200,35 @@ mod tests {
         let queue = vec![q(1, 0, t), q(2, 10, t), q(3, 5, t)];
         // Job 2's model has no free instance: the best of the rest runs.
         let blocked = |i: usize| queue[i].id != 2;
-        assert_eq!(queue[next(&queue, t, Duration::ZERO, blocked).unwrap()].id, 3);
+        let clock = at(t, Duration::ZERO);
+        assert_eq!(queue[next(&queue, &clock, blocked).unwrap()].id, 3);
         // Once it can, it is first again.
-        assert_eq!(queue[next(&queue, t, Duration::ZERO, |_| true).unwrap()].id, 2);
-        assert_eq!(next(&queue, t, Duration::ZERO, |_| false), None);
+        assert_eq!(queue[next(&queue, &clock, |_| true).unwrap()].id, 2);
+        assert_eq!(next(&queue, &clock, |_| false), None);
+    }
+
+    /// User 1 queued 100 jobs; user 2 queues one after them. Each run
+    /// starts the next turn: user 2's job runs second, not 101st; then user
+    /// 1's keep their order.
+    #[test]
+    fn users_take_turns_within_a_priority() {
+        let t0 = Instant::now();
+        let aging = Duration::from_millis(100);
+        let mut queue: Vec<Queued> = (1..=100).map(|i| q(i, 0, t0)).map(|j| Queued { user: 1, ..j }).collect();
+        queue.push(Queued { user: 2, ..q(101, 0, t0 + Duration::from_millis(1)) });
+        let mut last_start = HashMap::new();
+        let mut ran = Vec::new();
+        for ms in 2..=6u64 {
+            let now = t0 + 10 * S + Duration::from_millis(ms);
+            let i = next(&queue, &Clock { now, aging, last_start: &last_start }, |_| true).unwrap();
+            let job = queue.remove(i);
+            last_start.insert(job.user, now);
+            ran.push(job.id);
+        }
+        assert_eq!(ran, [1, 101, 2, 3, 4]);
+        // Aging does not lift one user's old jobs over another's at the
+        // same priority: everything is at the top already.
+        assert_eq!(at(t0 + 10 * S, aging).effective_priority(&queue[0], 0), 0);
     }
 
     #[test]
@@ -175,7 +237,8 @@ mod tests {
         let aging = Duration::from_millis(100);
         // Job 1 (priority 0) has waited 1 s; newcomers have priority 10.
         let queue = vec![q(1, 0, t0), q(2, 10, t0 + S), q(3, 10, t0 + S)];
-        assert_eq!(effective_priority(&queue[0], t0 + S, aging), 10);
+        assert_eq!(at(t0 + S, aging).effective_priority(&queue[0], 10), 10);
+        assert_eq!(at(t0 + 2 * S, aging).effective_priority(&queue[0], 10), 10, "no higher than the top");
         // Tied at 10 with the newcomers, and older: it runs first.
         assert_eq!(order(queue.clone(), t0 + S, aging), [1, 2, 3]);
         // Without aging it would wait behind every newcomer.
@@ -192,7 +255,7 @@ mod tests {
         for ms in 1..=200u64 {
             let now = t0 + Duration::from_millis(ms);
             queue.push(Queued { seq: ms, ..q(ms, 5, now) });
-            let i = next(&queue, now, aging, |_| true).unwrap();
+            let i = next(&queue, &at(now, aging), |_| true).unwrap();
             ran.push(queue.remove(i).id);
         }
         let at = ran.iter().position(|&id| id == 0).expect("the low-priority job ran");
@@ -206,9 +269,10 @@ mod tests {
         queue[1].batch_key = Some(8); // another version or shape
         queue[2].rows = 3;
         queue[4].priority = 9;
-        let first = next(&queue, t, Duration::ZERO, |_| true).unwrap();
+        let clock = at(t, Duration::ZERO);
+        let first = next(&queue, &clock, |_| true).unwrap();
         assert_eq!(queue[first].id, 5);
-        let members = batch(&queue, first, 4, t, Duration::ZERO);
+        let members = batch(&queue, first, 4, &clock);
         let ids: Vec<u64> = members.iter().map(|&i| queue[i].id).collect();
         // 5, then 1; job 3's 3 rows would make 5 > 4, so it waits; 4 and 6 fit.
         assert_eq!(ids, [5, 1, 4, 6]);
@@ -219,7 +283,7 @@ mod tests {
     fn unbatchable_jobs_run_alone() {
         let t = Instant::now();
         let queue = vec![Queued { batch_key: None, ..q(1, 0, t) }, Queued { batch_key: None, ..q(2, 0, t) }];
-        assert_eq!(batch(&queue, 0, 8, t, Duration::ZERO), [0]);
+        assert_eq!(batch(&queue, 0, 8, &at(t, Duration::ZERO)), [0]);
     }
 
     #[test]

@@ -395,3 +395,30 @@ fn a_request_closed_unread_is_what_its_session_reads_next() {
     assert_eq!(t.read(r.fh, 0, 4096).unwrap_err().errno(), libc::EINVAL);
     t.fs.release(r.fh).unwrap();
 }
+
+/// Priorities are bounded, and only the model's owner (or root) may raise
+/// a job above the model's own priority: a job owner cannot jump the
+/// queue of everyone else.
+#[test]
+fn job_priorities_are_bounded_and_raised_only_by_the_models_owner() {
+    const OTHER: Caller = Caller { uid: 2000, gid: 2000, pid: 1 };
+    let t = tree();
+    t.add_mlp();
+    let clone = t.fs.open(t.ino("models/m/v1/clone"), libc::O_RDONLY, OTHER).unwrap();
+    let id = String::from_utf8(t.read(clone.fh, 0, 64).unwrap()).unwrap().trim().to_string();
+    t.fs.release(clone.fh).unwrap();
+    let set = |who: Caller, value: &str| {
+        let o = t.fs.open(t.ino(&format!("jobs/{id}/priority")), libc::O_WRONLY, who).unwrap();
+        let written = t.fs.write(o.fh, 0, value.as_bytes()).map(drop);
+        t.fs.release(o.fh).unwrap();
+        written
+    };
+    let errno = |r: aifs::Result<()>| r.unwrap_err().errno();
+    assert_eq!(errno(set(OTHER, "5")), libc::EPERM);
+    assert_eq!(errno(set(OTHER, "2147483647")), libc::EINVAL);
+    assert_eq!(errno(set(ME, "101")), libc::EINVAL);
+    set(OTHER, "-5").unwrap();
+    set(OTHER, "0").unwrap();
+    set(ME, "100").unwrap();
+    assert_eq!(t.read_all(&format!("jobs/{id}/priority")), b"100\n");
+}

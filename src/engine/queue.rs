@@ -28,6 +28,9 @@ pub(super) struct DeviceQueue {
     /// Runs (a batch is one) in progress: at most the device's workers.
     pub(super) slots_busy: usize,
     pub(super) resident: HashMap<Digest, Resident>,
+    /// When each user's last job started here: their next job's turn
+    /// ([`sched::Clock`]).
+    pub(super) last_start: HashMap<u32, Instant>,
 }
 
 /// What a worker (or a helping thread) does next.
@@ -48,7 +51,8 @@ pub(super) struct Taken {
 #[derive(Default)]
 pub(super) struct Sched {
     pub(super) devices: Vec<DeviceQueue>,
-    pub(super) queued_per_model: HashMap<String, usize>,
+    /// Queued jobs per model and user: `max_queue` bounds each user's.
+    pub(super) queued_per_model: HashMap<(String, u32), usize>,
     /// Queued or running jobs per version: batching waits only if > batch.
     pub(super) in_flight: HashMap<Digest, usize>,
     pub(super) running_jobs: HashMap<u64, Arc<Job>>,
@@ -63,7 +67,7 @@ impl Sched {
         let dq = &mut self.devices[d];
         dq.entries.remove(i);
         let job = dq.jobs.remove(i);
-        if let Some(n) = self.queued_per_model.get_mut(&job.model) {
+        if let Some(n) = self.queued_per_model.get_mut(&(job.model.clone(), job.uid)) {
             *n -= 1;
         }
         job
@@ -131,7 +135,8 @@ impl Shared {
             if s.shutdown {
                 return Some(Error::ShuttingDown);
             }
-            let full = s.queued_per_model.get(&job.model).copied().unwrap_or(0) >= config.max_queue as usize;
+            let queued = s.queued_per_model.get(&(job.model.clone(), job.uid)).copied().unwrap_or(0);
+            let full = queued >= config.max_queue as usize;
             (full && !accepted).then(|| Error::QueueFull { model: job.model.clone(), max: config.max_queue })
         };
         if let Some(e) = refused(&self.sched.lock().unwrap()) {
@@ -166,6 +171,7 @@ impl Shared {
         s.seq += 1;
         let entry = Queued {
             id: job.id,
+            user: job.uid,
             priority,
             seq: s.seq,
             since: Instant::now(),
@@ -174,7 +180,7 @@ impl Shared {
         };
         s.devices[d].entries.push(entry);
         s.devices[d].jobs.push(job.clone());
-        *s.queued_per_model.entry(job.model.clone()).or_default() += 1;
+        *s.queued_per_model.entry((job.model.clone(), job.uid)).or_default() += 1;
         *s.in_flight.entry(job.digest).or_default() += 1;
         Ok(d)
     }
@@ -230,13 +236,13 @@ impl Shared {
         if s.shutdown || s.devices[d].slots_busy >= self.workers(d) {
             return Take::Wait(None);
         }
-        let aging = self.config.aging;
         let now = Instant::now();
         let dq = &s.devices[d];
+        let clock = sched::Clock { now, aging: self.config.aging, last_start: &dq.last_start };
         // A job whose version has no free instance stays queued, in its
         // place, and the device's slot goes to the next job that can run.
         let free = |i: usize| dq.resident.get(&dq.jobs[i].digest).is_none_or(Resident::has_free_instance);
-        let Some(first) = sched::next(&dq.entries, now, aging, free) else {
+        let Some(first) = sched::next(&dq.entries, &clock, free) else {
             return Take::Wait(None);
         };
         let lead = dq.jobs[first].clone();
@@ -245,7 +251,7 @@ impl Shared {
             (inner.config.max_batch as usize, Duration::from_micros(inner.config.batch_delay_us))
         };
         let batchable = dq.entries[first].batch_key.is_some() && max_batch > 1;
-        let members = if batchable { sched::batch(&dq.entries, first, max_batch, now, aging) } else { vec![first] };
+        let members = if batchable { sched::batch(&dq.entries, first, max_batch, &clock) } else { vec![first] };
         let others_in_flight = s.in_flight.get(&lead.digest).copied().unwrap_or(0) > members.len();
         if batchable && sched::rows(&dq.entries, &members) < max_batch && others_in_flight {
             let ready_at = dq.entries[first].since + delay;
@@ -264,6 +270,7 @@ impl Shared {
         }
         for j in &jobs {
             s.running_jobs.insert(j.id, j.clone());
+            s.devices[d].last_start.insert(j.uid, now);
         }
         s.devices[d].running += jobs.len();
         s.devices[d].slots_busy += 1;

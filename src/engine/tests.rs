@@ -58,9 +58,12 @@ impl Rig {
     }
 
     fn submit(&self, model: &str, version: u32, input: &str) -> Arc<Job> {
-        let job = self.engine.create_job(0, 0, model, version).unwrap();
-        self.engine.submit(&job, input.as_bytes().to_vec()).unwrap();
-        job
+        self.submit_as(0, model, version, input).unwrap()
+    }
+
+    fn submit_as(&self, uid: u32, model: &str, version: u32, input: &str) -> Result<Arc<Job>> {
+        let job = self.engine.create_job(uid, uid, model, version).unwrap();
+        self.engine.submit(&job, input.as_bytes().to_vec()).map(|()| job)
     }
 
     fn running(&self) -> usize {
@@ -314,4 +317,26 @@ fn a_crash_loses_no_accepted_job() {
         let n = 2.0 * (i + 1) as f32;
         assert_eq!(output(&job).unwrap(), format!("[[{n:?},{n:?},{n:?},{n:?}]]\n"));
     }
+}
+
+/// One user floods a model's queue: another user's job still gets in
+/// (`max_queue` is per user) and runs next, not after the flood.
+#[test]
+fn users_share_a_flooded_model() {
+    let r = rig(1);
+    let v = r.model("m", &gated(4), ModelConfig { max_queue: 20, ..config(0, 1) });
+    r.fake.gate.close();
+    let first = r.submit_as(1, "m", v, "[[1, 1, 1, 1]]").unwrap();
+    wait_until("the first job runs", || r.running() == 1);
+    let flood: Vec<Arc<Job>> = (0..20).map(|_| r.submit_as(1, "m", v, "[[1, 1, 1, 1]]").unwrap()).collect();
+    let err = r.submit_as(1, "m", v, "[[1, 1, 1, 1]]").err().expect("refused");
+    assert_eq!(err.errno(), libc::EAGAIN, "user 1's own queue is full");
+    let theirs = r.submit_as(2, "m", v, "[[2, 2, 2, 2]]").expect("user 2 is not refused for user 1's queue");
+    r.fake.gate.open();
+    output(&first).unwrap();
+    output(&theirs).unwrap();
+    let started = |j: &Job| j.snapshot().started.unwrap();
+    flood.iter().for_each(|j| drop(output(j)));
+    let before = flood.iter().filter(|j| started(j) < started(&theirs)).count();
+    assert_eq!(before, 0, "user 2's job waited for {before} of user 1's");
 }

@@ -13,7 +13,7 @@ use crate::store::Digest;
 use super::infer::InferStream;
 use super::jobs::JobInput;
 use super::upload::Pending;
-use super::{Fs, JobFile};
+use super::{Caller, Fs, JobFile};
 /// An open file: its handle and how the kernel should cache it.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Opened {
@@ -41,7 +41,7 @@ pub(super) enum Handle {
     JobInput(Mutex<JobInput>),
     JobOutput(Arc<Job>),
     /// `ctl` or `priority` opened for writing: each write is one command.
-    JobCommand(Arc<Job>, JobFile),
+    JobCommand(Arc<Job>, JobFile, Caller),
 }
 
 impl Fs {

@@ -285,7 +285,7 @@ impl Fs {
                     JobFile::Input => generated(Handle::Content(job.snapshot().input.to_vec())),
                     JobFile::Output if writing => return Err(Error::ReadOnly(format!("jobs/{id}/output"))),
                     JobFile::Output => generated(Handle::JobOutput(job)),
-                    JobFile::Priority | JobFile::Ctl if writing => generated(Handle::JobCommand(job, *file)),
+                    JobFile::Priority | JobFile::Ctl if writing => generated(Handle::JobCommand(job, *file, caller)),
                     JobFile::Ctl => generated(Handle::Content(Vec::new())),
                     _ if writing => return Err(Error::AccessDenied(format!("jobs/{id}/{}", file.name()))),
                     _ => generated(Handle::Content(self.content(&node)?)),
@@ -410,25 +410,7 @@ impl Fs {
                 }
                 w.written = true;
             }
-            Handle::JobCommand(job, file) => {
-                let text = std::str::from_utf8(data).map_err(|_| Error::InvalidArgument("not UTF-8 text".into()))?;
-                let text = text.trim();
-                match file {
-                    JobFile::Ctl if text == "cancel" => self.engine.cancel(job)?,
-                    JobFile::Ctl => {
-                        return Err(Error::InvalidArgument(format!(
-                            "jobs/{}/ctl: unknown command {text:?} (known: cancel)",
-                            job.id
-                        )))
-                    }
-                    _ => {
-                        let p = text.parse().map_err(|_| {
-                            Error::InvalidArgument(format!("jobs/{}/priority: {text:?} is not an integer", job.id))
-                        })?;
-                        self.engine.set_priority(job, p)?
-                    }
-                }
-            }
+            Handle::JobCommand(job, file, caller) => self.job_command(job, *file, *caller, data)?,
             Handle::Config(_, text) => {
                 write_into(text.lock().unwrap().get_or_insert_with(Vec::new), offset, data, CONFIG_MAX_BYTES)?
             }

@@ -57,6 +57,9 @@ impl Version {
     }
 }
 
+/// The priorities a job or a model may have: higher runs first.
+pub const PRIORITIES: std::ops::RangeInclusive<i32> = -100..=100;
+
 /// A model's scheduling settings: `models/<name>/config.json`.
 /// Read from the catalog leniently (a key a later build drops must not
 /// stop the daemon); [`ModelConfig::parse`] is strict with what users write.
@@ -123,14 +126,20 @@ impl ModelConfig {
         if !device_ok {
             return bad(format!("device {:?}: expected \"auto\", \"cpu\" or \"gpuN\"", config.device));
         }
-        if config.max_batch == 0 {
-            return bad("max_batch must be at least 1".into());
-        }
-        if config.max_queue == 0 {
-            return bad("max_queue must be at least 1".into());
-        }
-        if config.timeout_ms == 0 {
-            return bad("timeout_ms must be at least 1".into());
+        let c = &config;
+        let ranges: [(&str, i64, std::ops::RangeInclusive<i64>); 7] = [
+            ("max_batch", c.max_batch.into(), 1..=1024),
+            ("batch_delay_us", c.batch_delay_us as i64, 0..=1_000_000),
+            ("instances", c.instances.into(), 0..=64),
+            ("keep_alive_s", c.keep_alive_s as i64, 0..=86_400),
+            ("priority", c.priority.into(), (*PRIORITIES.start()).into()..=(*PRIORITIES.end()).into()),
+            ("timeout_ms", c.timeout_ms as i64, 1..=3_600_000),
+            ("max_queue", c.max_queue.into(), 1..=65_536),
+        ];
+        for (key, value, range) in ranges {
+            if !range.contains(&value) {
+                return bad(format!("{key} must be between {} and {}", range.start(), range.end()));
+            }
         }
         Ok(config)
     }

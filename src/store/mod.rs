@@ -34,7 +34,7 @@ mod digest;
 mod import;
 mod names;
 
-pub use catalog::{Model, ModelConfig, Version};
+pub use catalog::{Model, ModelConfig, Version, PRIORITIES};
 pub use digest::Digest;
 pub use import::{Imported, Upload};
 pub use names::{parse_version_name, validate_name, LATEST};

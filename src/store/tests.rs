@@ -194,9 +194,20 @@ fn config_is_validated_and_kept() {
     let c = ModelConfig::parse(br#"{"device": "gpu0", "max_batch": 16}"#).unwrap();
     assert_eq!((c.device.as_str(), c.max_batch, c.max_queue), ("gpu0", 16, 1024));
     let not_objects = [&b"[]"[..], b"[\"cpu\", 8]", b"null", b"7", b"\"cpu\""];
+    let out_of_range = [
+        &br#"{"keep_alive_s": 86401}"#[..],
+        br#"{"priority": 101}"#,
+        br#"{"priority": -101}"#,
+        br#"{"max_batch": 1025}"#,
+        br#"{"timeout_ms": 3600001}"#,
+        br#"{"instances": 65}"#,
+        br#"{"max_queue": 65537}"#,
+        br#"{"batch_delay_us": 1000001}"#,
+    ];
     for bad in [&br#"{"device": "tpu"}"#[..], br#"{"max_batch": 0}"#, br#"{"nope": 1}"#, br#"{"max_batch": -1}"#, b"{"]
         .into_iter()
         .chain(not_objects)
+        .chain(out_of_range)
     {
         let e = ModelConfig::parse(bad).unwrap_err();
         assert_eq!(e.errno(), libc::EINVAL);
