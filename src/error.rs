@@ -35,6 +35,9 @@ pub enum Error {
     BadInput(String),
     #[error("input larger than the limit of {limit} bytes")]
     TooBig { limit: u64 },
+    /// A read of a job's `output` before its input was written.
+    #[error("job {0} has no input yet: write jobs/{0}/input first")]
+    NoInput(u64),
     /// A read of `infer` with no request of the caller's session.
     #[error("{0}: no request from this session (write one first)")]
     NoRequest(String),
@@ -120,7 +123,7 @@ impl Error {
             Error::InvalidArgument(_) => libc::EINVAL,
             Error::BadInput(_) => libc::EINVAL,
             Error::TooBig { .. } => libc::EFBIG,
-            Error::NoRequest(_) => libc::ENODATA,
+            Error::NoRequest(_) | Error::NoInput(_) => libc::ENODATA,
             Error::Cancelled(_) => libc::ECANCELED,
             Error::TimedOut { .. } => libc::ETIMEDOUT,
             Error::QueueFull { .. } => libc::EAGAIN,
@@ -158,6 +161,7 @@ impl Error {
             | Error::BadInput(_)
             | Error::TooBig { .. }
             | Error::NoRequest(_)
+            | Error::NoInput(_)
             | Error::Cancelled(_)
             | Error::TimedOut { .. }
             | Error::QueueFull { .. }

@@ -158,7 +158,7 @@ fn copy_in_makes_a_version_with_its_files() {
     let mlp = fixture("mlp.fake");
     t.copy_in("m", "mlp.fake", &mlp).unwrap();
     assert_eq!(t.names("models/m"), ["config.json", "latest", "v1"]);
-    assert_eq!(t.names("models/m/v1"), ["mlp.fake", "digest", "meta.json", "stats", "infer", "clone"]);
+    assert_eq!(t.names("models/m/v1"), ["mlp.fake", "digest", "meta.json", "stats", "infer", "clone", "error"]);
     assert_eq!(t.read_all("models/m/v1/mlp.fake"), mlp);
     assert_eq!(t.fs.readlink(t.ino("models/m/latest")).unwrap(), "v1");
     let meta: serde_json::Value = serde_json::from_slice(&t.read_all("models/m/v1/meta.json")).unwrap();
@@ -277,10 +277,10 @@ fn removing_a_version_file_by_file_follows_rmdir_rules() {
     assert_eq!(t.fs.rmdir(t.ino("models"), OsStr::new("m")).unwrap_err().errno(), libc::ENOTEMPTY);
     t.fs.unlink(m, OsStr::new("stable")).unwrap();
     // rm -r v1: unlink each file (accepted, nothing changes yet), then rmdir.
-    for f in ["a.fake", "digest", "meta.json", "stats", "infer", "clone"] {
+    for f in ["a.fake", "digest", "meta.json", "stats", "infer", "clone", "error"] {
         t.fs.unlink(v1, OsStr::new(f)).unwrap();
     }
-    assert_eq!(t.names("models/m/v1").len(), 6);
+    assert_eq!(t.names("models/m/v1").len(), 7);
     t.fs.unlink(m, OsStr::new("latest")).unwrap();
     t.fs.rmdir(m, OsStr::new("v1")).unwrap();
     assert_eq!(t.names("models/m"), ["config.json"]);
@@ -421,4 +421,33 @@ fn job_priorities_are_bounded_and_raised_only_by_the_models_owner() {
     set(OTHER, "0").unwrap();
     set(ME, "100").unwrap();
     assert_eq!(t.read_all(&format!("jobs/{id}/priority")), b"100\n");
+}
+
+/// `vN/error` says why the session's last request failed, without its job
+/// id; empty once a request succeeds; ENODATA before any.
+#[test]
+fn the_error_file_gives_the_sessions_last_failure() {
+    let t = tree();
+    t.add_mlp();
+    let error = || {
+        let o = t.fs.open(t.ino("models/m/v1/error"), libc::O_RDONLY, ME)?;
+        let text = t.read(o.fh, 0, 4096);
+        t.fs.release(o.fh).unwrap();
+        text
+    };
+    assert_eq!(error().unwrap_err().errno(), libc::ENODATA);
+    let send = |body: &[u8]| {
+        let w = t.fs.open(t.ino("models/m/v1/infer"), libc::O_WRONLY, ME).unwrap();
+        t.fs.write(w.fh, 0, body).unwrap();
+        let sent = t.fs.flush(w.fh);
+        t.fs.release(w.fh).unwrap();
+        sent
+    };
+    assert_eq!(send(b"[[1, 2]]").unwrap_err().errno(), libc::EINVAL);
+    let reason = String::from_utf8(error().unwrap()).unwrap();
+    assert!(reason.starts_with("input \"x\": expected shape [-1, 16], got [1, 2]\n"), "{reason}");
+    send(format!("[[{}]]", vec!["1"; 16].join(",")).as_bytes()).unwrap();
+    t.read_all("models/m/v1/infer");
+    assert_eq!(error().unwrap(), b"");
+    assert_eq!(t.fs.open(t.ino("models/m/v1/error"), libc::O_WRONLY, ME).unwrap_err().errno(), libc::EROFS);
 }

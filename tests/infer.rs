@@ -243,11 +243,22 @@ fn a_read_write_handle_closed_unread_still_sends() {
 #[test]
 fn waiting_readers_hold_no_fuse_thread() {
     const READERS: usize = 100;
-    let m = Mount::start_with(&["--threads", "2"]);
+    // A simulated GPU whose every run takes 60 s: the first job runs, the
+    // rest wait behind it.
+    let m = Mount::start_with(&["--threads", "2", "--simulate-gpu", "1G,60000"]);
     import(&m, "mlp", &fixture("mlp.onnx"));
+    write_file(&m.path("models/mlp/config.json"), br#"{"device": "gpu0", "max_batch": 1}"#).unwrap();
     let other = import(&m, "other", &model_fixture("identity_int32.onnx")).join("infer");
-    // 100 jobs that never get input, and a reader blocked on each output.
-    let ids: Vec<String> = (0..READERS).map(|_| read(m.path("models/mlp/v1/clone")).trim().to_string()).collect();
+    write_file(&m.path("models/other/config.json"), br#"{"device": "cpu"}"#).unwrap();
+    // 100 jobs that do not end soon, and a reader blocked on each output.
+    let body = format!("[[{}]]", vec!["1"; 16].join(","));
+    let ids: Vec<String> = (0..READERS)
+        .map(|_| {
+            let id = read(m.path("models/mlp/v1/clone")).trim().to_string();
+            write_file(&m.path(&format!("jobs/{id}/input")), body.as_bytes()).unwrap();
+            id
+        })
+        .collect();
     let readers: Vec<_> = ids
         .iter()
         .map(|id| {

@@ -78,7 +78,7 @@ fn cp_makes_content_addressed_versions() {
     let sigmoid = fixture("sigmoid.onnx");
     import(&m, "m", "mlp.onnx");
     assert_eq!(ls(&m, "models/m"), ["config.json", "latest", "v1"]);
-    assert_eq!(ls(&m, "models/m/v1"), ["clone", "digest", "infer", "meta.json", "mlp.onnx", "stats"]);
+    assert_eq!(ls(&m, "models/m/v1"), ["clone", "digest", "error", "infer", "meta.json", "mlp.onnx", "stats"]);
     sh_ok(&m.mnt, &format!("cmp models/m/v1/mlp.onnx {}", mlp.display()));
     assert_eq!(sh_ok(&m.mnt, "readlink models/m/latest"), "v1\n");
 
@@ -271,6 +271,28 @@ fn data_on_disk_is_private_and_the_log_holds_no_request_values() {
     let log = m.log_text();
     assert!(!log.contains("SECRET") && !log.contains("4242"), "{log}");
     assert!(log.contains("expected a number (float32), got a string"), "{log}");
+}
+
+/// `grep -r` and `find | xargs cat` over the whole tree finish: reading
+/// `clone` makes a job, and that job's `output` (no input yet) answers at
+/// once instead of blocking the walker; `infer` and `error` with no
+/// request, likewise. And the shell user finds why their request failed
+/// without its job id.
+#[test]
+fn tree_walkers_finish_and_a_failed_request_says_why() {
+    let m = Mount::start();
+    import(&m, "m", "mlp.onnx");
+    let walked = sh(&m.mnt, "timeout 60 grep -r no-such-text . ; echo rc=$?");
+    let text = String::from_utf8_lossy(&walked.stdout);
+    assert!(text.contains("rc=1") || text.contains("rc=2"), "{text} {}", String::from_utf8_lossy(&walked.stderr));
+    let walked = sh(&m.mnt, "timeout 60 find . -type f -print0 | timeout 60 xargs -0 cat > /dev/null 2>&1; echo rc=$?");
+    assert!(!String::from_utf8_lossy(&walked.stdout).contains("rc=124"), "{walked:?}");
+    let id = newest_job(&m);
+    assert_eq!(errno(std::fs::read(m.path(&format!("jobs/{id}/output")))), libc::ENODATA);
+
+    sh_err(&m.mnt, "cat models/m/v1/error", "No data available");
+    let out = sh(&m.mnt, "echo '[[1, 2]]' > models/m/v1/infer; cat models/m/v1/error");
+    assert_eq!(String::from_utf8_lossy(&out.stdout), "input \"x\": expected shape [-1, 16], got [1, 2]\n");
 }
 
 #[test]

@@ -57,6 +57,22 @@ pub(super) struct Session {
 }
 
 impl Fs {
+    /// `vN/error` as `caller` reads it: the reason its session's last
+    /// request of this version failed, one line; empty if it has not
+    /// failed (done, or still queued or running: nothing waits here);
+    /// ENODATA with no request, as for `infer`.
+    pub(super) fn last_error(&self, model: &str, number: u32, caller: Caller) -> Result<String> {
+        let key = (caller.pid != 0).then(|| (model.to_string(), number, session_of(caller.pid), caller.uid));
+        let job = key
+            .and_then(|key| self.session_last(key, 0))
+            .ok_or_else(|| Error::NoRequest(format!("models/{model}/v{number}/error")))?;
+        let state = job.snapshot();
+        Ok(match state.outcome {
+            Some(Err(failure)) => format!("{}\n", failure.reason),
+            _ => String::new(),
+        })
+    }
+
     /// The job a read of `infer` answers with: this handle's request (sent
     /// now if it was written but not yet sent: then `true`, and the caller
     /// must call [`Engine::run_or_wake`](crate::engine::Engine::run_or_wake)), else the session's last.

@@ -223,7 +223,7 @@ impl Fs {
         let writing = flags & libc::O_ACCMODE != libc::O_RDONLY || flags & libc::O_TRUNC != 0;
         let generated = |handle: Handle| (handle, true, false);
         let (handle, direct_io, keep_cache) = match &node {
-            Node::VersionFile { .. } | Node::Blob(_) | Node::Clone { .. } if writing => {
+            Node::VersionFile { .. } | Node::Blob(_) | Node::Clone { .. } | Node::LastError { .. } if writing => {
                 return Err(Error::ReadOnly(self.describe(&node)))
             }
             Node::Config(model) if writing => {
@@ -267,6 +267,10 @@ impl Fs {
                 };
                 let fh = self.add_handle(Handle::Infer(Mutex::new(stream)));
                 return Ok(Opened { fh, direct_io: true, keep_cache: false, stream: true, no_flush });
+            }
+            Node::LastError { model, number } => {
+                self.version(model, *number)?;
+                (Handle::Content(self.last_error(model, *number, caller)?.into_bytes()), true, false)
             }
             Node::Clone { model, number } => {
                 let job = self.engine.create_job(caller.uid, caller.gid, model, *number)?;
@@ -312,6 +316,9 @@ impl Fs {
         match &*handle {
             Handle::Content(bytes) => done(Ok(slice_at(bytes, offset as usize, size))),
             Handle::Blob(file) => done(read_file_at(file, offset, size)),
+            // A job with no input yet has nothing to wait for: a tree walker
+            // (`grep -r`) that read `clone` must not block here.
+            Handle::JobOutput(job) if job.status() == Status::New => done(Err(Error::NoInput(job.id))),
             Handle::JobOutput(job) => {
                 let reader = job.clone();
                 job.when_done(move |outcome| {

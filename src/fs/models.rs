@@ -63,6 +63,7 @@ impl Fs {
             | Node::Link { .. }
             | Node::Infer { .. }
             | Node::Clone { .. }
+            | Node::LastError { .. }
             | Node::JobFile(..) => {
                 if owner_or_mode || change.size.is_some() {
                     return Err(Error::ReadOnly(self.describe(&node)));
@@ -128,7 +129,10 @@ impl Fs {
                 tracing::info!(model = %model, alias = %alias, "removed alias");
                 Ok(())
             }
-            Node::VersionFile { model, number, .. } | Node::Infer { model, number } | Node::Clone { model, number } => {
+            Node::VersionFile { model, number, .. }
+            | Node::Infer { model, number }
+            | Node::Clone { model, number }
+            | Node::LastError { model, number } => {
                 self.store.check_deletable(&*self.store.model(&model)?, number)?;
                 self.check_no_jobs(&model, number)
             }

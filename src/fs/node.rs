@@ -4,7 +4,7 @@ use crate::store::Digest;
 
 use super::Fs;
 /// Names a version directory holds besides its model files.
-pub(super) const VERSION_FILES: [&str; 5] = ["digest", "meta.json", "infer", "clone", "stats"];
+pub(super) const VERSION_FILES: [&str; 6] = ["digest", "meta.json", "infer", "clone", "error", "stats"];
 
 /// Job inodes are computed, not interned: `JOB_INO_BASE + id * 16` for the
 /// directory, `+ 1 + index in JOB_FILES` for its files. So any number of
@@ -66,6 +66,11 @@ pub enum Node {
     },
     /// `vN/clone`: each open allocates a new job.
     Clone {
+        model: String,
+        number: u32,
+    },
+    /// `vN/error`: why the reader's session's last request failed.
+    LastError {
         model: String,
         number: u32,
     },
@@ -148,6 +153,7 @@ impl Fs {
             }
             Node::Infer { model, number } => format!("models/{model}/v{number}/infer"),
             Node::Clone { model, number } => format!("models/{model}/v{number}/clone"),
+            Node::LastError { model, number } => format!("models/{model}/v{number}/error"),
             Node::Job(id) => format!("jobs/{id}"),
             Node::JobFile(id, f) => format!("jobs/{id}/{}", f.name()),
             Node::Device(id) => format!("devices/{id}"),

@@ -84,6 +84,7 @@ The tree
     vN/             an immutable version: the model file, digest, meta.json, and
       infer         write a request (JSON, KServe v2 JSON, .npy, .npz), read the response
       clone         read it: a new job id for this version
+      error         why your shell session's last request failed
       stats         requests, failures, batches, latency p50/p99
   devices/<id>/     name, util (percent over the last second), memory.total, memory.used,
                     queue, running, models

@@ -148,6 +148,7 @@ impl Fs {
                         ("stats".to_string(), file(VersionFile::Stats)),
                         ("infer".to_string(), Node::Infer { model: model.clone(), number: *number }),
                         ("clone".to_string(), Node::Clone { model: model.clone(), number: *number }),
+                        ("error".to_string(), Node::LastError { model: model.clone(), number: *number }),
                     ])
                     .collect()
             }
@@ -212,7 +213,7 @@ impl Fs {
                 };
                 (Kind::File, size, 0o444, m.uid, m.gid, secs(v.created))
             }
-            Node::Infer { model, number } | Node::Clone { model, number } => {
+            Node::Infer { model, number } | Node::Clone { model, number } | Node::LastError { model, number } => {
                 let (m, v) = self.version(model, *number)?;
                 let perm = if matches!(node, Node::Infer { .. }) { 0o666 } else { 0o444 };
                 (Kind::File, 0, perm, m.uid, m.gid, secs(v.created))
