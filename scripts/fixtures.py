@@ -84,6 +84,32 @@ def external(path, target):
     os.replace(tmp, path)
 
 
+def slow(path, steps=400, n=1024):
+    """y = x + (W^steps applied to ones): `steps` chained n x n MatMuls (seconds
+    of work on one thread), for stopping a run mid-way. Not run here."""
+    w = numpy_helper.from_array(np.eye(n, dtype=np.float32), "w")
+    shape = numpy_helper.from_array(np.array([n, n], dtype=np.int64), "shape")
+    one = helper.make_tensor("one", TensorProto.FLOAT, [1], [1.0])
+    # h0 depends on x, so ONNX Runtime cannot fold the chain at load.
+    nodes = [
+        helper.make_node("ConstantOfShape", ["shape"], ["c"], value=one),
+        helper.make_node("Add", ["c", "x"], ["h0"]),
+    ]
+    for i in range(steps):
+        nodes.append(helper.make_node("MatMul", [f"h{i}", "w"], [f"h{i + 1}"]))
+    nodes.append(helper.make_node("ReduceSum", [f"h{steps}"], ["s"], keepdims=0))
+    nodes.append(helper.make_node("Identity", ["s"], ["y0"]))
+    nodes.append(helper.make_node("Reshape", ["y0", "one_shape"], ["y"]))
+    graph = helper.make_graph(
+        nodes,
+        "slow",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1])],
+        [w, shape, numpy_helper.from_array(np.array([1], dtype=np.int64), "one_shape")],
+    )
+    save(helper.make_model(graph, opset_imports=OPSET), path)
+
+
 def main():
     out = sys.argv[1] if len(sys.argv) > 1 else "target/fixtures"
     os.makedirs(out, exist_ok=True)
@@ -92,7 +118,7 @@ def main():
         dest = os.path.join(out, name)
         if not os.path.exists(dest):
             shutil.copyfile(os.path.join(datasets, name), dest)
-    made = {"mlp.onnx": mlp, "big.onnx": big}
+    made = {"mlp.onnx": mlp, "big.onnx": big, "slow.onnx": slow}
     for name, make in made.items():
         dest = os.path.join(out, name)
         if not os.path.exists(dest):

@@ -35,6 +35,9 @@ pub enum Error {
     BadInput(String),
     #[error("input larger than the limit of {limit} bytes")]
     TooBig { limit: u64 },
+    /// A model's answer over `--max-output-bytes`: not kept.
+    #[error("output larger than the limit of {limit} bytes (--max-output-bytes)")]
+    OutputTooBig { limit: u64 },
     /// A read of a job's `output` before its input was written.
     #[error("job {0} has no input yet: write jobs/{0}/input first")]
     NoInput(u64),
@@ -122,7 +125,7 @@ impl Error {
             Error::EmptyUpload(_) => libc::EINVAL,
             Error::InvalidArgument(_) => libc::EINVAL,
             Error::BadInput(_) => libc::EINVAL,
-            Error::TooBig { .. } => libc::EFBIG,
+            Error::TooBig { .. } | Error::OutputTooBig { .. } => libc::EFBIG,
             Error::NoRequest(_) | Error::NoInput(_) => libc::ENODATA,
             Error::Cancelled(_) => libc::ECANCELED,
             Error::TimedOut { .. } => libc::ETIMEDOUT,
@@ -160,6 +163,7 @@ impl Error {
             | Error::InvalidArgument(_)
             | Error::BadInput(_)
             | Error::TooBig { .. }
+            | Error::OutputTooBig { .. }
             | Error::NoRequest(_)
             | Error::NoInput(_)
             | Error::Cancelled(_)

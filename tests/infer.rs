@@ -390,3 +390,34 @@ fn the_examples_run() {
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     assert!(String::from_utf8_lossy(&out.stdout).starts_with("input float32[4, 16] -> output float32[4, 16]"));
 }
+
+/// `--max-output-bytes` bounds what a job keeps: a larger answer fails the
+/// job with EFBIG and the reason, instead of being held.
+#[test]
+fn an_answer_over_the_output_limit_fails_with_efbig() {
+    let m = Mount::start_with(&["--max-output-bytes", "1000"]);
+    let infer = import(&m, "id", &model_fixture("identity_float32.onnx")).join("infer");
+    assert_eq!(one_handle(&infer, b"[[1.5, 2.5]]").unwrap(), b"[[1.5,2.5]]\n");
+    let big = format!("[[{}]]", vec!["0.5"; 400].join(","));
+    assert_eq!(errno(one_handle(&infer, big.as_bytes())), libc::EFBIG);
+    let id = newest_job(&m);
+    assert_eq!(job_file(&m, id, "error"), "output larger than the limit of 1000 bytes (--max-output-bytes)\n");
+}
+
+/// A job past its `timeout_ms` stops its run in ONNX Runtime (the run's
+/// terminate flag): the worker is free for the next request at once, not
+/// after the ~9 s the model computes for.
+#[test]
+fn a_timed_out_run_is_stopped_in_onnx_runtime() {
+    let m = Mount::start_with(&["--workers", "1"]);
+    import(&m, "slow", &fixture("slow.onnx"));
+    write_file(&m.path("models/slow/config.json"), br#"{"device": "cpu", "timeout_ms": 300}"#).unwrap();
+    let fast = import(&m, "id", &model_fixture("identity_float32.onnx")).join("infer");
+    write_file(&m.path("models/id/config.json"), br#"{"device": "cpu"}"#).unwrap();
+    let start = Instant::now();
+    let id = read(m.path("models/slow/v1/clone")).trim().to_string();
+    write_file(&m.path(&format!("jobs/{id}/input")), b"[1.0]").unwrap();
+    assert_eq!(errno(std::fs::read(m.path(&format!("jobs/{id}/output")))), libc::ETIMEDOUT);
+    assert_eq!(one_handle(&fast, b"[[2.5]]").unwrap(), b"[[2.5]]\n");
+    assert!(start.elapsed() < Duration::from_secs(5), "the worker was held for {:?}", start.elapsed());
+}

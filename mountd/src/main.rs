@@ -76,6 +76,10 @@ struct Cli {
     #[arg(long, default_value_t = 1 << 30)]
     max_input_bytes: u64,
 
+    /// Largest answer kept, in bytes (larger: the job fails with EFBIG).
+    #[arg(long, default_value_t = 1 << 30)]
+    max_output_bytes: u64,
+
     /// Finished jobs kept under jobs/ before the oldest are removed.
     #[arg(long, default_value_t = 10_000)]
     max_finished_jobs: usize,
@@ -204,6 +208,7 @@ fn serve(cli: &Cli, data_dir: &Path, library: &Path, ready: Option<OwnedFd>) -> 
     tracing::info!(devices = ?devices.iter().map(|d| d.id().to_string()).collect::<Vec<_>>(), "devices");
     let mut engine = EngineConfig {
         max_input_bytes: cli.max_input_bytes,
+        max_output_bytes: cli.max_output_bytes,
         max_finished_jobs: cli.max_finished_jobs,
         max_finished_bytes: cli.max_finished_bytes,
         finished_job_ttl: std::time::Duration::from_secs(cli.job_ttl_s),

@@ -32,7 +32,7 @@ use crate::device::Target;
 use crate::error::{Error, Result};
 use crate::tensor::{DType, Data, Signature, Tensor, TensorSpec};
 
-use super::{Backend, Files, Instance};
+use super::{Backend, Files, Instance, Stop};
 
 const NAME: &str = "fake";
 
@@ -114,10 +114,11 @@ impl Gate {
         self.opened.notify_all();
     }
 
-    fn pass(&self) {
+    /// Waits while the gate is closed, unless the run is stopped.
+    fn pass(&self, stop: &Stop) {
         let mut closed = self.closed.lock().unwrap();
-        while *closed {
-            closed = self.opened.wait(closed).unwrap();
+        while *closed && !stop.is_stopped() {
+            closed = self.opened.wait_timeout(closed, Duration::from_millis(5)).unwrap().0;
         }
     }
 }
@@ -129,6 +130,8 @@ pub struct Counters {
     pub runs: AtomicUsize,
     pub running: AtomicUsize,
     pub max_running: AtomicUsize,
+    /// Runs that ended early because they were stopped.
+    pub stopped: AtomicUsize,
 }
 
 #[derive(Clone, Default)]
@@ -181,15 +184,23 @@ struct FakeInstance {
 }
 
 impl Instance for FakeInstance {
-    fn run(&mut self, inputs: Vec<Tensor>) -> Result<Vec<Tensor>> {
+    fn run(&mut self, inputs: Vec<Tensor>, stop: &Stop) -> Result<Vec<Tensor>> {
         let c = &self.fake.counters;
         let now = c.running.fetch_add(1, Ordering::SeqCst) + 1;
         c.max_running.fetch_max(now, Ordering::SeqCst);
         if self.spec.gated {
-            self.fake.gate.pass();
+            self.fake.gate.pass(stop);
         }
-        std::thread::sleep(Duration::from_millis(self.spec.run_ms));
-        let result = self.compute(inputs);
+        let until = std::time::Instant::now() + Duration::from_millis(self.spec.run_ms);
+        while std::time::Instant::now() < until && !stop.is_stopped() {
+            std::thread::sleep(Duration::from_millis(1));
+        }
+        let result = if stop.is_stopped() {
+            c.stopped.fetch_add(1, Ordering::SeqCst);
+            Err(Error::Backend { backend: NAME, message: "stopped".into() })
+        } else {
+            self.compute(inputs)
+        };
         c.running.fetch_sub(1, Ordering::SeqCst);
         c.runs.fetch_add(1, Ordering::SeqCst);
         result

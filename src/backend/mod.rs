@@ -21,7 +21,7 @@
 
 use std::collections::BTreeMap;
 use std::path::PathBuf;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 
 use crate::device::Target;
 use crate::error::{Error, Result};
@@ -58,8 +58,50 @@ pub trait Backend: Send + Sync {
 pub trait Instance: Send {
     /// Runs one request: inputs in the model's order (already checked
     /// against its signature; none for a model that takes none); outputs
-    /// in the model's order.
-    fn run(&mut self, inputs: Vec<Tensor>) -> Result<Vec<Tensor>>;
+    /// in the model's order. A backend that can end a run early registers
+    /// how with `stop` ([`Stop::on_stop`]); the engine stops a run whose
+    /// jobs have all ended (timed out, cancelled), and discards its result.
+    fn run(&mut self, inputs: Vec<Tensor>, stop: &Stop) -> Result<Vec<Tensor>>;
+}
+
+/// A request to end a run in progress, and what ends it.
+#[derive(Default)]
+pub struct Stop {
+    state: Mutex<StopState>,
+}
+
+#[derive(Default)]
+struct StopState {
+    stopped: bool,
+    hooks: Vec<Box<dyn FnOnce() + Send>>,
+}
+
+impl Stop {
+    /// Ends the run: calls every hook registered, and any registered later
+    /// at once.
+    pub fn stop(&self) {
+        let hooks = {
+            let mut st = self.state.lock().unwrap();
+            st.stopped = true;
+            std::mem::take(&mut st.hooks)
+        };
+        hooks.into_iter().for_each(|hook| hook());
+    }
+
+    pub fn is_stopped(&self) -> bool {
+        self.state.lock().unwrap().stopped
+    }
+
+    /// What [`Stop::stop`] calls to end the run (at once if it was called).
+    pub fn on_stop(&self, hook: impl FnOnce() + Send + 'static) {
+        let mut st = self.state.lock().unwrap();
+        if st.stopped {
+            drop(st);
+            hook();
+        } else {
+            st.hooks.push(Box::new(hook));
+        }
+    }
 }
 
 /// What a backend found in the files of an import.

@@ -14,7 +14,7 @@ use crate::error::{Error, Result};
 use crate::tensor::{DType, Data, Signature, Tensor, TensorSpec};
 use crate::with_data;
 
-use super::{first_line, Backend, Files, Instance};
+use super::{first_line, Backend, Files, Instance, Stop};
 
 const NAME: &str = "onnxruntime";
 
@@ -182,7 +182,7 @@ struct OnnxInstance {
 }
 
 impl Instance for OnnxInstance {
-    fn run(&mut self, inputs: Vec<Tensor>) -> Result<Vec<Tensor>> {
+    fn run(&mut self, inputs: Vec<Tensor>, stop: &Stop) -> Result<Vec<Tensor>> {
         let mut values: Vec<(String, ::ort::session::SessionInputValue)> = Vec::with_capacity(inputs.len());
         for t in inputs {
             let value: ::ort::value::DynValue = with_data!(t.data, v => ::ort::value::Tensor::from_array((t.shape, v))
@@ -190,7 +190,14 @@ impl Instance for OnnxInstance {
                 .into_dyn());
             values.push((t.name, value.into()));
         }
-        let outputs = self.session.run(values).map_err(backend_error)?;
+        // Stopping sets the run's terminate flag: ONNX Runtime checks it
+        // between nodes and returns an error.
+        let options = Arc::new(::ort::session::RunOptions::new().map_err(backend_error)?);
+        let terminate = options.clone();
+        stop.on_stop(move || {
+            let _ = terminate.terminate();
+        });
+        let outputs = self.session.run_with_options(values, &*options).map_err(backend_error)?;
         outputs.iter().map(|(name, value)| output_tensor(name, &value)).collect()
     }
 }

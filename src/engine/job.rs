@@ -11,6 +11,8 @@ use serde::{Deserialize, Serialize};
 use crate::codec::Request;
 use crate::error::Error;
 use crate::store::{Digest, ModelConfig, Version};
+
+use super::run::Run;
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum Status {
@@ -115,6 +117,8 @@ pub(super) struct Inner {
     pub(super) config: ModelConfig,
     pub(super) queued_at: Option<Instant>,
     pub(super) waiters: Vec<Waiter>,
+    /// The run it is part of, while it runs.
+    pub(super) run: Option<Arc<Run>>,
 }
 
 impl Job {
@@ -209,7 +213,11 @@ impl Job {
         inner.request = None;
         inner.version = None;
         let waiters = std::mem::take(&mut inner.waiters);
+        let run = inner.run.take();
         drop(inner);
+        if let Some(run) = run {
+            run.job_ended();
+        }
         for w in waiters {
             w(&outcome);
         }

@@ -100,6 +100,9 @@ pub struct EngineConfig {
     pub workers: usize,
     /// Largest request accepted, in bytes (EFBIG beyond).
     pub max_input_bytes: u64,
+    /// Largest answer kept, in bytes, as the model returns it and as
+    /// encoded: a job whose output is larger fails with EFBIG.
+    pub max_output_bytes: u64,
     /// Finished jobs kept before the oldest are removed.
     pub max_finished_jobs: usize,
     /// Bytes of input and output the finished jobs may hold in memory:
@@ -122,6 +125,7 @@ impl Default for EngineConfig {
         EngineConfig {
             workers: std::thread::available_parallelism().map_or(1, |n| n.get()),
             max_input_bytes: 1 << 30,
+            max_output_bytes: 1 << 30,
             max_finished_jobs: 10_000,
             max_finished_bytes: 256 << 20,
             finished_job_ttl: Duration::from_secs(3600),
@@ -249,6 +253,7 @@ impl Engine {
                 config: m.config.clone(),
                 queued_at: None,
                 waiters: Vec::new(),
+                run: None,
             },
         );
         // Not recorded while new: a job that never got its input does not

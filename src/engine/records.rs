@@ -359,6 +359,7 @@ impl Record {
                 config,
                 queued_at: None,
                 waiters: Vec::new(),
+                run: None,
             },
         )
     }

@@ -4,7 +4,9 @@
 use std::sync::Arc;
 use std::time::{Instant, SystemTime};
 
-use crate::backend::Instance;
+use std::sync::atomic::{AtomicUsize, Ordering};
+
+use crate::backend::{Instance, Stop};
 use crate::codec::{self, Request};
 use crate::error::{Error, Result};
 use crate::tensor::Tensor;
@@ -12,6 +14,24 @@ use crate::tensor::Tensor;
 use super::job::{Failure, Job, Status};
 use super::loaded::Pool;
 use super::Shared;
+/// A run in progress, shared by its jobs: when the last of them ends
+/// before the run does (timed out, cancelled), the run is stopped, so a
+/// worker and its memory are not held for a result nobody will read.
+pub(super) struct Run {
+    pub(super) stop: Stop,
+    /// Its jobs not yet ended.
+    left: AtomicUsize,
+}
+
+impl Run {
+    /// One of its jobs ended.
+    pub(super) fn job_ended(&self) {
+        if self.left.fetch_sub(1, Ordering::AcqRel) == 1 {
+            self.stop.stop();
+        }
+    }
+}
+
 impl Shared {
     /// Runs a batch of jobs (one or more) of one version on device `d`,
     /// and ends each with its output or the failure.
@@ -19,11 +39,14 @@ impl Shared {
         let now = SystemTime::now();
         let mut live: Vec<(Arc<Job>, Request)> = Vec::with_capacity(jobs.len());
         let mut version = None;
+        let run = Arc::new(Run { stop: Stop::default(), left: AtomicUsize::new(jobs.len()) });
         for j in jobs {
             let mut inner = j.inner();
             if inner.state.status != Status::Queued {
+                run.job_ended();
                 continue; // cancelled or timed out meanwhile
             }
+            inner.run = Some(run.clone());
             inner.state.status = Status::Running;
             inner.state.started = Some(now);
             inner.state.batch_size = Some(jobs.len());
@@ -37,8 +60,9 @@ impl Shared {
         let outputs = pool.acquire(|| self.load(&version, d)).and_then(|mut instance| {
             // A backend that panics fails these jobs, and its instance is
             // not used again.
-            let result =
-                std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| run_batch(&mut *instance, &mut live)));
+            let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+                run_batch(&mut *instance, &mut live, &run.stop)
+            }));
             match result {
                 Ok(result) => {
                     pool.release(instance);
@@ -60,7 +84,19 @@ impl Shared {
                         inner.state.queue_us.unwrap_or(0)
                     };
                     self.metrics.latency(model, number, queue_us, compute_us);
-                    let outcome = codec::encode(request, out, &job.model, job.version);
+                    let limit = self.config.max_output_bytes;
+                    let held: u64 = out.iter().map(|t| t.data.byte_len() as u64).sum();
+                    let outcome = if held > limit {
+                        Err(Error::OutputTooBig { limit })
+                    } else {
+                        codec::encode(request, out, &job.model, job.version).and_then(|bytes| {
+                            if bytes.len() as u64 > limit {
+                                Err(Error::OutputTooBig { limit })
+                            } else {
+                                Ok(bytes)
+                            }
+                        })
+                    };
                     match outcome {
                         Ok(bytes) => self.end(job, Status::Done, Ok(Arc::new(bytes))),
                         Err(e) => self.end(job, Status::Failed, Err(Failure::of(&e))),
@@ -79,20 +115,24 @@ impl Shared {
 }
 /// Runs one request, or several stacked along the first dimension and
 /// split back; returns each request's outputs.
-pub(super) fn run_batch(instance: &mut dyn Instance, live: &mut [(Arc<Job>, Request)]) -> Result<Vec<Vec<Tensor>>> {
+pub(super) fn run_batch(
+    instance: &mut dyn Instance,
+    live: &mut [(Arc<Job>, Request)],
+    stop: &Stop,
+) -> Result<Vec<Vec<Tensor>>> {
     if let [(_, request)] = live {
-        return Ok(vec![instance.run(std::mem::take(&mut request.inputs))?]);
+        return Ok(vec![instance.run(std::mem::take(&mut request.inputs), stop)?]);
     }
     let rows: Vec<usize> = live.iter().map(|(_, r)| r.inputs[0].shape[0]).collect();
     let stacked: Vec<Tensor> = (0..live[0].1.inputs.len())
         .map(|k| Tensor::stack(&live.iter().map(|(_, r)| &r.inputs[k]).collect::<Vec<_>>()))
         .collect();
-    let outputs = instance.run(stacked)?;
+    let outputs = instance.run(stacked, stop)?;
     let mut per_job: Vec<Vec<Tensor>> = vec![Vec::with_capacity(outputs.len()); live.len()];
     for out in &outputs {
         let Some(pieces) = out.split(&rows) else {
             // An output that does not keep the batch dimension: run one by one.
-            return live.iter_mut().map(|(_, r)| instance.run(std::mem::take(&mut r.inputs))).collect();
+            return live.iter_mut().map(|(_, r)| instance.run(std::mem::take(&mut r.inputs), stop)).collect();
         };
         for (job_outputs, piece) in per_job.iter_mut().zip(pieces) {
             job_outputs.push(piece);

@@ -26,6 +26,11 @@ fn rig(workers: usize) -> Rig {
 }
 
 fn rig_in(dir: tempfile::TempDir, workers: usize) -> Rig {
+    let config = EngineConfig { workers, aging: Duration::from_secs(3600), ..Default::default() };
+    rig_with(dir, config)
+}
+
+fn rig_with(dir: tempfile::TempDir, config: EngineConfig) -> Rig {
     // A store just dropped in this process: sled's flusher thread may hold
     // the file lock a moment longer.
     let store = Arc::new(loop {
@@ -36,7 +41,6 @@ fn rig_in(dir: tempfile::TempDir, workers: usize) -> Rig {
     });
     let fake = Fake::default();
     let backends = Backends::new(vec![Arc::new(fake.clone()) as Arc<dyn Backend>]);
-    let config = EngineConfig { workers, aging: Duration::from_secs(3600), ..Default::default() };
     let engine = Engine::start(store.clone(), backends, vec![Arc::new(Cpu::new())], config).unwrap();
     Rig { dir, store, fake, engine }
 }
@@ -339,4 +343,34 @@ fn users_share_a_flooded_model() {
     flood.iter().for_each(|j| drop(output(j)));
     let before = flood.iter().filter(|j| started(j) < started(&theirs)).count();
     assert_eq!(before, 0, "user 2's job waited for {before} of user 1's");
+}
+
+/// A run whose jobs have all timed out is stopped: its worker is free at
+/// once for the next job, not when the backend would have finished.
+#[test]
+fn a_timed_out_run_is_stopped_and_its_worker_freed() {
+    let r = rig(1);
+    let slow = r.model("slow", &gated(4), ModelConfig { timeout_ms: 100, ..config(0, 1) });
+    let fast = r.model("fast", &Spec::scaled(4, 3.0), config(0, 1));
+    r.fake.gate.close();
+    let stuck = r.submit("slow", slow, "[[1, 1, 1, 1]]");
+    assert_eq!(output(&stuck).unwrap_err().errno, libc::ETIMEDOUT);
+    // The gate is still closed: only a stopped run frees the one worker.
+    let next = r.submit("fast", fast, "[[1, 1, 1, 1]]");
+    assert_eq!(output(&next).unwrap(), "[[3.0,3.0,3.0,3.0]]\n");
+    assert_eq!(r.fake.counters.stopped.load(Ordering::SeqCst), 1);
+    r.fake.gate.open();
+}
+
+#[test]
+fn an_output_past_the_limit_fails_with_efbig_and_is_not_kept() {
+    let limited = EngineConfig { workers: 1, max_output_bytes: 64, ..Default::default() };
+    let r = rig_with(tempfile::tempdir().unwrap(), limited);
+    let v = r.model("m", &Spec::scaled(4, 1.0), config(0, 8));
+    // 4 floats: 16 bytes as the model returns them, 25 as JSON.
+    assert_eq!(output(&r.submit("m", v, "[[1, 2, 3, 4]]")).unwrap(), "[[1.0,2.0,3.0,4.0]]\n");
+    // 20 floats: 80 bytes.
+    let failure = output(&r.submit("m", v, &format!("[{}]", ["[1, 2, 3, 4]"; 5].join(",")))).unwrap_err();
+    assert_eq!(failure.errno, libc::EFBIG);
+    assert!(failure.reason.contains("output larger than the limit of 64 bytes"), "{}", failure.reason);
 }
