@@ -35,6 +35,9 @@ pub enum Error {
     BadInput(String),
     #[error("input larger than the limit of {limit} bytes")]
     TooBig { limit: u64 },
+    /// An upload past `--max-import-bytes` (sparse files count by size).
+    #[error("{path}: larger than the import limit of {limit} bytes (--max-import-bytes)")]
+    ImportTooBig { path: String, limit: u64 },
     /// A model's answer over `--max-output-bytes`: not kept.
     #[error("output larger than the limit of {limit} bytes (--max-output-bytes)")]
     OutputTooBig { limit: u64 },
@@ -125,7 +128,7 @@ impl Error {
             Error::EmptyUpload(_) => libc::EINVAL,
             Error::InvalidArgument(_) => libc::EINVAL,
             Error::BadInput(_) => libc::EINVAL,
-            Error::TooBig { .. } | Error::OutputTooBig { .. } => libc::EFBIG,
+            Error::TooBig { .. } | Error::OutputTooBig { .. } | Error::ImportTooBig { .. } => libc::EFBIG,
             Error::NoRequest(_) | Error::NoInput(_) => libc::ENODATA,
             Error::Cancelled(_) => libc::ECANCELED,
             Error::TimedOut { .. } => libc::ETIMEDOUT,
@@ -164,6 +167,7 @@ impl Error {
             | Error::BadInput(_)
             | Error::TooBig { .. }
             | Error::OutputTooBig { .. }
+            | Error::ImportTooBig { .. }
             | Error::NoRequest(_)
             | Error::NoInput(_)
             | Error::Cancelled(_)

@@ -283,10 +283,12 @@ impl Filesystem for Adapter {
     }
 
     fn flush(&self, _req: &Request, _ino: INodeNo, fh: FileHandle, _lock_owner: LockOwner, reply: ReplyEmpty) {
-        match self.fs.flush(fh.0) {
+        // The reply may be sent later, from a heavy-work thread (an import's
+        // commit, a large request's decoding).
+        self.fs.flush(fh.0, move |result| match result {
             Ok(()) => reply.ok(),
             Err(e) => reply.error(Self::fail("flush", e)),
-        }
+        });
     }
 
     fn fsync(&self, _req: &Request, _ino: INodeNo, fh: FileHandle, _datasync: bool, reply: ReplyEmpty) {
@@ -306,10 +308,10 @@ impl Filesystem for Adapter {
         _flush: bool,
         reply: ReplyEmpty,
     ) {
-        match self.fs.release(fh.0) {
+        self.fs.release(fh.0, move |result| match result {
             Ok(()) => reply.ok(),
             Err(e) => reply.error(Self::fail("release", e)),
-        }
+        });
     }
 
     fn readdir(&self, _req: &Request, ino: INodeNo, _fh: FileHandle, offset: u64, mut reply: ReplyDirectory) {

@@ -11,11 +11,11 @@ use aifs::backend::fake::{Fake, Spec};
 use aifs::backend::{Backend, Backends};
 use aifs::device::{Cpu, Probe};
 use aifs::engine::{Engine, EngineConfig};
-use aifs::fs::{Caller, Fs, Kind, SetAttr, ROOT_INO};
+use aifs::fs::{Caller, Fs, FsConfig, Kind, SetAttr, ROOT_INO};
 use aifs::store::Store;
 
 struct Tree {
-    fs: Fs,
+    fs: Arc<Fs>,
     dir: tempfile::TempDir,
 }
 
@@ -32,7 +32,7 @@ fn tree_with(engine: EngineConfig) -> Tree {
     let backends = Backends::new(vec![fake]);
     let devices: Vec<Arc<dyn Probe>> = vec![Arc::new(Cpu::new())];
     let engine = Arc::new(Engine::start(store.clone(), backends.clone(), devices, engine).unwrap());
-    let fs = Fs::new(store, engine, backends, Path::new("/mnt/aifs"));
+    let fs = Fs::new(store, engine, backends, FsConfig::default());
     Tree { fs, dir }
 }
 
@@ -54,6 +54,20 @@ impl Tree {
         self.fs.readdir(self.ino(path)).unwrap().into_iter().map(|e| e.name).collect()
     }
 
+    /// `close()`: a flush, waiting for its (possibly deferred) answer.
+    fn flush(&self, fh: u64) -> aifs::Result<()> {
+        let (tx, rx) = std::sync::mpsc::channel();
+        self.fs.flush(fh, move |r| tx.send(r).unwrap());
+        rx.recv_timeout(std::time::Duration::from_secs(30)).expect("flush answered")
+    }
+
+    /// The last close of a handle, waiting for its answer.
+    fn release(&self, fh: u64) -> aifs::Result<()> {
+        let (tx, rx) = std::sync::mpsc::channel();
+        self.fs.release(fh, move |r| tx.send(r).unwrap());
+        rx.recv_timeout(std::time::Duration::from_secs(30)).expect("release answered")
+    }
+
     /// One read, waiting for its (possibly deferred) answer.
     fn read(&self, fh: u64, offset: u64, size: u32) -> aifs::Result<Vec<u8>> {
         let (tx, rx) = std::sync::mpsc::channel();
@@ -71,7 +85,7 @@ impl Tree {
             }
             out.extend(chunk);
         }
-        self.fs.release(o.fh).unwrap();
+        self.release(o.fh).unwrap();
         out
     }
 
@@ -81,8 +95,8 @@ impl Tree {
         for (i, chunk) in bytes.chunks(1000).enumerate() {
             self.fs.write(o.fh, (i * 1000) as u64, chunk)?;
         }
-        let flushed = self.fs.flush(o.fh);
-        self.fs.release(o.fh).ok();
+        let flushed = self.flush(o.fh);
+        self.release(o.fh).ok();
         flushed
     }
 
@@ -180,10 +194,10 @@ fn a_shell_redirect_closes_a_duplicate_before_writing() {
     let t = tree();
     t.mkdir(b"m").unwrap();
     let (_, o) = t.fs.create(t.ino("models/m"), OsStr::new("s.fake"), 0o644, ME).unwrap();
-    assert_eq!(t.fs.flush(o.fh).unwrap_err().errno(), libc::EINVAL);
+    assert_eq!(t.flush(o.fh).unwrap_err().errno(), libc::EINVAL);
     t.fs.write(o.fh, 0, &fixture("b.fake")).unwrap();
-    t.fs.flush(o.fh).unwrap();
-    t.fs.release(o.fh).unwrap();
+    t.flush(o.fh).unwrap();
+    t.release(o.fh).unwrap();
     assert_eq!(t.names("models/m"), ["config.json", "latest", "v1"]);
 }
 
@@ -316,7 +330,7 @@ fn a_waiting_reader_runs_its_cpu_job_on_its_own_thread() {
     let (thread, reply) = rx.try_recv().expect("answered inline");
     assert_eq!(thread, std::thread::current().id());
     assert!(reply.unwrap().starts_with(b"[["));
-    t.fs.release(o.fh).unwrap();
+    t.release(o.fh).unwrap();
 }
 
 #[test]
@@ -334,7 +348,7 @@ fn only_handles_that_may_hold_unsent_writes_get_a_flush() {
     for (path, flags, no_flush) in cases {
         let o = t.fs.open(t.ino(path), flags, ME).unwrap();
         assert_eq!(o.no_flush, no_flush, "{path} opened with {flags:#o}");
-        t.fs.release(o.fh).unwrap();
+        t.release(o.fh).unwrap();
     }
 }
 
@@ -352,7 +366,7 @@ fn a_request_closed_unread_is_what_its_session_reads_next() {
         let o = t.fs.open(infer, libc::O_RDWR, ME).unwrap();
         t.fs.write(o.fh, 0, body(x).as_bytes()).unwrap();
         let out = t.read(o.fh, 0, 4096).unwrap();
-        t.fs.release(o.fh).unwrap();
+        t.release(o.fh).unwrap();
         out
     };
     let (a, b) = (one_handle(0.25), one_handle(0.75));
@@ -365,15 +379,15 @@ fn a_request_closed_unread_is_what_its_session_reads_next() {
     t.fs.write(w.fh, 0, body(0.75).as_bytes()).unwrap();
     let r = t.fs.open(infer, libc::O_RDONLY, ME).unwrap();
     assert_eq!(t.read(r.fh, 0, 4096).unwrap(), b, "the reader saw the request before the one closed");
-    t.fs.release(r.fh).unwrap();
+    t.release(r.fh).unwrap();
     // The release finds it sent; a handle's own read gets the same reply.
-    t.fs.release(w.fh).unwrap();
+    t.release(w.fh).unwrap();
     assert_eq!(t.read_all("models/m/v1/infer"), b);
     let w = t.fs.open(infer, libc::O_RDWR, ME).unwrap();
     t.fs.write(w.fh, 0, body(0.25).as_bytes()).unwrap();
     assert_eq!(t.read_all("models/m/v1/infer"), a);
     assert_eq!(t.read(w.fh, 0, 4096).unwrap(), a);
-    t.fs.release(w.fh).unwrap();
+    t.release(w.fh).unwrap();
 
     // A request sent late (its release came after a later request was
     // sent) does not displace the later one.
@@ -381,19 +395,19 @@ fn a_request_closed_unread_is_what_its_session_reads_next() {
     t.fs.write(late.fh, 0, body(0.75).as_bytes()).unwrap();
     let w = t.fs.open(infer, libc::O_WRONLY, ME).unwrap();
     t.fs.write(w.fh, 0, body(0.25).as_bytes()).unwrap();
-    t.fs.flush(w.fh).unwrap();
-    t.fs.release(w.fh).unwrap();
-    t.fs.release(late.fh).unwrap();
+    t.flush(w.fh).unwrap();
+    t.release(w.fh).unwrap();
+    t.release(late.fh).unwrap();
     assert_eq!(t.read_all("models/m/v1/infer"), a);
 
     // A write-only handle still gets its flush, which sends (and reports).
     let w = t.fs.open(infer, libc::O_WRONLY, ME).unwrap();
     t.fs.write(w.fh, 0, b"[[1, 2").unwrap();
-    assert_eq!(t.fs.flush(w.fh).unwrap_err().errno(), libc::EINVAL);
-    t.fs.release(w.fh).unwrap();
+    assert_eq!(t.flush(w.fh).unwrap_err().errno(), libc::EINVAL);
+    t.release(w.fh).unwrap();
     let r = t.fs.open(infer, libc::O_RDONLY, ME).unwrap();
     assert_eq!(t.read(r.fh, 0, 4096).unwrap_err().errno(), libc::EINVAL);
-    t.fs.release(r.fh).unwrap();
+    t.release(r.fh).unwrap();
 }
 
 /// Priorities are bounded, and only the model's owner (or root) may raise
@@ -406,11 +420,11 @@ fn job_priorities_are_bounded_and_raised_only_by_the_models_owner() {
     t.add_mlp();
     let clone = t.fs.open(t.ino("models/m/v1/clone"), libc::O_RDONLY, OTHER).unwrap();
     let id = String::from_utf8(t.read(clone.fh, 0, 64).unwrap()).unwrap().trim().to_string();
-    t.fs.release(clone.fh).unwrap();
+    t.release(clone.fh).unwrap();
     let set = |who: Caller, value: &str| {
         let o = t.fs.open(t.ino(&format!("jobs/{id}/priority")), libc::O_WRONLY, who).unwrap();
         let written = t.fs.write(o.fh, 0, value.as_bytes()).map(drop);
-        t.fs.release(o.fh).unwrap();
+        t.release(o.fh).unwrap();
         written
     };
     let errno = |r: aifs::Result<()>| r.unwrap_err().errno();
@@ -432,15 +446,15 @@ fn the_error_file_gives_the_sessions_last_failure() {
     let error = || {
         let o = t.fs.open(t.ino("models/m/v1/error"), libc::O_RDONLY, ME)?;
         let text = t.read(o.fh, 0, 4096);
-        t.fs.release(o.fh).unwrap();
+        t.release(o.fh).unwrap();
         text
     };
     assert_eq!(error().unwrap_err().errno(), libc::ENODATA);
     let send = |body: &[u8]| {
         let w = t.fs.open(t.ino("models/m/v1/infer"), libc::O_WRONLY, ME).unwrap();
         t.fs.write(w.fh, 0, body).unwrap();
-        let sent = t.fs.flush(w.fh);
-        t.fs.release(w.fh).unwrap();
+        let sent = t.flush(w.fh);
+        t.release(w.fh).unwrap();
         sent
     };
     assert_eq!(send(b"[[1, 2]]").unwrap_err().errno(), libc::EINVAL);

@@ -474,3 +474,46 @@ fn cli_help_missing_runtime_and_detaching() {
     }
     assert!(!is_mounted(&mnt));
 }
+
+/// Heavy work holds no FUSE thread: while another user's imports commit
+/// (hash, fsync, ONNX Runtime's check of 100 MB each, on two FUSE threads
+/// there are three of them), `cat status` keeps answering. And an upload's
+/// size is bounded by `--max-import-bytes`, a sparse one by the size it
+/// claims: a 1-byte write at 2 GiB fails at once with EFBIG.
+#[test]
+fn imports_hold_no_fuse_thread_and_are_bounded() {
+    let m = Mount::start_with(&["--allow-other", "--threads", "1", "--max-import-bytes", "1073741824"]);
+    let big = m.dir.path().join("big.onnx");
+    std::fs::copy(fixture("big.onnx"), &big).unwrap();
+    sh_ok(&m.mnt, "mkdir models/theirs && chown nobody models/theirs");
+    let as_nobody = format!(
+        "setpriv --reuid=65534 --regid=65534 --clear-groups -- bash -c 'for i in 1 2 3; do cp {} models/theirs/m$i.onnx & done; wait'",
+        big.display()
+    );
+    let importer = {
+        let mnt = m.mnt.clone();
+        std::thread::spawn(move || sh(&mnt, &as_nobody))
+    };
+    let mut took = Vec::new();
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while !importer.is_finished() && Instant::now() < deadline {
+        let start = Instant::now();
+        assert!(read(m.path("status")).contains("\"uptime_s\""));
+        took.push(start.elapsed());
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let imported = importer.join().unwrap();
+    assert!(imported.status.success(), "{imported:?}");
+    assert_eq!(ls(&m, "models/theirs").len(), 3, "config.json, latest, v1 (three equal files: one version)");
+    took.sort();
+    let p99 = took[took.len() * 99 / 100];
+    eprintln!("cat status: p99 {p99:?}, max {:?} over {} reads", took.last().unwrap(), took.len());
+    assert!(took.len() >= 10 && p99 < Duration::from_millis(250), "cat status p99 {p99:?} over {} reads", took.len());
+
+    sh_err(
+        &m.mnt,
+        "mkdir models/sparse && dd if=/dev/zero of=models/sparse/x.onnx bs=1 count=1 seek=2G",
+        "File too large",
+    );
+    assert!(m.log_text().contains("larger than the import limit of 1073741824 bytes"), "{}", m.log_text());
+}

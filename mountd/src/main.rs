@@ -14,7 +14,7 @@ use std::sync::Arc;
 use aifs::backend::{find_onnxruntime, Backend, Backends, OnnxRuntime};
 use aifs::device::{Cpu, Nvidia, Probe, Simulated};
 use aifs::engine::{Engine, EngineConfig};
-use aifs::fs::Fs;
+use aifs::fs::{Fs, FsConfig};
 use aifs::store::Store;
 use clap::Parser;
 use signal_hook::consts::{SIGINT, SIGTERM};
@@ -75,6 +75,10 @@ struct Cli {
     /// Largest request accepted through infer or a job's input, in bytes (larger: EFBIG).
     #[arg(long, default_value_t = 1 << 30)]
     max_input_bytes: u64,
+
+    /// Largest model file an import takes, in bytes (larger: EFBIG; a sparse file counts as big as it claims).
+    #[arg(long, default_value_t = 64 << 30)]
+    max_import_bytes: u64,
 
     /// Largest answer kept, in bytes (larger: the job fails with EFBIG).
     #[arg(long, default_value_t = 1 << 30)]
@@ -225,7 +229,8 @@ fn serve(cli: &Cli, data_dir: &Path, library: &Path, ready: Option<OwnedFd>) -> 
         Engine::start(store.clone(), backends.clone(), devices, engine)
             .map_err(|e| format!("starting the engine: {e}"))?,
     );
-    let fs = Arc::new(Fs::new(store, engine.clone(), backends, &mountpoint));
+    let fs_config = FsConfig { mountpoint: mountpoint.clone(), max_import_bytes: cli.max_import_bytes };
+    let fs = Fs::new(store, engine.clone(), backends, fs_config);
 
     let config = aifs::fuse::mount_config(cli.allow_other, cli.threads);
     let mut session = fuser::Session::new(aifs::fuse::Adapter::new(fs.clone()), &mountpoint, &config)

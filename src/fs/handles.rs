@@ -10,6 +10,7 @@ use crate::engine::Job;
 use crate::error::{Error, Result};
 use crate::store::Digest;
 
+use super::heavy::is_light;
 use super::infer::InferStream;
 use super::jobs::JobInput;
 use super::upload::Pending;
@@ -42,6 +43,19 @@ pub(super) enum Handle {
     JobOutput(Arc<Job>),
     /// `ctl` or `priority` opened for writing: each write is one command.
     JobCommand(Arc<Job>, JobFile, Caller),
+}
+
+impl Handle {
+    /// Whether what its `close()` does is light enough for a FUSE thread:
+    /// not an import's commit, nor the decoding of a large request.
+    pub(super) fn writes_are_light(&self) -> bool {
+        match self {
+            Handle::Upload(pending) => pending.lock().unwrap().upload.as_ref().is_none_or(|u| u.is_empty()),
+            Handle::Infer(stream) => is_light(&stream.lock().unwrap().input),
+            Handle::JobInput(w) => is_light(&w.lock().unwrap().input),
+            _ => true,
+        }
+    }
 }
 
 impl Fs {

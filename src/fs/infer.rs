@@ -7,7 +7,7 @@ use std::sync::{Arc, Weak};
 use crate::engine::Job;
 use crate::error::{Error, Result};
 
-use super::handles::Handle;
+use super::handles::{slice_at, Handle};
 use super::{Caller, Fs};
 /// An open `infer`: the request being written, then the job answering it.
 pub(super) struct InferStream {
@@ -57,6 +57,46 @@ pub(super) struct Session {
 }
 
 impl Fs {
+    /// A read of `infer` (see [`Fs::read`]): answers with this handle's
+    /// request, sent now if it was written and not yet sent, else with the
+    /// session's last; when the job ends, from the thread that ends it.
+    /// On a FUSE thread (`on_fuse_thread`) a reader of a small CPU job may
+    /// run it itself; a heavy-work thread hands it to a worker, and stays
+    /// free to decode the next large request.
+    pub(super) fn read_infer(
+        &self,
+        handle: Arc<Handle>,
+        size: usize,
+        on_fuse_thread: bool,
+        done: impl FnOnce(Result<Vec<u8>>) + Send + 'static,
+    ) {
+        let Handle::Infer(stream) = &*handle else { unreachable!("an infer handle") };
+        let (job, sent) = match self.infer_job(&mut stream.lock().unwrap(), on_fuse_thread) {
+            Ok(found) => found,
+            Err(e) => return done(Err(e)),
+        };
+        if sent {
+            // This reader waits for the reply: it may run the job itself.
+            self.engine.run_or_wake(&job);
+        }
+        let reader = job.clone();
+        job.when_done(move |outcome| {
+            let Handle::Infer(stream) = &*handle else { unreachable!("an infer handle") };
+            done(match outcome {
+                Ok(out) => {
+                    let mut st = stream.lock().unwrap();
+                    let bytes = slice_at(out, st.read_pos, size);
+                    st.read_pos += bytes.len();
+                    if st.read_pos >= out.len() {
+                        reader.mark_output_read();
+                    }
+                    Ok(bytes)
+                }
+                Err(f) => Err(f.to_error()),
+            })
+        });
+    }
+
     /// `vN/error` as `caller` reads it: the reason its session's last
     /// request of this version failed, one line; empty if it has not
     /// failed (done, or still queued or running: nothing waits here);
@@ -76,12 +116,12 @@ impl Fs {
     /// The job a read of `infer` answers with: this handle's request (sent
     /// now if it was written but not yet sent: then `true`, and the caller
     /// must call [`Engine::run_or_wake`](crate::engine::Engine::run_or_wake)), else the session's last.
-    pub(super) fn infer_job(&self, st: &mut InferStream) -> Result<(Arc<Job>, bool)> {
+    pub(super) fn infer_job(&self, st: &mut InferStream, may_run: bool) -> Result<(Arc<Job>, bool)> {
         let mut sent = false;
         if st.job.is_none() {
             if !st.input.is_empty() {
-                self.send_request(st, true)?;
-                sent = true;
+                self.send_request(st, may_run)?;
+                sent = may_run;
             } else {
                 let job = st.session_key().and_then(|key| self.session_last(key, st.stamp));
                 st.job =

@@ -60,6 +60,7 @@
 //! as a no-op: it is derived from the versions and goes with the last one.
 
 mod handles;
+mod heavy;
 mod infer;
 mod inodes;
 mod jobs;
@@ -77,9 +78,9 @@ pub use tree::{Attr, DirEntry};
 
 use std::collections::HashMap;
 use std::ffi::OsStr;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::sync::atomic::AtomicU64;
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, Weak};
 use std::time::{Instant, SystemTime};
 
 use crate::backend::Backends;
@@ -89,10 +90,10 @@ use crate::error::{Error, Result};
 use crate::store::{self, Store};
 
 use handles::{read_file_at, slice_at, write_into, Handle};
+use heavy::{is_light, Heavy};
 use infer::{session_of, InferStream, Session, SessionKey};
 use inodes::Inodes;
 use jobs::JobInput;
-use upload::no_space;
 pub const ROOT_INO: u64 = 1;
 
 /// Who is asking: from the FUSE request header.
@@ -133,25 +134,45 @@ pub struct Fs {
     inodes: Mutex<Inodes>,
     handles: Mutex<HashMap<u64, Arc<Handle>>>,
     next_fh: AtomicU64,
-    mountpoint: PathBuf,
+    config: FsConfig,
     /// Owner of the daemon's own nodes (root, README, ...).
     uid: u32,
     gid: u32,
     started: SystemTime,
     started_at: Instant,
+    /// Where imports commit and large requests decode (see `heavy.rs`).
+    heavy: Heavy,
+    /// Itself, for the work handed to `heavy`.
+    me: Weak<Fs>,
+}
+
+/// The tree's own settings.
+#[derive(Clone, Debug)]
+pub struct FsConfig {
+    /// Where it is mounted: only for the README's copy-paste examples.
+    pub mountpoint: PathBuf,
+    /// The largest model file an import takes (EFBIG past it); a sparse
+    /// file counts as big as it claims.
+    pub max_import_bytes: u64,
+}
+
+impl Default for FsConfig {
+    fn default() -> Self {
+        FsConfig { mountpoint: PathBuf::from("/mnt/aifs"), max_import_bytes: 64 << 30 }
+    }
 }
 
 impl Fs {
     /// The tree over a store, with jobs run by `engine` and imports checked
-    /// by `backends`. `mountpoint` only serves the README's copy-paste
-    /// examples.
-    pub fn new(store: Arc<Store>, engine: Arc<Engine>, backends: Backends, mountpoint: &Path) -> Fs {
+    /// by `backends`.
+    pub fn new(store: Arc<Store>, engine: Arc<Engine>, backends: Backends, config: FsConfig) -> Arc<Fs> {
         let mut inodes = Inodes { next: ROOT_INO + 1, ..Default::default() };
         inodes.by_node.insert(Node::Root, ROOT_INO);
         inodes.by_ino.insert(ROOT_INO, Node::Root);
         // SAFETY: getuid/getgid cannot fail and touch no memory.
         let (uid, gid) = unsafe { (libc::getuid(), libc::getgid()) };
-        Fs {
+        let heavy = Heavy::start(std::thread::available_parallelism().map_or(2, |n| n.get().max(2)));
+        Arc::new_cyclic(|me| Fs {
             engine,
             store,
             backends,
@@ -161,12 +182,29 @@ impl Fs {
             inodes: Mutex::new(inodes),
             handles: Mutex::new(HashMap::new()),
             next_fh: AtomicU64::new(1),
-            mountpoint: mountpoint.to_path_buf(),
+            config,
             uid,
             gid,
             started: SystemTime::now(),
             started_at: Instant::now(),
+            heavy,
+            me: me.clone(),
+        })
+    }
+
+    /// Runs `work` on this thread if it is light, else on a heavy-work
+    /// thread (see `heavy.rs`), and calls `done` with its result.
+    fn run<T: 'static>(
+        &self,
+        light: bool,
+        work: impl FnOnce(&Fs) -> T + Send + 'static,
+        done: impl FnOnce(T) + Send + 'static,
+    ) {
+        if light {
+            return done(work(self));
         }
+        let me = self.me.upgrade().expect("a filesystem serving requests is alive");
+        self.heavy.run(move || done(work(&me)));
     }
 
     pub fn store(&self) -> &Store {
@@ -332,31 +370,14 @@ impl Fs {
                 })
             }
             Handle::Infer(stream) => {
-                let (job, sent) = match self.infer_job(&mut stream.lock().unwrap()) {
-                    Ok(found) => found,
-                    Err(e) => return done(Err(e)),
+                // The first read of a written request sends it: decoding a
+                // large one is not for a FUSE thread.
+                let light = {
+                    let st = stream.lock().unwrap();
+                    st.job.is_some() || is_light(&st.input)
                 };
-                if sent {
-                    // This reader waits for the reply: it may run the job itself.
-                    self.engine.run_or_wake(&job);
-                }
                 let handle = handle.clone();
-                let reader = job.clone();
-                job.when_done(move |outcome| {
-                    let Handle::Infer(stream) = &*handle else { unreachable!("an infer handle") };
-                    done(match outcome {
-                        Ok(out) => {
-                            let mut st = stream.lock().unwrap();
-                            let bytes = slice_at(out, st.read_pos, size);
-                            st.read_pos += bytes.len();
-                            if st.read_pos >= out.len() {
-                                reader.mark_output_read();
-                            }
-                            Ok(bytes)
-                        }
-                        Err(f) => Err(f.to_error()),
-                    })
-                });
+                self.run(light, move |fs| fs.read_infer(handle, size, light, done), |()| ());
             }
             Handle::Upload(_) | Handle::Config(..) | Handle::JobInput(_) | Handle::JobCommand(..) => {
                 done(Err(Error::BadHandle(fh)))
@@ -368,13 +389,15 @@ impl Fs {
         let limit = self.engine.config().max_input_bytes;
         let handle = self.handle(fh)?;
         match &*handle {
-            Handle::Upload(_) => self.with_pending(fh, |p| match &mut p.upload {
-                Some(_) if offset + data.len() as u64 > p.limit => Err(no_space(&p.model, &p.file_name, p.limit)),
-                Some(u) => u.write_at(offset, data),
-                None => Err(Error::InvalidArgument(format!(
-                    "models/{}/{}: already committed; open it again to make another version",
-                    p.model, p.file_name
-                ))),
+            Handle::Upload(_) => self.with_pending(fh, |p| {
+                if p.upload.is_none() {
+                    return Err(Error::InvalidArgument(format!(
+                        "models/{}/{}: already committed; open it again to make another version",
+                        p.model, p.file_name
+                    )));
+                }
+                p.room_for(offset.saturating_add(data.len() as u64))?;
+                p.upload.as_mut().expect("checked above").write_at(offset, data)
             })?,
             Handle::Infer(stream) => {
                 let mut st = stream.lock().unwrap();
@@ -428,8 +451,11 @@ impl Fs {
 
     /// `close()`: commits an upload, or sends a written request (see the
     /// module header). Errors reach the caller's `close()`.
-    pub fn flush(&self, fh: u64) -> Result<()> {
-        self.finish_writes(&*self.handle(fh)?)
+    pub fn flush(&self, fh: u64, done: impl FnOnce(Result<()>) + Send + 'static) {
+        match self.handle(fh) {
+            Ok(handle) => self.run(handle.writes_are_light(), move |fs| fs.finish_writes(&handle), done),
+            Err(e) => done(Err(e)),
+        }
     }
 
     fn finish_writes(&self, handle: &Handle) -> Result<()> {
@@ -488,8 +514,10 @@ impl Fs {
     /// The last close of a handle. What its `flush` would have done and did
     /// not (an upload with data, a written request) is done now; the error
     /// can only be logged.
-    pub fn release(&self, fh: u64) -> Result<()> {
-        let handle = self.handles.lock().unwrap().remove(&fh).ok_or(Error::BadHandle(fh))?;
+    pub fn release(&self, fh: u64, done: impl FnOnce(Result<()>) + Send + 'static) {
+        let Some(handle) = self.handles.lock().unwrap().remove(&fh) else {
+            return done(Err(Error::BadHandle(fh)));
+        };
         if let Handle::Upload(pending) = &*handle {
             let mut t = self.inodes.lock().unwrap();
             if let Some(ino) = t.by_node.remove(&Node::Upload(fh)) {
@@ -499,15 +527,19 @@ impl Fs {
             let p = pending.lock().unwrap();
             if p.upload.as_ref().is_some_and(|u| u.is_empty()) {
                 tracing::info!("invalid model {:?}: empty file, discarded", p.file_name);
-                return Ok(());
+                return done(Ok(()));
             }
         }
-        let result = self.finish_writes(&handle);
-        if let Handle::Infer(stream) = &*handle {
-            // Sent or not, its input is no longer held for the session.
-            self.remember(&mut stream.lock().unwrap(), None);
-        }
-        result
+        let light = handle.writes_are_light();
+        let work = move |fs: &Fs| {
+            let result = fs.finish_writes(&handle);
+            if let Handle::Infer(stream) = &*handle {
+                // Sent or not, its input is no longer held for the session.
+                fs.remember(&mut stream.lock().unwrap(), None);
+            }
+            result
+        };
+        self.run(light, work, done);
     }
 
     pub fn statfs(&self) -> Result<StatFs> {

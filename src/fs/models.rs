@@ -7,7 +7,6 @@ use std::path::Path;
 use crate::error::{Error, Result};
 use crate::store::{self, LATEST};
 
-use super::upload::no_space;
 use super::{Attr, Caller, Fs, JobFile, Node};
 /// `setattr` changes; `None` leaves a field alone. Time changes are
 /// accepted and ignored.
@@ -42,10 +41,9 @@ impl Fs {
             }
             Node::Upload(fh) => {
                 if let Some(size) = change.size {
-                    self.with_pending(*fh, |p| match &mut p.upload {
-                        Some(_) if size > p.limit => Err(no_space(&p.model, &p.file_name, p.limit)),
-                        Some(u) => u.set_len(size),
-                        None => Ok(()),
+                    self.with_pending(*fh, |p| match p.upload.is_some() {
+                        true => p.room_for(size).and_then(|()| p.upload.as_mut().expect("checked").set_len(size)),
+                        false => Ok(()),
                     })?;
                 }
             }

@@ -31,7 +31,7 @@ impl Fs {
         serde_json::json!({
             "version": env!("CARGO_PKG_VERSION"),
             "uptime_s": self.started_at.elapsed().as_secs(),
-            "mountpoint": self.mountpoint,
+            "mountpoint": self.config.mountpoint,
             "data_dir": self.store.root(),
             "store": {
                 "bytes": self.store.size(),
@@ -56,7 +56,7 @@ impl Fs {
     /// `/README`, with examples written for this mount point and, where one
     /// exists, a real model in it, so that they work by copy-paste.
     pub(super) fn readme(&self) -> String {
-        let mnt = self.mountpoint.display();
+        let mnt = self.config.mountpoint.display();
         // A model already here makes the examples concrete: its file to
         // copy, and a request of zeros shaped for it.
         let sample = self.store.models().into_iter().find_map(|m| {

@@ -20,7 +20,9 @@ pub(super) struct Pending {
     pub(super) gid: u32,
     pub(super) perm: u16,
     /// The free space of the store when it began: no file can be larger.
-    pub(super) limit: u64,
+    pub(super) free: u64,
+    /// `--max-import-bytes`.
+    pub(super) max: u64,
     /// `None` once committed or failed.
     pub(super) upload: Option<Upload>,
 }
@@ -74,7 +76,8 @@ impl Fs {
             uid: caller.uid,
             gid: caller.gid,
             perm: (mode & 0o777) as u16,
-            limit: self.statfs().map_or(u64::MAX, |s| s.bavail * s.frsize as u64),
+            free: self.statfs().map_or(u64::MAX, |s| s.bavail * s.frsize as u64),
+            max: self.config.max_import_bytes,
             upload: Some(self.store.begin_upload()?),
         };
         Ok(self.add_handle(Handle::Upload(Mutex::new(pending))))
@@ -94,7 +97,19 @@ impl Fs {
         Ok(())
     }
 }
-pub(super) fn no_space(model: &str, file: &str, free: u64) -> Error {
-    let context = format!("models/{model}/{file}: larger than the store's free space ({free} bytes)");
-    Error::io(context, std::io::Error::from_raw_os_error(libc::ENOSPC))
+impl Pending {
+    /// Whether the upload may reach `end` bytes: its size, counted up to
+    /// its last byte (a sparse file counts as big as it claims), within
+    /// `--max-import-bytes` (EFBIG) and the store's free space (ENOSPC).
+    pub(super) fn room_for(&self, end: u64) -> Result<()> {
+        let path = format!("models/{}/{}", self.model, self.file_name);
+        if end > self.max {
+            return Err(Error::ImportTooBig { path, limit: self.max });
+        }
+        if end > self.free {
+            let context = format!("{path}: larger than the store's free space ({} bytes)", self.free);
+            return Err(Error::io(context, std::io::Error::from_raw_os_error(libc::ENOSPC)));
+        }
+        Ok(())
+    }
 }

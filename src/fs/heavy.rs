@@ -1,0 +1,59 @@
+//! Work that must not hold a FUSE thread: committing an import (hash,
+//! fsync, the backend's check) and decoding a request that may be large or
+//! compressed. The kernel waits for the reply, not for the thread, so the
+//! operation hands the work and its reply to one of these threads and the
+//! FUSE thread goes back to serve everyone else (`cat status` stays quick
+//! while imports and big requests are under way).
+//!
+//! A fixed set of threads takes tasks in arrival order; they end when the
+//! filesystem is dropped.
+
+use std::sync::mpsc::{channel, Receiver, Sender};
+use std::sync::{Arc, Mutex};
+
+type Task = Box<dyn FnOnce() + Send>;
+
+pub(super) struct Heavy {
+    tasks: Mutex<Sender<Task>>,
+}
+
+impl Heavy {
+    pub(super) fn start(threads: usize) -> Heavy {
+        let (tx, rx) = channel::<Task>();
+        let rx = Arc::new(Mutex::new(rx));
+        for i in 0..threads.max(1) {
+            let rx: Arc<Mutex<Receiver<Task>>> = rx.clone();
+            std::thread::Builder::new()
+                .name(format!("heavy-{i}"))
+                .spawn(move || loop {
+                    let task = rx.lock().unwrap().recv();
+                    match task {
+                        Ok(task) => task(),
+                        Err(_) => return, // the filesystem is gone
+                    }
+                })
+                .expect("spawning a heavy-work thread");
+        }
+        Heavy { tasks: Mutex::new(tx) }
+    }
+
+    pub(super) fn run(&self, task: impl FnOnce() + Send + 'static) {
+        // The threads live as long as the sender: a send cannot fail.
+        let _ = self.tasks.lock().unwrap().send(Box::new(task));
+    }
+}
+
+/// Whether a request decodes fast enough for a FUSE thread (a few
+/// milliseconds at most): a .npy up to 16 MiB (its data is one bulk copy),
+/// JSON up to 1 MiB; never an .npz, which can inflate. The rest goes to
+/// [`Heavy`]. A hand-off costs more than a small request's decoding: the
+/// common small request stays on its thread, and may run there too.
+pub(super) fn is_light(input: &[u8]) -> bool {
+    if input.starts_with(b"PK") {
+        false
+    } else if input.starts_with(b"\x93NUMPY") {
+        input.len() <= 16 << 20
+    } else {
+        input.len() <= 1 << 20
+    }
+}
