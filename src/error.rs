@@ -51,6 +51,9 @@ pub enum Error {
     Cancelled(u64),
     #[error("job {id} timed out after {ms} ms (the model's timeout_ms)")]
     TimedOut { id: u64, ms: u64 },
+    /// A user's jobs hold as much as `--max-user-bytes` allows.
+    #[error("uid {uid}'s jobs hold {held} bytes of requests and answers (--max-user-bytes {limit}); read or wait for them to expire")]
+    Quota { uid: u32, held: u64, limit: u64 },
     /// Backpressure: the model's queue is at `max_queue`.
     #[error("models/{model}: queue full ({max} jobs queued, the model's max_queue); retry later")]
     QueueFull { model: String, max: u32 },
@@ -133,6 +136,7 @@ impl Error {
             Error::Cancelled(_) => libc::ECANCELED,
             Error::TimedOut { .. } => libc::ETIMEDOUT,
             Error::QueueFull { .. } => libc::EAGAIN,
+            Error::Quota { .. } => libc::EDQUOT,
             Error::ShuttingDown => libc::EAGAIN,
             Error::NoDevice(_) => libc::ENODEV,
             Error::Restarted(_) => libc::EIO,
@@ -173,6 +177,7 @@ impl Error {
             | Error::Cancelled(_)
             | Error::TimedOut { .. }
             | Error::QueueFull { .. }
+            | Error::Quota { .. }
             | Error::ShuttingDown
             | Error::NoDevice(_)
             | Error::Restarted(_)

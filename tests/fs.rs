@@ -465,3 +465,17 @@ fn the_error_file_gives_the_sessions_last_failure() {
     assert_eq!(error().unwrap(), b"");
     assert_eq!(t.fs.open(t.ino("models/m/v1/error"), libc::O_WRONLY, ME).unwrap_err().errno(), libc::EROFS);
 }
+
+/// A job's input grows by what is written: a write past its end (a
+/// `pwrite` at 900 MB) is refused before anything is allocated.
+#[test]
+fn job_inputs_are_written_in_order() {
+    let t = tree();
+    t.add_mlp();
+    let id = String::from_utf8(t.read_all("models/m/v1/clone")).unwrap().trim().to_string();
+    let o = t.fs.open(t.ino(&format!("jobs/{id}/input")), libc::O_WRONLY, ME).unwrap();
+    let e = t.fs.write(o.fh, 900 << 20, b"x").unwrap_err();
+    assert_eq!(e.errno(), libc::EINVAL);
+    assert!(e.to_string().contains("would leave a hole after the 0 bytes written"), "{e}");
+    t.release(o.fh).unwrap();
+}

@@ -257,6 +257,10 @@ fn read_outputs_are_dropped_past_the_byte_budget_unread_ones_kept() {
     let first = newest_job(&m);
     let second = submit(&m, "id", &body, None);
     assert_eq!(output(&m, second).unwrap().trim(), body);
+    // A reader that has had the whole answer, still open...
+    let mut reader = std::fs::File::open(m.path(&format!("jobs/{second}/output"))).unwrap();
+    let mut whole = vec![0; body.len() + 1];
+    std::io::Read::read_exact(&mut reader, &mut whole).unwrap();
     // Not read yet: the shell way's request (its reply is read below) and two clones.
     write_file(&infer, body.as_bytes()).unwrap();
     let shell = newest_job(&m);
@@ -268,6 +272,8 @@ fn read_outputs_are_dropped_past_the_byte_budget_unread_ones_kept() {
         assert!(job_file(&m, id, "error").contains("no longer kept (past --max-finished-bytes)"));
         assert_eq!(job_file(&m, id, "status"), "done\n");
     }
+    // ...yet a reader that had all of it reads on to end-of-file, not ENODATA.
+    assert_eq!(std::io::Read::read(&mut reader, &mut [0; 16]).unwrap(), 0);
     // ...and the unread ones stay, however far over it.
     assert_eq!(read(&infer).trim(), body, "the shell way still gets its reply");
     for id in unread {

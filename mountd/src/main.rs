@@ -84,7 +84,11 @@ struct Cli {
     #[arg(long, default_value_t = 1 << 30)]
     max_output_bytes: u64,
 
-    /// Finished jobs kept under jobs/ before the oldest are removed.
+    /// Bytes of requests and answers one user's jobs may hold in memory (past it: EDQUOT).
+    #[arg(long, default_value_t = 1 << 30)]
+    max_user_bytes: u64,
+
+    /// Finished jobs kept under jobs/ per user before that user's oldest are removed.
     #[arg(long, default_value_t = 10_000)]
     max_finished_jobs: usize,
 
@@ -213,6 +217,7 @@ fn serve(cli: &Cli, data_dir: &Path, library: &Path, ready: Option<OwnedFd>) -> 
     let mut engine = EngineConfig {
         max_input_bytes: cli.max_input_bytes,
         max_output_bytes: cli.max_output_bytes,
+        max_user_bytes: cli.max_user_bytes,
         max_finished_jobs: cli.max_finished_jobs,
         max_finished_bytes: cli.max_finished_bytes,
         finished_job_ttl: std::time::Duration::from_secs(cli.job_ttl_s),

@@ -2,7 +2,7 @@
 //! job files show it, how it ends (once), and the [`Registry`] of all jobs
 //! with their retention order.
 
-use std::collections::{BTreeMap, VecDeque};
+use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::sync::{Arc, Mutex, MutexGuard, OnceLock};
 use std::time::{Instant, SystemTime};
 
@@ -82,6 +82,11 @@ pub struct Job {
     pub(super) journaled_in: OnceLock<u64>,
     /// A reader has had its whole output ([`Job::mark_output_read`]).
     pub(super) output_read: std::sync::atomic::AtomicBool,
+    /// Input bytes charged to its user while it is queued or running
+    /// ([`Registry::charge`]); its whole payload once it has finished.
+    pub(super) charged: std::sync::atomic::AtomicUsize,
+    /// The length of its output, once dropped ([`Job::drop_payload`]).
+    pub(super) dropped_len: OnceLock<usize>,
     pub(super) inner: Mutex<Inner>,
 }
 
@@ -143,6 +148,8 @@ impl Job {
             journal: Mutex::new(None),
             journaled_in: OnceLock::new(),
             output_read: Default::default(),
+            dropped_len: OnceLock::new(),
+            charged: Default::default(),
             inner: Mutex::new(inner),
         })
     }
@@ -173,10 +180,18 @@ impl Job {
         }
         let freed = inner.state.payload_bytes();
         inner.state.input = Arc::new(Vec::new());
-        if has_output {
+        if let Some(Ok(output)) = &inner.state.outcome {
+            let _ = self.dropped_len.set(output.len());
             inner.state.outcome = Some(Err(Failure::of(&Error::OutputDropped(self.id))));
         }
         freed
+    }
+
+    /// Whether a read at `offset` of a dropped output is at or past its
+    /// end: a reader that had the whole answer gets end-of-file, not
+    /// ENODATA, when it reads once more.
+    pub fn read_past_dropped(&self, offset: usize) -> bool {
+        self.dropped_len.get().is_some_and(|&len| offset >= len)
     }
 
     pub fn status(&self) -> Status {
@@ -226,28 +241,83 @@ impl Job {
 }
 
 /// All jobs by id, with the order in which they were created or finished,
-/// so retention is O(1) per job.
+/// so retention is O(1) per job; and what each user's jobs hold, so that
+/// one user's flood retires and refuses only that user's jobs.
 #[derive(Default)]
 pub(super) struct Registry {
     pub(super) jobs: BTreeMap<u64, Arc<Job>>,
-    /// Finished jobs, oldest first: when they finished, and id.
+    /// Finished jobs, oldest first: when they finished, and id (a job
+    /// retired by its user's count stays listed until its time).
     pub(super) finished: VecDeque<(Instant, u64)>,
     /// What the finished jobs hold, in bytes (their inputs and outputs).
     pub(super) finished_bytes: usize,
     pub(super) new: VecDeque<(Instant, u64)>,
+    /// Each user's finished jobs, oldest first, and how many there are.
+    finished_of: HashMap<u32, (VecDeque<u64>, usize)>,
+    /// Bytes each user's jobs hold: inputs of queued and running jobs,
+    /// inputs and outputs of finished ones.
+    held: HashMap<u32, usize>,
 }
 
 impl Registry {
+    /// Bytes `uid`'s jobs hold.
+    pub(super) fn held(&self, uid: u32) -> usize {
+        self.held.get(&uid).copied().unwrap_or(0)
+    }
+
+    /// `uid`'s jobs hold `bytes` more (a request queued).
+    pub(super) fn charge(&mut self, uid: u32, bytes: usize) {
+        *self.held.entry(uid).or_default() += bytes;
+    }
+
+    /// `uid`'s jobs hold `bytes` less.
+    pub(super) fn release(&mut self, uid: u32, bytes: usize) {
+        if let Some(held) = self.held.get_mut(&uid) {
+            *held = held.saturating_sub(bytes);
+        }
+    }
+
     pub(super) fn push_finished(&mut self, job: &Job) {
         self.finished.push_back((Instant::now(), job.id));
-        self.finished_bytes += job.payload_bytes();
+        let bytes = job.payload_bytes();
+        self.finished_bytes += bytes;
+        self.charge(job.uid, bytes);
+        let (ids, count) = self.finished_of.entry(job.uid).or_default();
+        ids.push_back(job.id);
+        *count += 1;
+    }
+
+    /// Finished jobs of `uid`.
+    pub(super) fn finished_count(&self, uid: u32) -> usize {
+        self.finished_of.get(&uid).map_or(0, |(_, count)| *count)
+    }
+
+    /// Takes a finished job out of the registry, and what it held.
+    fn remove_finished(&mut self, id: u64) -> Option<Arc<Job>> {
+        let job = self.jobs.remove(&id)?;
+        let bytes = job.payload_bytes();
+        self.finished_bytes -= bytes;
+        self.release(job.uid, bytes);
+        if let Some((_, count)) = self.finished_of.get_mut(&job.uid) {
+            *count -= 1;
+        }
+        Some(job)
     }
 
     /// Removes the oldest finished job.
     pub(super) fn pop_finished(&mut self) -> Option<Arc<Job>> {
         while let Some((_, id)) = self.finished.pop_front() {
-            if let Some(job) = self.jobs.remove(&id) {
-                self.finished_bytes -= job.payload_bytes();
+            if let Some(job) = self.remove_finished(id) {
+                return Some(job);
+            }
+        }
+        None
+    }
+
+    /// Removes `uid`'s oldest finished job.
+    pub(super) fn pop_finished_of(&mut self, uid: u32) -> Option<Arc<Job>> {
+        while let Some(id) = self.finished_of.get_mut(&uid)?.0.pop_front() {
+            if let Some(job) = self.remove_finished(id) {
                 return Some(job);
             }
         }
@@ -260,8 +330,10 @@ impl Registry {
         let mut i = 0;
         while self.finished_bytes as u64 > max && i < self.finished.len() {
             let id = self.finished[i].1;
-            if let Some(job) = self.jobs.get(&id) {
-                self.finished_bytes -= job.drop_payload();
+            if let Some(job) = self.jobs.get(&id).cloned() {
+                let freed = job.drop_payload();
+                self.finished_bytes -= freed;
+                self.release(job.uid, freed);
             }
             i += 1;
         }

@@ -103,8 +103,12 @@ pub struct EngineConfig {
     /// Largest answer kept, in bytes, as the model returns it and as
     /// encoded: a job whose output is larger fails with EFBIG.
     pub max_output_bytes: u64,
-    /// Finished jobs kept before the oldest are removed.
+    /// Finished jobs kept per user before that user's oldest are removed.
     pub max_finished_jobs: usize,
+    /// Bytes of requests and answers one user's jobs may hold in memory
+    /// (queued inputs, finished inputs and outputs); a request past it
+    /// fails with EDQUOT.
+    pub max_user_bytes: u64,
     /// Bytes of input and output the finished jobs may hold in memory:
     /// past it, the oldest whose output was read (or that have none) drop
     /// both. Outputs not yet read are kept.
@@ -127,6 +131,7 @@ impl Default for EngineConfig {
             max_input_bytes: 1 << 30,
             max_output_bytes: 1 << 30,
             max_finished_jobs: 10_000,
+            max_user_bytes: 1 << 30,
             max_finished_bytes: 256 << 20,
             finished_job_ttl: Duration::from_secs(3600),
             new_job_ttl: Duration::from_secs(600),
@@ -481,10 +486,13 @@ impl Shared {
         self.records.persist(job, output.as_deref().map(Vec::as_slice));
         self.records.release_journal(job);
         let mut r = self.registry.lock().unwrap();
+        r.release(job.uid, job.charged.swap(0, std::sync::atomic::Ordering::Relaxed));
         r.push_finished(job);
+        // Each user's own oldest go: another user's flood retires none of
+        // this user's results.
         let mut retired = Vec::new();
-        while r.finished.len() > self.config.max_finished_jobs {
-            retired.extend(r.pop_finished());
+        while r.finished_count(job.uid) > self.config.max_finished_jobs {
+            retired.extend(r.pop_finished_of(job.uid));
         }
         r.shed_payloads(self.config.max_finished_bytes);
         drop(r);

@@ -109,9 +109,25 @@ impl Shared {
     /// A job `accepted` before (replayed at start) is never refused for a
     /// full queue: its `close()` returned.
     pub(super) fn enqueue(&self, job: &Arc<Job>, input: Vec<u8>, accepted: bool) -> Result<usize> {
+        // What the user's jobs hold, this request included, within
+        // --max-user-bytes; not for a job accepted before a restart.
+        {
+            let mut r = self.registry.lock().unwrap();
+            let held = r.held(job.uid);
+            let limit = self.config.max_user_bytes;
+            if !accepted && (held + input.len()) as u64 > limit {
+                return Err(Error::Quota { uid: job.uid, held: held as u64, limit });
+            }
+            r.charge(job.uid, input.len());
+        }
+        job.charged.store(input.len(), std::sync::atomic::Ordering::Relaxed);
         let (input, version, config, priority) = {
             let mut inner = job.inner();
             if inner.state.status != Status::New {
+                self.registry
+                    .lock()
+                    .unwrap()
+                    .release(job.uid, job.charged.swap(0, std::sync::atomic::Ordering::Relaxed));
                 return Err(Error::Busy(format!("job {}: already submitted", job.id)));
             }
             inner.state.input = Arc::new(input);

@@ -374,3 +374,46 @@ fn an_output_past_the_limit_fails_with_efbig_and_is_not_kept() {
     assert_eq!(failure.errno, libc::EFBIG);
     assert!(failure.reason.contains("output larger than the limit of 64 bytes"), "{}", failure.reason);
 }
+
+/// One user's flood retires only that user's oldest results: each user
+/// keeps `max_finished_jobs`.
+#[test]
+fn a_users_flood_retires_only_that_users_results() {
+    let limits = EngineConfig { workers: 1, max_finished_jobs: 3, ..Default::default() };
+    let r = rig_with(tempfile::tempdir().unwrap(), limits);
+    let v = r.model("m", &Spec::scaled(4, 2.0), config(0, 1));
+    let mine = r.submit_as(2, "m", v, "[[1, 1, 1, 1]]").unwrap();
+    output(&mine).unwrap();
+    let flood: Vec<Arc<Job>> = (0..10).map(|_| r.submit_as(1, "m", v, "[[3, 3, 3, 3]]").unwrap()).collect();
+    flood.iter().for_each(|j| drop(output(j)));
+    // (A job's readers are answered just before it is retired.)
+    wait_until("user 1's oldest are retired", || r.engine.job(flood[6].id).is_none());
+    let kept: Vec<bool> = flood.iter().map(|j| r.engine.job(j.id).is_some()).collect();
+    assert_eq!(kept, [false, false, false, false, false, false, false, true, true, true]);
+    let still = r.engine.job(mine.id).expect("user 2's unread answer stays");
+    assert_eq!(output(&still).unwrap(), "[[2.0,2.0,2.0,2.0]]\n");
+}
+
+/// Past `max_user_bytes` of requests and answers held, a user's requests
+/// fail with EDQUOT; another user's do not.
+#[test]
+fn a_user_past_their_bytes_is_refused_alone() {
+    let limits = EngineConfig { workers: 1, max_user_bytes: 200, ..Default::default() };
+    let r = rig_with(tempfile::tempdir().unwrap(), limits);
+    let v = r.model("m", &Spec::scaled(4, 2.0), config(0, 1));
+    // 14 bytes in, 20 out, kept: 200 bytes last six requests (seven when
+    // a request comes before the previous answer is counted).
+    let mut accepted = 0;
+    let refused = loop {
+        match r.submit_as(1, "m", v, "[[3, 3, 3, 3]]") {
+            Ok(job) => drop(output(&job).unwrap()),
+            Err(e) => break e,
+        }
+        accepted += 1;
+        assert!(accepted < 100, "never refused");
+    };
+    assert!((6..=7).contains(&accepted), "{accepted}");
+    assert_eq!(refused.errno(), libc::EDQUOT);
+    assert!(refused.to_string().contains("uid 1's jobs hold 2"), "{refused}");
+    output(&r.submit_as(2, "m", v, "[[1, 1, 1, 1]]").unwrap()).unwrap();
+}

@@ -86,10 +86,18 @@ impl Fs {
     }
 }
 /// Writes `data` at `offset` into a buffer that may not grow past `limit`.
-pub(super) fn write_into(buf: &mut Vec<u8>, offset: u64, data: &[u8], limit: u64) -> Result<()> {
+/// It grows by what is written: a write past its end (a hole, a `pwrite`
+/// at 900 MB) is refused, so a buffer never costs more than was sent.
+pub(super) fn write_into(buf: &mut Vec<u8>, offset: u64, data: &[u8], limit: u64, what: &str) -> Result<()> {
     let end = offset.saturating_add(data.len() as u64);
     if end > limit {
         return Err(Error::TooBig { limit });
+    }
+    if offset > buf.len() as u64 {
+        return Err(Error::InvalidArgument(format!(
+            "{what}: a write at offset {offset} would leave a hole after the {} bytes written; write in order",
+            buf.len()
+        )));
     }
     let (start, end) = (offset as usize, end as usize);
     if buf.len() < end {

@@ -92,6 +92,7 @@ impl Fs {
                     }
                     Ok(bytes)
                 }
+                Err(_) if reader.read_past_dropped(stream.lock().unwrap().read_pos) => Ok(Vec::new()),
                 Err(f) => Err(f.to_error()),
             })
         });

@@ -360,13 +360,17 @@ impl Fs {
             Handle::JobOutput(job) => {
                 let reader = job.clone();
                 job.when_done(move |outcome| {
-                    done(outcome.as_ref().map_err(|f| f.to_error()).map(|out| {
-                        let bytes = slice_at(out, offset as usize, size);
-                        if offset as usize + bytes.len() >= out.len() {
-                            reader.mark_output_read();
+                    done(match outcome {
+                        Ok(out) => {
+                            let bytes = slice_at(out, offset as usize, size);
+                            if offset as usize + bytes.len() >= out.len() {
+                                reader.mark_output_read();
+                            }
+                            Ok(bytes)
                         }
-                        bytes
-                    }))
+                        Err(_) if reader.read_past_dropped(offset as usize) => Ok(Vec::new()),
+                        Err(f) => Err(f.to_error()),
+                    })
                 })
             }
             Handle::Infer(stream) => {
@@ -434,15 +438,17 @@ impl Fs {
                 if w.job.status() != Status::New {
                     return Err(Error::ReadOnly(format!("jobs/{}/input: already submitted", w.job.id)));
                 }
-                if let Err(e) = write_into(&mut w.input, offset, data, limit) {
+                let what = format!("jobs/{}/input", w.job.id);
+                if let Err(e) = write_into(&mut w.input, offset, data, limit, &what) {
                     self.engine.fail(&w.job, &e);
                     return Err(e);
                 }
                 w.written = true;
             }
             Handle::JobCommand(job, file, caller) => self.job_command(job, *file, *caller, data)?,
-            Handle::Config(_, text) => {
-                write_into(text.lock().unwrap().get_or_insert_with(Vec::new), offset, data, CONFIG_MAX_BYTES)?
+            Handle::Config(model, text) => {
+                let what = format!("models/{model}/config.json");
+                write_into(text.lock().unwrap().get_or_insert_with(Vec::new), offset, data, CONFIG_MAX_BYTES, &what)?
             }
             Handle::Content(_) | Handle::Blob(_) | Handle::JobOutput(_) => return Err(Error::BadHandle(fh)),
         }
