@@ -74,6 +74,12 @@ pub enum Error {
     /// A job that failed earlier: its errno and reason, as recorded.
     #[error("{message}")]
     Job { errno: i32, message: String },
+    /// An import a model's trust policy requires to be signed, unsigned.
+    #[error("{0}")]
+    Unsigned(String),
+    /// An import whose signature does not verify.
+    #[error("{0}")]
+    BadSignature(String),
     #[error("{0}: directory not empty")]
     NotEmpty(String),
     #[error("{0}")]
@@ -144,6 +150,8 @@ impl Error {
             Error::OutputNotKept(_) | Error::OutputDropped(_) => libc::ENODATA,
             Error::Job { errno, .. } => *errno,
             Error::NotEmpty(_) => libc::ENOTEMPTY,
+            Error::Unsigned(_) => libc::EACCES,
+            Error::BadSignature(_) => libc::EINVAL,
             Error::Busy(_) => libc::EBUSY,
             Error::ReadOnly(_) => libc::EROFS,
             Error::NotPermitted(_) => libc::EPERM,
@@ -186,6 +194,8 @@ impl Error {
             | Error::OutputDropped(_)
             | Error::Job { .. }
             | Error::NotEmpty(_)
+            | Error::Unsigned(_)
+            | Error::BadSignature(_)
             | Error::Busy(_)
             | Error::ReadOnly(_)
             | Error::NotPermitted(_)

@@ -171,8 +171,11 @@ fn copy_in_makes_a_version_with_its_files() {
     t.mkdir(b"m").unwrap();
     let mlp = fixture("mlp.fake");
     t.copy_in("m", "mlp.fake", &mlp).unwrap();
-    assert_eq!(t.names("models/m"), ["config.json", "latest", "v1"]);
-    assert_eq!(t.names("models/m/v1"), ["mlp.fake", "digest", "meta.json", "stats", "infer", "clone", "error"]);
+    assert_eq!(t.names("models/m"), ["config.json", "trust", "latest", "v1"]);
+    assert_eq!(
+        t.names("models/m/v1"),
+        ["mlp.fake", "digest", "meta.json", "stats", "signature", "infer", "clone", "error"]
+    );
     assert_eq!(t.read_all("models/m/v1/mlp.fake"), mlp);
     assert_eq!(t.fs.readlink(t.ino("models/m/latest")).unwrap(), "v1");
     let meta: serde_json::Value = serde_json::from_slice(&t.read_all("models/m/v1/meta.json")).unwrap();
@@ -183,7 +186,7 @@ fn copy_in_makes_a_version_with_its_files() {
     assert_eq!(meta["size"], mlp.len());
     // The same bytes again: no new version.
     t.copy_in("m", "mlp.fake", &mlp).unwrap();
-    assert_eq!(t.names("models/m"), ["config.json", "latest", "v1"]);
+    assert_eq!(t.names("models/m"), ["config.json", "trust", "latest", "v1"]);
 }
 
 #[test]
@@ -198,7 +201,7 @@ fn a_shell_redirect_closes_a_duplicate_before_writing() {
     t.fs.write(o.fh, 0, &fixture("b.fake")).unwrap();
     t.flush(o.fh).unwrap();
     t.release(o.fh).unwrap();
-    assert_eq!(t.names("models/m"), ["config.json", "latest", "v1"]);
+    assert_eq!(t.names("models/m"), ["config.json", "trust", "latest", "v1"]);
 }
 
 #[test]
@@ -211,7 +214,7 @@ fn bad_models_fail_the_close_and_leave_nothing() {
         assert!(err.to_string().contains(name), "{err}");
         assert!(!err.to_string().contains("tmp-"), "reason names the temp file: {err}");
     }
-    assert_eq!(t.names("models/m"), ["config.json"]);
+    assert_eq!(t.names("models/m"), ["config.json", "trust"]);
     assert!(t.blob_files().is_empty(), "{:?}", t.blob_files());
 }
 
@@ -266,7 +269,7 @@ fn aliases_rename_and_pin() {
     assert_eq!(t.fs.rename(m, OsStr::new("CuTmp"), m, OsStr::new("stable"), true).unwrap_err().errno(), libc::EEXIST);
     t.fs.rename(m, OsStr::new("CuTmp"), m, OsStr::new("stable"), false).unwrap();
     assert_eq!(t.fs.readlink(t.ino("models/m/stable")).unwrap(), "v2");
-    assert_eq!(t.names("models/m"), ["config.json", "latest", "stable", "v1", "v2"]);
+    assert_eq!(t.names("models/m"), ["config.json", "trust", "latest", "stable", "v1", "v2"]);
     // Neither versions nor latest can be renamed or replaced.
     assert_eq!(t.fs.rename(m, OsStr::new("stable"), m, OsStr::new("latest"), false).unwrap_err().errno(), libc::EPERM);
     assert_eq!(t.fs.rename(m, OsStr::new("stable"), m, OsStr::new("v1"), false).unwrap_err().errno(), libc::EPERM);
@@ -291,13 +294,13 @@ fn removing_a_version_file_by_file_follows_rmdir_rules() {
     assert_eq!(t.fs.rmdir(t.ino("models"), OsStr::new("m")).unwrap_err().errno(), libc::ENOTEMPTY);
     t.fs.unlink(m, OsStr::new("stable")).unwrap();
     // rm -r v1: unlink each file (accepted, nothing changes yet), then rmdir.
-    for f in ["a.fake", "digest", "meta.json", "stats", "infer", "clone", "error"] {
+    for f in ["a.fake", "digest", "meta.json", "stats", "signature", "infer", "clone", "error"] {
         t.fs.unlink(v1, OsStr::new(f)).unwrap();
     }
-    assert_eq!(t.names("models/m/v1").len(), 7);
+    assert_eq!(t.names("models/m/v1").len(), 8);
     t.fs.unlink(m, OsStr::new("latest")).unwrap();
     t.fs.rmdir(m, OsStr::new("v1")).unwrap();
-    assert_eq!(t.names("models/m"), ["config.json"]);
+    assert_eq!(t.names("models/m"), ["config.json", "trust"]);
     assert!(t.blob_files().is_empty());
     assert_eq!(t.try_ino("models/m/v1").unwrap_err().errno(), libc::ENOENT);
     t.fs.rmdir(t.ino("models"), OsStr::new("m")).unwrap();
@@ -478,4 +481,50 @@ fn job_inputs_are_written_in_order() {
     assert_eq!(e.errno(), libc::EINVAL);
     assert!(e.to_string().contains("would leave a hole after the 0 bytes written"), "{e}");
     t.release(o.fh).unwrap();
+}
+
+/// Signed versions: the model's owner writes keys and a policy to `trust`;
+/// `<file>.minisig`, a minisign signature of the version's manifest, is
+/// copied in before `<file>`; `vN/signature` says who signed. Under
+/// `require`, an unsigned import is EACCES and a badly signed one EINVAL,
+/// each leaving nothing behind.
+#[test]
+fn signed_versions() {
+    let t = tree();
+    t.mkdir(b"m").unwrap();
+    let keys = minisign::KeyPair::generate_unencrypted_keypair().unwrap();
+    let write = |path: &str, bytes: &[u8]| {
+        let o = t.fs.open(t.ino(path), libc::O_WRONLY | libc::O_TRUNC, ME)?;
+        t.fs.write(o.fh, 0, bytes)?;
+        let closed = t.flush(o.fh);
+        t.release(o.fh).unwrap();
+        closed
+    };
+    assert_eq!(write("models/m/trust", b"policy require\n").unwrap_err().errno(), libc::EINVAL, "no key");
+    write("models/m/trust", format!("untrusted comment: ours\n{}\n", keys.pk.to_base64()).as_bytes()).unwrap();
+    assert!(String::from_utf8(t.read_all("models/m/trust")).unwrap().starts_with("policy require\nRW"));
+
+    let model = fixture("mlp.fake");
+    let manifest = format!("{}  mlp.fake\n", aifs::store::Digest::of(&model));
+    let sign = |sk: &minisign::SecretKey, text: &str| {
+        minisign::sign(None, sk, text.as_bytes(), Some("release 1"), None).unwrap().into_string().into_bytes()
+    };
+    // Unsigned, then signed by another key: refused, nothing kept.
+    assert_eq!(t.copy_in("m", "mlp.fake", &model).unwrap_err().errno(), libc::EACCES);
+    let stranger = minisign::KeyPair::generate_unencrypted_keypair().unwrap();
+    t.copy_in("m", "mlp.fake.minisig", &sign(&stranger.sk, &manifest)).unwrap();
+    let e = t.copy_in("m", "mlp.fake", &model).unwrap_err();
+    assert_eq!(e.errno(), libc::EINVAL);
+    assert!(e.to_string().contains("not by any key of the model's trust file"), "{e}");
+    assert!(t.blob_files().is_empty(), "{:?}", t.blob_files());
+    // Signed by the key: v1, and who signed it.
+    t.copy_in("m", "mlp.fake.minisig", &sign(&keys.sk, &manifest)).unwrap();
+    t.copy_in("m", "mlp.fake", &model).unwrap();
+    let signature = String::from_utf8(t.read_all("models/m/v1/signature")).unwrap();
+    assert_eq!(signature, format!("signed by {}\ntrusted comment: release 1\n", keys.pk.to_base64()));
+    // The signature was used up: the next import needs its own.
+    assert_eq!(t.copy_in("m", "b.fake", &fixture("b.fake")).unwrap_err().errno(), libc::EACCES);
+    write("models/m/trust", b"policy off\n").unwrap();
+    t.copy_in("m", "b.fake", &fixture("b.fake")).unwrap();
+    assert_eq!(t.read_all("models/m/v2/signature"), b"unsigned\n");
 }

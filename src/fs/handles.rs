@@ -8,7 +8,7 @@ use std::sync::{Arc, Mutex};
 
 use crate::engine::Job;
 use crate::error::{Error, Result};
-use crate::store::Digest;
+use crate::store::{Digest, MAX_SIGNATURE_BYTES};
 
 use super::heavy::is_light;
 use super::infer::InferStream;
@@ -36,13 +36,41 @@ pub(super) enum Handle {
     Content(Vec<u8>),
     Blob(File),
     Upload(Mutex<Pending>),
-    /// `config.json` opened for writing: the new text, applied at close.
-    Config(String, Mutex<Option<Vec<u8>>>),
+    /// A short text for a model, written whole and applied at close.
+    Text(Written, String, Mutex<Option<Vec<u8>>>),
     Infer(Mutex<InferStream>),
     JobInput(Mutex<JobInput>),
     JobOutput(Arc<Job>),
     /// `ctl` or `priority` opened for writing: each write is one command.
     JobCommand(Arc<Job>, JobFile, Caller),
+}
+
+/// What a [`Handle::Text`] is.
+pub(super) enum Written {
+    /// `config.json`.
+    Config,
+    /// `trust`.
+    Trust,
+    /// `<file>.minisig`: a signature for the import of `<file>` to come.
+    Signature(String),
+}
+
+impl Written {
+    pub(super) fn name(&self) -> String {
+        match self {
+            Written::Config => "config.json".into(),
+            Written::Trust => "trust".into(),
+            Written::Signature(target) => format!("{target}.minisig"),
+        }
+    }
+
+    /// The most bytes it takes.
+    pub(super) fn limit(&self) -> u64 {
+        match self {
+            Written::Config | Written::Trust => 1 << 20,
+            Written::Signature(_) => MAX_SIGNATURE_BYTES as u64,
+        }
+    }
 }
 
 impl Handle {

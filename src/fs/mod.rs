@@ -89,11 +89,12 @@ use crate::engine::{Engine, Status};
 use crate::error::{Error, Result};
 use crate::store::{self, Store};
 
-use handles::{read_file_at, slice_at, write_into, Handle};
+use handles::{read_file_at, slice_at, write_into, Handle, Written};
 use heavy::{is_light, Heavy};
 use infer::{session_of, InferStream, Session, SessionKey};
 use inodes::Inodes;
 use jobs::JobInput;
+use upload::HeldSignature;
 pub const ROOT_INO: u64 = 1;
 
 /// Who is asking: from the FUSE request header.
@@ -117,9 +118,6 @@ pub struct StatFs {
     pub frsize: u32,
 }
 
-/// The largest `config.json` accepted.
-const CONFIG_MAX_BYTES: u64 = 1 << 20;
-
 pub struct Fs {
     store: Arc<Store>,
     engine: Arc<Engine>,
@@ -129,6 +127,8 @@ pub struct Fs {
     sessions: Mutex<HashMap<SessionKey, Session>>,
     /// The next input's stamp (see [`Session`]).
     stamps: AtomicU64,
+    /// Signatures copied in for imports to come.
+    signatures: Mutex<HashMap<(String, String), HeldSignature>>,
     /// Files just imported: (model, name) -> (version, when).
     imported: Mutex<HashMap<(String, String), (u32, Instant)>>,
     inodes: Mutex<Inodes>,
@@ -179,6 +179,7 @@ impl Fs {
             sessions: Mutex::new(HashMap::new()),
             stamps: AtomicU64::new(1),
             imported: Mutex::new(HashMap::new()),
+            signatures: Mutex::new(HashMap::new()),
             inodes: Mutex::new(inodes),
             handles: Mutex::new(HashMap::new()),
             next_fh: AtomicU64::new(1),
@@ -264,9 +265,10 @@ impl Fs {
             Node::VersionFile { .. } | Node::Blob(_) | Node::Clone { .. } | Node::LastError { .. } if writing => {
                 return Err(Error::ReadOnly(self.describe(&node)))
             }
-            Node::Config(model) if writing => {
+            Node::Config(model) | Node::Trust(model) if writing => {
                 self.store.model(model)?;
-                (Handle::Config(model.clone(), Mutex::new(None)), true, false)
+                let kind = if matches!(node, Node::Config(_)) { Written::Config } else { Written::Trust };
+                (Handle::Text(kind, model.clone(), Mutex::new(None)), true, false)
             }
             Node::Readme | Node::Status | Node::Metrics | Node::DeviceFile { .. } if writing => {
                 return Err(Error::AccessDenied(self.describe(&node)))
@@ -288,6 +290,7 @@ impl Fs {
             | Node::Status
             | Node::Metrics
             | Node::Config(_)
+            | Node::Trust(_)
             | Node::DeviceFile { .. } => (Handle::Content(self.content(&node)?), true, false),
             Node::Infer { model, number } => {
                 self.version(model, *number)?;
@@ -383,7 +386,7 @@ impl Fs {
                 let handle = handle.clone();
                 self.run(light, move |fs| fs.read_infer(handle, size, light, done), |()| ());
             }
-            Handle::Upload(_) | Handle::Config(..) | Handle::JobInput(_) | Handle::JobCommand(..) => {
+            Handle::Upload(_) | Handle::Text(..) | Handle::JobInput(_) | Handle::JobCommand(..) => {
                 done(Err(Error::BadHandle(fh)))
             }
         }
@@ -446,9 +449,9 @@ impl Fs {
                 w.written = true;
             }
             Handle::JobCommand(job, file, caller) => self.job_command(job, *file, *caller, data)?,
-            Handle::Config(model, text) => {
-                let what = format!("models/{model}/config.json");
-                write_into(text.lock().unwrap().get_or_insert_with(Vec::new), offset, data, CONFIG_MAX_BYTES, &what)?
+            Handle::Text(kind, model, text) => {
+                let what = format!("models/{model}: {}", kind.name());
+                write_into(text.lock().unwrap().get_or_insert_with(Vec::new), offset, data, kind.limit(), &what)?
             }
             Handle::Content(_) | Handle::Blob(_) | Handle::JobOutput(_) => return Err(Error::BadHandle(fh)),
         }
@@ -466,13 +469,16 @@ impl Fs {
 
     fn finish_writes(&self, handle: &Handle) -> Result<()> {
         match handle {
-            Handle::Config(model, text) => {
-                // Applied when closed after a write; an invalid config fails
+            Handle::Text(kind, model, text) => {
+                // Applied when closed after a write; an invalid one fails
                 // the close() and changes nothing.
                 let Some(text) = text.lock().unwrap().take() else { return Ok(()) };
-                let config = store::ModelConfig::parse(&text)?;
-                self.store.set_config(model, config)?;
-                tracing::info!(model = %model, "config.json updated");
+                match kind {
+                    Written::Config => self.store.set_config(model, store::ModelConfig::parse(&text)?)?,
+                    Written::Trust => self.store.set_trust(model, store::Trust::parse(&text)?)?,
+                    Written::Signature(target) => return self.hold_signature(model, target, text),
+                }
+                tracing::info!(model = %model, "{} updated", kind.name());
                 Ok(())
             }
             Handle::Upload(pending) => {
@@ -524,12 +530,13 @@ impl Fs {
         let Some(handle) = self.handles.lock().unwrap().remove(&fh) else {
             return done(Err(Error::BadHandle(fh)));
         };
+        // An upload's (or a signature's) inode goes with its handle.
+        let mut t = self.inodes.lock().unwrap();
+        if let Some(ino) = t.by_node.remove(&Node::Upload(fh)) {
+            t.by_ino.remove(&ino);
+        }
+        drop(t);
         if let Handle::Upload(pending) = &*handle {
-            let mut t = self.inodes.lock().unwrap();
-            if let Some(ino) = t.by_node.remove(&Node::Upload(fh)) {
-                t.by_ino.remove(&ino);
-            }
-            drop(t);
             let p = pending.lock().unwrap();
             if p.upload.as_ref().is_some_and(|u| u.is_empty()) {
                 tracing::info!("invalid model {:?}: empty file, discarded", p.file_name);

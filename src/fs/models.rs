@@ -53,6 +53,7 @@ impl Fs {
             // `>` truncates before writing a request, command or config: nothing to truncate.
             Node::Infer { .. }
             | Node::Config(_)
+            | Node::Trust(_)
             | Node::JobFile(_, JobFile::Input | JobFile::Priority | JobFile::Ctl)
                 if !owner_or_mode && change.size.is_none_or(|s| s == 0) => {}
             Node::Version { .. }
@@ -121,7 +122,7 @@ impl Fs {
         match self.child(&parent, name)? {
             // Derived from the model; they go with it (so `rm -r` of a model works).
             Node::Link { alias, .. } if alias == LATEST => Ok(()),
-            Node::Config(_) => Ok(()),
+            Node::Config(_) | Node::Trust(_) => Ok(()),
             Node::Link { model, alias } => {
                 self.store.remove_alias(&model, &alias)?;
                 tracing::info!(model = %model, alias = %alias, "removed alias");

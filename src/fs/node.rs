@@ -4,7 +4,7 @@ use crate::store::Digest;
 
 use super::Fs;
 /// Names a version directory holds besides its model files.
-pub(super) const VERSION_FILES: [&str; 6] = ["digest", "meta.json", "infer", "clone", "error", "stats"];
+pub(super) const VERSION_FILES: [&str; 7] = ["digest", "meta.json", "infer", "clone", "error", "stats", "signature"];
 
 /// Job inodes are computed, not interned: `JOB_INO_BASE + id * 16` for the
 /// directory, `+ 1 + index in JOB_FILES` for its files. So any number of
@@ -38,6 +38,8 @@ pub enum Node {
     Model(String),
     /// `models/<name>/config.json`.
     Config(String),
+    /// `models/<name>/trust`: keys and policy for signed versions.
+    Trust(String),
     /// A model file just copied in, under the name it was copied to (see
     /// the module header).
     Imported {
@@ -93,6 +95,8 @@ pub enum VersionFile {
     Digest,
     Meta,
     Stats,
+    /// Who signed it, or `unsigned`.
+    Signature,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
@@ -134,6 +138,7 @@ impl Fs {
             Node::Status => "status".into(),
             Node::Metrics => "metrics".into(),
             Node::Config(m) => format!("models/{m}/config.json"),
+            Node::Trust(m) => format!("models/{m}/trust"),
             Node::Imported { model, file, .. } => format!("models/{model}/{file}"),
             Node::Models => "models".into(),
             Node::Devices => "devices".into(),
@@ -148,6 +153,7 @@ impl Fs {
                     VersionFile::Digest => "digest",
                     VersionFile::Meta => "meta.json",
                     VersionFile::Stats => "stats",
+                    VersionFile::Signature => "signature",
                 };
                 format!("models/{model}/v{number}/{name}")
             }

@@ -78,6 +78,8 @@ impl Fs {
                 let m = self.store.model(model)?;
                 if name == "config.json" {
                     Node::Config(model.clone())
+                } else if name == "trust" {
+                    Node::Trust(model.clone())
                 } else if let Some(number) = store::parse_version_name(name).filter(|n| m.versions.contains_key(n)) {
                     Node::Version { model: model.clone(), number }
                 } else if m.resolve_alias(name).is_some() {
@@ -126,15 +128,19 @@ impl Fs {
                 let m = self.store.model(model)?;
                 let link =
                     |alias: &str| (alias.to_string(), Node::Link { model: model.clone(), alias: alias.to_string() });
-                std::iter::once(("config.json".to_string(), Node::Config(model.clone())))
-                    .chain(m.latest().map(|_| link(LATEST)))
-                    .chain(m.aliases.keys().map(|a| link(a)))
-                    .chain(
-                        m.versions
-                            .keys()
-                            .map(|&number| (format!("v{number}"), Node::Version { model: model.clone(), number })),
-                    )
-                    .collect()
+                [
+                    ("config.json".to_string(), Node::Config(model.clone())),
+                    ("trust".to_string(), Node::Trust(model.clone())),
+                ]
+                .into_iter()
+                .chain(m.latest().map(|_| link(LATEST)))
+                .chain(m.aliases.keys().map(|a| link(a)))
+                .chain(
+                    m.versions
+                        .keys()
+                        .map(|&number| (format!("v{number}"), Node::Version { model: model.clone(), number })),
+                )
+                .collect()
             }
             Node::Version { model, number } => {
                 let (_, v) = self.version(model, *number)?;
@@ -146,6 +152,7 @@ impl Fs {
                         ("digest".to_string(), file(VersionFile::Digest)),
                         ("meta.json".to_string(), file(VersionFile::Meta)),
                         ("stats".to_string(), file(VersionFile::Stats)),
+                        ("signature".to_string(), file(VersionFile::Signature)),
                         ("infer".to_string(), Node::Infer { model: model.clone(), number: *number }),
                         ("clone".to_string(), Node::Clone { model: model.clone(), number: *number }),
                         ("error".to_string(), Node::LastError { model: model.clone(), number: *number }),
@@ -192,6 +199,10 @@ impl Fs {
             Node::Config(model) => {
                 let m = self.store.model(model)?;
                 (Kind::File, m.config.to_json().len() as u64, 0o644, m.uid, m.gid, secs(m.created))
+            }
+            Node::Trust(model) => {
+                let m = self.store.model(model)?;
+                (Kind::File, m.trust.to_text().len() as u64, 0o644, m.uid, m.gid, secs(m.created))
             }
             Node::Link { model, alias } => {
                 let m = self.store.model(model)?;
@@ -245,12 +256,19 @@ impl Fs {
             Node::Blob(digest) => (Kind::File, self.blob_len(digest)?, 0o444, self.uid, self.gid, self.started),
             Node::Upload(fh) => {
                 let handle = self.handle(*fh).map_err(|_| Error::NotFound(format!("upload {fh}")))?;
-                let Handle::Upload(pending) = &*handle else {
-                    return Err(Error::NotFound(format!("upload {fh}")));
-                };
-                let p = pending.lock().unwrap();
-                let len = p.upload.as_ref().map_or(0, |u| u.len());
-                (Kind::File, len, p.perm, p.uid, p.gid, SystemTime::now())
+                match &*handle {
+                    Handle::Upload(pending) => {
+                        let p = pending.lock().unwrap();
+                        let len = p.upload.as_ref().map_or(0, |u| u.len());
+                        (Kind::File, len, p.perm, p.uid, p.gid, SystemTime::now())
+                    }
+                    Handle::Text(_, model, text) => {
+                        let m = self.store.model(model)?;
+                        let len = text.lock().unwrap().as_ref().map_or(0, Vec::len) as u64;
+                        (Kind::File, len, 0o644, m.uid, m.gid, SystemTime::now())
+                    }
+                    _ => return Err(Error::NotFound(format!("upload {fh}"))),
+                }
             }
             Node::Readme | Node::Status | Node::Metrics | Node::DeviceFile { .. } => {
                 (Kind::File, self.content(node)?.len() as u64, 0o444, self.uid, self.gid, self.started)
@@ -280,6 +298,13 @@ impl Fs {
             Node::Status => pretty(&self.status()),
             Node::Metrics => self.engine.metrics_text(),
             Node::Config(model) => self.store.model(model)?.config.to_json(),
+            Node::Trust(model) => self.store.model(model)?.trust.to_text(),
+            Node::VersionFile { model, number, file: VersionFile::Signature } => {
+                match &self.version(model, *number)?.1.signed_by {
+                    Some(s) => format!("signed by {}\ntrusted comment: {}\n", s.key, s.trusted_comment),
+                    None => "unsigned\n".to_string(),
+                }
+            }
             Node::DeviceFile { device, file } => {
                 let files = self.device_files(device)?;
                 let (_, value) =

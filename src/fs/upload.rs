@@ -9,7 +9,7 @@ use std::time::{Duration, Instant};
 use crate::error::{Error, Result};
 use crate::store::{self, Imported, Upload};
 
-use super::handles::{Handle, Opened};
+use super::handles::{Handle, Opened, Written};
 use super::node::VERSION_FILES;
 use super::{Attr, Caller, Fs, Node};
 /// An import in progress (see the module header).
@@ -62,7 +62,14 @@ impl Fs {
             Ok(Node::Imported { .. }) | Err(_) => {}
             Ok(node) => return Err(Error::Exists(self.describe(&node))),
         }
-        let fh = self.start_upload(model, file_name, mode, caller)?;
+        let fh = match file_name.strip_suffix(".minisig").filter(|t| !t.is_empty()) {
+            // A signature for the import of <file> that is to follow.
+            Some(target) => {
+                let signature = Handle::Text(Written::Signature(target.to_string()), model, Mutex::new(None));
+                self.add_handle(signature)
+            }
+            None => self.start_upload(model, file_name, mode, caller)?,
+        };
         let attr = self.attr(&Node::Upload(fh))?;
         Ok((attr, Opened { fh, direct_io: false, keep_cache: false, stream: false, no_flush: false }))
     }
@@ -87,7 +94,10 @@ impl Fs {
         let upload = p.upload.take().expect("caller checked");
         let bytes = upload.len();
         let file_name = p.file_name.clone();
-        let imported = self.store.import(&p.model, &file_name, upload, |files| self.backends.inspect(files))?;
+        let signature = self.signatures.lock().unwrap().remove(&(p.model.clone(), file_name.clone()));
+        let signature = signature.filter(|(_, at)| at.elapsed() < SIGNATURE_WAIT).map(|(s, _)| s);
+        let inspect = |files: &_| self.backends.inspect(files);
+        let imported = self.store.import(&p.model, &file_name, upload, signature.as_deref(), inspect)?;
         let (number, what) = match imported {
             Imported::New(n) => (n, "imported new version"),
             Imported::Existing(n) => (n, "content identical to an existing version; no new version"),
@@ -97,6 +107,26 @@ impl Fs {
         Ok(())
     }
 }
+impl Fs {
+    /// Keeps `<target>.minisig`, just written, for the import of `target`
+    /// into `model` (see [`crate::store::Trust`]) that follows within
+    /// [`SIGNATURE_WAIT`]; it is used up by that import.
+    pub(super) fn hold_signature(&self, model: &str, target: &str, signature: Vec<u8>) -> Result<()> {
+        let mut held = self.signatures.lock().unwrap();
+        held.retain(|_, (_, at)| at.elapsed() < SIGNATURE_WAIT);
+        held.insert((model.to_string(), target.to_string()), (signature, Instant::now()));
+        tracing::info!(model, file = target, "signature held for the import to come");
+        Ok(())
+    }
+}
+
+/// A signature copied in for (model, file), and when: see
+/// [`Fs::hold_signature`].
+pub(super) type HeldSignature = (Vec<u8>, Instant);
+
+/// How long a signature copied in waits for its file.
+pub(super) const SIGNATURE_WAIT: Duration = Duration::from_secs(600);
+
 impl Pending {
     /// Whether the upload may reach `end` bytes: its size, counted up to
     /// its last byte (a sparse file counts as big as it claims), within

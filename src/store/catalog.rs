@@ -16,6 +16,7 @@ use crate::tensor::Signature;
 
 use super::blobs::remove_file_if_present;
 use super::names::{resolve_target, validate_alias, validate_name, LATEST};
+use super::trust::{Signer, Trust};
 use super::{now_secs, Digest, Store};
 /// One immutable version of a model.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -32,6 +33,9 @@ pub struct Version {
     pub format: String,
     pub backend: String,
     pub signature: Signature,
+    /// Who signed its manifest, when the model's trust policy checked it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub signed_by: Option<Signer>,
 }
 
 impl Version {
@@ -167,6 +171,9 @@ pub struct Model {
     pub aliases: BTreeMap<String, u32>,
     #[serde(default)]
     pub config: ModelConfig,
+    /// Keys and policy for signed versions (`models/<name>/trust`).
+    #[serde(default)]
+    pub trust: Trust,
 }
 
 impl Model {
@@ -220,6 +227,7 @@ impl Store {
             versions: BTreeMap::new(),
             aliases: BTreeMap::new(),
             config: ModelConfig::default(),
+            trust: Trust::default(),
         })
     }
 
@@ -251,6 +259,13 @@ impl Store {
             Ok(())
         })?;
         self.model(name)
+    }
+
+    pub fn set_trust(&self, name: &str, trust: Trust) -> Result<()> {
+        self.update(name, |m| {
+            m.trust = trust;
+            Ok(())
+        })
     }
 
     pub fn set_config(&self, name: &str, config: ModelConfig) -> Result<()> {

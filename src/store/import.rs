@@ -49,11 +49,15 @@ impl Store {
     /// `file_name`. `inspect` must load the version's files with a backend
     /// (it runs on the temp file before anything is committed); its error
     /// leaves nothing behind. The version records the backend it names.
+    /// `signature` is a minisign signature of the version's manifest, if
+    /// one came with it: the model's trust policy decides
+    /// ([`super::Trust::check`]), and the version records who signed.
     pub fn import(
         &self,
         model: &str,
         file_name: &str,
         upload: Upload,
+        signature: Option<&[u8]>,
         inspect: impl FnOnce(&Files) -> Result<Inspected>,
     ) -> Result<Imported> {
         validate_name(file_name.as_bytes())?;
@@ -85,8 +89,10 @@ impl Store {
         }
         let digest = finished.digest;
         let size = finished.upload.len;
-        let added = finished.persist(&self.blob_path(&digest))?;
         let files = BTreeMap::from([(file_name.to_string(), digest)]);
+        let manifest = Version::manifest(&files);
+        let signed_by = current.trust.check(model, manifest.as_bytes(), signature)?;
+        let added = finished.persist(&self.blob_path(&digest))?;
         let mut record = (*current).clone();
         let number = record.next_version;
         record.next_version += 1;
@@ -94,13 +100,14 @@ impl Store {
             number,
             Arc::new(Version {
                 number,
-                digest: Digest::of(Version::manifest(&files).as_bytes()),
+                digest: Digest::of(manifest.as_bytes()),
                 files,
                 size,
                 created: now_secs(),
                 format: inspected.format,
                 backend: inspected.backend,
                 signature: inspected.signature,
+                signed_by,
             }),
         );
         if let Err(e) = self.put(record) {

@@ -33,11 +33,13 @@ mod catalog;
 mod digest;
 mod import;
 mod names;
+mod trust;
 
 pub use catalog::{Model, ModelConfig, Version, PRIORITIES};
 pub use digest::Digest;
 pub use import::{Imported, Upload};
 pub use names::{parse_version_name, validate_name, LATEST};
+pub use trust::{Policy, Signer, Trust, MAX_SIGNATURE_BYTES};
 
 pub(crate) use blobs::private_dir;
 pub use blobs::Staged;

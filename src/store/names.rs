@@ -50,8 +50,11 @@ pub(super) fn validate_alias(alias: &str) -> Result<()> {
     if alias == LATEST {
         return Err(Error::NotPermitted(format!("{LATEST} is kept by the daemon")));
     }
-    if alias == "config.json" {
-        return Err(Error::InvalidName { name: alias.to_string(), why: "config.json is the model's settings" });
+    if alias == "config.json" || alias == "trust" {
+        return Err(Error::InvalidName {
+            name: alias.to_string(),
+            why: "config.json and trust are the model's settings",
+        });
     }
     if alias.starts_with('v') && alias[1..].bytes().all(|b| b.is_ascii_digit()) {
         return Err(Error::InvalidName { name: alias.to_string(), why: "v<N> names versions, not aliases" });
