@@ -160,6 +160,7 @@ impl Error {
             Error::IsDir(_) => libc::EISDIR,
             Error::BadHandle(_) => libc::EBADF,
             Error::Io { source, .. } => source.raw_os_error().unwrap_or(libc::EIO),
+            Error::Catalog(sled::Error::Io(e)) => e.raw_os_error().unwrap_or(libc::EIO),
             Error::Catalog(_) => libc::EIO,
             Error::CorruptRecord { .. } => libc::EIO,
             Error::Backend { .. } => libc::EIO,

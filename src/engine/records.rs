@@ -25,13 +25,15 @@ pub(super) struct Records {
     /// holds their entry.
     pub(super) retired: Mutex<BTreeMap<u64, Vec<u64>>>,
     pub(super) journal: Journal,
+    /// For its free space ([`Store::check_room`]).
+    store: Arc<Store>,
 }
 
 impl Records {
     /// Opens the journal in `<data>/jobs/` and the catalog tree `jobs`;
     /// returns the journal's entries left by an earlier run, for
     /// [`Shared::recover`].
-    pub(super) fn open(store: &Store) -> Result<(Records, Vec<Entry>)> {
+    pub(super) fn open(store: &Arc<Store>) -> Result<(Records, Vec<Entry>)> {
         let dir = store.root().join("jobs");
         crate::store::private_dir(&dir)?;
         let tree = store.db().open_tree("jobs")?;
@@ -39,7 +41,8 @@ impl Records {
         store.db().drop_tree("job_outputs")?;
         let input_len = |header: &[u8]| Some(serde_json::from_slice::<Record>(header).ok()?.input_len.unwrap_or(0));
         let (journal, entries) = Journal::open(&dir, input_len).map_err(|e| Error::io(dir.display().to_string(), e))?;
-        let records = Records { tree, unwritten: Mutex::default(), retired: Mutex::default(), journal };
+        let records =
+            Records { tree, unwritten: Mutex::default(), retired: Mutex::default(), journal, store: store.clone() };
         Ok((records, entries))
     }
 
@@ -99,8 +102,11 @@ impl Records {
 
     /// Makes the catalog changes [`Records::persist`] and [`Records::forget`]
     /// queued, in order. What fails stays queued, and the error is returned
-    /// (so no journal is deleted on the strength of it).
-    pub(super) fn write(&self) -> sled::Result<()> {
+    /// (so no journal is deleted on the strength of it). Nothing is
+    /// written while the disk is short of the store's reserve: it stays
+    /// queued for a later tick.
+    pub(super) fn write(&self) -> Result<()> {
+        self.store.check_room()?;
         let mut failed = Vec::new();
         let mut error = None;
         for (id, value) in std::mem::take(&mut *self.unwritten.lock().unwrap()) {
@@ -119,7 +125,7 @@ impl Records {
                 let mut unwritten = self.unwritten.lock().unwrap();
                 failed.append(&mut unwritten);
                 *unwritten = failed;
-                Err(e)
+                Err(e.into())
             }
         }
     }

@@ -83,7 +83,7 @@ impl Fs {
             uid: caller.uid,
             gid: caller.gid,
             perm: (mode & 0o777) as u16,
-            free: self.statfs().map_or(u64::MAX, |s| s.bavail * s.frsize as u64),
+            free: self.store.free_bytes(),
             max: self.config.max_import_bytes,
             upload: Some(self.store.begin_upload()?),
         };

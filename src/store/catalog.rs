@@ -194,6 +194,7 @@ impl Model {
 impl Store {
     /// Writes `model` durably, then publishes it to readers.
     pub(super) fn put(&self, model: Model) -> Result<Arc<Model>> {
+        self.check_room()?;
         let json = serde_json::to_vec(&model).expect("a model record always serializes");
         self.db.insert(model.name.as_bytes(), json)?;
         self.db.flush()?;

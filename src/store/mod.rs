@@ -104,6 +104,26 @@ impl Store {
         &self.root
     }
 
+    /// Bytes free on the data directory's file system beyond
+    /// [`RESERVE`]: what an import may use.
+    pub fn free_bytes(&self) -> u64 {
+        free_space(&self.root).map_or(u64::MAX, |free| free.saturating_sub(RESERVE))
+    }
+
+    /// ENOSPC unless [`RESERVE`] bytes are free: checked before every
+    /// catalog write. sled does not come back from a failed write (after
+    /// ENOSPC it answered nothing more until restarted, here); refused
+    /// first, a write succeeds again once space is freed.
+    pub fn check_room(&self) -> Result<()> {
+        match free_space(&self.root) {
+            Ok(free) if free < RESERVE => Err(Error::io(
+                format!("the data directory's file system has {free} bytes free; the catalog keeps {RESERVE}"),
+                std::io::Error::from_raw_os_error(libc::ENOSPC),
+            )),
+            _ => Ok(()),
+        }
+    }
+
     /// The catalog database, for other trees (the engine's job records).
     pub fn db(&self) -> &sled::Db {
         &self.db
@@ -117,6 +137,22 @@ impl Store {
         self.models.read().unwrap().get(name).cloned().ok_or_else(|| Error::NotFound(format!("models/{name}")))
     }
 }
+/// Bytes kept free for the catalog and the job records: imports stop
+/// short of them, and catalog writes are refused (ENOSPC) below them.
+pub const RESERVE: u64 = 32 << 20;
+
+/// Bytes available to the daemon on the file system holding `path`.
+fn free_space(path: &Path) -> std::io::Result<u64> {
+    let path = std::ffi::CString::new(path.as_os_str().as_encoded_bytes())?;
+    // SAFETY: statvfs is plain old data, for which all zeros is valid.
+    let mut s: libc::statvfs = unsafe { std::mem::zeroed() };
+    // SAFETY: a valid C string, and a struct statvfs only writes into.
+    if unsafe { libc::statvfs(path.as_ptr(), &mut s) } != 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    Ok(s.f_bavail * s.f_frsize)
+}
+
 pub(crate) fn now_secs() -> u64 {
     SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs())
 }

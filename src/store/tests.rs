@@ -239,3 +239,52 @@ fn reopen_keeps_everything_and_removes_leftovers() {
     assert_eq!(m.aliases["stable"], 1);
     assert_eq!(store.size(), 4);
 }
+
+/// A tmpfs of `mb` MiB mounted on a temp dir, unmounted when dropped; `None`
+/// where this process may not mount (not root).
+struct SmallDisk(tempfile::TempDir);
+
+impl SmallDisk {
+    fn mount(mb: u32) -> Option<SmallDisk> {
+        let dir = tempfile::tempdir().unwrap();
+        let ok = std::process::Command::new("mount")
+            .args(["-t", "tmpfs", "-o", &format!("size={mb}m"), "tmpfs"])
+            .arg(dir.path())
+            .status()
+            .is_ok_and(|s| s.success());
+        ok.then_some(SmallDisk(dir))
+    }
+}
+
+impl Drop for SmallDisk {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new("umount").arg(self.0.path()).status();
+    }
+}
+
+/// With the disk full, catalog writes fail with ENOSPC (not EIO) before
+/// sled sees the disk full; once space is freed they succeed again, with
+/// no restart.
+#[test]
+fn a_full_disk_is_enospc_and_recovers_by_itself() {
+    let Some(disk) = SmallDisk::mount(48) else {
+        eprintln!("skipped: cannot mount a tmpfs (not root)");
+        return;
+    };
+    let store = Store::open(disk.0.path()).unwrap();
+    store.create_model("before", 0, 0, 0o755).unwrap();
+    let filler = disk.0.path().join("filler");
+    {
+        use std::io::Write;
+        let mut f = fs::File::create(&filler).unwrap();
+        while f.write_all(&[0u8; 1 << 16]).is_ok() {}
+    }
+    let e = store.create_model("full", 0, 0, 0o755).unwrap_err();
+    assert_eq!(e.errno(), libc::ENOSPC, "{e}");
+    assert_eq!(store.free_bytes(), 0);
+    fs::remove_file(&filler).unwrap();
+    store.create_model("after", 0, 0, 0o755).unwrap();
+    drop(store);
+    let names: Vec<String> = reopen(disk.0.path()).models().iter().map(|m| m.name.clone()).collect();
+    assert_eq!(names, ["after", "before"]);
+}
