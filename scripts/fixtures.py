@@ -110,6 +110,25 @@ def slow(path, steps=400, n=1024):
     save(helper.make_model(graph, opset_imports=OPSET), path)
 
 
+def fold(path, fill, n=32 << 20):
+    """A ~200-byte graph whose ConstantOfShape ONNX Runtime folds at load into
+    an n-float initializer it keeps (128 MB): y = sum(c * x). Not run here."""
+    shape = numpy_helper.from_array(np.array([n], dtype=np.int64), "shape")
+    value = helper.make_tensor("value", TensorProto.FLOAT, [1], [fill])
+    graph = helper.make_graph(
+        [
+            helper.make_node("ConstantOfShape", ["shape"], ["c"], value=value),
+            helper.make_node("Mul", ["c", "x"], ["cx"]),
+            helper.make_node("ReduceSum", ["cx"], ["y"], keepdims=1),
+        ],
+        "fold",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1])],
+        [shape],
+    )
+    save(helper.make_model(graph, opset_imports=OPSET), path)
+
+
 def main():
     out = sys.argv[1] if len(sys.argv) > 1 else "target/fixtures"
     os.makedirs(out, exist_ok=True)
@@ -118,7 +137,14 @@ def main():
         dest = os.path.join(out, name)
         if not os.path.exists(dest):
             shutil.copyfile(os.path.join(datasets, name), dest)
-    made = {"mlp.onnx": mlp, "big.onnx": big, "slow.onnx": slow}
+    made = {
+        "mlp.onnx": mlp,
+        "big.onnx": big,
+        "slow.onnx": slow,
+        "fold1.onnx": lambda p: fold(p, 1.0),
+        "fold2.onnx": lambda p: fold(p, 2.0),
+        "fold3.onnx": lambda p: fold(p, 3.0),
+    }
     for name, make in made.items():
         dest = os.path.join(out, name)
         if not os.path.exists(dest):

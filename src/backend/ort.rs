@@ -123,7 +123,17 @@ impl Backend for OnnxRuntime {
             name: name.to_string(),
             why: first_line(&e.to_string()).replace(&*path.to_string_lossy(), name),
         };
-        let session = self.session_builder().map_err(backend_error)?.commit_from_file(path).map_err(invalid)?;
+        // Only the signature is wanted: no graph optimizations, so that a
+        // tiny model that folds into a huge constant (ConstantOfShape) costs
+        // an import nothing; a load pays for it, and is measured.
+        let session = self
+            .session_builder()
+            .and_then(|b| {
+                b.with_optimization_level(::ort::session::builder::GraphOptimizationLevel::Disable).map_err(Into::into)
+            })
+            .map_err(backend_error)?
+            .commit_from_file(path)
+            .map_err(invalid)?;
         let specs = |outlets: &[::ort::value::Outlet]| -> Vec<TensorSpec> {
             outlets
                 .iter()

@@ -10,6 +10,7 @@ use crate::sched;
 use crate::store::Digest;
 
 use super::job::{Failure, Job, Status};
+use super::loaded::Resident;
 use super::records::JOURNAL_SYNC;
 use super::Shared;
 impl Shared {
@@ -43,7 +44,7 @@ impl Shared {
                     .iter()
                     .map(|(k, r)| {
                         (
-                            sched::Resident { key: *k, bytes: r.bytes, busy: r.busy, last_used: r.last_used },
+                            sched::Resident { key: *k, bytes: r.held_bytes(), busy: r.busy, last_used: r.last_used },
                             r.keep_alive,
                         )
                     })
@@ -57,7 +58,7 @@ impl Shared {
                     tracing::info!(device = self.devices[d].id(), model = %r.model, version = r.version, "unloaded after keep_alive_s idle");
                     unloaded.push(r);
                 }
-                self.devices[d].note_loaded_bytes(dq.resident.values().map(|r| r.bytes).sum());
+                self.devices[d].note_loaded_bytes(dq.resident.values().map(Resident::held_bytes).sum());
             }
             drop(s);
             drop(unloaded);

@@ -2,6 +2,7 @@
 //! [`Pool`] of backend instances; loading makes room by evicting the least
 //! recently used idle models; every load verifies the blobs first.
 
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -21,6 +22,8 @@ use super::Shared;
 #[derive(Default)]
 pub(super) struct Pool {
     pub(super) idle: Mutex<Vec<Box<dyn Instance>>>,
+    /// The most memory one instance took, as measured ([`Pool::measured`]).
+    measured: AtomicU64,
 }
 
 impl Pool {
@@ -32,6 +35,17 @@ impl Pool {
 
     pub(super) fn release(&self, instance: Box<dyn Instance>) {
         self.idle.lock().unwrap().push(instance);
+    }
+
+    /// What loading an instance and its first run added to the daemon's
+    /// resident memory: a model's size in memory, which its file size can
+    /// be far from (a 200-byte graph can fold into gigabytes).
+    pub(super) fn note_measured(&self, bytes: u64) {
+        self.measured.fetch_max(bytes, Ordering::Relaxed);
+    }
+
+    pub(super) fn measured(&self) -> u64 {
+        self.measured.load(Ordering::Relaxed)
     }
 
     /// Drops idle instances past `max` (the model's `instances` was
@@ -60,6 +74,21 @@ impl Resident {
     pub(super) fn has_free_instance(&self) -> bool {
         self.busy < self.instances
     }
+
+    /// Bytes it holds for eviction and placement: its files' size until a
+    /// load has been measured, then what loading took.
+    pub(super) fn held_bytes(&self) -> u64 {
+        self.bytes.max(self.pool.measured())
+    }
+}
+
+/// The daemon's resident memory, in bytes (`/proc/self/statm`).
+pub(super) fn resident_bytes() -> u64 {
+    let statm = std::fs::read_to_string("/proc/self/statm").unwrap_or_default();
+    let pages: u64 = statm.split_whitespace().nth(1).and_then(|p| p.parse().ok()).unwrap_or(0);
+    // SAFETY: sysconf has no memory effects.
+    let page = unsafe { libc::sysconf(libc::_SC_PAGESIZE) }.max(1) as u64;
+    pages * page
 }
 
 impl Shared {
@@ -73,35 +102,23 @@ impl Shared {
         let config = self.store.model(&lead.model).map_or_else(|_| lead.inner().config.clone(), |m| m.config.clone());
         let instances = if config.instances == 0 { self.workers(d) } else { config.instances as usize };
         let keep_alive = Duration::from_secs(config.keep_alive_s);
+        let file_bytes = lead.inner().version.as_ref().map_or(0, |v| v.size);
+        let unloaded = self.make_room(s, d, &lead.digest, file_bytes);
         let dq = &mut s.devices[d];
-        let mut unloaded = Vec::new();
-        if !dq.resident.contains_key(&lead.digest) {
-            let bytes = lead.inner().version.as_ref().map_or(0, |v| v.size);
-            let resident: Vec<sched::Resident<Digest>> = dq
-                .resident
-                .iter()
-                .map(|(k, r)| sched::Resident { key: *k, bytes: r.bytes, busy: r.busy, last_used: r.last_used })
-                .collect();
-            for key in sched::evictions(&resident, device.memory_budget(), bytes) {
-                let r = dq.resident.remove(&key).expect("listed above");
-                tracing::info!(device = device.id(), model = %r.model, version = r.version, "unloaded to make room");
-                unloaded.push(r);
-            }
-            dq.resident.insert(
-                lead.digest,
-                Resident {
-                    model: lead.model.clone(),
-                    version: lead.version,
-                    bytes,
-                    pool: Arc::default(),
-                    busy: 0,
-                    instances,
-                    last_used: Instant::now(),
-                    keep_alive,
-                },
-            );
-            device.note_loaded_bytes(dq.resident.values().map(|r| r.bytes).sum());
+        if let std::collections::hash_map::Entry::Vacant(slot) = dq.resident.entry(lead.digest) {
+            let bytes = file_bytes;
+            slot.insert(Resident {
+                model: lead.model.clone(),
+                version: lead.version,
+                bytes,
+                pool: Arc::default(),
+                busy: 0,
+                instances,
+                last_used: Instant::now(),
+                keep_alive,
+            });
         }
+        device.note_loaded_bytes(dq.resident.values().map(Resident::held_bytes).sum());
         let r = dq.resident.get_mut(&lead.digest).expect("inserted above");
         r.instances = instances;
         r.keep_alive = keep_alive;
@@ -110,12 +127,42 @@ impl Shared {
         (r.pool.clone(), unloaded)
     }
 
+    /// Unloads the least recently used idle models of device `d` until the
+    /// version `keep` fits its budget: at its measured size once it has
+    /// been loaded, else at `file_bytes`. Called before a load and again
+    /// after it, when the load may have shown a model far bigger than its
+    /// files. Returns what it unloaded, to be dropped without the lock
+    /// where the caller can.
+    pub(super) fn make_room(&self, s: &mut Sched, d: usize, keep: &Digest, file_bytes: u64) -> Vec<Resident> {
+        let device = &self.devices[d];
+        let dq = &mut s.devices[d];
+        let need = dq.resident.get(keep).map_or(file_bytes, Resident::held_bytes);
+        let others: Vec<sched::Resident<Digest>> = dq
+            .resident
+            .iter()
+            .filter(|(k, _)| *k != keep)
+            .map(|(k, r)| sched::Resident { key: *k, bytes: r.held_bytes(), busy: r.busy, last_used: r.last_used })
+            .collect();
+        let mut unloaded = Vec::new();
+        for key in sched::evictions(&others, device.memory_budget(), need) {
+            let r = dq.resident.remove(&key).expect("listed above");
+            tracing::info!(device = device.id(), model = %r.model, version = r.version, "unloaded to make room");
+            unloaded.push(r);
+        }
+        device.note_loaded_bytes(dq.resident.values().map(Resident::held_bytes).sum());
+        unloaded
+    }
+
     /// Verifies the version's blobs (streamed from disk) and loads them
-    /// with the backend the version was imported with.
-    pub(super) fn load(&self, version: &Version, d: usize) -> Result<Box<dyn Instance>> {
+    /// with the backend the version was imported with. What the load added to the daemon's resident memory is noted in
+    /// `pool`: the model's size for eviction from then on.
+    pub(super) fn load(&self, version: &Version, d: usize, pool: &Pool) -> Result<Box<dyn Instance>> {
         let staged = self.store.stage(version)?;
         let device = &self.devices[d];
+        let before = resident_bytes();
         let instance = self.backends.get(&version.backend)?.load(staged.files(), device.target())?;
+        let after = resident_bytes();
+        pool.note_measured(after.saturating_sub(before));
         tracing::info!(device = device.id(), version = %version.digest, "loaded an instance");
         Ok(instance)
     }

@@ -327,6 +327,13 @@ impl Shared {
             s.running_jobs.remove(&j.id);
             s.done_in_flight(&j.digest);
         }
+        // The load may have shown the model bigger than its files.
+        let unloaded = self.make_room(&mut s, d, &jobs[0].digest, 0);
+        if !unloaded.is_empty() {
+            drop(s);
+            drop(unloaded);
+            s = self.sched.lock().unwrap();
+        }
         s
     }
 }

@@ -57,7 +57,7 @@ impl Shared {
         let Some(version) = version else { return };
         let started = Instant::now();
         let device = &self.devices[d];
-        let outputs = pool.acquire(|| self.load(&version, d)).and_then(|mut instance| {
+        let outputs = pool.acquire(|| self.load(&version, d, pool)).and_then(|mut instance| {
             // A backend that panics fails these jobs, and its instance is
             // not used again.
             let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {

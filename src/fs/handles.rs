@@ -113,18 +113,26 @@ impl Fs {
         f(&mut p)
     }
 }
-/// Writes `data` at `offset` into a buffer that may not grow past `limit`.
-/// It grows by what is written: a write past its end (a hole, a `pwrite`
-/// at 900 MB) is refused, so a buffer never costs more than was sent.
-pub(super) fn write_into(buf: &mut Vec<u8>, offset: u64, data: &[u8], limit: u64, what: &str) -> Result<()> {
+/// Writes `data` at `offset` into a buffer that may not grow past `limit`,
+/// nor past `received` (the bytes written to it so far, this write
+/// included) by more than [`WRITE_WINDOW`]: a `pwrite` at 900 MB is
+/// refused instead of costing 900 MB. The window lets the kernel's pieces
+/// of one large write arrive out of order.
+pub(super) fn write_into(
+    buf: &mut Vec<u8>,
+    offset: u64,
+    data: &[u8],
+    limit: u64,
+    received: u64,
+    what: &str,
+) -> Result<()> {
     let end = offset.saturating_add(data.len() as u64);
     if end > limit {
         return Err(Error::TooBig { limit });
     }
-    if offset > buf.len() as u64 {
+    if end > received.saturating_add(WRITE_WINDOW) {
         return Err(Error::InvalidArgument(format!(
-            "{what}: a write at offset {offset} would leave a hole after the {} bytes written; write in order",
-            buf.len()
+            "{what}: a write at offset {offset} would leave a hole of more than {WRITE_WINDOW} bytes; write in order"
         )));
     }
     let (start, end) = (offset as usize, end as usize);
@@ -134,6 +142,9 @@ pub(super) fn write_into(buf: &mut Vec<u8>, offset: u64, data: &[u8], limit: u64
     buf[start..end].copy_from_slice(data);
     Ok(())
 }
+
+/// How far a write may land past the bytes written so far.
+pub(super) const WRITE_WINDOW: u64 = 16 << 20;
 
 pub(super) fn slice_at(bytes: &[u8], offset: usize, size: usize) -> Vec<u8> {
     let start = offset.min(bytes.len());

@@ -13,6 +13,8 @@ pub(super) struct JobInput {
     pub(super) job: Arc<Job>,
     pub(super) input: Vec<u8>,
     pub(super) written: bool,
+    /// Bytes received by writes, whatever their offsets.
+    pub(super) received: u64,
 }
 
 impl Fs {

@@ -325,7 +325,12 @@ impl Fs {
                         if job.status() != Status::New {
                             return Err(Error::ReadOnly(format!("jobs/{id}/input: already submitted")));
                         }
-                        generated(Handle::JobInput(Mutex::new(JobInput { job, input: Vec::new(), written: false })))
+                        generated(Handle::JobInput(Mutex::new(JobInput {
+                            job,
+                            input: Vec::new(),
+                            written: false,
+                            received: 0,
+                        })))
                     }
                     JobFile::Input => generated(Handle::Content(job.snapshot().input.to_vec())),
                     JobFile::Output if writing => return Err(Error::ReadOnly(format!("jobs/{id}/output"))),
@@ -442,16 +447,19 @@ impl Fs {
                     return Err(Error::ReadOnly(format!("jobs/{}/input: already submitted", w.job.id)));
                 }
                 let what = format!("jobs/{}/input", w.job.id);
-                if let Err(e) = write_into(&mut w.input, offset, data, limit, &what) {
+                let received = w.received + data.len() as u64;
+                if let Err(e) = write_into(&mut w.input, offset, data, limit, received, &what) {
                     self.engine.fail(&w.job, &e);
                     return Err(e);
                 }
+                w.received = received;
                 w.written = true;
             }
             Handle::JobCommand(job, file, caller) => self.job_command(job, *file, *caller, data)?,
             Handle::Text(kind, model, text) => {
                 let what = format!("models/{model}: {}", kind.name());
-                write_into(text.lock().unwrap().get_or_insert_with(Vec::new), offset, data, kind.limit(), &what)?
+                let limit = kind.limit();
+                write_into(text.lock().unwrap().get_or_insert_with(Vec::new), offset, data, limit, limit, &what)?
             }
             Handle::Content(_) | Handle::Blob(_) | Handle::JobOutput(_) => return Err(Error::BadHandle(fh)),
         }
