@@ -308,6 +308,13 @@ impl Registry {
     pub(super) fn pop_finished(&mut self) -> Option<Arc<Job>> {
         while let Some((_, id)) = self.finished.pop_front() {
             if let Some(job) = self.remove_finished(id) {
+                // Its user's list is in the same order: drop what is gone
+                // from its front, so the list does not outgrow the jobs.
+                if let Some((ids, _)) = self.finished_of.get_mut(&job.uid) {
+                    while ids.front().is_some_and(|id| !self.jobs.contains_key(id)) {
+                        ids.pop_front();
+                    }
+                }
                 return Some(job);
             }
         }

@@ -230,6 +230,7 @@ impl Engine {
         let m = self.shared.store.model(model)?;
         let v = m.versions.get(&version).ok_or_else(|| Error::NotFound(format!("models/{model}/v{version}")))?;
         // sled's ids only grow, across restarts too: a job id never names two jobs.
+        self.shared.store.check_room()?;
         let id = self.shared.store.db().generate_id()? + 1;
         let job = Job::new(
             id,
@@ -331,7 +332,11 @@ impl Engine {
         self.shared.metrics.request(&job.model, job.version);
         self.shared.enqueue(job, input, false).inspect_err(|e| {
             tracing::info!(job = job.id, model = %job.model, version = job.version, "rejected: {e}");
-            self.shared.fail(job, e);
+            // A second submit of a job already submitted fails alone: the
+            // job itself goes on.
+            if !matches!(e, Error::Busy(_)) {
+                self.shared.fail(job, e);
+            }
         })
     }
 
@@ -436,9 +441,8 @@ impl Engine {
                 tracing::warn!(thread = t.thread().name(), "still running at shutdown; not waiting for it");
             }
         }
-        self.shared.records.flush()?;
         self.shared.records.sync_journal();
-        Ok(())
+        self.shared.records.flush()
     }
 }
 

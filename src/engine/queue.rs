@@ -109,25 +109,10 @@ impl Shared {
     /// A job `accepted` before (replayed at start) is never refused for a
     /// full queue: its `close()` returned.
     pub(super) fn enqueue(&self, job: &Arc<Job>, input: Vec<u8>, accepted: bool) -> Result<usize> {
-        // What the user's jobs hold, this request included, within
-        // --max-user-bytes; not for a job accepted before a restart.
-        {
-            let mut r = self.registry.lock().unwrap();
-            let held = r.held(job.uid);
-            let limit = self.config.max_user_bytes;
-            if !accepted && (held + input.len()) as u64 > limit {
-                return Err(Error::Quota { uid: job.uid, held: held as u64, limit });
-            }
-            r.charge(job.uid, input.len());
-        }
-        job.charged.store(input.len(), std::sync::atomic::Ordering::Relaxed);
+        let len = input.len();
         let (input, version, config, priority) = {
             let mut inner = job.inner();
             if inner.state.status != Status::New {
-                self.registry
-                    .lock()
-                    .unwrap()
-                    .release(job.uid, job.charged.swap(0, std::sync::atomic::Ordering::Relaxed));
                 return Err(Error::Busy(format!("job {}: already submitted", job.id)));
             }
             inner.state.input = Arc::new(input);
@@ -135,6 +120,22 @@ impl Shared {
             let version = inner.version.clone().expect("a new job has its version");
             (inner.state.input.clone(), version, inner.config.clone(), inner.state.priority)
         };
+        // What the user's jobs hold, this request included, within
+        // --max-user-bytes; not for a job accepted before a restart. (The
+        // registry is taken with no job lock held: its order is registry,
+        // then job.)
+        {
+            let mut r = self.registry.lock().unwrap();
+            let held = r.held(job.uid);
+            let limit = self.config.max_user_bytes;
+            if !accepted && (held + len) as u64 > limit {
+                // Refused, it keeps no input: a flood of refusals holds nothing.
+                job.inner().state.input = Arc::new(Vec::new());
+                return Err(Error::Quota { uid: job.uid, held: held as u64, limit });
+            }
+            r.charge(job.uid, len);
+            job.charged.fetch_add(len, std::sync::atomic::Ordering::Relaxed);
+        }
         let mut request = codec::decode(&input, &version.signature, self.config.max_input_bytes)?;
         request.inputs = version.signature.check(std::mem::take(&mut request.inputs))?;
         let views: Vec<sched::DeviceView> = self

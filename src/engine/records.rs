@@ -242,9 +242,13 @@ impl Shared {
         // jobs failed above are made durable before the old journals go;
         // the tombstones go with them.
         let records = &self.records;
-        records.flush()?;
         records.journal.sync().map_err(|e| Error::io("syncing the job journal", e))?;
-        records.journal.drop_old();
+        match records.flush() {
+            Ok(()) => records.journal.drop_old(),
+            // A full disk: the daemon starts all the same, and the earlier
+            // journals stay until the records they hold are written.
+            Err(e) => tracing::warn!("recording recovered jobs (kept for later): {e}"),
+        }
         records.unwritten.lock().unwrap().extend(tombstones.into_iter().map(|id| (id, None)));
         Ok(())
     }

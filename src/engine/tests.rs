@@ -417,3 +417,20 @@ fn a_user_past_their_bytes_is_refused_alone() {
     assert!(refused.to_string().contains("uid 1's jobs hold 2"), "{refused}");
     output(&r.submit_as(2, "m", v, "[[1, 1, 1, 1]]").unwrap()).unwrap();
 }
+
+/// A second submit of a job already submitted (two writers of one
+/// `jobs/<id>/input`) fails alone: the job runs, and what its user holds
+/// is its input and output once, not more.
+#[test]
+fn a_second_submit_fails_alone_and_charges_nothing() {
+    let r = rig(1);
+    let v = r.model("m", &Spec::scaled(4, 2.0), config(0, 1));
+    let job = r.engine.create_job(7, 7, "m", v).unwrap();
+    r.engine.submit(&job, b"[[1, 1, 1, 1]]".to_vec()).unwrap();
+    let again = r.engine.submit(&job, b"[[9, 9, 9, 9]]".to_vec()).unwrap_err();
+    assert_eq!(again.errno(), libc::EBUSY);
+    let answer = output(&job).unwrap();
+    assert_eq!(answer, "[[2.0,2.0,2.0,2.0]]\n");
+    wait_until("the job is counted", || r.engine.shared.registry.lock().unwrap().finished_count(7) == 1);
+    assert_eq!(r.engine.shared.registry.lock().unwrap().held(7), 14 + answer.len());
+}

@@ -10,7 +10,7 @@ use crate::engine::Job;
 use crate::error::{Error, Result};
 use crate::store::{Digest, MAX_SIGNATURE_BYTES};
 
-use super::heavy::is_light;
+use super::heavy::{is_light, Work};
 use super::infer::InferStream;
 use super::jobs::JobInput;
 use super::upload::Pending;
@@ -52,7 +52,8 @@ pub(super) enum Written {
     /// `trust`.
     Trust,
     /// `<file>.minisig`: a signature for the import of `<file>` to come.
-    Signature(String),
+    /// The signer's uid: only that user's import of `<file>` uses it.
+    Signature(String, u32),
 }
 
 impl Written {
@@ -60,7 +61,7 @@ impl Written {
         match self {
             Written::Config => "config.json".into(),
             Written::Trust => "trust".into(),
-            Written::Signature(target) => format!("{target}.minisig"),
+            Written::Signature(target, _) => format!("{target}.minisig"),
         }
     }
 
@@ -68,20 +69,23 @@ impl Written {
     pub(super) fn limit(&self) -> u64 {
         match self {
             Written::Config | Written::Trust => 1 << 20,
-            Written::Signature(_) => MAX_SIGNATURE_BYTES as u64,
+            Written::Signature(..) => MAX_SIGNATURE_BYTES as u64,
         }
     }
 }
 
 impl Handle {
-    /// Whether what its `close()` does is light enough for a FUSE thread:
-    /// not an import's commit, nor the decoding of a large request.
-    pub(super) fn writes_are_light(&self) -> bool {
+    /// Where what its `close()` does runs: on the FUSE thread, unless it is
+    /// an import's commit or the decoding of a large request.
+    pub(super) fn close_work(&self) -> Work {
+        let request = |input: &[u8]| if is_light(input) { Work::Here } else { Work::Request };
         match self {
-            Handle::Upload(pending) => pending.lock().unwrap().upload.as_ref().is_none_or(|u| u.is_empty()),
-            Handle::Infer(stream) => is_light(&stream.lock().unwrap().input),
-            Handle::JobInput(w) => is_light(&w.lock().unwrap().input),
-            _ => true,
+            Handle::Upload(pending) if pending.lock().unwrap().upload.as_ref().is_some_and(|u| !u.is_empty()) => {
+                Work::Import
+            }
+            Handle::Infer(stream) => request(&stream.lock().unwrap().input),
+            Handle::JobInput(w) => request(&w.lock().unwrap().input),
+            _ => Work::Here,
         }
     }
 }

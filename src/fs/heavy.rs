@@ -5,8 +5,11 @@
 //! FUSE thread goes back to serve everyone else (`cat status` stays quick
 //! while imports and big requests are under way).
 //!
-//! A fixed set of threads takes tasks in arrival order; they end when the
-//! filesystem is dropped.
+//! Two fixed sets of threads take tasks in arrival order, one for imports
+//! (which can take minutes) and one for requests, so a big import delays
+//! no one's request; they end when the filesystem is dropped. A task that
+//! panics is logged, and its thread goes on (its reply, dropped, answers
+//! EIO).
 
 use std::sync::mpsc::{channel, Receiver, Sender};
 use std::sync::{Arc, Mutex};
@@ -18,17 +21,21 @@ pub(super) struct Heavy {
 }
 
 impl Heavy {
-    pub(super) fn start(threads: usize) -> Heavy {
+    pub(super) fn start(name: &str, threads: usize) -> Heavy {
         let (tx, rx) = channel::<Task>();
         let rx = Arc::new(Mutex::new(rx));
         for i in 0..threads.max(1) {
             let rx: Arc<Mutex<Receiver<Task>>> = rx.clone();
             std::thread::Builder::new()
-                .name(format!("heavy-{i}"))
+                .name(format!("{name}-{i}"))
                 .spawn(move || loop {
                     let task = rx.lock().unwrap().recv();
                     match task {
-                        Ok(task) => task(),
+                        Ok(task) => {
+                            if std::panic::catch_unwind(std::panic::AssertUnwindSafe(task)).is_err() {
+                                tracing::error!("a heavy-work task panicked");
+                            }
+                        }
                         Err(_) => return, // the filesystem is gone
                     }
                 })
@@ -48,6 +55,17 @@ impl Heavy {
 /// JSON up to 1 MiB; never an .npz, which can inflate. The rest goes to
 /// [`Heavy`]. A hand-off costs more than a small request's decoding: the
 /// common small request stays on its thread, and may run there too.
+/// Where a piece of work runs.
+#[derive(Clone, Copy, PartialEq, Eq)]
+pub(super) enum Work {
+    /// On the FUSE thread that got the operation.
+    Here,
+    /// On a request thread: decoding a large request.
+    Request,
+    /// On an import thread: an import's commit.
+    Import,
+}
+
 pub(super) fn is_light(input: &[u8]) -> bool {
     if input.starts_with(b"PK") {
         false

@@ -104,8 +104,9 @@ impl Fs {
     /// ENODATA with no request, as for `infer`.
     pub(super) fn last_error(&self, model: &str, number: u32, caller: Caller) -> Result<String> {
         let key = (caller.pid != 0).then(|| (model.to_string(), number, session_of(caller.pid), caller.uid));
+        // What was sent: reading `error` sends nothing held unsent.
         let job = key
-            .and_then(|key| self.session_last(key, 0))
+            .and_then(|key| self.sessions.lock().unwrap().get(&key)?.last.upgrade())
             .ok_or_else(|| Error::NoRequest(format!("models/{model}/v{number}/error")))?;
         let state = job.snapshot();
         Ok(match state.outcome {

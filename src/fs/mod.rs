@@ -90,7 +90,7 @@ use crate::error::{Error, Result};
 use crate::store::{self, Store};
 
 use handles::{read_file_at, slice_at, write_into, Handle, Written};
-use heavy::{is_light, Heavy};
+use heavy::{is_light, Heavy, Work};
 use infer::{session_of, InferStream, Session, SessionKey};
 use inodes::Inodes;
 use jobs::JobInput;
@@ -128,7 +128,7 @@ pub struct Fs {
     /// The next input's stamp (see [`Session`]).
     stamps: AtomicU64,
     /// Signatures copied in for imports to come.
-    signatures: Mutex<HashMap<(String, String), HeldSignature>>,
+    signatures: Mutex<HashMap<(String, String, u32), HeldSignature>>,
     /// Files just imported: (model, name) -> (version, when).
     imported: Mutex<HashMap<(String, String), (u32, Instant)>>,
     inodes: Mutex<Inodes>,
@@ -140,8 +140,9 @@ pub struct Fs {
     gid: u32,
     started: SystemTime,
     started_at: Instant,
-    /// Where imports commit and large requests decode (see `heavy.rs`).
+    /// Where large requests decode, and where imports commit (see `heavy.rs`).
     heavy: Heavy,
+    imports: Heavy,
     /// Itself, for the work handed to `heavy`.
     me: Weak<Fs>,
 }
@@ -171,7 +172,8 @@ impl Fs {
         inodes.by_ino.insert(ROOT_INO, Node::Root);
         // SAFETY: getuid/getgid cannot fail and touch no memory.
         let (uid, gid) = unsafe { (libc::getuid(), libc::getgid()) };
-        let heavy = Heavy::start(std::thread::available_parallelism().map_or(2, |n| n.get().max(2)));
+        let heavy = Heavy::start("requests", std::thread::available_parallelism().map_or(2, |n| n.get().max(2)));
+        let imports = Heavy::start("imports", 2);
         Arc::new_cyclic(|me| Fs {
             engine,
             store,
@@ -189,23 +191,26 @@ impl Fs {
             started: SystemTime::now(),
             started_at: Instant::now(),
             heavy,
+            imports,
             me: me.clone(),
         })
     }
 
-    /// Runs `work` on this thread if it is light, else on a heavy-work
-    /// thread (see `heavy.rs`), and calls `done` with its result.
+    /// Runs `work` where `how` says (see `heavy.rs`), and calls `done`
+    /// with its result.
     fn run<T: 'static>(
         &self,
-        light: bool,
+        how: Work,
         work: impl FnOnce(&Fs) -> T + Send + 'static,
         done: impl FnOnce(T) + Send + 'static,
     ) {
-        if light {
-            return done(work(self));
-        }
+        let pool = match how {
+            Work::Here => return done(work(self)),
+            Work::Request => &self.heavy,
+            Work::Import => &self.imports,
+        };
         let me = self.me.upgrade().expect("a filesystem serving requests is alive");
-        self.heavy.run(move || done(work(&me)));
+        pool.run(move || done(work(&me)));
     }
 
     pub fn store(&self) -> &Store {
@@ -389,7 +394,8 @@ impl Fs {
                     st.job.is_some() || is_light(&st.input)
                 };
                 let handle = handle.clone();
-                self.run(light, move |fs| fs.read_infer(handle, size, light, done), |()| ());
+                let how = if light { Work::Here } else { Work::Request };
+                self.run(how, move |fs| fs.read_infer(handle, size, light, done), |()| ());
             }
             Handle::Upload(_) | Handle::Text(..) | Handle::JobInput(_) | Handle::JobCommand(..) => {
                 done(Err(Error::BadHandle(fh)))
@@ -408,7 +414,7 @@ impl Fs {
                         p.model, p.file_name
                     )));
                 }
-                p.room_for(offset.saturating_add(data.len() as u64))?;
+                p.room_for(offset.saturating_add(data.len() as u64), &self.store)?;
                 p.upload.as_mut().expect("checked above").write_at(offset, data)
             })?,
             Handle::Infer(stream) => {
@@ -470,7 +476,7 @@ impl Fs {
     /// module header). Errors reach the caller's `close()`.
     pub fn flush(&self, fh: u64, done: impl FnOnce(Result<()>) + Send + 'static) {
         match self.handle(fh) {
-            Ok(handle) => self.run(handle.writes_are_light(), move |fs| fs.finish_writes(&handle), done),
+            Ok(handle) => self.run(handle.close_work(), move |fs| fs.finish_writes(&handle), done),
             Err(e) => done(Err(e)),
         }
     }
@@ -484,7 +490,7 @@ impl Fs {
                 match kind {
                     Written::Config => self.store.set_config(model, store::ModelConfig::parse(&text)?)?,
                     Written::Trust => self.store.set_trust(model, store::Trust::parse(&text)?)?,
-                    Written::Signature(target) => return self.hold_signature(model, target, text),
+                    Written::Signature(target, uid) => return self.hold_signature(model, target, *uid, text),
                 }
                 tracing::info!(model = %model, "{} updated", kind.name());
                 Ok(())
@@ -551,7 +557,7 @@ impl Fs {
                 return done(Ok(()));
             }
         }
-        let light = handle.writes_are_light();
+        let how = handle.close_work();
         let work = move |fs: &Fs| {
             let result = fs.finish_writes(&handle);
             if let Handle::Infer(stream) = &*handle {
@@ -560,7 +566,7 @@ impl Fs {
             }
             result
         };
-        self.run(light, work, done);
+        self.run(how, work, done);
     }
 
     pub fn statfs(&self) -> Result<StatFs> {

@@ -42,7 +42,9 @@ impl Fs {
             Node::Upload(fh) => {
                 if let Some(size) = change.size {
                     self.with_pending(*fh, |p| match p.upload.is_some() {
-                        true => p.room_for(size).and_then(|()| p.upload.as_mut().expect("checked").set_len(size)),
+                        true => p
+                            .room_for(size, &self.store)
+                            .and_then(|()| p.upload.as_mut().expect("checked").set_len(size)),
                         false => Ok(()),
                     })?;
                 }

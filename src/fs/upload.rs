@@ -7,7 +7,7 @@ use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
 use crate::error::{Error, Result};
-use crate::store::{self, Imported, Upload};
+use crate::store::{self, Imported, Store, Upload};
 
 use super::handles::{Handle, Opened, Written};
 use super::node::VERSION_FILES;
@@ -23,6 +23,8 @@ pub(super) struct Pending {
     pub(super) free: u64,
     /// `--max-import-bytes`.
     pub(super) max: u64,
+    /// The size at which `free` was last read.
+    pub(super) checked: u64,
     /// `None` once committed or failed.
     pub(super) upload: Option<Upload>,
 }
@@ -65,7 +67,8 @@ impl Fs {
         let fh = match file_name.strip_suffix(".minisig").filter(|t| !t.is_empty()) {
             // A signature for the import of <file> that is to follow.
             Some(target) => {
-                let signature = Handle::Text(Written::Signature(target.to_string()), model, Mutex::new(None));
+                let kind = Written::Signature(target.to_string(), caller.uid);
+                let signature = Handle::Text(kind, model, Mutex::new(None));
                 self.add_handle(signature)
             }
             None => self.start_upload(model, file_name, mode, caller)?,
@@ -85,6 +88,7 @@ impl Fs {
             perm: (mode & 0o777) as u16,
             free: self.store.free_bytes(),
             max: self.config.max_import_bytes,
+            checked: 0,
             upload: Some(self.store.begin_upload()?),
         };
         Ok(self.add_handle(Handle::Upload(Mutex::new(pending))))
@@ -94,7 +98,7 @@ impl Fs {
         let upload = p.upload.take().expect("caller checked");
         let bytes = upload.len();
         let file_name = p.file_name.clone();
-        let signature = self.signatures.lock().unwrap().remove(&(p.model.clone(), file_name.clone()));
+        let signature = self.signatures.lock().unwrap().remove(&(p.model.clone(), file_name.clone(), p.uid));
         let signature = signature.filter(|(_, at)| at.elapsed() < SIGNATURE_WAIT).map(|(s, _)| s);
         let inspect = |files: &_| self.backends.inspect(files);
         let imported = self.store.import(&p.model, &file_name, upload, signature.as_deref(), inspect)?;
@@ -108,13 +112,13 @@ impl Fs {
     }
 }
 impl Fs {
-    /// Keeps `<target>.minisig`, just written, for the import of `target`
-    /// into `model` (see [`crate::store::Trust`]) that follows within
-    /// [`SIGNATURE_WAIT`]; it is used up by that import.
-    pub(super) fn hold_signature(&self, model: &str, target: &str, signature: Vec<u8>) -> Result<()> {
+    /// Keeps `<target>.minisig`, just written by `uid`, for that user's
+    /// import of `target` into `model` (see [`crate::store::Trust`]) that
+    /// follows within [`SIGNATURE_WAIT`]; it is used up by that import.
+    pub(super) fn hold_signature(&self, model: &str, target: &str, uid: u32, signature: Vec<u8>) -> Result<()> {
         let mut held = self.signatures.lock().unwrap();
         held.retain(|_, (_, at)| at.elapsed() < SIGNATURE_WAIT);
-        held.insert((model.to_string(), target.to_string()), (signature, Instant::now()));
+        held.insert((model.to_string(), target.to_string(), uid), (signature, Instant::now()));
         tracing::info!(model, file = target, "signature held for the import to come");
         Ok(())
     }
@@ -131,10 +135,17 @@ impl Pending {
     /// Whether the upload may reach `end` bytes: its size, counted up to
     /// its last byte (a sparse file counts as big as it claims), within
     /// `--max-import-bytes` (EFBIG) and the store's free space (ENOSPC).
-    pub(super) fn room_for(&self, end: u64) -> Result<()> {
+    /// The free space is read again every 64 MiB of growth: uploads side
+    /// by side each find what the others left.
+    pub(super) fn room_for(&mut self, end: u64, store: &Store) -> Result<()> {
         let path = format!("models/{}/{}", self.model, self.file_name);
         if end > self.max {
             return Err(Error::ImportTooBig { path, limit: self.max });
+        }
+        if end > self.checked.saturating_add(64 << 20) || end > self.free {
+            let len = self.upload.as_ref().map_or(0, |u| u.len());
+            self.free = store.free_bytes().saturating_add(len);
+            self.checked = end;
         }
         if end > self.free {
             let context = format!("{path}: larger than the store's free space ({} bytes)", self.free);

@@ -195,6 +195,12 @@ impl Store {
     /// Writes `model` durably, then publishes it to readers.
     pub(super) fn put(&self, model: Model) -> Result<Arc<Model>> {
         self.check_room()?;
+        self.put_unchecked(model)
+    }
+
+    /// [`Store::put`] without the free-space check: for changes that free
+    /// space (deleting a version), which must work on a full disk.
+    pub(super) fn put_unchecked(&self, model: Model) -> Result<Arc<Model>> {
         let json = serde_json::to_vec(&model).expect("a model record always serializes");
         self.db.insert(model.name.as_bytes(), json)?;
         self.db.flush()?;
@@ -283,7 +289,7 @@ impl Store {
         let mut record = (*self.model(model)?).clone();
         self.check_deletable(&record, number)?;
         let removed = record.versions.remove(&number).expect("checked above");
-        self.put(record)?;
+        self.put_unchecked(record)?;
         let referenced = self.referenced_blobs();
         // The version is gone; a blob that cannot be removed now is
         // collected at the next start.
@@ -344,9 +350,12 @@ impl Store {
         })
     }
 
+    /// Works on a full disk, like deleting a version (an alias can pin the
+    /// version that would free the space).
     pub fn remove_alias(&self, model: &str, alias: &str) -> Result<()> {
-        self.update(model, |m| {
-            m.aliases.remove(alias).map(|_| ()).ok_or_else(|| Error::NotFound(format!("models/{model}/{alias}")))
-        })
+        let _w = self.writer.lock().unwrap();
+        let mut record = (*self.model(model)?).clone();
+        record.aliases.remove(alias).ok_or_else(|| Error::NotFound(format!("models/{model}/{alias}")))?;
+        self.put_unchecked(record).map(drop)
     }
 }

@@ -273,6 +273,7 @@ fn a_full_disk_is_enospc_and_recovers_by_itself() {
     };
     let store = Store::open(disk.0.path()).unwrap();
     store.create_model("before", 0, 0, 0o755).unwrap();
+    store.import("before", "a.onnx", upload(&store, b"a version"), None, ok_inspect).unwrap();
     let filler = disk.0.path().join("filler");
     {
         use std::io::Write;
@@ -282,6 +283,8 @@ fn a_full_disk_is_enospc_and_recovers_by_itself() {
     let e = store.create_model("full", 0, 0, 0o755).unwrap_err();
     assert_eq!(e.errno(), libc::ENOSPC, "{e}");
     assert_eq!(store.free_bytes(), 0);
+    // Deleting, which frees space, works on the full disk.
+    store.delete_version("before", 1).unwrap();
     fs::remove_file(&filler).unwrap();
     store.create_model("after", 0, 0, 0o755).unwrap();
     drop(store);
