@@ -320,10 +320,10 @@ impl Shared {
             r.busy -= 1;
             r.last_used = Instant::now();
         }
-        if !dq.entries.is_empty() {
-            // A job waiting for this instance may run now.
-            self.wake[d].notify_one();
-        }
+        // A job that waited for this instance is taken next by the thread
+        // that gives it back: a worker loops to `take`, a helping thread
+        // wakes one (`help`). Waking another worker here would split the
+        // next batch.
         for j in &jobs {
             s.running_jobs.remove(&j.id);
             s.done_in_flight(&j.digest);
