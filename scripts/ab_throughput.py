@@ -16,31 +16,18 @@ import shutil
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 
 import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from bench import FIXTURES, REPO, Daemon, npy, one_handle  # noqa: E402
+from bench import FIXTURES, REPO, Daemon, clients_throughput, npy, one_handle  # noqa: E402
 
 LIB = os.path.join(REPO, ".deps/onnxruntime/onnxruntime/capi/libonnxruntime.so.1.32.0")
 
 
-def throughput(call, clients, seconds=5):
-    done = [0] * clients
-    stop = time.time() + seconds
-
-    def loop(i):
-        while time.time() < stop:
-            call()
-            done[i] += 1
-
-    threads = [threading.Thread(target=loop, args=(i,)) for i in range(clients)]
-    t0 = time.time()
-    [t.start() for t in threads]
-    [t.join() for t in threads]
-    return sum(done) / (time.time() - t0)
+def throughput(call, clients):
+    return clients_throughput(call, clients, 5)
 
 
 def main():

@@ -141,6 +141,23 @@ class Daemon:
         self.proc.wait(timeout=30)
 
 
+def clients_throughput(call, clients, seconds):
+    """Calls per second of `clients` threads each calling `call` in a loop."""
+    done = [0] * clients
+    stop = time.time() + seconds
+
+    def loop(i):
+        while time.time() < stop:
+            call()
+            done[i] += 1
+
+    threads = [threading.Thread(target=loop, args=(i,)) for i in range(clients)]
+    t0 = time.time()
+    [t.start() for t in threads]
+    [t.join() for t in threads]
+    return sum(done) / (time.time() - t0)
+
+
 def one_handle(infer, body):
     with open(infer, "r+b", buffering=0) as f:
         f.write(body)
@@ -316,19 +333,7 @@ def run():
     rec_body = npy(x_rec)
 
     def throughput(call, clients):
-        done = [0] * clients
-        stop = time.time() + seconds
-
-        def loop(i):
-            while time.time() < stop:
-                call()
-                done[i] += 1
-
-        ts = [threading.Thread(target=loop, args=(i,)) for i in range(clients)]
-        t0 = time.time()
-        [t.start() for t in ts]
-        [t.join() for t in ts]
-        return sum(done) / (time.time() - t0)
+        return clients_throughput(call, clients, seconds)
 
     for clients in (1, 2, 8, 32):
         floor = throughput(lambda: rec_sess.run(None, {"x": x_rec}), clients)

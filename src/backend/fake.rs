@@ -7,15 +7,15 @@
 //! ```json
 //! {"inputs":  [{"name": "x", "dtype": "float32", "shape": [-1, 4], "dim_names": ["N", ""]}],
 //!  "outputs": [{"name": "y", "dtype": "float32", "shape": [-1, 4], "dim_names": ["N", ""]}],
-//!  "scale": 2.0, "fill": 1.0, "run_ms": 0, "fail": null, "gated": false}
+//!  "scale": 2.0, "fill": 1.0, "run_ms": 0, "fail": null, "gated": false, "panics": false}
 //! ```
 //!
 //! Output `i` is input `i` times `scale` (float32 only); a model with no
 //! inputs returns its outputs' shapes (free dimensions 1) filled with
 //! `fill`. `run_ms` sleeps in every run; `fail` makes every run fail with
-//! that message; a `gated` model's runs wait while the backend's [`Gate`]
-//! (shared with the test) is closed. A file that is not such JSON is an
-//! invalid model.
+//! that message; `panics` makes it panic; a `gated` model's runs wait
+//! while the backend's [`Gate`] (shared with the test) is closed. A file
+//! that is not such JSON is an invalid model.
 //!
 //! The
 //! [`Counters`] tell how many loads and runs happened and the most runs in
@@ -26,7 +26,7 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Condvar, Mutex};
 use std::time::Duration;
 
-use serde::Deserialize;
+use serde::{Deserialize, Serialize};
 
 use crate::device::Target;
 use crate::error::{Error, Result};
@@ -37,7 +37,7 @@ use super::{Backend, Files, Instance, Stop};
 const NAME: &str = "fake";
 
 /// What a `.fake` file says.
-#[derive(Clone, Debug, Deserialize)]
+#[derive(Clone, Debug, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct Spec {
     pub inputs: Vec<TensorSpec>,
@@ -53,6 +53,9 @@ pub struct Spec {
     /// Runs wait for the backend's [`Gate`].
     #[serde(default)]
     pub gated: bool,
+    /// Runs panic (a backend bug, for the engine to contain).
+    #[serde(default)]
+    pub panics: bool,
 }
 
 fn one() -> f32 {
@@ -77,17 +80,13 @@ impl Spec {
             run_ms: 0,
             fail: None,
             gated: false,
+            panics: false,
         }
     }
 
     /// The bytes of its `.fake` file.
     pub fn to_file(&self) -> Vec<u8> {
-        serde_json::json!({
-            "inputs": self.inputs, "outputs": self.outputs, "scale": self.scale, "fill": self.fill,
-            "run_ms": self.run_ms, "fail": self.fail, "gated": self.gated,
-        })
-        .to_string()
-        .into_bytes()
+        serde_json::to_vec(self).expect("a spec serializes")
     }
 
     fn read(path: &Path, name: &str) -> Result<Spec> {
@@ -191,6 +190,7 @@ impl Instance for FakeInstance {
         if self.spec.gated {
             self.fake.gate.pass(stop);
         }
+        assert!(!self.spec.panics, "a fake model that panics");
         let until = std::time::Instant::now() + Duration::from_millis(self.spec.run_ms);
         while std::time::Instant::now() < until && !stop.is_stopped() {
             std::thread::sleep(Duration::from_millis(1));

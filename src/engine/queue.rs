@@ -52,7 +52,7 @@ pub(super) struct Taken {
 pub(super) struct Sched {
     pub(super) devices: Vec<DeviceQueue>,
     /// Queued jobs per model and user: `max_queue` bounds each user's.
-    pub(super) queued_per_model: HashMap<(String, u32), usize>,
+    pub(super) queued_per_model: HashMap<String, HashMap<u32, usize>>,
     /// Queued or running jobs per version: batching waits only if > batch.
     pub(super) in_flight: HashMap<Digest, usize>,
     pub(super) running_jobs: HashMap<u64, Arc<Job>>,
@@ -67,10 +67,15 @@ impl Sched {
         let dq = &mut self.devices[d];
         dq.entries.remove(i);
         let job = dq.jobs.remove(i);
-        if let Some(n) = self.queued_per_model.get_mut(&(job.model.clone(), job.uid)) {
+        if let Some(n) = self.queued_per_model.get_mut(&job.model).and_then(|users| users.get_mut(&job.uid)) {
             *n -= 1;
         }
         job
+    }
+
+    /// Jobs of `uid` queued for `model`.
+    pub(super) fn queued(&self, model: &str, uid: u32) -> usize {
+        self.queued_per_model.get(model).and_then(|users| users.get(&uid)).copied().unwrap_or(0)
     }
 
     pub(super) fn done_in_flight(&mut self, digest: &Digest) {
@@ -152,8 +157,7 @@ impl Shared {
             if s.shutdown {
                 return Some(Error::ShuttingDown);
             }
-            let queued = s.queued_per_model.get(&(job.model.clone(), job.uid)).copied().unwrap_or(0);
-            let full = queued >= config.max_queue as usize;
+            let full = s.queued(&job.model, job.uid) >= config.max_queue as usize;
             (full && !accepted).then(|| Error::QueueFull { model: job.model.clone(), max: config.max_queue })
         };
         if let Some(e) = refused(&self.sched.lock().unwrap()) {
@@ -197,7 +201,7 @@ impl Shared {
         };
         s.devices[d].entries.push(entry);
         s.devices[d].jobs.push(job.clone());
-        *s.queued_per_model.entry((job.model.clone(), job.uid)).or_default() += 1;
+        *s.queued_per_model.entry(job.model.clone()).or_default().entry(job.uid).or_default() += 1;
         *s.in_flight.entry(job.digest).or_default() += 1;
         Ok(d)
     }

@@ -106,6 +106,9 @@ impl Records {
     /// written while the disk is short of the store's reserve: it stays
     /// queued for a later tick.
     pub(super) fn write(&self) -> Result<()> {
+        if self.unwritten.lock().unwrap().is_empty() {
+            return Ok(());
+        }
         self.store.check_room()?;
         let mut failed = Vec::new();
         let mut error = None;

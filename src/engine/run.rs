@@ -14,6 +14,19 @@ use crate::tensor::Tensor;
 use super::job::{Failure, Job, Status};
 use super::loaded::Pool;
 use super::Shared;
+impl Shared {
+    /// A job's answer in its request's codec, if it is within
+    /// `max_output_bytes` both as the model returned it and as encoded.
+    fn encode(&self, job: &Job, request: &Request, outputs: Vec<Tensor>) -> Result<Vec<u8>> {
+        let limit = self.config.max_output_bytes;
+        let too_big = |bytes: u64| if bytes > limit { Err(Error::OutputTooBig { limit }) } else { Ok(()) };
+        too_big(outputs.iter().map(|t| t.data.byte_len() as u64).sum())?;
+        let bytes = codec::encode(request, outputs, &job.model, job.version)?;
+        too_big(bytes.len() as u64)?;
+        Ok(bytes)
+    }
+}
+
 /// A run in progress, shared by its jobs: when the last of them ends
 /// before the run does (timed out, cancelled), the run is stopped, so a
 /// worker and its memory are not held for a result nobody will read.
@@ -57,19 +70,12 @@ impl Shared {
         let Some(version) = version else { return };
         let started = Instant::now();
         let device = &self.devices[d];
+        // A backend that panics unwinds to `run_taken`, which fails these
+        // jobs; the instance is dropped, not given back.
         let outputs = pool.acquire(|| self.load(&version, d, pool)).and_then(|mut instance| {
-            // A backend that panics fails these jobs, and its instance is
-            // not used again.
-            let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
-                run_batch(&mut *instance, &mut live, &run.stop)
-            }));
-            match result {
-                Ok(result) => {
-                    pool.release(instance);
-                    result
-                }
-                Err(_) => Err(Error::Internal("the backend panicked".into())),
-            }
+            let result = run_batch(&mut *instance, &mut live, &run.stop);
+            pool.release(instance);
+            result
         });
         std::thread::sleep(device.run_delay());
         let compute_us = started.elapsed().as_micros() as u64;
@@ -84,20 +90,7 @@ impl Shared {
                         inner.state.queue_us.unwrap_or(0)
                     };
                     self.metrics.latency(model, number, queue_us, compute_us);
-                    let limit = self.config.max_output_bytes;
-                    let held: u64 = out.iter().map(|t| t.data.byte_len() as u64).sum();
-                    let outcome = if held > limit {
-                        Err(Error::OutputTooBig { limit })
-                    } else {
-                        codec::encode(request, out, &job.model, job.version).and_then(|bytes| {
-                            if bytes.len() as u64 > limit {
-                                Err(Error::OutputTooBig { limit })
-                            } else {
-                                Ok(bytes)
-                            }
-                        })
-                    };
-                    match outcome {
+                    match self.encode(job, request, out) {
                         Ok(bytes) => self.end(job, Status::Done, Ok(Arc::new(bytes))),
                         Err(e) => self.end(job, Status::Failed, Err(Failure::of(&e))),
                     };

@@ -434,3 +434,19 @@ fn a_second_submit_fails_alone_and_charges_nothing() {
     wait_until("the job is counted", || r.engine.shared.registry.lock().unwrap().finished_count(7) == 1);
     assert_eq!(r.engine.shared.registry.lock().unwrap().held(7), 14 + answer.len());
 }
+
+/// A backend that panics fails the jobs of that run with EIO; the worker,
+/// its slot and the version's instance are given back, so the next jobs
+/// run.
+#[test]
+fn a_panicking_backend_fails_its_run_and_nothing_more() {
+    let r = rig(1);
+    let bad = r.model("bad", &Spec { panics: true, ..Spec::scaled(4, 1.0) }, config(1, 1));
+    let good = r.model("good", &Spec::scaled(4, 2.0), config(1, 1));
+    for _ in 0..2 {
+        let failure = output(&r.submit("bad", bad, "[[1, 1, 1, 1]]")).unwrap_err();
+        assert_eq!(failure.errno, libc::EIO);
+        assert!(failure.reason.contains("the run panicked"), "{}", failure.reason);
+    }
+    assert_eq!(output(&r.submit("good", good, "[[1, 1, 1, 1]]")).unwrap(), "[[2.0,2.0,2.0,2.0]]\n");
+}

@@ -10,7 +10,7 @@ use crate::engine::Job;
 use crate::error::{Error, Result};
 use crate::store::{Digest, MAX_SIGNATURE_BYTES};
 
-use super::heavy::{is_light, Work};
+use super::heavy::{decode_work, Work};
 use super::infer::InferStream;
 use super::jobs::JobInput;
 use super::upload::Pending;
@@ -78,13 +78,12 @@ impl Handle {
     /// Where what its `close()` does runs: on the FUSE thread, unless it is
     /// an import's commit or the decoding of a large request.
     pub(super) fn close_work(&self) -> Work {
-        let request = |input: &[u8]| if is_light(input) { Work::Here } else { Work::Request };
         match self {
             Handle::Upload(pending) if pending.lock().unwrap().upload.as_ref().is_some_and(|u| !u.is_empty()) => {
                 Work::Import
             }
-            Handle::Infer(stream) => request(&stream.lock().unwrap().input),
-            Handle::JobInput(w) => request(&w.lock().unwrap().input),
+            Handle::Infer(stream) => decode_work(&stream.lock().unwrap().input),
+            Handle::JobInput(w) => decode_work(&w.lock().unwrap().input),
             _ => Work::Here,
         }
     }

@@ -17,7 +17,7 @@ use std::sync::{Arc, Mutex};
 type Task = Box<dyn FnOnce() + Send>;
 
 pub(super) struct Heavy {
-    tasks: Mutex<Sender<Task>>,
+    tasks: Sender<Task>,
 }
 
 impl Heavy {
@@ -41,20 +41,15 @@ impl Heavy {
                 })
                 .expect("spawning a heavy-work thread");
         }
-        Heavy { tasks: Mutex::new(tx) }
+        Heavy { tasks: tx }
     }
 
     pub(super) fn run(&self, task: impl FnOnce() + Send + 'static) {
         // The threads live as long as the sender: a send cannot fail.
-        let _ = self.tasks.lock().unwrap().send(Box::new(task));
+        let _ = self.tasks.send(Box::new(task));
     }
 }
 
-/// Whether a request decodes fast enough for a FUSE thread (a few
-/// milliseconds at most): a .npy up to 16 MiB (its data is one bulk copy),
-/// JSON up to 1 MiB; never an .npz, which can inflate. The rest goes to
-/// [`Heavy`]. A hand-off costs more than a small request's decoding: the
-/// common small request stays on its thread, and may run there too.
 /// Where a piece of work runs.
 #[derive(Clone, Copy, PartialEq, Eq)]
 pub(super) enum Work {
@@ -66,12 +61,23 @@ pub(super) enum Work {
     Import,
 }
 
-pub(super) fn is_light(input: &[u8]) -> bool {
-    if input.starts_with(b"PK") {
+/// Where a request is decoded: here if that is fast enough for a FUSE
+/// thread (a few milliseconds at most: a .npy up to 16 MiB, its data one
+/// bulk copy; JSON up to 1 MiB), else on a request thread (an .npz, which
+/// can inflate, and anything larger). A hand-off costs more than a small
+/// request's decoding: the common small request stays on its thread, and
+/// may run there too.
+pub(super) fn decode_work(input: &[u8]) -> Work {
+    let light = if input.starts_with(b"PK") {
         false
     } else if input.starts_with(b"\x93NUMPY") {
         input.len() <= 16 << 20
     } else {
         input.len() <= 1 << 20
+    };
+    if light {
+        Work::Here
+    } else {
+        Work::Request
     }
 }

@@ -90,7 +90,7 @@ use crate::error::{Error, Result};
 use crate::store::{self, Store};
 
 use handles::{read_file_at, slice_at, write_into, Handle, Written};
-use heavy::{is_light, Heavy, Work};
+use heavy::{decode_work, Heavy, Work};
 use infer::{session_of, InferStream, Session, SessionKey};
 use inodes::Inodes;
 use jobs::JobInput;
@@ -389,13 +389,16 @@ impl Fs {
             Handle::Infer(stream) => {
                 // The first read of a written request sends it: decoding a
                 // large one is not for a FUSE thread.
-                let light = {
+                let how = {
                     let st = stream.lock().unwrap();
-                    st.job.is_some() || is_light(&st.input)
+                    if st.job.is_some() {
+                        Work::Here
+                    } else {
+                        decode_work(&st.input)
+                    }
                 };
                 let handle = handle.clone();
-                let how = if light { Work::Here } else { Work::Request };
-                self.run(how, move |fs| fs.read_infer(handle, size, light, done), |()| ());
+                self.run(how, move |fs| fs.read_infer(handle, size, how == Work::Here, done), |()| ());
             }
             Handle::Upload(_) | Handle::Text(..) | Handle::JobInput(_) | Handle::JobCommand(..) => {
                 done(Err(Error::BadHandle(fh)))
@@ -464,8 +467,16 @@ impl Fs {
             Handle::JobCommand(job, file, caller) => self.job_command(job, *file, *caller, data)?,
             Handle::Text(kind, model, text) => {
                 let what = format!("models/{model}: {}", kind.name());
-                let limit = kind.limit();
-                write_into(text.lock().unwrap().get_or_insert_with(Vec::new), offset, data, limit, limit, &what)?
+                // Its limit (at most 1 MiB) bounds it: no write window to keep.
+                let received = 0;
+                write_into(
+                    text.lock().unwrap().get_or_insert_with(Vec::new),
+                    offset,
+                    data,
+                    kind.limit(),
+                    received,
+                    &what,
+                )?
             }
             Handle::Content(_) | Handle::Blob(_) | Handle::JobOutput(_) => return Err(Error::BadHandle(fh)),
         }
@@ -490,7 +501,10 @@ impl Fs {
                 match kind {
                     Written::Config => self.store.set_config(model, store::ModelConfig::parse(&text)?)?,
                     Written::Trust => self.store.set_trust(model, store::Trust::parse(&text)?)?,
-                    Written::Signature(target, uid) => return self.hold_signature(model, target, *uid, text),
+                    Written::Signature(target, uid) => {
+                        self.hold_signature(model, target, *uid, text);
+                        return Ok(());
+                    }
                 }
                 tracing::info!(model = %model, "{} updated", kind.name());
                 Ok(())
@@ -570,14 +584,7 @@ impl Fs {
     }
 
     pub fn statfs(&self) -> Result<StatFs> {
-        let path = std::ffi::CString::new(self.store.root().as_os_str().as_encoded_bytes())
-            .map_err(|_| Error::InvalidArgument("data dir path has a NUL".into()))?;
-        // SAFETY: statvfs is plain old data, for which all zeros is valid.
-        let mut s: libc::statvfs = unsafe { std::mem::zeroed() };
-        // SAFETY: a valid C string, and a struct statvfs only writes into.
-        if unsafe { libc::statvfs(path.as_ptr(), &mut s) } != 0 {
-            return Err(Error::io("statfs", std::io::Error::last_os_error()));
-        }
+        let s = self.store.statvfs().map_err(|e| Error::io("statfs", e))?;
         Ok(StatFs {
             blocks: s.f_blocks,
             bfree: s.f_bfree,

@@ -110,17 +110,15 @@ impl Fs {
         self.imported.lock().unwrap().insert((p.model.clone(), file_name), (number, Instant::now()));
         Ok(())
     }
-}
-impl Fs {
+
     /// Keeps `<target>.minisig`, just written by `uid`, for that user's
     /// import of `target` into `model` (see [`crate::store::Trust`]) that
     /// follows within [`SIGNATURE_WAIT`]; it is used up by that import.
-    pub(super) fn hold_signature(&self, model: &str, target: &str, uid: u32, signature: Vec<u8>) -> Result<()> {
+    pub(super) fn hold_signature(&self, model: &str, target: &str, uid: u32, signature: Vec<u8>) {
         let mut held = self.signatures.lock().unwrap();
         held.retain(|_, (_, at)| at.elapsed() < SIGNATURE_WAIT);
         held.insert((model.to_string(), target.to_string(), uid), (signature, Instant::now()));
         tracing::info!(model, file = target, "signature held for the import to come");
-        Ok(())
     }
 }
 
@@ -132,15 +130,18 @@ pub(super) type HeldSignature = (Vec<u8>, Instant);
 pub(super) const SIGNATURE_WAIT: Duration = Duration::from_secs(600);
 
 impl Pending {
+    fn path(&self) -> String {
+        format!("models/{}/{}", self.model, self.file_name)
+    }
+
     /// Whether the upload may reach `end` bytes: its size, counted up to
     /// its last byte (a sparse file counts as big as it claims), within
     /// `--max-import-bytes` (EFBIG) and the store's free space (ENOSPC).
     /// The free space is read again every 64 MiB of growth: uploads side
     /// by side each find what the others left.
     pub(super) fn room_for(&mut self, end: u64, store: &Store) -> Result<()> {
-        let path = format!("models/{}/{}", self.model, self.file_name);
         if end > self.max {
-            return Err(Error::ImportTooBig { path, limit: self.max });
+            return Err(Error::ImportTooBig { path: self.path(), limit: self.max });
         }
         if end > self.checked.saturating_add(64 << 20) || end > self.free {
             let len = self.upload.as_ref().map_or(0, |u| u.len());
@@ -148,7 +149,7 @@ impl Pending {
             self.checked = end;
         }
         if end > self.free {
-            let context = format!("{path}: larger than the store's free space ({} bytes)", self.free);
+            let context = format!("{}: larger than the store's free space ({} bytes)", self.path(), self.free);
             return Err(Error::io(context, std::io::Error::from_raw_os_error(libc::ENOSPC)));
         }
         Ok(())

@@ -107,7 +107,24 @@ impl Store {
     /// Bytes free on the data directory's file system beyond
     /// [`RESERVE`]: what an import may use.
     pub fn free_bytes(&self) -> u64 {
-        free_space(&self.root).map_or(u64::MAX, |free| free.saturating_sub(RESERVE))
+        self.free_space().map_or(u64::MAX, |free| free.saturating_sub(RESERVE))
+    }
+
+    /// `statvfs(2)` of the data directory's file system.
+    pub fn statvfs(&self) -> std::io::Result<libc::statvfs> {
+        let path = std::ffi::CString::new(self.root.as_os_str().as_encoded_bytes())?;
+        // SAFETY: statvfs is plain old data, for which all zeros is valid.
+        let mut s: libc::statvfs = unsafe { std::mem::zeroed() };
+        // SAFETY: a valid C string, and a struct statvfs only writes into.
+        if unsafe { libc::statvfs(path.as_ptr(), &mut s) } != 0 {
+            return Err(std::io::Error::last_os_error());
+        }
+        Ok(s)
+    }
+
+    /// Bytes available to the daemon there.
+    fn free_space(&self) -> std::io::Result<u64> {
+        self.statvfs().map(|s| s.f_bavail * s.f_frsize)
     }
 
     /// ENOSPC unless [`RESERVE`] bytes are free: checked before every
@@ -115,7 +132,7 @@ impl Store {
     /// ENOSPC it answered nothing more until restarted, here); refused
     /// first, a write succeeds again once space is freed.
     pub fn check_room(&self) -> Result<()> {
-        match free_space(&self.root) {
+        match self.free_space() {
             Ok(free) if free < RESERVE => Err(Error::io(
                 format!("the data directory's file system has {free} bytes free; the catalog keeps {RESERVE}"),
                 std::io::Error::from_raw_os_error(libc::ENOSPC),
@@ -140,18 +157,6 @@ impl Store {
 /// Bytes kept free for the catalog and the job records: imports stop
 /// short of them, and catalog writes are refused (ENOSPC) below them.
 pub const RESERVE: u64 = 32 << 20;
-
-/// Bytes available to the daemon on the file system holding `path`.
-fn free_space(path: &Path) -> std::io::Result<u64> {
-    let path = std::ffi::CString::new(path.as_os_str().as_encoded_bytes())?;
-    // SAFETY: statvfs is plain old data, for which all zeros is valid.
-    let mut s: libc::statvfs = unsafe { std::mem::zeroed() };
-    // SAFETY: a valid C string, and a struct statvfs only writes into.
-    if unsafe { libc::statvfs(path.as_ptr(), &mut s) } != 0 {
-        return Err(std::io::Error::last_os_error());
-    }
-    Ok(s.f_bavail * s.f_frsize)
-}
 
 pub(crate) fn now_secs() -> u64 {
     SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs())
