@@ -2,17 +2,23 @@
 //! replies. Every operation has the same shape: call, reply on `Ok`, and on
 //! `Err` go through [`Adapter::fail`], which logs the one line and picks
 //! the errno ([`Error::errno`]). No tree logic lives here.
+//!
+//! Reads are the one operation that may wait (for a job's answer), so their
+//! replies are held in [`Waiting`] until answered: a signal to the reader
+//! (FUSE_INTERRUPT) answers the read with EINTR instead, and the answer
+//! that comes later is dropped.
 
+use std::collections::{HashMap, VecDeque};
 use std::ffi::OsStr;
 use std::io;
 use std::path::Path;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime};
 
 use fuser::{
     Errno, FileAttr, FileHandle, FileType, Filesystem, FopenFlags, Generation, INodeNo, KernelConfig, LockOwner,
     MountOption, OpenFlags, RenameFlags, ReplyAttr, ReplyCreate, ReplyData, ReplyDirectory, ReplyEmpty, ReplyEntry,
-    ReplyOpen, ReplyStatfs, ReplyWrite, ReplyXattr, Request, SessionACL, TimeOrNow, WriteFlags,
+    ReplyOpen, ReplyStatfs, ReplyWrite, ReplyXattr, Request, RequestId, SessionACL, TimeOrNow, WriteFlags,
 };
 
 use crate::error::Error;
@@ -25,11 +31,12 @@ const TTL: Duration = Duration::from_secs(1);
 
 pub struct Adapter {
     fs: Arc<Fs>,
+    reads: Arc<Waiting<ReplyData>>,
 }
 
 impl Adapter {
     pub fn new(fs: Arc<Fs>) -> Adapter {
-        Adapter { fs }
+        Adapter { fs, reads: Arc::default() }
     }
 
     fn fail(op: &str, err: Error) -> Errno {
@@ -114,6 +121,13 @@ pub fn init_kernel_config(config: &mut KernelConfig) -> io::Result<()> {
 impl Filesystem for Adapter {
     fn init(&mut self, _req: &Request, config: &mut KernelConfig) -> io::Result<()> {
         init_kernel_config(config)
+    }
+
+    fn interrupt(&self, _req: &Request, unique: RequestId) {
+        if let Some(reply) = self.reads.interrupt(unique.0) {
+            tracing::debug!(unique = unique.0, "read interrupted by a signal");
+            reply.error(Errno::EINTR);
+        }
     }
 
     fn lookup(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEntry) {
@@ -248,7 +262,7 @@ impl Filesystem for Adapter {
 
     fn read(
         &self,
-        _req: &Request,
+        req: &Request,
         _ino: INodeNo,
         fh: FileHandle,
         offset: u64,
@@ -257,10 +271,21 @@ impl Filesystem for Adapter {
         _lock_owner: Option<LockOwner>,
         reply: ReplyData,
     ) {
-        // The reply may be sent later, from the thread that ends a job.
-        self.fs.read(fh.0, offset, size, move |result| match result {
-            Ok(data) => reply.data(&data),
-            Err(e) => reply.error(Self::fail("read", e)),
+        // The reply may be sent later, from the thread that ends a job, or
+        // sooner, by `interrupt`.
+        let unique = req.unique().0;
+        if let Err(reply) = self.reads.hold(unique, reply) {
+            return reply.error(Errno::EINTR);
+        }
+        let reads = self.reads.clone();
+        self.fs.read(fh.0, offset, size, move |result| {
+            let Some(reply) = reads.take(unique) else {
+                return; // interrupted: answered with EINTR
+            };
+            match result {
+                Ok(data) => reply.data(&data),
+                Err(e) => reply.error(Self::fail("read", e)),
+            }
         });
     }
 
@@ -404,6 +429,61 @@ pub fn clear_stale_mount(path: &Path) -> io::Result<bool> {
     }
 }
 
+/// Replies held by request id until answered, and the ids of interrupts
+/// that came first. The kernel interrupts only a request some thread has
+/// read, but that thread may not have called [`Waiting::hold`] yet: such an
+/// interrupt is remembered (the last [`Waiting::EARLY`]), and the hold that
+/// follows answers EINTR at once. Request ids are not reused.
+struct Waiting<R> {
+    inner: Mutex<(HashMap<u64, R>, VecDeque<u64>)>,
+}
+
+impl<R> Default for Waiting<R> {
+    fn default() -> Self {
+        Waiting { inner: Mutex::default() }
+    }
+}
+
+impl<R> Waiting<R> {
+    /// Interrupts remembered for requests not (yet) held: most are of
+    /// requests already answered, so a few suffice.
+    const EARLY: usize = 64;
+
+    /// Holds `reply` for request `unique`; gives it back if that request
+    /// was interrupted already (answer EINTR).
+    fn hold(&self, unique: u64, reply: R) -> std::result::Result<(), R> {
+        let mut inner = self.inner.lock().unwrap();
+        let (held, early) = &mut *inner;
+        if let Some(i) = early.iter().position(|&u| u == unique) {
+            early.remove(i);
+            return Err(reply);
+        }
+        held.insert(unique, reply);
+        Ok(())
+    }
+
+    /// The reply to answer request `unique` with; `None` once an interrupt
+    /// has taken it.
+    fn take(&self, unique: u64) -> Option<R> {
+        self.inner.lock().unwrap().0.remove(&unique)
+    }
+
+    /// The reply of interrupted request `unique`, to answer with EINTR;
+    /// `None` if it is not held (answered already, or not yet held).
+    fn interrupt(&self, unique: u64) -> Option<R> {
+        let mut inner = self.inner.lock().unwrap();
+        let (held, early) = &mut *inner;
+        let reply = held.remove(&unique);
+        if reply.is_none() {
+            if early.len() == Self::EARLY {
+                early.pop_front();
+            }
+            early.push_back(unique);
+        }
+        reply
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -413,5 +493,41 @@ mod tests {
         let o = Opened { fh: 1, direct_io: true, keep_cache: false, stream: true, no_flush: true };
         assert!(fopen_flags(&o).contains(FopenFlags::FOPEN_NOFLUSH | FopenFlags::FOPEN_DIRECT_IO));
         assert!(!fopen_flags(&Opened { no_flush: false, ..o }).contains(FopenFlags::FOPEN_NOFLUSH));
+    }
+
+    #[test]
+    fn an_interrupt_takes_a_held_reply_and_the_answer_finds_none() {
+        let w = Waiting::default();
+        w.hold(7, "reply").unwrap();
+        assert_eq!(w.interrupt(7), Some("reply"));
+        assert_eq!(w.take(7), None, "the late answer is dropped");
+    }
+
+    #[test]
+    fn an_answer_first_leaves_the_interrupt_nothing() {
+        let w = Waiting::default();
+        w.hold(7, "reply").unwrap();
+        assert_eq!(w.take(7), Some("reply"));
+        assert_eq!(w.interrupt(7), None);
+    }
+
+    #[test]
+    fn an_interrupt_before_its_hold_is_remembered_once() {
+        let w = Waiting::default();
+        assert_eq!(w.interrupt(7), None);
+        assert_eq!(w.hold(7, "reply"), Err("reply"), "answered EINTR at once");
+        w.hold(8, "other").unwrap();
+        assert_eq!(w.take(8), Some("other"), "other requests are untouched");
+    }
+
+    #[test]
+    fn early_interrupts_are_bounded() {
+        let w = Waiting::default();
+        for unique in 0..1000 {
+            w.interrupt(unique);
+        }
+        assert_eq!(w.inner.lock().unwrap().1.len(), Waiting::<()>::EARLY);
+        assert_eq!(w.hold(999, ()), Err(()), "the newest are kept");
+        assert_eq!(w.hold(0, ()), Ok(()));
     }
 }

@@ -285,6 +285,47 @@ fn waiting_readers_hold_no_fuse_thread() {
     assert_eq!(job_file(&m, ids[0].parse().unwrap(), "status"), "cancelled\n");
 }
 
+/// A reader blocked on an answer returns on a signal (FUSE_INTERRUPT
+/// answered with EINTR): Ctrl-C stops `cat`, and a program that handles
+/// the signal sees its `read` fail with EINTR, while the job goes on.
+#[test]
+fn a_blocked_read_returns_on_a_signal() {
+    // Every run on the simulated GPU takes 60 s.
+    let m = Mount::start_with(&["--simulate-gpu", "1G,60000"]);
+    import(&m, "mlp", &fixture("mlp.onnx"));
+    write_file(&m.path("models/mlp/config.json"), br#"{"device": "gpu0"}"#).unwrap();
+    let id = read(m.path("models/mlp/v1/clone")).trim().to_string();
+    let body = format!("[[{}]]", vec!["1"; 16].join(","));
+    write_file(&m.path(&format!("jobs/{id}/input")), body.as_bytes()).unwrap();
+
+    let start = Instant::now();
+    let out = sh(&m.mnt, &format!("timeout -s INT 1 cat jobs/{id}/output; echo rc=$?"));
+    assert_eq!(String::from_utf8_lossy(&out.stdout), "rc=124\n", "{out:?}");
+    assert!(start.elapsed() < Duration::from_secs(20), "SIGINT took {:?}", start.elapsed());
+
+    // The same for a one-handle `infer` reader whose handler raises.
+    let start = Instant::now();
+    let script = format!(
+        "import os, signal\n\
+         def stop(*_): raise TimeoutError\n\
+         signal.signal(signal.SIGALRM, stop)\n\
+         f = os.open('models/mlp/v1/infer', os.O_RDWR)\n\
+         os.write(f, b'{body}')\n\
+         signal.alarm(1)\n\
+         try:\n    os.read(f, 4096); print('answered')\n\
+         except TimeoutError: print('interrupted')\n"
+    );
+    let out = Command::new("python3").arg("-c").arg(script).current_dir(&m.mnt).output().unwrap();
+    assert_eq!(String::from_utf8_lossy(&out.stdout), "interrupted\n", "{out:?}");
+    assert!(start.elapsed() < Duration::from_secs(20), "SIGALRM took {:?}", start.elapsed());
+
+    // The job was not harmed, and the mount answers.
+    assert_eq!(job_file(&m, id.parse().unwrap(), "status"), "running\n");
+    assert!(read(m.path("status")).contains("\"version\""));
+    std::fs::write(m.path(&format!("jobs/{id}/ctl")), "cancel\n").unwrap();
+    assert_eq!(errno(std::fs::read(m.path(&format!("jobs/{id}/output")))), libc::ECANCELED);
+}
+
 #[test]
 fn job_files_ctl_and_priority() {
     let m = Mount::start();

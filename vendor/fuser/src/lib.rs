@@ -409,6 +409,14 @@ pub trait Filesystem: Send + Sync + 'static {
     /// Called on filesystem exit.
     fn destroy(&mut self) {}
 
+    /// The kernel asks to interrupt request `unique` (of an earlier call,
+    /// see [`Request::unique`]): its caller got a signal. The filesystem
+    /// may answer that request now with [`Errno::EINTR`] or ignore this;
+    /// there is no reply to this call itself. With several threads, the
+    /// interrupt may arrive before the call it interrupts has started.
+    /// The default ignores it.
+    fn interrupt(&self, _req: &Request, _unique: RequestId) {}
+
     /// Look up a directory entry by name and get its attributes.
     fn lookup(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEntry) {
         warn!("[Not Implemented] lookup(parent: {parent:#x?}, name {name:?})");
