@@ -84,6 +84,29 @@ def external(path, target):
     os.replace(tmp, path)
 
 
+def external_tree(path):
+    """A multi-file ONNX model, PATH/model.onnx with its weights as external
+    data in PATH/weights/w.bin: y = x + [0, 1, ..., 15]."""
+    tmp = path + ".tmp"
+    os.makedirs(os.path.join(tmp, "weights"), exist_ok=True)
+    np.arange(16, dtype=np.float32).tofile(os.path.join(tmp, "weights", "w.bin"))
+    w = helper.make_tensor("w", TensorProto.FLOAT, [16], [0.0] * 16)
+    w.ClearField("float_data")
+    w.data_location = TensorProto.EXTERNAL
+    for key, value in [("location", "weights/w.bin"), ("offset", "0"), ("length", "64")]:
+        entry = w.external_data.add()
+        entry.key, entry.value = key, value
+    graph = helper.make_graph(
+        [helper.make_node("Add", ["x", "w"], ["y"])],
+        "external_tree",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [16])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [16])],
+        [w],
+    )
+    onnx.save(helper.make_model(graph, opset_imports=OPSET), os.path.join(tmp, "model.onnx"))
+    os.replace(tmp, path)
+
+
 def slow(path, steps=400, n=1024):
     """y = x + (W^steps applied to ones): `steps` chained n x n MatMuls (seconds
     of work on one thread), for stopping a run mid-way. Not run here."""
@@ -149,6 +172,9 @@ def main():
         dest = os.path.join(out, name)
         if not os.path.exists(dest):
             make(dest)
+    dest = os.path.join(out, "external_tree")
+    if not os.path.exists(dest):
+        external_tree(dest)
     dest = os.path.join(out, "external.onnx")
     if not os.path.exists(dest):
         external(dest, os.path.join(out, "mlp.onnx"))

@@ -200,6 +200,41 @@ fn bad_models_fail_cp_and_leave_nothing() {
     assert!(m.log_text().contains("invalid model \"external.onnx\": "), "{}", m.log_text());
 }
 
+/// A model of several files arrives as a tar stream: `vN/` is the same tree
+/// (`diff -r` passes), ONNX Runtime reads external data from it, and a bad
+/// archive fails the `cp` and leaves nothing.
+#[test]
+fn multi_file_versions_through_tar() {
+    let m = Mount::start();
+    let src = fixture("external_tree");
+    let src = src.display();
+    sh_ok(&m.mnt, &format!("mkdir models/ext && tar -C {src} -cf - . > models/ext/model.tar"));
+    let same = format!(
+        "diff -r {} {src} models/ext/v1",
+        ["digest", "meta.json", "stats", "signature", "infer", "clone", "error"].map(|f| format!("-x {f}")).join(" ")
+    );
+    sh_ok(&m.mnt, &same);
+    let out = sh_ok(&m.mnt, &format!("echo '{:?}' > models/ext/v1/infer && cat models/ext/v1/infer", [1.0f32; 16]));
+    let y: Vec<f32> = serde_json::from_str(&out).unwrap();
+    assert_eq!(y, (1..=16).map(|i| i as f32).collect::<Vec<_>>());
+    // The same tree gzipped: no new version.
+    sh_ok(&m.mnt, &format!("tar -C {src} -czf - . > models/ext/model.tgz"));
+    assert_eq!(ls(&m, "models/ext"), ["config.json", "latest", "trust", "v1"]);
+
+    // A symlink in the tree: the cp fails with the reason in the log.
+    let evil = m.dir.path().join("evil");
+    sh_ok(
+        m.dir.path(),
+        &format!("mkdir evil && cp -r {src}/. evil/ && ln -s /etc/passwd evil/link && tar -C evil -cf evil.tar ."),
+    );
+    sh_err(&m.mnt, &format!("cp {}.tar models/ext/", evil.display()), "Invalid argument");
+    assert!(m.log_text().contains("link: symlink members are not allowed"), "{}", m.log_text());
+    assert_eq!(ls(&m, "models/ext"), ["config.json", "latest", "trust", "v1"]);
+    // `cp -r` of a directory is refused at its mkdir, pointing at tar.
+    sh_err(&m.mnt, &format!("cp -r {src} models/ext/"), "Operation not permitted");
+    assert!(m.log_text().contains("tar -C DIR -cf - . > models/ext/model.tar"), "{}", m.log_text());
+}
+
 #[test]
 fn bad_names_and_read_only_versions() {
     let m = Mount::start();

@@ -88,13 +88,16 @@ impl OnnxRuntime {
 }
 
 /// The one `.onnx` file of a version: its name and path.
+/// The version's one `.onnx` file; the others (external data) sit beside
+/// it as the version's tree places them, and ONNX Runtime reads them
+/// relative to it.
 fn model_file(files: &Files) -> Result<(&str, &Path)> {
     let mut onnx = files.iter().filter(|(name, _)| name.ends_with(".onnx"));
     match (onnx.next(), onnx.next()) {
         (Some((name, path)), None) => Ok((name, path)),
         _ => Err(Error::InvalidModel {
             name: files.keys().cloned().collect::<Vec<_>>().join(", "),
-            why: "an ONNX version is exactly one .onnx file".into(),
+            why: "an ONNX version has exactly one .onnx file".into(),
         }),
     }
 }
@@ -113,7 +116,7 @@ impl Backend for OnnxRuntime {
     }
 
     fn handles(&self, names: &[&str]) -> bool {
-        matches!(names, [name] if name.ends_with(".onnx"))
+        names.iter().filter(|name| name.ends_with(".onnx")).count() == 1
     }
 
     fn inspect(&self, files: &Files) -> Result<Signature> {

@@ -56,7 +56,8 @@ impl Rig {
         let mut upload = self.store.begin_upload().unwrap();
         upload.write_at(0, &spec.to_file()).unwrap();
         let backends = Backends::new(vec![Arc::new(self.fake.clone()) as Arc<dyn Backend>]);
-        match self.store.import(model, "m.fake", upload, None, |files| backends.inspect(files)).unwrap() {
+        match self.store.import(model, vec![("m.fake".into(), upload)], None, |files| backends.inspect(files)).unwrap()
+        {
             Imported::New(n) | Imported::Existing(n) => n,
         }
     }

@@ -254,7 +254,11 @@ impl Fs {
                 kind: match child {
                     Node::Link { .. } => Kind::Symlink,
                     Node::Root | Node::Models | Node::Devices | Node::Jobs | Node::Blobs => Kind::Dir,
-                    Node::Model(_) | Node::Version { .. } | Node::Device(_) | Node::Job(_) => Kind::Dir,
+                    Node::Model(_)
+                    | Node::Version { .. }
+                    | Node::VersionDir { .. }
+                    | Node::Device(_)
+                    | Node::Job(_) => Kind::Dir,
                     _ => Kind::File,
                 },
                 name,

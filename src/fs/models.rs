@@ -59,6 +59,7 @@ impl Fs {
             | Node::JobFile(_, JobFile::Input | JobFile::Priority | JobFile::Ctl)
                 if !owner_or_mode && change.size.is_none_or(|s| s == 0) => {}
             Node::Version { .. }
+            | Node::VersionDir { .. }
             | Node::VersionFile { .. }
             | Node::Blob(_)
             | Node::Link { .. }
@@ -87,10 +88,15 @@ impl Fs {
                 tracing::info!(model = %m.name, uid = caller.uid, "created model");
                 self.attr(&Node::Model(m.name.clone()))
             }
+            // So `cp -r DIR models/x/` fails at once: a directory copied file
+            // by file has no moment at which it is complete.
             Node::Model(model) => Err(Error::NotPermitted(format!(
-                "models/{model}: versions are made by copying a model file in, not by mkdir"
+                "models/{model}: versions are made by copying a model file in, not by mkdir \
+                 (a model of several files: tar -C DIR -cf - . > models/{model}/model.tar)"
             ))),
-            node @ (Node::Version { .. } | Node::Blobs) => Err(Error::ReadOnly(self.describe(&node))),
+            node @ (Node::Version { .. } | Node::VersionDir { .. } | Node::Blobs) => {
+                Err(Error::ReadOnly(self.describe(&node)))
+            }
             node => Err(Error::NotPermitted(format!("{}: cannot make directories here", self.describe(&node)))),
         }
     }
@@ -110,6 +116,11 @@ impl Fs {
                 self.engine.abandon_new_jobs(&model, number);
                 tracing::info!(model = %model, version = number, "deleted version");
                 Ok(())
+            }
+            // Removed with its version (so `rm -r` of a version works).
+            Node::VersionDir { model, number, .. } => {
+                self.store.check_deletable(&*self.store.model(&model)?, number)?;
+                self.check_no_jobs(&model, number)
             }
             node @ (Node::Link { .. } | Node::VersionFile { .. } | Node::Blob(_)) => {
                 Err(Error::NotDir(self.describe(&node)))
@@ -138,7 +149,9 @@ impl Fs {
                 self.check_no_jobs(&model, number)
             }
             node @ Node::Imported { .. } => Err(Error::NotFound(self.describe(&node))),
-            node @ (Node::Model(_) | Node::Version { .. }) => Err(Error::IsDir(self.describe(&node))),
+            node @ (Node::Model(_) | Node::Version { .. } | Node::VersionDir { .. }) => {
+                Err(Error::IsDir(self.describe(&node)))
+            }
             node @ Node::Blob(_) => Err(Error::ReadOnly(self.describe(&node))),
             node => Err(Error::NotPermitted(format!("{}: belongs to the daemon", self.describe(&node)))),
         }

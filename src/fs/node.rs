@@ -56,6 +56,13 @@ pub enum Node {
         model: String,
         number: u32,
     },
+    /// A directory inside a multi-file version, by its path there
+    /// (`1_Pooling`).
+    VersionDir {
+        model: String,
+        number: u32,
+        dir: String,
+    },
     VersionFile {
         model: String,
         number: u32,
@@ -90,7 +97,7 @@ pub enum Node {
 
 #[derive(Clone, Debug, PartialEq, Eq, Hash)]
 pub enum VersionFile {
-    /// A model file, by name.
+    /// A model file, by its path in the version (`1_Pooling/config.json`).
     Model(String),
     Digest,
     Meta,
@@ -147,6 +154,7 @@ impl Fs {
             Node::Model(m) => format!("models/{m}"),
             Node::Link { model, alias } => format!("models/{model}/{alias}"),
             Node::Version { model, number } => format!("models/{model}/v{number}"),
+            Node::VersionDir { model, number, dir } => format!("models/{model}/v{number}/{dir}"),
             Node::VersionFile { model, number, file } => {
                 let name = match file {
                     VersionFile::Model(name) => name.as_str(),

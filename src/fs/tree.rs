@@ -10,7 +10,7 @@ use crate::error::{Error, Result};
 use crate::store::{self, Digest, Model, Version, LATEST};
 
 use super::handles::Handle;
-use super::node::JOB_FILES;
+use super::node::{JOB_FILES, VERSION_FILES};
 use super::{Fs, JobFile, Kind, Node, VersionFile};
 /// Attributes of a node, as `stat` shows them.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -68,6 +68,12 @@ impl Fs {
         let missing = || Error::NotFound(format!("{}/{name}", self.describe(parent)));
         Ok(match parent {
             // Small fixed directories: their listing is the one place that names them.
+            Node::Version { model, number } if !VERSION_FILES.contains(&name) => {
+                self.version_member(model, *number, name)?.ok_or_else(missing)?
+            }
+            Node::VersionDir { model, number, dir } => {
+                self.version_member(model, *number, &format!("{dir}/{name}"))?.ok_or_else(missing)?
+            }
             Node::Root | Node::Version { .. } | Node::Device(_) | Node::Job(_) => self
                 .children(parent)?
                 .into_iter()
@@ -142,12 +148,11 @@ impl Fs {
                 )
                 .collect()
             }
+            Node::VersionDir { model, number, dir } => self.version_listing(model, *number, &format!("{dir}/"))?,
             Node::Version { model, number } => {
-                let (_, v) = self.version(model, *number)?;
                 let file = |file| Node::VersionFile { model: model.clone(), number: *number, file };
-                v.files
-                    .keys()
-                    .map(|name| (name.clone(), file(VersionFile::Model(name.clone()))))
+                self.version_listing(model, *number, "")?
+                    .into_iter()
                     .chain([
                         ("digest".to_string(), file(VersionFile::Digest)),
                         ("meta.json".to_string(), file(VersionFile::Meta)),
@@ -175,6 +180,44 @@ impl Fs {
             }
             _ => return Err(Error::NotDir(format!("inode {}", self.ino(node)))),
         })
+    }
+
+    /// The file or directory at `path` inside a version, if there is one.
+    fn version_member(&self, model: &str, number: u32, path: &str) -> Result<Option<Node>> {
+        let (_, v) = self.version(model, number)?;
+        let (model, dir_prefix) = (model.to_string(), format!("{path}/"));
+        Ok(if v.files.contains_key(path) {
+            Some(Node::VersionFile { model, number, file: VersionFile::Model(path.to_string()) })
+        } else if v.files.range(dir_prefix.clone()..).next().is_some_and(|(p, _)| p.starts_with(&dir_prefix)) {
+            Some(Node::VersionDir { model, number, dir: path.to_string() })
+        } else {
+            None
+        })
+    }
+
+    /// The model files and directories of a version directly under `prefix`
+    /// (`""` for its top, else a directory's path and `/`).
+    fn version_listing(&self, model: &str, number: u32, prefix: &str) -> Result<Vec<(String, Node)>> {
+        let (_, v) = self.version(model, number)?;
+        let mut entries: Vec<(String, Node)> = Vec::new();
+        // Paths with one prefix are contiguous in the sorted manifest.
+        for path in v.files.range(prefix.to_string()..).map(|(p, _)| p).take_while(|p| p.starts_with(prefix)) {
+            let (name, node) = match path[prefix.len()..].split_once('/') {
+                Some((dir, _)) => {
+                    if entries.last().is_some_and(|(last, _)| last == dir) {
+                        continue;
+                    }
+                    let dir_path = format!("{prefix}{dir}");
+                    (dir, Node::VersionDir { model: model.to_string(), number, dir: dir_path })
+                }
+                None => (
+                    &path[prefix.len()..],
+                    Node::VersionFile { model: model.to_string(), number, file: VersionFile::Model(path.clone()) },
+                ),
+            };
+            entries.push((name.to_string(), node));
+        }
+        Ok(entries)
     }
 
     // ---- attributes and content -------------------------------------------
@@ -210,7 +253,7 @@ impl Fs {
                 let len = format!("v{n}").len() as u64;
                 (Kind::Symlink, len, 0o777, m.uid, m.gid, secs(m.created))
             }
-            Node::Version { model, number } => {
+            Node::Version { model, number } | Node::VersionDir { model, number, .. } => {
                 let (m, v) = self.version(model, *number)?;
                 // Writable in mode so that the kernel lets `rm -r` reach us;
                 // every change inside is refused (EROFS) but removal.

@@ -7,7 +7,7 @@ use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
 use crate::error::{Error, Result};
-use crate::store::{self, Imported, Store, Upload};
+use crate::store::{self, Archive, Imported, Store, Upload};
 
 use super::handles::{Handle, Opened, Written};
 use super::node::VERSION_FILES;
@@ -45,7 +45,9 @@ impl Fs {
     pub fn create(&self, parent: u64, name: &OsStr, mode: u32, caller: Caller) -> Result<(Attr, Opened)> {
         let model = match self.node(parent)? {
             Node::Model(model) => model,
-            node @ (Node::Version { .. } | Node::Blobs) => return Err(Error::ReadOnly(self.describe(&node))),
+            node @ (Node::Version { .. } | Node::VersionDir { .. } | Node::Blobs) => {
+                return Err(Error::ReadOnly(self.describe(&node)))
+            }
             Node::Models => {
                 return Err(Error::NotPermitted(
                     "models/ holds model directories: mkdir models/NAME, then copy the model file into it".into(),
@@ -79,7 +81,10 @@ impl Fs {
 
     /// A new upload of `file_name` into a model; returns its handle.
     pub(super) fn start_upload(&self, model: String, file_name: &str, mode: u32, caller: Caller) -> Result<u64> {
-        self.backends.for_files(&[file_name])?;
+        // An archive's backend is known once its members are.
+        if Archive::of(file_name).is_none() {
+            self.backends.for_files(&[file_name])?;
+        }
         let pending = Pending {
             model,
             file_name: file_name.to_string(),
@@ -100,8 +105,22 @@ impl Fs {
         let file_name = p.file_name.clone();
         let signature = self.signatures.lock().unwrap().remove(&(p.model.clone(), file_name.clone(), p.uid));
         let signature = signature.filter(|(_, at)| at.elapsed() < SIGNATURE_WAIT).map(|(s, _)| s);
+        let files = match Archive::of(&file_name) {
+            Some(kind) => {
+                let members = self.store.unpack(&p.path(), &upload, kind, p.max)?;
+                drop(upload); // the archive itself is not kept
+                if let Some((path, _)) = members.iter().find(|(path, _)| VERSION_FILES.contains(&top(path))) {
+                    return Err(Error::InvalidModel {
+                        name: p.path(),
+                        why: format!("{path}: {} is reserved for the files aifs adds to every version", top(path)),
+                    });
+                }
+                members
+            }
+            None => vec![(file_name.clone(), upload)],
+        };
         let inspect = |files: &_| self.backends.inspect(files);
-        let imported = self.store.import(&p.model, &file_name, upload, signature.as_deref(), inspect)?;
+        let imported = self.store.import(&p.model, files, signature.as_deref(), inspect)?;
         let (number, what) = match imported {
             Imported::New(n) => (n, "imported new version"),
             Imported::Existing(n) => (n, "content identical to an existing version; no new version"),
@@ -120,6 +139,11 @@ impl Fs {
         held.insert((model.to_string(), target.to_string(), uid), (signature, Instant::now()));
         tracing::info!(model, file = target, "signature held for the import to come");
     }
+}
+
+/// A path's first component.
+fn top(path: &str) -> &str {
+    path.split('/').next().unwrap_or(path)
 }
 
 /// A signature copied in for (model, file), and when: see

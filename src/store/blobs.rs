@@ -110,9 +110,13 @@ impl Staged {
         &self.files
     }
 
-    /// Links `target` in as `name`; returns the link's path.
+    /// Links `target` in as `name` (a path inside a version: its
+    /// directories are made); returns the link's path.
     pub(super) fn link(&mut self, name: &str, target: &Path) -> Result<PathBuf> {
         let path = self.dir.join(name);
+        if let Some(parent) = path.parent().filter(|p| *p != self.dir) {
+            fs::create_dir_all(parent).map_err(|e| Error::io(format!("staging {name}"), e))?;
+        }
         fs::hard_link(target, &path).map_err(|e| Error::io(format!("staging {name}"), e))?;
         self.files.insert(name.to_string(), path.clone());
         Ok(path)

@@ -17,7 +17,7 @@ use crate::backend::{Files, Inspected};
 use crate::error::{Error, Result};
 
 use super::blobs::{remove_file_if_present, sync_dir};
-use super::names::validate_name;
+use super::names::normalize_path;
 use super::{now_secs, Digest, Store, Version};
 
 /// What a successful import did.
@@ -45,54 +45,77 @@ impl Store {
         Ok(Upload { file, path: Some(path), len: 0 })
     }
 
-    /// Commits an upload as the next version of `model`, file name
-    /// `file_name`. `inspect` must load the version's files with a backend
-    /// (it runs on the temp file before anything is committed); its error
-    /// leaves nothing behind. The version records the backend it names.
-    /// `signature` is a minisign signature of the version's manifest, if
-    /// one came with it: the model's trust policy decides
-    /// ([`super::Trust::check`]), and the version records who signed.
+    /// Commits uploads as the next version of `model`: `files` are its
+    /// files by path (one for a model file copied in; an archive's members,
+    /// see [`Store::unpack`]). `inspect` must load the version's files
+    /// with a backend (it runs on the temp files before anything is
+    /// committed); its error leaves nothing behind. The version records
+    /// the backend it names. `signature` is a minisign signature of the
+    /// version's manifest, if one came with it: the model's trust policy
+    /// decides ([`super::Trust::check`]), and the version records who
+    /// signed. Content equal to an existing version's (the same paths and
+    /// bytes) makes no new version.
     pub fn import(
         &self,
         model: &str,
-        file_name: &str,
-        upload: Upload,
+        files: Vec<(String, Upload)>,
         signature: Option<&[u8]>,
         inspect: impl FnOnce(&Files) -> Result<Inspected>,
     ) -> Result<Imported> {
-        validate_name(file_name.as_bytes())?;
+        for (path, _) in &files {
+            if normalize_path(path.as_bytes()).ok().flatten().as_deref() != Some(path.as_str()) {
+                return Err(Error::InvalidName { name: path.clone(), why: "not a path inside a version" });
+            }
+        }
         self.model(model)?;
         // The fsync, the sha256 and the backend's load each take a good
         // part of a large import; they overlap (all must succeed before the
         // commit). Hashing here rather than as the bytes arrive keeps it
-        // off the writes' path: the file is still in the page cache.
-        let (synced, digest, inspected) = std::thread::scope(|scope| {
-            let sync = scope.spawn(|| upload.sync());
-            let hash = scope.spawn(|| upload.digest());
-            let path = upload.path.as_deref().expect("a live upload has a path");
+        // off the writes' path: the files are still in the page cache.
+        let (synced, digests, inspected) = std::thread::scope(|scope| {
+            let sync = scope.spawn(|| files.iter().try_for_each(|(_, u)| u.sync()));
+            let hash = scope.spawn(|| files.iter().map(|(_, u)| u.digest()).collect::<Result<Vec<_>>>());
             let inspected = self.staging().and_then(|mut staged| {
-                staged.link(file_name, path)?;
+                for (path, upload) in &files {
+                    staged.link(path, upload.path.as_deref().expect("a live upload has a path"))?;
+                }
                 inspect(staged.files())
             });
             (joined(sync.join(), "syncing"), joined(hash.join(), "hashing"), inspected)
         });
         synced?;
-        let finished = Finished { digest: digest?, upload };
+        let digests = digests?;
         let inspected = inspected?;
+        let manifest: BTreeMap<String, Digest> =
+            files.iter().zip(&digests).map(|((path, _), digest)| (path.clone(), *digest)).collect();
 
         let _w = self.writer.lock().unwrap();
         let current = self.model(model)?; // it may have been removed meanwhile
-        if let Some(v) =
-            current.versions.values().find(|v| v.files.len() == 1 && v.files.values().next() == Some(&finished.digest))
-        {
+                                          // A model file is the same content under any name; a tree is the
+                                          // same only with the same paths.
+        let same = |v: &Version| {
+            v.files == manifest || (manifest.len() == 1 && v.files.len() == 1 && v.files.values().eq(manifest.values()))
+        };
+        if let Some(v) = current.versions.values().find(|v| same(v)) {
             return Ok(Imported::Existing(v.number));
         }
-        let digest = finished.digest;
-        let size = finished.upload.len;
-        let files = BTreeMap::from([(file_name.to_string(), digest)]);
-        let manifest = Version::manifest(&files);
-        let signed_by = current.trust.check(model, manifest.as_bytes(), signature)?;
-        let added = finished.persist(&self.blob_path(&digest))?;
+        let text = Version::manifest(&manifest);
+        let signed_by = current.trust.check(model, text.as_bytes(), signature)?;
+        let size = files.iter().map(|(_, u)| u.len).sum();
+        let mut added = Vec::new();
+        let mut persisted = Ok(());
+        for ((_, upload), digest) in files.into_iter().zip(digests) {
+            let len = upload.len;
+            match upload.persist(&self.blob_path(&digest)) {
+                Ok(true) => added.push((digest, len)),
+                Ok(false) => {}
+                Err(e) => {
+                    persisted = Err(e);
+                    break;
+                }
+            }
+        }
+        let persisted = persisted.and_then(|()| sync_dir(&self.blobs));
         let mut record = (*current).clone();
         let number = record.next_version;
         record.next_version += 1;
@@ -100,8 +123,8 @@ impl Store {
             number,
             Arc::new(Version {
                 number,
-                digest: Digest::of(manifest.as_bytes()),
-                files,
+                digest: Digest::of(text.as_bytes()),
+                files: manifest,
                 size,
                 created: now_secs(),
                 format: inspected.format,
@@ -110,17 +133,16 @@ impl Store {
                 signed_by,
             }),
         );
-        if let Err(e) = self.put(record) {
-            if added {
-                // Not referenced by anything durable: take it back now rather
-                // than waiting for the next start-up.
-                let _ = remove_file_if_present(&self.blob_path(&digest));
+        if let Err(e) = persisted.and_then(|()| self.put(record)) {
+            // Not referenced by anything durable: take them back now rather
+            // than waiting for the next start-up.
+            for (digest, _) in &added {
+                let _ = remove_file_if_present(&self.blob_path(digest));
             }
             return Err(e);
         }
-        if added {
-            self.bytes.fetch_add(size, Ordering::Relaxed);
-        }
+        let added_bytes: u64 = added.iter().map(|(_, len)| len).sum();
+        self.bytes.fetch_add(added_bytes, Ordering::Relaxed);
         Ok(Imported::New(number))
     }
 }
@@ -170,6 +192,26 @@ impl Upload {
         Ok(())
     }
 
+    /// Moves the temp file to `dest` (the blob of its digest), replacing a
+    /// blob already there: the same name means the same bytes, so this also
+    /// repairs a blob damaged on disk. Returns whether a new blob was added.
+    /// The caller syncs the directory.
+    fn persist(mut self, dest: &Path) -> Result<bool> {
+        let added = !dest.exists();
+        let tmp = self.path.take().expect("a live upload has a path");
+        if let Err(e) = fs::rename(&tmp, dest) {
+            let _ = remove_file_if_present(&tmp);
+            return Err(Error::io(dest.display().to_string(), e));
+        }
+        Ok(added)
+    }
+
+    /// The bytes written, from the start (for unpacking an archive).
+    pub(super) fn reader(&self) -> Result<File> {
+        let path = self.path.as_deref().expect("a live upload has a path");
+        File::open(path).map_err(|e| Error::io("reading upload", e))
+    }
+
     pub fn sync(&self) -> Result<()> {
         self.file.sync_all().map_err(|e| Error::io("syncing upload", e))
     }
@@ -203,27 +245,5 @@ impl Drop for Upload {
                 tracing::warn!("{e}");
             }
         }
-    }
-}
-
-/// An upload whose digest is known and whose bytes are on disk.
-struct Finished {
-    digest: Digest,
-    upload: Upload,
-}
-
-impl Finished {
-    /// Moves the temp file to `dest`, replacing a blob already there: the
-    /// same name means the same bytes, so this also repairs a blob damaged
-    /// on disk. Returns whether a new blob was added.
-    fn persist(mut self, dest: &Path) -> Result<bool> {
-        let added = !dest.exists();
-        let tmp = self.upload.path.take().expect("a live upload has a path");
-        if let Err(e) = fs::rename(&tmp, dest) {
-            let _ = remove_file_if_present(&tmp);
-            return Err(Error::io(dest.display().to_string(), e));
-        }
-        sync_dir(dest.parent().expect("blob paths have a parent"))?;
-        Ok(added)
     }
 }

@@ -28,6 +28,7 @@
 //!   never delete a blob an import is about to reference. Readers use an
 //!   in-memory copy of the catalog and never wait on disk.
 
+mod archive;
 mod blobs;
 mod catalog;
 mod digest;
@@ -35,10 +36,11 @@ mod import;
 mod names;
 mod trust;
 
+pub use archive::{Archive, MAX_MEMBERS};
 pub use catalog::{Model, ModelConfig, Version, PRIORITIES};
 pub use digest::Digest;
 pub use import::{Imported, Upload};
-pub use names::{parse_version_name, validate_name, LATEST};
+pub use names::{normalize_path, parse_version_name, validate_name, LATEST};
 pub use trust::{Policy, Signer, Trust, MAX_SIGNATURE_BYTES};
 
 pub(crate) use blobs::private_dir;

@@ -41,6 +41,39 @@ pub fn parse_version_name(name: &str) -> Option<u32> {
     digits.parse().ok()
 }
 
+/// Longest path a file of a version may have.
+const MAX_PATH: usize = 4096;
+
+/// A path inside a version (a multi-file version's member, e.g.
+/// `1_Pooling/config.json`) as the version stores it: relative,
+/// `/`-separated, `.` components dropped, each component a name as in
+/// [`validate_name`] except that it may start with `.` (`.gitattributes`
+/// belongs to a model's tree). `None` for the root itself (`./`).
+pub fn normalize_path(raw: &[u8]) -> std::result::Result<Option<String>, &'static str> {
+    if raw.starts_with(b"/") {
+        return Err("absolute paths are not allowed");
+    }
+    if raw.len() > MAX_PATH {
+        return Err("a path longer than 4096 bytes");
+    }
+    let mut parts = Vec::new();
+    for part in raw.split(|&b| b == b'/') {
+        match part {
+            b"" | b"." => continue,
+            b".." => return Err("paths with '..' are not allowed"),
+            _ => {}
+        }
+        if part.len() > 255 {
+            return Err("a path component longer than 255 bytes");
+        }
+        if part.iter().any(|&b| b < 0x20 || b == 0x7f) {
+            return Err("a path with a control character");
+        }
+        parts.push(std::str::from_utf8(part).map_err(|_| "a path that is not UTF-8")?);
+    }
+    Ok((!parts.is_empty()).then(|| parts.join("/")))
+}
+
 /// The alias the daemon keeps pointing at the newest version.
 pub const LATEST: &str = "latest";
 
@@ -74,4 +107,20 @@ pub(super) fn resolve_target(model: &Model, target: &str) -> Result<u32> {
         return Err(Error::NotFound(format!("models/{}/{name}", model.name)));
     }
     Ok(number)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn normalize_paths_are_relative_and_clean() {
+        assert_eq!(normalize_path(b"./1_Pooling/config.json"), Ok(Some("1_Pooling/config.json".into())));
+        assert_eq!(normalize_path(b"./"), Ok(None));
+        assert_eq!(normalize_path(b".gitattributes"), Ok(Some(".gitattributes".into())));
+        assert_eq!(normalize_path(b"/etc/passwd"), Err("absolute paths are not allowed"));
+        assert_eq!(normalize_path(b"a/../../b"), Err("paths with '..' are not allowed"));
+        assert_eq!(normalize_path(b"a\nb"), Err("a path with a control character"));
+        assert_eq!(normalize_path(b"\xff"), Err("a path that is not UTF-8"));
+    }
 }

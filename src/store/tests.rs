@@ -93,7 +93,7 @@ fn version_names() {
 #[test]
 fn import_commits_a_version_atomically() {
     let (_dir, store) = new_store();
-    let got = store.import("m", "a.onnx", upload(&store, b"model bytes"), None, ok_inspect).unwrap();
+    let got = store.import("m", vec![("a.onnx".into(), upload(&store, b"model bytes"))], None, ok_inspect).unwrap();
     assert_eq!(got, Imported::New(1));
     let m = store.model("m").unwrap();
     let v = &m.versions[&1];
@@ -110,7 +110,7 @@ fn import_commits_a_version_atomically() {
 fn failed_inspection_leaves_nothing() {
     let (_dir, store) = new_store();
     let err = store
-        .import("m", "a.onnx", upload(&store, b"garbage"), None, |_| {
+        .import("m", vec![("a.onnx".into(), upload(&store, b"garbage"))], None, |_| {
             Err(Error::InvalidModel { name: "a.onnx".into(), why: "nope".into() })
         })
         .unwrap_err();
@@ -124,12 +124,27 @@ fn failed_inspection_leaves_nothing() {
 fn identical_content_makes_no_new_version_and_is_stored_once() {
     let (_dir, store) = new_store();
     store.create_model("other", 0, 0, 0o755).unwrap();
-    assert_eq!(store.import("m", "a.onnx", upload(&store, b"one"), None, ok_inspect).unwrap(), Imported::New(1));
-    assert_eq!(store.import("m", "a.onnx", upload(&store, b"one"), None, ok_inspect).unwrap(), Imported::Existing(1));
-    assert_eq!(store.import("m", "b.onnx", upload(&store, b"one"), None, ok_inspect).unwrap(), Imported::Existing(1));
-    assert_eq!(store.import("m", "a.onnx", upload(&store, b"two"), None, ok_inspect).unwrap(), Imported::New(2));
+    assert_eq!(
+        store.import("m", vec![("a.onnx".into(), upload(&store, b"one"))], None, ok_inspect).unwrap(),
+        Imported::New(1)
+    );
+    assert_eq!(
+        store.import("m", vec![("a.onnx".into(), upload(&store, b"one"))], None, ok_inspect).unwrap(),
+        Imported::Existing(1)
+    );
+    assert_eq!(
+        store.import("m", vec![("b.onnx".into(), upload(&store, b"one"))], None, ok_inspect).unwrap(),
+        Imported::Existing(1)
+    );
+    assert_eq!(
+        store.import("m", vec![("a.onnx".into(), upload(&store, b"two"))], None, ok_inspect).unwrap(),
+        Imported::New(2)
+    );
     // Same bytes in another model: a version there, one blob on disk.
-    assert_eq!(store.import("other", "a.onnx", upload(&store, b"one"), None, ok_inspect).unwrap(), Imported::New(1));
+    assert_eq!(
+        store.import("other", vec![("a.onnx".into(), upload(&store, b"one"))], None, ok_inspect).unwrap(),
+        Imported::New(1)
+    );
     assert_eq!(blob_dir(&store).len(), 2);
     assert_eq!(store.size(), 6);
 }
@@ -140,7 +155,7 @@ fn out_of_order_writes_hash_the_final_bytes() {
     let mut u = store.begin_upload().unwrap();
     u.write_at(3, b"def").unwrap();
     u.write_at(0, b"abc").unwrap();
-    store.import("m", "a.onnx", u, None, ok_inspect).unwrap();
+    store.import("m", vec![("a.onnx".into(), u)], None, ok_inspect).unwrap();
     let v = &store.model("m").unwrap().versions[&1];
     assert_eq!(v.files["a.onnx"], Digest::of(b"abcdef"));
 }
@@ -149,23 +164,26 @@ fn out_of_order_writes_hash_the_final_bytes() {
 fn delete_collects_unreferenced_blobs_only() {
     let (_dir, store) = new_store();
     store.create_model("other", 0, 0, 0o755).unwrap();
-    store.import("m", "a.onnx", upload(&store, b"shared"), None, ok_inspect).unwrap();
-    store.import("m", "a.onnx", upload(&store, b"mine"), None, ok_inspect).unwrap();
-    store.import("other", "a.onnx", upload(&store, b"shared"), None, ok_inspect).unwrap();
+    store.import("m", vec![("a.onnx".into(), upload(&store, b"shared"))], None, ok_inspect).unwrap();
+    store.import("m", vec![("a.onnx".into(), upload(&store, b"mine"))], None, ok_inspect).unwrap();
+    store.import("other", vec![("a.onnx".into(), upload(&store, b"shared"))], None, ok_inspect).unwrap();
     store.delete_version("m", 1).unwrap();
     assert_eq!(blob_dir(&store).len(), 2, "shared blob still used by other/v1");
     store.delete_version("m", 2).unwrap();
     assert_eq!(blob_dir(&store), vec![Digest::of(b"shared").file_name()]);
     assert_eq!(store.size(), 6);
     // Numbers are not reused.
-    assert_eq!(store.import("m", "a.onnx", upload(&store, b"new"), None, ok_inspect).unwrap(), Imported::New(3));
+    assert_eq!(
+        store.import("m", vec![("a.onnx".into(), upload(&store, b"new"))], None, ok_inspect).unwrap(),
+        Imported::New(3)
+    );
 }
 
 #[test]
 fn aliases_pin_versions() {
     let (_dir, store) = new_store();
-    store.import("m", "a.onnx", upload(&store, b"1"), None, ok_inspect).unwrap();
-    store.import("m", "a.onnx", upload(&store, b"2"), None, ok_inspect).unwrap();
+    store.import("m", vec![("a.onnx".into(), upload(&store, b"1"))], None, ok_inspect).unwrap();
+    store.import("m", vec![("a.onnx".into(), upload(&store, b"2"))], None, ok_inspect).unwrap();
     store.create_alias("m", "stable", "v1").unwrap();
     assert_eq!(store.create_alias("m", "stable", "v2").unwrap_err().errno(), libc::EEXIST);
     assert_eq!(store.create_alias("m", "x", "v9").unwrap_err().errno(), libc::ENOENT);
@@ -225,7 +243,7 @@ fn reopen_keeps_everything_and_removes_leftovers() {
     {
         let store = Store::open(dir.path()).unwrap();
         store.create_model("m", 1000, 1000, 0o700).unwrap();
-        store.import("m", "a.onnx", upload(&store, b"kept"), None, ok_inspect).unwrap();
+        store.import("m", vec![("a.onnx".into(), upload(&store, b"kept"))], None, ok_inspect).unwrap();
         store.create_alias("m", "stable", "v1").unwrap();
         // A crash mid-import (temp file) and after the blob rename but
         // before the catalog write (orphan blob):
@@ -273,7 +291,7 @@ fn a_full_disk_is_enospc_and_recovers_by_itself() {
     };
     let store = Store::open(disk.0.path()).unwrap();
     store.create_model("before", 0, 0, 0o755).unwrap();
-    store.import("before", "a.onnx", upload(&store, b"a version"), None, ok_inspect).unwrap();
+    store.import("before", vec![("a.onnx".into(), upload(&store, b"a version"))], None, ok_inspect).unwrap();
     let filler = disk.0.path().join("filler");
     {
         use std::io::Write;
