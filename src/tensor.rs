@@ -97,9 +97,12 @@ pub enum Data {
     Float16(Vec<f16>),
     Float32(Vec<f32>),
     Float64(Vec<f64>),
+    /// UTF-8 text, one string per element (a text model's input).
+    String(Vec<String>),
 }
 
-/// Runs `$body` with `$v` bound to the typed `Vec` inside a [`Data`].
+/// Runs `$body` with `$v` bound to the typed `Vec` inside a [`Data`] of
+/// numbers: the caller handles [`Data::String`] first.
 #[macro_export]
 macro_rules! with_data {
     ($data:expr, $v:ident => $body:expr) => {
@@ -116,6 +119,7 @@ macro_rules! with_data {
             $crate::tensor::Data::Float16($v) => $body,
             $crate::tensor::Data::Float32($v) => $body,
             $crate::tensor::Data::Float64($v) => $body,
+            $crate::tensor::Data::String(_) => unreachable!("the caller handles strings first"),
         }
     };
 }
@@ -135,11 +139,15 @@ impl Data {
             Data::Float16(_) => DType::Float16,
             Data::Float32(_) => DType::Float32,
             Data::Float64(_) => DType::Float64,
+            Data::String(_) => DType::String,
         }
     }
 
     pub fn len(&self) -> usize {
-        with_data!(self, v => v.len())
+        match self {
+            Data::String(v) => v.len(),
+            numbers => with_data!(numbers, v => v.len()),
+        }
     }
 
     pub fn is_empty(&self) -> bool {
@@ -148,7 +156,10 @@ impl Data {
 
     /// The size of the elements in bytes.
     pub fn byte_len(&self) -> usize {
-        with_data!(self, v => std::mem::size_of_val(&v[..]))
+        match self {
+            Data::String(v) => v.iter().map(String::len).sum(),
+            numbers => with_data!(numbers, v => std::mem::size_of_val(&v[..])),
+        }
     }
 
     /// Concatenates data of one dtype (the caller checked they match).
@@ -159,8 +170,16 @@ impl Data {
                     $(Data::$v(_) => Data::$v(
                         parts.iter().flat_map(|p| match p { Data::$v(x) => x.iter().copied(), _ => unreachable!("one dtype") }).collect(),
                     ),)*
+                    Data::String(_) => unreachable!("handled above"),
                 }
             };
+        }
+        if let Data::String(_) = parts[0] {
+            let strings = parts.iter().flat_map(|p| match p {
+                Data::String(x) => x.iter().cloned(),
+                _ => unreachable!("one dtype"),
+            });
+            return Data::String(strings.collect());
         }
         cat!(Bool, Uint8, Int8, Uint16, Int16, Uint32, Int32, Uint64, Int64, Float16, Float32, Float64)
     }
@@ -177,7 +196,7 @@ impl Data {
                 }
             };
         }
-        cut!(Bool, Uint8, Int8, Uint16, Int16, Uint32, Int32, Uint64, Int64, Float16, Float32, Float64)
+        cut!(Bool, Uint8, Int8, Uint16, Int16, Uint32, Int32, Uint64, Int64, Float16, Float32, Float64, String)
     }
 }
 

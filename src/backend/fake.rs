@@ -32,7 +32,7 @@ use crate::device::Target;
 use crate::error::{Error, Result};
 use crate::tensor::{DType, Data, Signature, Tensor, TensorSpec};
 
-use super::{Backend, Files, Instance, Stop};
+use super::{Backend, Details, Files, Instance, Stop};
 
 const NAME: &str = "fake";
 
@@ -162,10 +162,10 @@ impl Backend for Fake {
         names.iter().filter(|name| name.ends_with(".fake")).count() == 1
     }
 
-    fn inspect(&self, files: &Files) -> Result<Signature> {
+    fn inspect(&self, files: &Files) -> Result<(Signature, Details)> {
         let (name, path) = the_file(files)?;
         let spec = Spec::read(path, name)?;
-        Ok(Signature { inputs: spec.inputs, outputs: spec.outputs })
+        Ok((Signature { inputs: spec.inputs, outputs: spec.outputs }, Details::new()))
     }
 
     fn describe(&self) -> serde_json::Value {

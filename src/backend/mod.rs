@@ -15,8 +15,9 @@
 //! (ONNX Runtime sessions are not safe to run concurrently from `ort`), so
 //! the engine keeps a pool of instances per version.
 //!
-//! Backends: ONNX Runtime ([`OnnxRuntime`], `ort.rs`); a fake one for
-//! hermetic tests (`fake.rs`, behind the `fake-backend` feature). No
+//! Backends: ONNX Runtime ([`OnnxRuntime`], `ort.rs`); sentence embeddings
+//! on candle ([`Candle`], `candle.rs`); a fake one for hermetic tests
+//! (`fake.rs`, behind the `fake-backend` feature). No
 //! backend panics on a missing library: failures are [`Error::Backend`].
 
 use std::collections::BTreeMap;
@@ -27,14 +28,19 @@ use crate::device::Target;
 use crate::error::{Error, Result};
 use crate::tensor::{Signature, Tensor};
 
+mod candle;
 #[cfg(any(test, feature = "fake-backend"))]
 pub mod fake;
 mod ort;
 
+pub use self::candle::Candle;
 pub use self::ort::{find_onnxruntime, OnnxRuntime, ONNXRUNTIME_LIB};
 
 /// A version's files as a backend sees them: name → path of the bytes.
 pub type Files = BTreeMap<String, PathBuf>;
+
+/// What a backend says of a model beyond its signature, for `meta.json`.
+pub type Details = serde_json::Map<String, serde_json::Value>;
 
 pub trait Backend: Send + Sync {
     /// Short name shown in `meta.json` and `/status`, and recorded in each
@@ -44,9 +50,10 @@ pub trait Backend: Send + Sync {
     fn format(&self) -> &'static str;
     /// Whether this backend reads a version made of files with these names.
     fn handles(&self, names: &[&str]) -> bool;
-    /// Loads the model to check it and report its signature. An unloadable
-    /// set of files is [`Error::InvalidModel`] with the reason on one line.
-    fn inspect(&self, files: &Files) -> Result<Signature>;
+    /// Loads the model to check it and report its signature, and facts
+    /// for `meta.json` (architecture, pooling, ...). An unloadable set of
+    /// files is [`Error::InvalidModel`] with the reason on one line.
+    fn inspect(&self, files: &Files) -> Result<(Signature, Details)>;
     /// Facts for `/status`.
     fn describe(&self) -> serde_json::Value;
     /// Loads a model from its (already verified) files, ready to run on
@@ -110,6 +117,7 @@ pub struct Inspected {
     pub format: String,
     pub backend: String,
     pub signature: Signature,
+    pub details: Details,
 }
 
 /// The backends a daemon runs with, in order of preference.
@@ -151,11 +159,8 @@ impl Backends {
                 return Err(Error::InvalidModel { name: name.clone(), why: "empty file".into() });
             }
         }
-        Ok(Inspected {
-            format: backend.format().to_string(),
-            backend: backend.name().to_string(),
-            signature: backend.inspect(files)?,
-        })
+        let (signature, details) = backend.inspect(files)?;
+        Ok(Inspected { format: backend.format().to_string(), backend: backend.name().to_string(), signature, details })
     }
 
     pub fn describe(&self) -> Vec<serde_json::Value> {

@@ -14,7 +14,7 @@ use crate::error::{Error, Result};
 use crate::tensor::{DType, Data, Signature, Tensor, TensorSpec};
 use crate::with_data;
 
-use super::{first_line, Backend, Files, Instance, Stop};
+use super::{first_line, Backend, Details, Files, Instance, Stop};
 
 const NAME: &str = "onnxruntime";
 
@@ -119,7 +119,7 @@ impl Backend for OnnxRuntime {
         names.iter().filter(|name| name.ends_with(".onnx")).count() == 1
     }
 
-    fn inspect(&self, files: &Files) -> Result<Signature> {
+    fn inspect(&self, files: &Files) -> Result<(Signature, Details)> {
         let (name, path) = model_file(files)?;
         // ONNX Runtime names the temp file it read; the user knows it by its name.
         let invalid = |e: ::ort::Error| Error::InvalidModel {
@@ -154,7 +154,7 @@ impl Backend for OnnxRuntime {
                 })
                 .collect()
         };
-        Ok(Signature { inputs: specs(session.inputs()), outputs: specs(session.outputs()) })
+        Ok((Signature { inputs: specs(session.inputs()), outputs: specs(session.outputs()) }, Details::new()))
     }
 
     fn describe(&self) -> serde_json::Value {
@@ -198,9 +198,14 @@ impl Instance for OnnxInstance {
     fn run(&mut self, inputs: Vec<Tensor>, stop: &Stop) -> Result<Vec<Tensor>> {
         let mut values: Vec<(String, ::ort::session::SessionInputValue)> = Vec::with_capacity(inputs.len());
         for t in inputs {
-            let value: ::ort::value::DynValue = with_data!(t.data, v => ::ort::value::Tensor::from_array((t.shape, v))
-                .map_err(backend_error)?
-                .into_dyn());
+            let value: ::ort::value::DynValue = match t.data {
+                Data::String(v) => {
+                    ::ort::value::Tensor::from_string_array((t.shape, &v[..])).map_err(backend_error)?.into_dyn()
+                }
+                numbers => with_data!(numbers, v => ::ort::value::Tensor::from_array((t.shape, v))
+                    .map_err(backend_error)?
+                    .into_dyn()),
+            };
             values.push((t.name, value.into()));
         }
         // Stopping sets the run's terminate flag: ONNX Runtime checks it

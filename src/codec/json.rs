@@ -98,9 +98,17 @@ pub(super) fn json_data(name: &str, leaves: &[&Value], dtype: DType) -> Result<D
         DType::Float16 => Data::Float16(leaves.iter().map(|v| float(v).map(f16::from_f64)).collect::<Result<_>>()?),
         DType::Float32 => Data::Float32(leaves.iter().map(|v| float(v).map(|f| f as f32)).collect::<Result<_>>()?),
         DType::Float64 => Data::Float64(leaves.iter().map(|v| float(v)).collect::<Result<_>>()?),
-        DType::Bfloat16 | DType::String | DType::Other => {
-            return Err(bad(format!("input {name:?}: dtype {dtype} is not supported")))
-        }
+        DType::String => Data::String(
+            leaves
+                .iter()
+                .map(|v| {
+                    v.as_str()
+                        .map(String::from)
+                        .ok_or_else(|| bad(format!("input {name:?}: expected a string, got {}", kind(v))))
+                })
+                .collect::<Result<_>>()?,
+        ),
+        DType::Bfloat16 | DType::Other => return Err(bad(format!("input {name:?}: dtype {dtype} is not supported"))),
     })
 }
 
@@ -129,6 +137,7 @@ pub(super) fn flat_values(data: &Data) -> Vec<Value> {
         Data::Int32(v) => v.iter().map(|&x| Value::from(x)).collect(),
         Data::Uint64(v) => v.iter().map(|&x| Value::from(x)).collect(),
         Data::Int64(v) => v.iter().map(|&x| Value::from(x)).collect(),
+        Data::String(v) => v.iter().map(|x| Value::from(x.as_str())).collect(),
     }
 }
 

@@ -10,7 +10,7 @@ use super::{bad, Codec, Request};
 // ---- KServe v2 ---------------------------------------------------------------
 
 /// KServe v2 datatypes and the element types they decode to, both ways.
-pub(super) const KSERVE_DATATYPES: [(&str, DType); 12] = [
+pub(super) const KSERVE_DATATYPES: [(&str, DType); 13] = [
     ("BOOL", DType::Bool),
     ("UINT8", DType::Uint8),
     ("UINT16", DType::Uint16),
@@ -23,6 +23,8 @@ pub(super) const KSERVE_DATATYPES: [(&str, DType); 12] = [
     ("FP16", DType::Float16),
     ("FP32", DType::Float32),
     ("FP64", DType::Float64),
+    // Text, as KServe's JSON form carries it: one string per element.
+    ("BYTES", DType::String),
 ];
 
 pub(super) fn kserve_dtype(datatype: &str) -> Option<DType> {

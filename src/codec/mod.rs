@@ -8,7 +8,12 @@
 //! | `{"inputs": [...]` | KServe v2    | by name, typed    | KServe v2 response                  |
 //! | `\x93NUMPY`        | .npy         | the only input    | .npy of the only (or first) output  |
 //! | `PK\x03\x04`, `PK\x05\x06` (empty) | .npz | by name    | .npz by name                        |
+//! | UTF-8 text (text models) | text | one string per line | JSON array, one row per line  |
 //!
+//! A text model is one whose only input is a string tensor (an embedding
+//! model's `text`). For it, a request that is not JSON (or does not parse
+//! as JSON) is UTF-8 text, one input per line; JSON requests carry strings
+//! (`["a", "b"]`, `{"text": [...]}`, KServe `BYTES`).
 //! JSON carries no element type, so JSON numbers are converted to the
 //! dtype the model declares (a float where an integer is required, or a
 //! value out of the dtype's range, is an error). KServe, .npy and .npz carry
@@ -32,7 +37,7 @@ use std::io::Cursor;
 use serde_json::Value;
 
 use crate::error::{Error, Result};
-use crate::tensor::{Signature, Tensor};
+use crate::tensor::{DType, Data, Signature, Tensor};
 
 use json::{flat_values, json_tensor, json_value};
 use kserve::{kserve_datatype, kserve_request};
@@ -48,6 +53,7 @@ pub enum Codec {
     KServe,
     Npy,
     Npz,
+    Text,
 }
 
 /// A decoded request: the tensors, and what the response needs to know.
@@ -89,12 +95,22 @@ pub fn decode(bytes: &[u8], sig: &Signature, limit: u64) -> Result<Request> {
         });
         return numpy.unwrap_or_else(|_| Err(bad("malformed .npy/.npz header")));
     }
-    match bytes.iter().find(|b| !b.is_ascii_whitespace()) {
-        Some(b'[') | Some(b'{') => {}
-        None => return Err(bad("empty request")),
-        Some(_) => return Err(bad("unrecognized input: expected JSON, .npy or .npz")),
+    let text = match sig.inputs.as_slice() {
+        [only] if only.dtype == DType::String => Some(only.name.as_str()),
+        _ => None,
+    };
+    match (bytes.iter().find(|b| !b.is_ascii_whitespace()), text) {
+        (Some(b'[') | Some(b'{'), _) => {}
+        (None, _) => return Err(bad("empty request")),
+        (Some(_), Some(name)) => return Ok(request(Codec::Text, vec![text_lines(name, bytes)?])),
+        (Some(_), None) => return Err(bad("unrecognized input: expected JSON, .npy or .npz")),
     }
-    let value: Value = serde_json::from_slice(bytes).map_err(|e| bad(format!("malformed JSON: {e}")))?;
+    let value: Value = match (serde_json::from_slice(bytes), text) {
+        (Ok(value), _) => value,
+        // "[citation needed]" is a sentence, not broken JSON.
+        (Err(_), Some(name)) => return Ok(request(Codec::Text, vec![text_lines(name, bytes)?])),
+        (Err(e), None) => return Err(bad(format!("malformed JSON: {e}"))),
+    };
     match value {
         Value::Array(_) => {
             let only = only_input(sig, "a JSON array")?;
@@ -114,6 +130,22 @@ pub fn decode(bytes: &[u8], sig: &Signature, limit: u64) -> Result<Request> {
         }
         _ => unreachable!("first byte was [ or {{"),
     }
+}
+
+/// A text request: UTF-8, one input per line (`\n` or `\r\n`; the last
+/// line's newline is optional). Blank lines are inputs too, so answers
+/// line up with lines.
+fn text_lines(name: &str, bytes: &[u8]) -> Result<Tensor> {
+    let text = std::str::from_utf8(bytes).map_err(|e| {
+        bad(format!("a text request must be UTF-8: invalid byte at offset {} (or send JSON)", e.valid_up_to()))
+    })?;
+    let lines: Vec<String> = text
+        .strip_suffix('\n')
+        .unwrap_or(text)
+        .split('\n')
+        .map(|l| l.strip_suffix('\r').unwrap_or(l).to_string())
+        .collect();
+    Tensor::new(name, vec![lines.len()], Data::String(lines))
 }
 
 fn only_input<'a>(sig: &'a Signature, what: &str) -> Result<&'a str> {
@@ -140,8 +172,21 @@ pub fn encode(request: &Request, mut outputs: Vec<Tensor>, model: &str, version:
         Value::Object(outputs.iter().map(|t| (t.name.clone(), json_value(t))).collect())
     };
     let json = match request.codec {
-        Codec::JsonArray if outputs.len() == 1 => json_value(&outputs[0]),
-        Codec::JsonArray | Codec::JsonObject => by_name(&outputs),
+        // One row per line, as the request had one input per line: still
+        // one JSON document.
+        Codec::Text if outputs.len() == 1 && !outputs[0].shape.is_empty() => {
+            let rows = outputs[0].split(&vec![1; outputs[0].shape[0]]).expect("rows add up");
+            let lines: Vec<String> = rows
+                .iter()
+                .map(|row| {
+                    let Value::Array(mut one) = json_value(row) else { unreachable!("a row of a tensor") };
+                    serde_json::to_string(&one.pop()).expect("JSON values serialize")
+                })
+                .collect();
+            return Ok(format!("[{}]\n", lines.join(",\n")).into_bytes());
+        }
+        Codec::JsonArray | Codec::Text if outputs.len() == 1 => json_value(&outputs[0]),
+        Codec::JsonArray | Codec::JsonObject | Codec::Text => by_name(&outputs),
         Codec::KServe => {
             if let Some(wanted) = &request.outputs {
                 outputs.retain(|t| wanted.contains(&t.name));

@@ -262,6 +262,9 @@ pub(super) fn write_npy(t: &Tensor, out: &mut impl std::io::Write) -> std::io::R
         Data::Float16(v) => ("<f2", bytes(v)),
         Data::Float32(v) => ("<f4", bytes(v)),
         Data::Float64(v) => ("<f8", bytes(v)),
+        Data::String(_) => {
+            return Err(std::io::Error::new(std::io::ErrorKind::InvalidInput, "text outputs have no .npy form"))
+        }
     };
     let dims: Vec<String> = t.shape.iter().map(usize::to_string).collect();
     let shape = if dims.len() == 1 { format!("({},)", dims[0]) } else { format!("({})", dims.join(", ")) };

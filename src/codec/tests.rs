@@ -75,8 +75,8 @@ fn kserve_round_trip() {
     );
     let wrong = br#"{"inputs": [{"name": "x", "shape": [2], "datatype": "FP32", "data": [1, 2, 3]}]}"#;
     assert_eq!(err(wrong, &s), "input \"x\": shape [2] needs 2 elements, got 3");
-    let unknown = br#"{"inputs": [{"name": "x", "shape": [1], "datatype": "BYTES", "data": ["a"]}]}"#;
-    assert_eq!(err(unknown, &s), "input \"x\": unsupported KServe datatype \"BYTES\"");
+    let unknown = br#"{"inputs": [{"name": "x", "shape": [1], "datatype": "BF16", "data": ["a"]}]}"#;
+    assert_eq!(err(unknown, &s), "input \"x\": unsupported KServe datatype \"BF16\"");
 }
 
 /// Headers as NumPy 2's `np.save` wrote them (the test's literals).
@@ -291,4 +291,47 @@ fn nan_and_infinities_survive_json_both_ways() {
     // Any other string is still not a number.
     let e = err(br#"["nan"]"#, &s);
     assert!(e.contains("expected a number (float64), got a string"), "{e}");
+}
+
+fn strings(v: &[&str]) -> Data {
+    Data::String(v.iter().map(|s| s.to_string()).collect())
+}
+
+#[test]
+fn text_models_take_lines_json_strings_and_kserve_bytes() {
+    let s = sig(&[("text", DType::String, &[-1])]);
+    let text = |bytes: &[u8]| {
+        let r = decode_test(bytes, &s).unwrap();
+        (r.codec, r.inputs[0].shape.clone(), r.inputs[0].data.clone())
+    };
+    assert_eq!(text(b"a sentence\n"), (Codec::Text, vec![1], strings(&["a sentence"])));
+    assert_eq!(text(b"one\r\ntwo\n\nfour"), (Codec::Text, vec![4], strings(&["one", "two", "", "four"])));
+    assert_eq!(text("café 日本語 😀".as_bytes()), (Codec::Text, vec![1], strings(&["café 日本語 😀"])));
+    // Text that starts like JSON but is not JSON is text.
+    assert_eq!(text(b"[citation needed]\n"), (Codec::Text, vec![1], strings(&["[citation needed]"])));
+    assert_eq!(text(br#"["a", "b"]"#), (Codec::JsonArray, vec![2], strings(&["a", "b"])));
+    assert_eq!(text(br#"{"text": ["a"]}"#), (Codec::JsonObject, vec![1], strings(&["a"])));
+    let kserve = br#"{"inputs": [{"name": "text", "datatype": "BYTES", "shape": [2], "data": ["x", "y"]}]}"#;
+    assert_eq!(text(kserve), (Codec::KServe, vec![2], strings(&["x", "y"])));
+
+    assert!(err(b"\n\n  \n", &s).contains("empty request"));
+    let e = err(b"ok\xff\xfe", &s);
+    assert!(e.contains("must be UTF-8: invalid byte at offset 2"), "{e}");
+    assert!(err(b"[1, 2]", &s).contains("expected a string, got a number"));
+    // A model with numeric inputs still refuses text.
+    assert!(err(b"a sentence", &sig(&[("x", DType::Float32, &[-1])])).contains("unrecognized input"));
+}
+
+#[test]
+fn text_answers_have_one_row_per_line() {
+    let s = sig(&[("text", DType::String, &[-1])]);
+    let request = decode_test(b"a\nb\n", &s).unwrap();
+    let out = Tensor::new("embedding", vec![2, 2], Data::Float32(vec![0.5, 1.0, -1.0, 0.0])).unwrap();
+    let bytes = encode(&request, vec![out.clone()], "m", 1).unwrap();
+    assert_eq!(String::from_utf8(bytes.clone()).unwrap(), "[[0.5,1.0],\n[-1.0,0.0]]\n");
+    let parsed: Vec<Vec<f32>> = serde_json::from_slice(&bytes).unwrap();
+    assert_eq!(parsed, [[0.5, 1.0], [-1.0, 0.0]]);
+    // JSON in, JSON out as for any model.
+    let request = decode_test(br#"["a", "b"]"#, &s).unwrap();
+    assert_eq!(encode(&request, vec![out], "m", 1).unwrap(), b"[[0.5,1.0],[-1.0,0.0]]\n");
 }

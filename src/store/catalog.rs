@@ -36,6 +36,9 @@ pub struct Version {
     /// Who signed its manifest, when the model's trust policy checked it.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub signed_by: Option<Signer>,
+    /// The backend's facts for `meta.json` (see [`crate::backend::Details`]).
+    #[serde(default, skip_serializing_if = "serde_json::Map::is_empty")]
+    pub details: crate::backend::Details,
 }
 
 impl Version {
@@ -48,16 +51,19 @@ impl Version {
     /// The version's `meta.json`.
     pub fn meta_json(&self) -> serde_json::Value {
         let created = UNIX_EPOCH + std::time::Duration::from_secs(self.created);
-        serde_json::json!({
+        let mut meta = serde_json::json!({
             "format": self.format,
             "backend": self.backend,
             "size": self.size,
             "created": humantime::format_rfc3339_seconds(created).to_string(),
-            "source": self.files.keys().next(),
+            // The file copied in; a tree has no one source.
+            "source": (self.files.len() == 1).then(|| self.files.keys().next()),
             "files": self.files,
             "inputs": self.signature.inputs,
             "outputs": self.signature.outputs,
-        })
+        });
+        meta.as_object_mut().expect("an object").extend(self.details.clone());
+        meta
     }
 }
 

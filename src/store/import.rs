@@ -131,6 +131,7 @@ impl Store {
                 backend: inspected.backend,
                 signature: inspected.signature,
                 signed_by,
+                details: inspected.details,
             }),
         );
         if let Err(e) = persisted.and_then(|()| self.put(record)) {

@@ -14,6 +14,7 @@ fn ok_inspect(_: &Files) -> Result<Inspected> {
             inputs: vec![TensorSpec { name: "x".into(), dtype: DType::Float32, shape: vec![-1], dim_names: vec![] }],
             outputs: vec![],
         },
+        details: Default::default(),
     })
 }
 
