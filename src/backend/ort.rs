@@ -87,7 +87,6 @@ impl OnnxRuntime {
     }
 }
 
-/// The one `.onnx` file of a version: its name and path.
 /// The version's one `.onnx` file; the others (external data) sit beside
 /// it as the version's tree places them, and ONNX Runtime reads them
 /// relative to it.

@@ -100,7 +100,11 @@ impl Shared {
     pub(super) fn make_resident(&self, s: &mut Sched, d: usize, lead: &Job) -> (Arc<Pool>, Vec<Resident>) {
         let device = &self.devices[d];
         let config = self.store.model(&lead.model).map_or_else(|_| lead.inner().config.clone(), |m| m.config.clone());
-        let instances = if config.instances == 0 { self.workers(d) } else { config.instances as usize };
+        let backend = lead.inner().version.as_ref().and_then(|v| self.backends.get(&v.backend).ok());
+        let instances = match config.instances {
+            0 => backend.and_then(|b| b.default_instances()).unwrap_or_else(|| self.workers(d)),
+            n => n as usize,
+        };
         let keep_alive = Duration::from_secs(config.keep_alive_s);
         let file_bytes = lead.inner().version.as_ref().map_or(0, |v| v.size);
         let unloaded = self.make_room(s, d, &lead.digest, file_bytes);
