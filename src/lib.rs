@@ -8,12 +8,15 @@
 //! - [`store`]: content-addressed blobs and the sled catalog of models,
 //!   versions and aliases; atomic imports, dedup, GC, crash recovery.
 //! - [`backend`]: the [`backend::Backend`] trait over a version's files;
-//!   ONNX Runtime, and a fake backend for tests (feature `fake-backend`).
+//!   ONNX Runtime, sentence embeddings on candle, and a fake backend for
+//!   tests (feature `fake-backend`).
 //! - [`engine`]: jobs, the queues, workers, loaded models, job records.
 //! - [`device`]: device probes ([`device::Probe`]); the CPU from `/proc`,
 //!   NVIDIA GPUs, simulated ones.
 //! - [`fs`]: the tree and its semantics as plain Rust, testable without FUSE.
 //! - [`fuse`]: the thin `fuser::Filesystem` adapter over [`fs::Fs`].
+//! - [`repository`]: watched model repositories on the host, kept in step
+//!   with the store.
 //! - [`tensor`]: element types, typed tensors, signatures and the input check.
 //! - [`error`]: the one error type and the one errno mapping.
 //!
@@ -34,6 +37,7 @@ pub mod fs;
 pub mod fuse;
 mod journal;
 mod metrics;
+pub mod repository;
 mod sched;
 pub mod store;
 pub mod tensor;

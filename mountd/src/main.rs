@@ -15,6 +15,7 @@ use aifs::backend::{find_onnxruntime, Backend, Backends, OnnxRuntime};
 use aifs::device::{Cpu, Nvidia, Probe, Simulated};
 use aifs::engine::{Engine, EngineConfig};
 use aifs::fs::{Fs, FsConfig};
+use aifs::repository::Repositories;
 use aifs::store::Store;
 use clap::Parser;
 use signal_hook::consts::{SIGINT, SIGTERM};
@@ -109,6 +110,16 @@ struct Cli {
     /// scheduling and placement without a GPU.
     #[arg(long, value_name = "SPEC")]
     simulate_gpu: Vec<String>,
+
+    /// Watch a model repository (repeatable): DIR/NAME/N/FILES becomes models/NAME/vN, picked up
+    /// without a restart once complete; DIR/NAME/config.json is the model's config.
+    #[arg(long, value_name = "DIR")]
+    repository: Vec<PathBuf>,
+
+    /// How long nothing in a repository's version directory may change before it is imported, in
+    /// milliseconds (a directory moved into place goes at once).
+    #[arg(long, default_value_t = 3000)]
+    repository_settle_ms: u64,
 }
 
 fn main() -> ExitCode {
@@ -236,7 +247,26 @@ fn serve(cli: &Cli, data_dir: &Path, library: &Path, ready: Option<OwnedFd>) -> 
         Engine::start(store.clone(), backends.clone(), devices, engine)
             .map_err(|e| format!("starting the engine: {e}"))?,
     );
-    let fs_config = FsConfig { mountpoint: mountpoint.clone(), max_import_bytes: cli.max_import_bytes };
+    // Scanned once before the mount is up: what the repositories hold
+    // complete is there when the tree appears.
+    let repositories = match cli.repository.as_slice() {
+        [] => None,
+        roots => Some(Arc::new(
+            Repositories::start(
+                roots.to_vec(),
+                std::time::Duration::from_millis(cli.repository_settle_ms),
+                store.clone(),
+                backends.clone(),
+                engine.clone(),
+            )
+            .map_err(|e| format!("watching the repositories: {e}"))?,
+        )),
+    };
+    let fs_config = FsConfig {
+        mountpoint: mountpoint.clone(),
+        max_import_bytes: cli.max_import_bytes,
+        repositories: repositories.clone(),
+    };
     let fs = Fs::new(store, engine.clone(), backends, fs_config);
 
     let config = aifs::fuse::mount_config(cli.allow_other, cli.threads);
@@ -285,6 +315,9 @@ fn serve(cli: &Cli, data_dir: &Path, library: &Path, ready: Option<OwnedFd>) -> 
         let _ = pipe.write_all(b"ok");
     }
     let served = session.run().map_err(|e| format!("serving the mount: {e}"));
+    if let Some(repositories) = &repositories {
+        repositories.stop();
+    }
     engine.shutdown().map_err(|e| format!("stopping the engine: {e}"))?;
     served?;
     tracing::info!("unmounted; bye");

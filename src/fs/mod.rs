@@ -155,11 +155,13 @@ pub struct FsConfig {
     /// The largest model file an import takes (EFBIG past it); a sparse
     /// file counts as big as it claims.
     pub max_import_bytes: u64,
+    /// The watched repositories, for `/status`.
+    pub repositories: Option<Arc<crate::repository::Repositories>>,
 }
 
 impl Default for FsConfig {
     fn default() -> Self {
-        FsConfig { mountpoint: PathBuf::from("/mnt/aifs"), max_import_bytes: 64 << 30 }
+        FsConfig { mountpoint: PathBuf::from("/mnt/aifs"), max_import_bytes: 64 << 30, repositories: None }
     }
 }
 

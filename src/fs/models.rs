@@ -111,6 +111,13 @@ impl Fs {
                 Ok(())
             }
             Node::Version { model, number } => {
+                // The repository is where such a version lives: removed
+                // here, it would come back at the next scan of a restart.
+                if let Some(origin) = self.version(&model, number)?.1.origin.as_deref() {
+                    return Err(Error::NotPermitted(format!(
+                        "models/{model}/v{number} comes from the repository directory {origin}: remove it there"
+                    )));
+                }
                 self.check_no_jobs(&model, number)?;
                 self.store.delete_version(&model, number)?;
                 self.engine.abandon_new_jobs(&model, number);

@@ -40,6 +40,7 @@ impl Fs {
                 "versions": models.iter().map(|m| m.versions.len()).sum::<usize>(),
             },
             "backends": self.backends.describe(),
+            "repositories": self.config.repositories.as_ref().map_or(serde_json::json!([]), |r| r.status()),
             "devices": self.engine.devices().iter().map(|d| {
                 let state = self.engine.device_state(d.id());
                 serde_json::json!({

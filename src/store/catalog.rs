@@ -36,6 +36,10 @@ pub struct Version {
     /// Who signed its manifest, when the model's trust policy checked it.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub signed_by: Option<Signer>,
+    /// Where it came from when not copied in through the mount: a watched
+    /// repository's version directory.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub origin: Option<String>,
     /// The backend's facts for `meta.json` (see [`crate::backend::Details`]).
     #[serde(default, skip_serializing_if = "serde_json::Map::is_empty")]
     pub details: crate::backend::Details,
@@ -62,6 +66,9 @@ impl Version {
             "inputs": self.signature.inputs,
             "outputs": self.signature.outputs,
         });
+        if let Some(origin) = &self.origin {
+            meta["origin"] = origin.as_str().into();
+        }
         meta.as_object_mut().expect("an object").extend(self.details.clone());
         meta
     }

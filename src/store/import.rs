@@ -62,6 +62,33 @@ impl Store {
         signature: Option<&[u8]>,
         inspect: impl FnOnce(&Files) -> Result<Inspected>,
     ) -> Result<Imported> {
+        self.commit(model, files, signature, None, inspect)
+    }
+
+    /// Like [`Store::import`], but as version `number` exactly, recording
+    /// where it came from (`origin`, e.g. a watched repository's directory).
+    /// If `v<number>` exists: [`Imported::Existing`] when it has the same
+    /// files, else EEXIST. Equal content under another number does not
+    /// stop it (the number is what its source calls it).
+    pub fn import_at(
+        &self,
+        model: &str,
+        number: u32,
+        origin: &str,
+        files: Vec<(String, Upload)>,
+        inspect: impl FnOnce(&Files) -> Result<Inspected>,
+    ) -> Result<Imported> {
+        self.commit(model, files, None, Some((number, origin)), inspect)
+    }
+
+    fn commit(
+        &self,
+        model: &str,
+        files: Vec<(String, Upload)>,
+        signature: Option<&[u8]>,
+        at: Option<(u32, &str)>,
+        inspect: impl FnOnce(&Files) -> Result<Inspected>,
+    ) -> Result<Imported> {
         for (path, _) in &files {
             if normalize_path(path.as_bytes()).ok().flatten().as_deref() != Some(path.as_str()) {
                 return Err(Error::InvalidName { name: path.clone(), why: "not a path inside a version" });
@@ -96,9 +123,17 @@ impl Store {
         let same = |v: &Version| {
             v.files == manifest || (manifest.len() == 1 && v.files.len() == 1 && v.files.values().eq(manifest.values()))
         };
-        if let Some(v) = current.versions.values().find(|v| same(v)) {
-            return Ok(Imported::Existing(v.number));
-        }
+        let number = match at {
+            None => match current.versions.values().find(|v| same(v)) {
+                Some(v) => return Ok(Imported::Existing(v.number)),
+                None => current.next_version,
+            },
+            Some((n, _)) => match current.versions.get(&n) {
+                Some(v) if v.files == manifest => return Ok(Imported::Existing(n)),
+                Some(_) => return Err(Error::Exists(format!("models/{model}/v{n} (with other files)"))),
+                None => n,
+            },
+        };
         let text = Version::manifest(&manifest);
         let signed_by = current.trust.check(model, text.as_bytes(), signature)?;
         let size = files.iter().map(|(_, u)| u.len).sum();
@@ -117,8 +152,7 @@ impl Store {
         }
         let persisted = persisted.and_then(|()| sync_dir(&self.blobs));
         let mut record = (*current).clone();
-        let number = record.next_version;
-        record.next_version += 1;
+        record.next_version = record.next_version.max(number + 1);
         record.versions.insert(
             number,
             Arc::new(Version {
@@ -132,6 +166,7 @@ impl Store {
                 signature: inspected.signature,
                 signed_by,
                 details: inspected.details,
+                origin: at.map(|(_, origin)| origin.to_string()),
             }),
         );
         if let Err(e) = persisted.and_then(|()| self.put(record)) {
