@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Installs, idempotently, what a fresh Debian 12 machine lacks to build,
 # run and test aifs:
-#   - Debian's fuse3 (fusermount3, for unprivileged mounts and unmounts);
+#   - Debian's fuse3 (fusermount3, for unprivileged mounts and unmounts;
+#     mount.fuse3), busybox-static and systemd (for the operations tests);
 #   - the ONNX Runtime library from PyPI's onnxruntime wheel, into .deps/
 #     (aifs-mountd finds it there with nothing exported);
 #   - the Python tools the fixtures and tests use, into .venv/.
@@ -11,11 +12,18 @@ cd "$(dirname "$0")/.."
 
 ORT_VERSION=1.32.0
 
-if ! command -v fusermount3 >/dev/null 2>&1; then
-  echo "setup: installing fuse3"
+# fuse3: fusermount3 and mount.fuse3 (mount -t fuse.aifs); busybox-static:
+# the minimal root of the container tests; systemd: systemd-analyze, which
+# checks deploy/systemd/aifs.service.
+missing=""
+command -v fusermount3 >/dev/null 2>&1 || missing="$missing fuse3"
+[ -x /bin/busybox ] || missing="$missing busybox-static"
+command -v systemd-analyze >/dev/null 2>&1 || missing="$missing systemd"
+if [ -n "$missing" ]; then
+  echo "setup: installing$missing"
   sudo=""; [ "$(id -u)" = 0 ] || sudo="sudo"
   $sudo apt-get update -qq
-  DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq fuse3 >/dev/null
+  DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq $missing >/dev/null
 fi
 
 lib=.deps/onnxruntime/onnxruntime/capi/libonnxruntime.so.$ORT_VERSION

@@ -294,15 +294,16 @@ impl Filesystem for Adapter {
         if let Err(reply) = self.reads.hold(unique, reply) {
             return reply.error(Errno::EINTR);
         }
-        let reads = self.reads.clone();
+        let held = Held { reads: self.reads.clone(), unique };
         self.fs.read(fh.0, offset, size, move |result| {
-            let Some(reply) = reads.take(unique) else {
-                return; // interrupted: answered with EINTR
+            let Some(reply) = held.take() else {
+                return false; // interrupted: answered with EINTR
             };
             match result {
                 Ok(data) => reply.data(&data),
                 Err(e) => reply.error(Self::fail("read", e)),
             }
+            true
         });
     }
 
@@ -324,10 +325,10 @@ impl Filesystem for Adapter {
         }
     }
 
-    fn flush(&self, _req: &Request, _ino: INodeNo, fh: FileHandle, _lock_owner: LockOwner, reply: ReplyEmpty) {
+    fn flush(&self, req: &Request, _ino: INodeNo, fh: FileHandle, _lock_owner: LockOwner, reply: ReplyEmpty) {
         // The reply may be sent later, from a heavy-work thread (an import's
         // commit, a large request's decoding).
-        self.fs.flush(fh.0, move |result| match result {
+        self.fs.flush(fh.0, req.pid(), move |result| match result {
             Ok(()) => reply.ok(),
             Err(e) => reply.error(Self::fail("flush", e)),
         });
@@ -446,6 +447,28 @@ pub fn clear_stale_mount(path: &Path) -> io::Result<bool> {
     }
 }
 
+/// A read's held reply, as its answer closure carries it: if the closure
+/// is dropped unanswered (a panic on the way), the reader gets EIO rather
+/// than waiting for a signal.
+struct Held {
+    reads: Arc<Waiting<ReplyData>>,
+    unique: u64,
+}
+
+impl Held {
+    fn take(&self) -> Option<ReplyData> {
+        self.reads.take(self.unique)
+    }
+}
+
+impl Drop for Held {
+    fn drop(&mut self) {
+        if let Some(reply) = self.take() {
+            reply.error(Errno::EIO);
+        }
+    }
+}
+
 /// Replies held by request id until answered, and the ids of interrupts
 /// that came first. The kernel interrupts only a request some thread has
 /// read, but that thread may not have called [`Waiting::hold`] yet: such an
@@ -499,6 +522,37 @@ impl<R> Waiting<R> {
         }
         reply
     }
+}
+
+/// Makes the directory that holds `mountpoint` a shared mount point,
+/// binding it onto itself first if it is not a mount point yet. Then this
+/// daemon's tree, and the next daemon's after a crash or an upgrade, are
+/// mounts under a shared mount, and reach every container that bound that
+/// directory as a slave (`-v /mnt:/host/mnt:rslave`). A container that
+/// bound the mount point itself holds the mount it found, and a restart
+/// leaves it that mount, dead (ENOTCONN). Needs root (CAP_SYS_ADMIN).
+pub fn share_parent(mountpoint: &Path) -> io::Result<()> {
+    let mountpoint = std::fs::canonicalize(mountpoint)?;
+    let path = mountpoint.parent().unwrap_or(&mountpoint).to_path_buf();
+    let c_path = std::ffi::CString::new(path.as_os_str().as_encoded_bytes())?;
+    let mountinfo = std::fs::read_to_string("/proc/self/mountinfo")?;
+    // Field 5 is the mount point, with spaces and the like as octal escapes.
+    let escaped = path.to_string_lossy().replace('\\', "\\134").replace(' ', "\\040").replace('\t', "\\011");
+    let mounted = mountinfo.lines().any(|l| l.split(' ').nth(4) == Some(escaped.as_str()));
+    let call = |source: *const libc::c_char, flags| {
+        // SAFETY: valid C strings (or null where mount(2) allows it); mount
+        // does not keep the pointers.
+        let rc = unsafe { libc::mount(source, c_path.as_ptr(), std::ptr::null(), flags, std::ptr::null()) };
+        if rc == 0 {
+            Ok(())
+        } else {
+            Err(io::Error::last_os_error())
+        }
+    };
+    if !mounted {
+        call(c_path.as_ptr(), libc::MS_BIND)?;
+    }
+    call(std::ptr::null(), libc::MS_SHARED)
 }
 
 #[cfg(test)]

@@ -55,10 +55,11 @@ pub struct Repositories {
 }
 
 enum Msg {
-    /// Something changed at this path.
-    Changed(PathBuf),
-    /// A directory was renamed to this path.
-    MovedIn(PathBuf),
+    /// Something changed (already noted in the state): look again after
+    /// the settle time, or at once for a directory moved into place.
+    Wake {
+        now: bool,
+    },
     Stop,
 }
 
@@ -114,19 +115,25 @@ impl Repositories {
         let shared = Arc::new(Shared { store, backends, engine, roots, settle, state: Mutex::default() });
         let (tx, rx) = channel();
         let events = tx.clone();
+        let noted = shared.clone();
+        // Changes are noted here, as they happen, not when the scanning
+        // thread gets to them: a long import must not make a copy that
+        // went on meanwhile look quiet.
         let mut watcher = notify::recommended_watcher(move |event: notify::Result<notify::Event>| {
             let Ok(event) = event else { return };
-            use notify::event::{AccessKind, AccessMode, ModifyKind};
-            match event.kind {
+            use notify::event::{AccessKind, AccessMode, ModifyKind, RenameMode};
+            let moved_to = match event.kind {
                 // Reading changes nothing (and the scan itself reads).
-                EventKind::Access(AccessKind::Close(AccessMode::Write)) => {}
+                EventKind::Access(AccessKind::Close(AccessMode::Write)) => None,
                 EventKind::Access(_) => return,
-                _ => {}
+                EventKind::Modify(ModifyKind::Name(RenameMode::To)) => event.paths.first(),
+                EventKind::Modify(ModifyKind::Name(RenameMode::Both)) => event.paths.get(1),
+                _ => None,
+            };
+            for path in &event.paths {
+                noted.note(path, Some(path) == moved_to);
             }
-            let renamed = matches!(event.kind, EventKind::Modify(ModifyKind::Name(_)));
-            for path in event.paths {
-                let _ = events.send(if renamed { Msg::MovedIn(path) } else { Msg::Changed(path) });
-            }
+            let _ = events.send(Msg::Wake { now: moved_to.is_some() });
         })
         .map_err(|e| Error::Internal(format!("watching repositories: {e}")))?;
         let mut watched: HashSet<PathBuf> = HashSet::new();
@@ -138,25 +145,21 @@ impl Repositories {
             }
         };
         watch(&shared, &mut watched);
-        let mut next = Instant::now() + shared.pass();
+        let mut next = Instant::now() + shared.guarded_pass();
         let worker = shared.clone();
         let thread = std::thread::Builder::new()
             .name("repository".into())
             .spawn(move || loop {
+                // A stream of events must not keep a due pass from running.
+                if Instant::now() >= next {
+                    watch(&worker, &mut watched); // a repository that appeared
+                    next = Instant::now() + worker.guarded_pass();
+                }
                 match rx.recv_timeout(next.saturating_duration_since(Instant::now())) {
                     Ok(Msg::Stop) | Err(RecvTimeoutError::Disconnected) => return,
-                    Ok(Msg::Changed(path)) => {
-                        worker.note(&path, false);
-                        next = next.min(Instant::now() + worker.settle);
-                    }
-                    Ok(Msg::MovedIn(path)) => {
-                        worker.note(&path, true);
-                        next = Instant::now();
-                    }
-                    Err(RecvTimeoutError::Timeout) => {
-                        watch(&worker, &mut watched); // a repository that appeared
-                        next = Instant::now() + worker.pass();
-                    }
+                    Ok(Msg::Wake { now: true }) => next = Instant::now(),
+                    Ok(Msg::Wake { now: false }) => next = next.min(Instant::now() + worker.settle),
+                    Err(RecvTimeoutError::Timeout) => {}
                 }
             })
             .map_err(|e| Error::Internal(format!("starting the repository thread: {e}")))?;
@@ -232,6 +235,15 @@ impl Shared {
         Some(root.join(name).join(number))
     }
 
+    /// [`Shared::pass`], with a panic (a bug, or a library's on odd input)
+    /// logged and the watch kept alive.
+    fn guarded_pass(&self) -> Duration {
+        std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| self.pass())).unwrap_or_else(|_| {
+            tracing::error!("a repository scan panicked; scanning again in {RESCAN:?}");
+            RESCAN
+        })
+    }
+
     /// Brings every repository in step; returns how soon to look again.
     fn pass(&self) -> Duration {
         let mut soonest = RESCAN;
@@ -252,6 +264,8 @@ impl Shared {
         st.problems.retain(|path, _| path.exists() || self.roots.contains(path) || origins.contains(path));
         st.waiting.retain(|path, _| path.exists());
         st.seen.retain(|path, seen| seen.imported || path.exists());
+        st.moved_in.retain(|path| path.exists());
+        st.changed.retain(|path, _| path.exists());
         soonest
     }
 
@@ -298,8 +312,10 @@ impl Shared {
     fn pass_model(&self, name: &str, dir: &Path) -> Option<Duration> {
         self.solved(dir);
         let config = dir.join("config.json");
-        if config.is_file() {
-            self.apply_config(name, &config);
+        match fs::symlink_metadata(&config) {
+            Ok(meta) if meta.is_file() => self.apply_config(name, &config),
+            Ok(_) => self.problem(&config, "not a regular file (symlinks are not followed)".into()),
+            Err(_) => {}
         }
         let mut soonest: Option<Duration> = None;
         let Ok(entries) = fs::read_dir(dir) else { return None };
@@ -361,7 +377,8 @@ impl Shared {
         if !moved {
             // Quiet: no event and no file modified within the settle time.
             let newest = files.iter().map(|f| f.2).max().unwrap_or(SystemTime::UNIX_EPOCH);
-            let since_mtime = newest.elapsed().unwrap_or(Duration::ZERO);
+            // A clock ahead of ours (a future mtime) says nothing: events decide.
+            let since_mtime = newest.elapsed().unwrap_or(Duration::MAX);
             let since_event = last_event.map_or(Duration::MAX, |t| t.elapsed());
             let quiet = since_mtime.min(since_event);
             if quiet < self.settle {
@@ -374,7 +391,14 @@ impl Shared {
             return Some(WRITER_POLL);
         }
         self.wait(dir, None);
-        let result = self.import(model, number, dir);
+        let result = match self.import(model, number, dir, &files) {
+            Ok(Some(imported)) => Ok(imported),
+            Ok(None) => {
+                self.wait(dir, Some("changed while being copied in"));
+                return Some(self.settle);
+            }
+            Err(e) => Err(e),
+        };
         let mut st = self.state.lock().unwrap();
         st.moved_in.remove(dir);
         st.changed.remove(dir);
@@ -394,8 +418,24 @@ impl Shared {
         None
     }
 
-    fn import(&self, model: &str, number: u32, dir: &Path) -> Result<Imported> {
-        if self.store.model(model).is_err() {
+    /// Imports `dir`'s `files` as `v<number>`; `None` if they changed while
+    /// being copied in (the caller waits, and tries again).
+    fn import(&self, model: &str, number: u32, dir: &Path, files: &Fingerprint) -> Result<Option<Imported>> {
+        let origin = dir.display().to_string();
+        // After a restart: the same files as the version they made are
+        // recognized by hashing in place, with no copy and no load.
+        if let Some(v) = self.store.model(model).ok().and_then(|m| m.versions.get(&number).cloned()) {
+            if v.origin.as_deref() == Some(origin.as_str()) && v.files.len() == files.len() {
+                let same = files.iter().all(|(path, _, _)| {
+                    v.files.get(path).is_some_and(|d| crate::store::Digest::of_file(&dir.join(path)).ok() == Some(*d))
+                });
+                if same {
+                    return Ok(Some(Imported::Existing(number)));
+                }
+            }
+        }
+        let created = self.store.model(model).is_err();
+        if created {
             // SAFETY: plain calls with no arguments.
             let (uid, gid) = unsafe { (libc::geteuid(), libc::getegid()) };
             match self.store.create_model(model, uid, gid, 0o755) {
@@ -403,19 +443,53 @@ impl Shared {
                 Err(e) => return Err(e),
             }
         }
-        let mut uploads = Vec::new();
-        for (path, _, _) in fingerprint(dir).map_err(Error::InvalidArgument)? {
-            uploads.push((path.clone(), self.copy_in(&dir.join(&path))?));
+        let imported = self.copy_and_import(model, number, dir, files, &origin);
+        if created && !matches!(imported, Ok(Some(_))) {
+            let _ = self.store.remove_model(model); // only if still empty
         }
-        let origin = dir.display().to_string();
-        self.store.import_at(model, number, &origin, uploads, |files| self.backends.inspect(files))
+        imported
     }
 
-    /// A file's bytes into an upload (within the store's free space).
-    fn copy_in(&self, path: &Path) -> Result<Upload> {
+    fn copy_and_import(
+        &self,
+        model: &str,
+        number: u32,
+        dir: &Path,
+        files: &Fingerprint,
+        origin: &str,
+    ) -> Result<Option<Imported>> {
+        let mut uploads = Vec::new();
+        for (path, len, _) in files {
+            match self.copy_in(&dir.join(path), *len)? {
+                Some(upload) => uploads.push((path.clone(), upload)),
+                None => return Ok(None),
+            }
+        }
+        if fingerprint(dir).ok().as_ref() != Some(files) {
+            return Ok(None);
+        }
+        self.store.import_at(model, number, origin, uploads, |files| self.backends.inspect(files)).map(Some)
+    }
+
+    /// A file's bytes into an upload (within the store's free space);
+    /// `None` if it is no longer the regular file of `len` bytes the scan
+    /// saw. Opened without following a symlink, and without blocking on a
+    /// FIFO put in its place since.
+    fn copy_in(&self, path: &Path, len: u64) -> Result<Option<Upload>> {
+        use std::os::unix::fs::OpenOptionsExt;
         let io = |e| Error::io(path.display().to_string(), e);
-        let mut file = fs::File::open(path).map_err(io)?;
-        let len = file.metadata().map_err(io)?.len();
+        let mut file =
+            match fs::OpenOptions::new().read(true).custom_flags(libc::O_NOFOLLOW | libc::O_NONBLOCK).open(path) {
+                Ok(file) => file,
+                Err(e) if matches!(e.raw_os_error(), Some(libc::ELOOP | libc::ENOENT | libc::ENXIO)) => {
+                    return Ok(None)
+                }
+                Err(e) => return Err(io(e)),
+            };
+        let meta = file.metadata().map_err(io)?;
+        if !meta.is_file() || meta.len() != len {
+            return Ok(None);
+        }
         if len > self.store.free_bytes() {
             let context = format!("{}: larger than the store's free space", path.display());
             return Err(Error::io(context, std::io::Error::from_raw_os_error(libc::ENOSPC)));
@@ -426,7 +500,7 @@ impl Shared {
         loop {
             let n = file.read(&mut buf).map_err(io)?;
             if n == 0 {
-                return Ok(upload);
+                return Ok(Some(upload));
             }
             upload.write_at(at, &buf[..n])?;
             at += n as u64;
@@ -481,6 +555,7 @@ impl Shared {
             let mut st = self.state.lock().unwrap();
             match removed {
                 Ok(()) => {
+                    self.engine.abandon_new_jobs(model, v.number);
                     removed_any = true;
                     st.seen.remove(origin);
                     st.problems.remove(origin);
@@ -498,10 +573,11 @@ impl Shared {
     }
 
     fn problem(&self, path: &Path, why: String) {
+        let why = crate::error::one_line(&why);
         let mut st = self.state.lock().unwrap();
         if st.problems.get(path) != Some(&why) {
             tracing::warn!(path = %path.display(), "repository: {why}");
-            st.problems.insert(path.to_path_buf(), crate::error::one_line(&why));
+            st.problems.insert(path.to_path_buf(), why);
         }
     }
 

@@ -324,6 +324,28 @@ fn a_blocked_read_returns_on_a_signal() {
     assert!(read(m.path("status")).contains("\"version\""));
     std::fs::write(m.path(&format!("jobs/{id}/ctl")), "cancel\n").unwrap();
     assert_eq!(errno(std::fs::read(m.path(&format!("jobs/{id}/output")))), libc::ECANCELED);
+    drop(m);
+
+    // A reader whose handler returns (Python retries the read, PEP 475),
+    // interrupted every 300 ms while the 2 s job runs, gets the whole
+    // answer: an interrupted read consumes nothing.
+    let m = Mount::start_with(&["--simulate-gpu", "1G,2000"]);
+    import(&m, "mlp", &fixture("mlp.onnx"));
+    write_file(&m.path("models/mlp/config.json"), br#"{"device": "gpu0"}"#).unwrap();
+    let script = format!(
+        "import json, os, signal\n\
+         hits = []\n\
+         signal.signal(signal.SIGALRM, lambda *_: hits.append(1))\n\
+         signal.setitimer(signal.ITIMER_REAL, 0.3, 0.3)\n\
+         f = os.open('models/mlp/v1/infer', os.O_RDWR)\n\
+         os.write(f, b'{body}')\n\
+         out = b''\n\
+         while chunk := os.read(f, 7):\n    out += chunk\n\
+         signal.setitimer(signal.ITIMER_REAL, 0)\n\
+         print(len(hits) >= 3, len(json.loads(out)[0]))\n"
+    );
+    let out = Command::new("python3").arg("-c").arg(script).current_dir(&m.mnt).output().unwrap();
+    assert_eq!(String::from_utf8_lossy(&out.stdout), "True 16\n", "{out:?}");
 }
 
 #[test]

@@ -237,6 +237,23 @@ fn multi_file_versions_through_tar() {
     assert!(m.log_text().contains("tar -C DIR -cf - . > models/ext/model.tar"), "{}", m.log_text());
 }
 
+/// A shell that holds an upload open while its children write to it
+/// (`exec 3>`; `dd >&3`): each child's exit closes an inherited copy,
+/// and only the shell's own close commits, the whole file.
+#[test]
+fn children_closing_inherited_descriptors_do_not_commit() {
+    let m = Mount::start();
+    let src = fixture("mlp.onnx");
+    let script = format!(
+        "mkdir models/m && exec 3> models/m/mlp.onnx && dd if={0} bs=500 count=1 status=none >&3 && \
+         dd if={0} bs=500 skip=1 count=1 status=none >&3 && dd if={0} bs=500 skip=2 status=none >&3 && exec 3>&-",
+        src.display()
+    );
+    sh_ok(&m.mnt, &script);
+    assert_eq!(ls(&m, "models/m"), ["config.json", "latest", "trust", "v1"]);
+    assert_eq!(std::fs::read(m.path("models/m/v1/mlp.onnx")).unwrap(), std::fs::read(&src).unwrap());
+}
+
 #[test]
 fn bad_names_and_read_only_versions() {
     let m = Mount::start();

@@ -57,13 +57,19 @@ struct Cli {
     #[arg(long, short)]
     foreground: bool,
 
-    /// Path of libonnxruntime.so [default: next to this binary, then .deps/ of the checkout it was built in, then /usr/local/lib, /usr/lib].
+    /// Path of libonnxruntime.so [default: next to this binary, then ../lib/aifs/ from it, then .deps/ of the checkout it was built in, then /usr/local/lib, /usr/lib].
     #[arg(long, env = "AIFS_ONNXRUNTIME")]
     onnxruntime: Option<PathBuf>,
 
     /// Let other users and containers use the mount (the kernel still enforces each file's mode).
     #[arg(long)]
     allow_other: bool,
+
+    /// Make the directory that holds the mount point a shared mount (binding it onto itself if needed), so that
+    /// containers that bind that directory as a slave (-v /mnt:/host/mnt:rslave) see the tree again after the
+    /// daemon restarts. Root only.
+    #[arg(long)]
+    shared: bool,
 
     /// FUSE worker threads.
     #[arg(long, default_value_t = 4)]
@@ -122,8 +128,19 @@ struct Cli {
     repository_settle_ms: u64,
 }
 
+mod helper;
+
 fn main() -> ExitCode {
-    let cli = Cli::parse();
+    // Run as `aifs` by mount.fuse3 (or as mount.fuse.aifs by mount(8)):
+    // SOURCE MOUNTPOINT -o OPTIONS becomes the daemon's flags.
+    let args = match helper::daemon_args(std::env::args_os().collect()) {
+        Ok(args) => args,
+        Err(msg) => {
+            eprintln!("aifs: {msg}");
+            return ExitCode::from(2);
+        }
+    };
+    let cli = Cli::parse_from(args);
     match run(cli) {
         Ok(()) => ExitCode::SUCCESS,
         Err(msg) => {
@@ -186,6 +203,10 @@ fn run(cli: Cli) -> Result<(), String> {
     let cleared_stale = aifs::fuse::clear_stale_mount(&cli.mountpoint)
         .map_err(|e| format!("mount point {}: {e}", cli.mountpoint.display()))?;
     std::fs::create_dir_all(&cli.mountpoint).map_err(|e| format!("mount point {}: {e}", cli.mountpoint.display()))?;
+    if cli.shared {
+        aifs::fuse::share_parent(&cli.mountpoint)
+            .map_err(|e| format!("making the directory that holds {} a shared mount: {e}", cli.mountpoint.display()))?;
+    }
     // From here on, whatever the daemon creates (blobs, the catalog, the
     // journal, the log) is its user's alone, whatever the data directory's
     // mode; the library sets the modes it relies on itself too.
@@ -314,7 +335,11 @@ fn serve(cli: &Cli, data_dir: &Path, library: &Path, ready: Option<OwnedFd>) -> 
         let mut pipe = std::fs::File::from(fd);
         let _ = pipe.write_all(b"ok");
     }
+    // Under systemd (Type=notify): ready once the tree is mounted. Elsewhere
+    // NOTIFY_SOCKET is unset and this does nothing.
+    let _ = sd_notify::notify(&[sd_notify::NotifyState::Ready]);
     let served = session.run().map_err(|e| format!("serving the mount: {e}"));
+    let _ = sd_notify::notify(&[sd_notify::NotifyState::Stopping]);
     if let Some(repositories) = &repositories {
         repositories.stop();
     }

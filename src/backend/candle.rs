@@ -85,6 +85,11 @@ impl Plan {
         }
         let config: Config = serde_json::from_value(config_value)
             .map_err(|e| invalid(format!("config.json: {}", first_line(&e.to_string()))))?;
+        // candle divides by the head count, and the tokenizer subtracts its
+        // two special tokens from the length: refused here, not a panic.
+        if config.num_attention_heads == 0 || config.hidden_size % config.num_attention_heads != 0 {
+            return Err(invalid("config.json: hidden_size must be a multiple of num_attention_heads (> 0)".into()));
+        }
         let modules = optional_json(files, "modules.json")?;
         let modules = modules.as_ref().and_then(Value::as_array);
         let module =
@@ -100,6 +105,9 @@ impl Plan {
         let max_tokens = optional_json(files, "sentence_bert_config.json")?
             .and_then(|c| c.get("max_seq_length").and_then(Value::as_u64))
             .map_or(config.max_position_embeddings, |n| (n as usize).min(config.max_position_embeddings));
+        if max_tokens < 3 {
+            return Err(invalid(format!("max_seq_length {max_tokens}: at least 3 tokens ([CLS], one, [SEP])")));
+        }
         let mut tokenizer = Tokenizer::from_file(path(files, "tokenizer.json")?)
             .map_err(|e| invalid(format!("tokenizer.json: {}", first_line(&e.to_string()))))?;
         tokenizer

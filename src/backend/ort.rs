@@ -40,6 +40,8 @@ pub fn find_onnxruntime(explicit: Option<&Path>) -> Result<PathBuf, String> {
     if let Ok(exe) = std::env::current_exe() {
         if let Some(dir) = exe.parent() {
             candidates.push(dir.join(ONNXRUNTIME_LIB));
+            // scripts/install.sh: PREFIX/bin/aifs-mountd, PREFIX/lib/aifs/.
+            candidates.push(dir.join("../lib/aifs").join(ONNXRUNTIME_LIB));
             for ancestor in dir.ancestors() {
                 candidates.push(ancestor.join(".deps/onnxruntime/onnxruntime/capi").join(ONNXRUNTIME_LIB));
             }

@@ -34,13 +34,20 @@ pub struct Opened {
 
 pub(super) enum Handle {
     Content(Vec<u8>),
+    /// Content whose size no `stat` can tell (a new job's id, a reason):
+    /// opened as a stream, read in order from its own position, so that
+    /// `sendfile` (busybox's `cat`) reads it rather than stopping at the
+    /// size of 0 that `stat` showed.
+    Stream(Vec<u8>, Mutex<usize>),
     Blob(File),
     Upload(Mutex<Pending>),
     /// A short text for a model, written whole and applied at close.
     Text(Written, String, Mutex<Option<Vec<u8>>>),
     Infer(Mutex<InferStream>),
     JobInput(Mutex<JobInput>),
-    JobOutput(Arc<Job>),
+    /// Read in order from its own position (a stream: see
+    /// [`Handle::Stream`]; its size is unknown until the job ends).
+    JobOutput(Arc<Job>, Mutex<usize>),
     /// `ctl` or `priority` opened for writing: each write is one command.
     JobCommand(Arc<Job>, JobFile, Caller),
 }

@@ -68,12 +68,15 @@ impl Fs {
         handle: Arc<Handle>,
         size: usize,
         on_fuse_thread: bool,
-        done: impl FnOnce(Result<Vec<u8>>) + Send + 'static,
+        done: impl FnOnce(Result<Vec<u8>>) -> bool + Send + 'static,
     ) {
         let Handle::Infer(stream) = &*handle else { unreachable!("an infer handle") };
         let (job, sent) = match self.infer_job(&mut stream.lock().unwrap(), on_fuse_thread) {
             Ok(found) => found,
-            Err(e) => return done(Err(e)),
+            Err(e) => {
+                done(Err(e));
+                return;
+            }
         };
         if sent {
             // This reader waits for the reply: it may run the job itself.
@@ -82,19 +85,27 @@ impl Fs {
         let reader = job.clone();
         job.when_done(move |outcome| {
             let Handle::Infer(stream) = &*handle else { unreachable!("an infer handle") };
-            done(match outcome {
+            match outcome {
                 Ok(out) => {
+                    // Consumed only if the reader got it: a read a signal
+                    // ended (EINTR) is read again from the same place.
                     let mut st = stream.lock().unwrap();
                     let bytes = slice_at(out, st.read_pos, size);
-                    st.read_pos += bytes.len();
-                    if st.read_pos >= out.len() {
-                        reader.mark_output_read();
+                    let n = bytes.len();
+                    if done(Ok(bytes)) {
+                        st.read_pos += n;
+                        if st.read_pos >= out.len() {
+                            reader.mark_output_read();
+                        }
                     }
-                    Ok(bytes)
                 }
-                Err(_) if reader.read_past_dropped(stream.lock().unwrap().read_pos) => Ok(Vec::new()),
-                Err(f) => Err(f.to_error()),
-            })
+                Err(_) if reader.read_past_dropped(stream.lock().unwrap().read_pos) => {
+                    done(Ok(Vec::new()));
+                }
+                Err(f) => {
+                    done(Err(f.to_error()));
+                }
+            }
         });
     }
 

@@ -131,6 +131,8 @@ pub struct Fs {
     signatures: Mutex<HashMap<(String, String, u32), HeldSignature>>,
     /// Files just imported: (model, name) -> (version, when).
     imported: Mutex<HashMap<(String, String), (u32, Instant)>>,
+    /// Imports in flight, for `/status` (gone with their handles).
+    in_flight: Mutex<Vec<std::sync::Weak<upload::Progress>>>,
     inodes: Mutex<Inodes>,
     handles: Mutex<HashMap<u64, Arc<Handle>>>,
     next_fh: AtomicU64,
@@ -183,6 +185,7 @@ impl Fs {
             sessions: Mutex::new(HashMap::new()),
             stamps: AtomicU64::new(1),
             imported: Mutex::new(HashMap::new()),
+            in_flight: Mutex::default(),
             signatures: Mutex::new(HashMap::new()),
             inodes: Mutex::new(inodes),
             handles: Mutex::new(HashMap::new()),
@@ -322,12 +325,12 @@ impl Fs {
             }
             Node::LastError { model, number } => {
                 self.version(model, *number)?;
-                (Handle::Content(self.last_error(model, *number, caller)?.into_bytes()), true, false)
+                (Handle::Stream(self.last_error(model, *number, caller)?.into_bytes(), Mutex::new(0)), true, false)
             }
             Node::Clone { model, number } => {
                 let job = self.engine.create_job(caller.uid, caller.gid, model, *number)?;
                 tracing::debug!(job = job.id, model = %model, version = number, "cloned a new job");
-                (Handle::Content(format!("{}\n", job.id).into_bytes()), true, false)
+                (Handle::Stream(format!("{}\n", job.id).into_bytes(), Mutex::new(0)), true, false)
             }
             Node::JobFile(id, file) => {
                 let job = self.job(*id)?;
@@ -345,7 +348,7 @@ impl Fs {
                     }
                     JobFile::Input => generated(Handle::Content(job.snapshot().input.to_vec())),
                     JobFile::Output if writing => return Err(Error::ReadOnly(format!("jobs/{id}/output"))),
-                    JobFile::Output => generated(Handle::JobOutput(job)),
+                    JobFile::Output => generated(Handle::JobOutput(job, Mutex::new(0))),
                     JobFile::Priority | JobFile::Ctl if writing => generated(Handle::JobCommand(job, *file, caller)),
                     JobFile::Ctl => generated(Handle::Content(Vec::new())),
                     _ if writing => return Err(Error::AccessDenied(format!("jobs/{id}/{}", file.name()))),
@@ -356,41 +359,68 @@ impl Fs {
             Node::Link { .. } => return Err(Error::InvalidArgument("cannot open a symlink".into())),
             _ => return Err(Error::IsDir(self.describe(&node))),
         };
+        let stream = matches!(handle, Handle::Stream(..) | Handle::JobOutput(..));
         let fh = self.add_handle(handle);
-        Ok(Opened { fh, direct_io, keep_cache, stream: false, no_flush: !writing })
+        Ok(Opened { fh, direct_io, keep_cache, stream, no_flush: !writing })
     }
 
     /// Reads from an open file and calls `done` with the bytes. Most reads
     /// answer at once; reads of a response (`infer`, `jobs/<id>/output`)
     /// answer when the job ends, from the thread that ends it: no thread
-    /// waits meanwhile.
-    pub fn read(&self, fh: u64, offset: u64, size: u32, done: impl FnOnce(Result<Vec<u8>>) + Send + 'static) {
+    /// waits meanwhile. `done` says whether the reader got the bytes (not
+    /// when a signal ended its wait first): only then is the response
+    /// consumed.
+    pub fn read(&self, fh: u64, offset: u64, size: u32, done: impl FnOnce(Result<Vec<u8>>) -> bool + Send + 'static) {
         let handle = match self.handle(fh) {
             Ok(h) => h,
-            Err(e) => return done(Err(e)),
+            Err(e) => {
+                done(Err(e));
+                return;
+            }
         };
         let size = size as usize;
-        match &*handle {
+        let _delivered = match &*handle {
             Handle::Content(bytes) => done(Ok(slice_at(bytes, offset as usize, size))),
+            Handle::Stream(bytes, pos) => {
+                let mut pos = pos.lock().unwrap();
+                let chunk = slice_at(bytes, *pos, size);
+                let n = chunk.len();
+                let delivered = done(Ok(chunk));
+                if delivered {
+                    *pos += n;
+                }
+                delivered
+            }
             Handle::Blob(file) => done(read_file_at(file, offset, size)),
             // A job with no input yet has nothing to wait for: a tree walker
             // (`grep -r`) that read `clone` must not block here.
-            Handle::JobOutput(job) if job.status() == Status::New => done(Err(Error::NoInput(job.id))),
-            Handle::JobOutput(job) => {
+            Handle::JobOutput(job, _) if job.status() == Status::New => done(Err(Error::NoInput(job.id))),
+            Handle::JobOutput(job, _) => {
                 let reader = job.clone();
+                let handle = handle.clone();
                 job.when_done(move |outcome| {
-                    done(match outcome {
+                    let Handle::JobOutput(_, pos) = &*handle else { unreachable!("a job output handle") };
+                    let mut pos = pos.lock().unwrap();
+                    match outcome {
                         Ok(out) => {
-                            let bytes = slice_at(out, offset as usize, size);
-                            if offset as usize + bytes.len() >= out.len() {
-                                reader.mark_output_read();
+                            let bytes = slice_at(out, *pos, size);
+                            let n = bytes.len();
+                            if done(Ok(bytes)) {
+                                *pos += n;
+                                if *pos >= out.len() {
+                                    reader.mark_output_read();
+                                }
                             }
-                            Ok(bytes)
                         }
-                        Err(_) if reader.read_past_dropped(offset as usize) => Ok(Vec::new()),
-                        Err(f) => Err(f.to_error()),
-                    })
-                })
+                        Err(_) if reader.read_past_dropped(*pos) => {
+                            done(Ok(Vec::new()));
+                        }
+                        Err(f) => {
+                            done(Err(f.to_error()));
+                        }
+                    }
+                });
+                true
             }
             Handle::Infer(stream) => {
                 // The first read of a written request sends it: decoding a
@@ -405,11 +435,12 @@ impl Fs {
                 };
                 let handle = handle.clone();
                 self.run(how, move |fs| fs.read_infer(handle, size, how == Work::Here, done), |()| ());
+                true
             }
             Handle::Upload(_) | Handle::Text(..) | Handle::JobInput(_) | Handle::JobCommand(..) => {
                 done(Err(Error::BadHandle(fh)))
             }
-        }
+        };
     }
 
     pub fn write(&self, fh: u64, offset: u64, data: &[u8]) -> Result<u32> {
@@ -424,7 +455,10 @@ impl Fs {
                     )));
                 }
                 p.room_for(offset.saturating_add(data.len() as u64), &self.store)?;
-                p.upload.as_mut().expect("checked above").write_at(offset, data)
+                let upload = p.upload.as_mut().expect("checked above");
+                upload.write_at(offset, data)?;
+                p.progress.bytes.store(upload.len(), std::sync::atomic::Ordering::Relaxed);
+                Ok(())
             })?,
             Handle::Infer(stream) => {
                 let mut st = stream.lock().unwrap();
@@ -484,16 +518,29 @@ impl Fs {
                     &what,
                 )?
             }
-            Handle::Content(_) | Handle::Blob(_) | Handle::JobOutput(_) => return Err(Error::BadHandle(fh)),
+            Handle::Content(_) | Handle::Stream(..) | Handle::Blob(_) | Handle::JobOutput(..) => {
+                return Err(Error::BadHandle(fh))
+            }
         }
         Ok(data.len() as u32)
     }
 
-    /// `close()`: commits an upload, or sends a written request (see the
-    /// module header). Errors reach the caller's `close()`.
-    pub fn flush(&self, fh: u64, done: impl FnOnce(Result<()>) + Send + 'static) {
+    /// `close()` by process `pid`: commits an upload, or sends a written
+    /// request (see the module header). Errors reach the caller's
+    /// `close()`. An upload commits only at a close by the process that
+    /// opened it: a child that inherited the descriptor (`dd >&3` in a
+    /// shell that holds `3>`, any fork) closes its copy while the owner
+    /// may still write; the last close (release) commits in any case.
+    pub fn flush(&self, fh: u64, pid: u32, done: impl FnOnce(Result<()>) + Send + 'static) {
         match self.handle(fh) {
-            Ok(handle) => self.run(handle.close_work(), move |fs| fs.finish_writes(&handle), done),
+            Ok(handle) => {
+                if let Handle::Upload(pending) = &*handle {
+                    if pid != 0 && pending.lock().unwrap().opener != pid {
+                        return done(Ok(()));
+                    }
+                }
+                self.run(handle.close_work(), move |fs| fs.finish_writes(&handle), done)
+            }
             Err(e) => done(Err(e)),
         }
     }

@@ -3,8 +3,7 @@
 use crate::store::Digest;
 
 use super::Fs;
-/// Names a version directory holds besides its model files.
-pub(super) const VERSION_FILES: [&str; 7] = ["digest", "meta.json", "infer", "clone", "error", "stats", "signature"];
+pub(super) use crate::store::VERSION_FILES;
 
 /// Job inodes are computed, not interned: `JOB_INO_BASE + id * 16` for the
 /// directory, `+ 1 + index in JOB_FILES` for its files. So any number of

@@ -40,6 +40,8 @@ impl Fs {
                 "versions": models.iter().map(|m| m.versions.len()).sum::<usize>(),
             },
             "backends": self.backends.describe(),
+            // Each import in flight: bytes received, then its phase.
+            "imports": self.in_flight.lock().unwrap().iter().filter_map(|p| p.upgrade()).map(|p| p.to_json()).collect::<Vec<_>>(),
             "repositories": self.config.repositories.as_ref().map_or(serde_json::json!([]), |r| r.status()),
             "devices": self.engine.devices().iter().map(|d| {
                 let state = self.engine.device_state(d.id());

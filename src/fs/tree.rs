@@ -293,8 +293,9 @@ impl Fs {
             }
             Node::Imported { model, file, number } => {
                 let (m, v) = self.version(model, *number)?;
-                let digest = v.files.get(file).ok_or_else(|| Error::NotFound(format!("models/{model}/{file}")))?;
-                (Kind::File, self.blob_len(digest)?, 0o444, m.uid, m.gid, secs(v.created))
+                // An archive is not a file of its version: it shows empty.
+                let size = v.files.get(file).map_or(Ok(0), |digest| self.blob_len(digest))?;
+                (Kind::File, size, 0o444, m.uid, m.gid, secs(v.created))
             }
             Node::Blob(digest) => (Kind::File, self.blob_len(digest)?, 0o444, self.uid, self.gid, self.started),
             Node::Upload(fh) => {

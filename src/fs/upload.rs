@@ -3,7 +3,8 @@
 //! `fs`).
 
 use std::ffi::OsStr;
-use std::sync::Mutex;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use crate::error::{Error, Result};
@@ -27,6 +28,36 @@ pub(super) struct Pending {
     pub(super) checked: u64,
     /// `None` once committed or failed.
     pub(super) upload: Option<Upload>,
+    /// What `/status` shows of it (it goes with the handle).
+    pub(super) progress: Arc<Progress>,
+    /// The process that opened it: its close commits (see [`Fs::flush`]).
+    pub(super) opener: u32,
+}
+
+/// An import in flight as `/status` shows it: read without the upload's
+/// lock, so a long commit does not hold up `cat status`.
+pub(crate) struct Progress {
+    pub(super) path: String,
+    pub(super) uid: u32,
+    pub(super) since: Instant,
+    pub(super) bytes: AtomicU64,
+    pub(super) phase: Mutex<&'static str>,
+}
+
+impl Progress {
+    pub(super) fn set(&self, phase: &'static str) {
+        *self.phase.lock().unwrap() = phase;
+    }
+
+    pub(super) fn to_json(&self) -> serde_json::Value {
+        serde_json::json!({
+            "path": self.path,
+            "uid": self.uid,
+            "bytes": self.bytes.load(Ordering::Relaxed),
+            "phase": *self.phase.lock().unwrap(),
+            "seconds": self.since.elapsed().as_secs(),
+        })
+    }
 }
 
 /// How long an imported file's name still resolves after the commit.
@@ -85,7 +116,20 @@ impl Fs {
         if Archive::of(file_name).is_none() {
             self.backends.for_files(&[file_name])?;
         }
+        let progress = Arc::new(Progress {
+            path: format!("models/{model}/{file_name}"),
+            uid: caller.uid,
+            since: Instant::now(),
+            bytes: AtomicU64::new(0),
+            phase: Mutex::new("receiving"),
+        });
+        let mut in_flight = self.in_flight.lock().unwrap();
+        in_flight.retain(|p| p.strong_count() > 0);
+        in_flight.push(Arc::downgrade(&progress));
+        drop(in_flight);
         let pending = Pending {
+            progress,
+            opener: caller.pid,
             model,
             file_name: file_name.to_string(),
             uid: caller.uid,
@@ -107,20 +151,18 @@ impl Fs {
         let signature = signature.filter(|(_, at)| at.elapsed() < SIGNATURE_WAIT).map(|(s, _)| s);
         let files = match Archive::of(&file_name) {
             Some(kind) => {
+                p.progress.set("unpacking");
                 let members = self.store.unpack(&p.path(), &upload, kind, p.max)?;
                 drop(upload); // the archive itself is not kept
-                if let Some((path, _)) = members.iter().find(|(path, _)| VERSION_FILES.contains(&top(path))) {
-                    return Err(Error::InvalidModel {
-                        name: p.path(),
-                        why: format!("{path}: {} is reserved for the files aifs adds to every version", top(path)),
-                    });
-                }
                 members
             }
             None => vec![(file_name.clone(), upload)],
         };
+        p.progress.set("hashing, checking, syncing");
         let inspect = |files: &_| self.backends.inspect(files);
-        let imported = self.store.import(&p.model, files, signature.as_deref(), inspect)?;
+        let imported = self.store.import(&p.model, files, signature.as_deref(), inspect);
+        p.progress.set(if imported.is_ok() { "committed" } else { "failed" });
+        let imported = imported?;
         let (number, what) = match imported {
             Imported::New(n) => (n, "imported new version"),
             Imported::Existing(n) => (n, "content identical to an existing version; no new version"),
@@ -139,11 +181,6 @@ impl Fs {
         held.insert((model.to_string(), target.to_string(), uid), (signature, Instant::now()));
         tracing::info!(model, file = target, "signature held for the import to come");
     }
-}
-
-/// A path's first component.
-fn top(path: &str) -> &str {
-    path.split('/').next().unwrap_or(path)
 }
 
 /// A signature copied in for (model, file), and when: see

@@ -71,7 +71,7 @@ impl Store {
                 return Err(bad(format!("more than {MAX_MEMBERS} members")));
             }
             let mut entry = entry.map_err(|e| bad(reading(&e, &budget)))?;
-            budget.allow(META_PER_MEMBER); // the next header
+            budget.allow(META_PER_MEMBER); // the next header (a file member adds its data below)
             let kind = entry.header().entry_type();
             let path = normalize_path(&entry.path_bytes()).map_err(|why| bad(why.to_string()))?;
             match kind {
@@ -99,7 +99,8 @@ impl Store {
                 let context = format!("{name}: {path} ({size} bytes) is larger than the store's free space");
                 return Err(Error::io(context, io::Error::from_raw_os_error(libc::ENOSPC)));
             }
-            budget.allow(size.next_multiple_of(512));
+            // This member's data and padding, then the next header.
+            budget.allow(size.next_multiple_of(512) + META_PER_MEMBER);
             let mut upload = self.begin_upload()?;
             let mut at = 0u64;
             let mut buf = vec![0u8; 1 << 20];
@@ -177,8 +178,10 @@ struct Budget {
 }
 
 impl Budget {
+    /// What may be read from now on: an allowance left unused by one
+    /// member does not carry over to the next.
     fn allow(&self, bytes: u64) {
-        self.left.set(self.left.get().saturating_add(bytes));
+        self.left.set(bytes);
     }
 }
 

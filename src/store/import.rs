@@ -17,7 +17,7 @@ use crate::backend::{Files, Inspected};
 use crate::error::{Error, Result};
 
 use super::blobs::{remove_file_if_present, sync_dir};
-use super::names::normalize_path;
+use super::names::{normalize_path, VERSION_FILES};
 use super::{now_secs, Digest, Store, Version};
 
 /// What a successful import did.
@@ -93,6 +93,13 @@ impl Store {
             if normalize_path(path.as_bytes()).ok().flatten().as_deref() != Some(path.as_str()) {
                 return Err(Error::InvalidName { name: path.clone(), why: "not a path inside a version" });
             }
+            let top = path.split('/').next().unwrap_or(path);
+            if VERSION_FILES.contains(&top) {
+                return Err(Error::InvalidModel {
+                    name: model.to_string(),
+                    why: format!("{path}: {top} is reserved for the files aifs adds to every version"),
+                });
+            }
         }
         self.model(model)?;
         // The fsync, the sha256 and the backend's load each take a good
@@ -128,6 +135,9 @@ impl Store {
                 Some(v) => return Ok(Imported::Existing(v.number)),
                 None => current.next_version,
             },
+            Some((n, _)) if n == u32::MAX => {
+                return Err(Error::InvalidArgument(format!("models/{model}/v{n}: version numbers stop below {n}")))
+            }
             Some((n, _)) => match current.versions.get(&n) {
                 Some(v) if v.files == manifest => return Ok(Imported::Existing(n)),
                 Some(_) => return Err(Error::Exists(format!("models/{model}/v{n} (with other files)"))),

@@ -40,7 +40,7 @@ pub use archive::{Archive, MAX_MEMBERS};
 pub use catalog::{Model, ModelConfig, Version, PRIORITIES};
 pub use digest::Digest;
 pub use import::{Imported, Upload};
-pub use names::{normalize_path, parse_version_name, validate_name, LATEST};
+pub use names::{normalize_path, parse_version_name, validate_name, LATEST, VERSION_FILES};
 pub use trust::{Policy, Signer, Trust, MAX_SIGNATURE_BYTES};
 
 pub(crate) use blobs::private_dir;

@@ -41,6 +41,10 @@ pub fn parse_version_name(name: &str) -> Option<u32> {
     digits.parse().ok()
 }
 
+/// Names a version directory holds besides its model files: no file of a
+/// version may have one as its first component.
+pub const VERSION_FILES: [&str; 7] = ["digest", "meta.json", "infer", "clone", "error", "stats", "signature"];
+
 /// Longest path a file of a version may have.
 const MAX_PATH: usize = 4096;
 

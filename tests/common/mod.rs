@@ -228,6 +228,12 @@ impl Drop for Mount {
             // SAFETY: a valid C string.
             unsafe { libc::umount2(path.as_ptr(), libc::MNT_DETACH) };
         }
+        // --shared bound the mount point's directory (the temp dir) onto itself.
+        if self.args.iter().any(|a| a == "--shared") {
+            let path = std::ffi::CString::new(self.dir.path().to_str().unwrap()).unwrap();
+            // SAFETY: a valid C string.
+            unsafe { libc::umount2(path.as_ptr(), libc::MNT_DETACH) };
+        }
     }
 }
 
