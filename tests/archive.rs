@@ -66,7 +66,7 @@ fn a_tar_is_one_version_whose_tree_is_shown_byte_for_byte() {
     t.mkdir(b"m").unwrap();
     let files = model_tree();
     t.copy_in("m", "model.tar", &tar_of(&as_refs(&files), &["1_Pooling", "a", "a/b", "empty"])).unwrap();
-    assert_eq!(t.names("models/m"), ["config.json", "trust", "latest", "v1"]);
+    assert_eq!(t.names("models/m"), ["config.json", "trust", "status", "latest", "v1"]);
     assert_eq!(
         t.names("models/m/v1"),
         [".gitattributes", "1_Pooling", "a", "config.json", "model.fake"]
@@ -103,18 +103,18 @@ fn a_tar_is_one_version_whose_tree_is_shown_byte_for_byte() {
     reordered.reverse();
     t.copy_in("m", "model.tar.gz", &gzip(&tar_of(&reordered, &[]))).unwrap();
     t.copy_in("m", "again.tgz", &gzip(&tar_of(&as_refs(&files), &[]))).unwrap();
-    assert_eq!(t.names("models/m"), ["config.json", "trust", "latest", "v1"]);
+    assert_eq!(t.names("models/m"), ["config.json", "trust", "status", "latest", "v1"]);
 
     // One file changed: a new version, sharing the other blobs.
     let mut changed = files.clone();
     changed[4].1 = b"deeper".to_vec();
     t.copy_in("m", "model.tar", &tar_of(&as_refs(&changed), &[])).unwrap();
-    assert_eq!(t.names("models/m"), ["config.json", "trust", "latest", "v1", "v2"]);
+    assert_eq!(t.names("models/m"), ["config.json", "trust", "status", "latest", "v1", "v2"]);
     assert_eq!(t.blob_files().len(), files.len() + 1, "{:?}", t.blob_files());
 
     // A tree and a single file with the same bytes are different versions.
     t.copy_in("m", "model.fake", &fixture("mlp.fake")).unwrap();
-    assert_eq!(t.names("models/m"), ["config.json", "trust", "latest", "v1", "v2", "v3"]);
+    assert_eq!(t.names("models/m"), ["config.json", "trust", "status", "latest", "v1", "v2", "v3"]);
     assert_eq!(t.blob_files().len(), files.len() + 1, "the blob is shared");
 }
 
@@ -169,7 +169,7 @@ fn bad_archives_fail_the_close_and_leave_nothing() {
         assert_eq!(err.errno(), libc::EINVAL, "{what}: {err}");
         assert!(err.to_string().contains(reason), "{what}: {err}");
         assert!(err.to_string().len() <= 300, "{what}: {err}");
-        assert_eq!(t.names("models/m"), ["config.json", "trust"], "{what}");
+        assert_eq!(t.names("models/m"), ["config.json", "trust", "status"], "{what}");
         assert!(t.blob_files().is_empty(), "{what}: {:?}", t.blob_files());
     }
 
@@ -181,7 +181,7 @@ fn bad_archives_fail_the_close_and_leave_nothing() {
 
     // After all that, a good archive goes in.
     t.copy_in("m", "model.tar", &good).unwrap();
-    assert_eq!(t.names("models/m"), ["config.json", "trust", "latest", "v1"]);
+    assert_eq!(t.names("models/m"), ["config.json", "trust", "status", "latest", "v1"]);
 }
 
 #[test]
@@ -194,7 +194,7 @@ fn removing_a_multi_file_version_goes_through_its_directories() {
     t.fs.unlink(dir, std::ffi::OsStr::new("config.json")).unwrap();
     assert_eq!(t.fs.rmdir(t.ino("models/m/v1"), std::ffi::OsStr::new("1_Pooling")).map_err(|e| e.errno()), Ok(()));
     t.fs.rmdir(t.ino("models/m"), std::ffi::OsStr::new("v1")).unwrap();
-    assert_eq!(t.names("models/m"), ["config.json", "trust"]);
+    assert_eq!(t.names("models/m"), ["config.json", "trust", "status"]);
     // mkdir inside a model (what `cp -r DIR models/m/` does first) says to use tar.
     let err = t.fs.mkdir(t.ino("models/m"), std::ffi::OsStr::new("dir"), 0o755, ME).unwrap_err();
     assert_eq!(err.errno(), libc::EPERM);

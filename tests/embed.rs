@@ -250,5 +250,5 @@ fn bad_text_requests_and_bad_trees_fail_with_a_reason() {
         .map(|e| e.unwrap().file_name().into_string().unwrap())
         .collect();
     left.sort();
-    assert_eq!(left, ["config.json", "trust"]);
+    assert_eq!(left, ["config.json", "status", "trust"]);
 }

@@ -45,7 +45,7 @@ fn copy_in_makes_a_version_with_its_files() {
     t.mkdir(b"m").unwrap();
     let mlp = fixture("mlp.fake");
     t.copy_in("m", "mlp.fake", &mlp).unwrap();
-    assert_eq!(t.names("models/m"), ["config.json", "trust", "latest", "v1"]);
+    assert_eq!(t.names("models/m"), ["config.json", "trust", "status", "latest", "v1"]);
     assert_eq!(
         t.names("models/m/v1"),
         ["mlp.fake", "digest", "meta.json", "stats", "signature", "infer", "clone", "error"]
@@ -60,7 +60,7 @@ fn copy_in_makes_a_version_with_its_files() {
     assert_eq!(meta["size"], mlp.len());
     // The same bytes again: no new version.
     t.copy_in("m", "mlp.fake", &mlp).unwrap();
-    assert_eq!(t.names("models/m"), ["config.json", "trust", "latest", "v1"]);
+    assert_eq!(t.names("models/m"), ["config.json", "trust", "status", "latest", "v1"]);
 }
 
 #[test]
@@ -75,7 +75,7 @@ fn a_shell_redirect_closes_a_duplicate_before_writing() {
     t.fs.write(o.fh, 0, &fixture("b.fake")).unwrap();
     t.flush(o.fh).unwrap();
     t.release(o.fh).unwrap();
-    assert_eq!(t.names("models/m"), ["config.json", "trust", "latest", "v1"]);
+    assert_eq!(t.names("models/m"), ["config.json", "trust", "status", "latest", "v1"]);
 }
 
 #[test]
@@ -88,7 +88,7 @@ fn bad_models_fail_the_close_and_leave_nothing() {
         assert!(err.to_string().contains(name), "{err}");
         assert!(!err.to_string().contains("tmp-"), "reason names the temp file: {err}");
     }
-    assert_eq!(t.names("models/m"), ["config.json", "trust"]);
+    assert_eq!(t.names("models/m"), ["config.json", "trust", "status"]);
     assert!(t.blob_files().is_empty(), "{:?}", t.blob_files());
 }
 
@@ -143,7 +143,7 @@ fn aliases_rename_and_pin() {
     assert_eq!(t.fs.rename(m, OsStr::new("CuTmp"), m, OsStr::new("stable"), true).unwrap_err().errno(), libc::EEXIST);
     t.fs.rename(m, OsStr::new("CuTmp"), m, OsStr::new("stable"), false).unwrap();
     assert_eq!(t.fs.readlink(t.ino("models/m/stable")).unwrap(), "v2");
-    assert_eq!(t.names("models/m"), ["config.json", "trust", "latest", "stable", "v1", "v2"]);
+    assert_eq!(t.names("models/m"), ["config.json", "trust", "status", "latest", "stable", "v1", "v2"]);
     // Neither versions nor latest can be renamed or replaced.
     assert_eq!(t.fs.rename(m, OsStr::new("stable"), m, OsStr::new("latest"), false).unwrap_err().errno(), libc::EPERM);
     assert_eq!(t.fs.rename(m, OsStr::new("stable"), m, OsStr::new("v1"), false).unwrap_err().errno(), libc::EPERM);
@@ -174,7 +174,7 @@ fn removing_a_version_file_by_file_follows_rmdir_rules() {
     assert_eq!(t.names("models/m/v1").len(), 8);
     t.fs.unlink(m, OsStr::new("latest")).unwrap();
     t.fs.rmdir(m, OsStr::new("v1")).unwrap();
-    assert_eq!(t.names("models/m"), ["config.json", "trust"]);
+    assert_eq!(t.names("models/m"), ["config.json", "trust", "status"]);
     assert!(t.blob_files().is_empty());
     assert_eq!(t.try_ino("models/m/v1").unwrap_err().errno(), libc::ENOENT);
     t.fs.rmdir(t.ino("models"), OsStr::new("m")).unwrap();

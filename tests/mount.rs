@@ -79,7 +79,7 @@ fn cp_makes_content_addressed_versions() {
     let mlp = fixture("mlp.onnx");
     let sigmoid = fixture("sigmoid.onnx");
     import(&m, "m", "mlp.onnx");
-    assert_eq!(ls(&m, "models/m"), ["config.json", "latest", "trust", "v1"]);
+    assert_eq!(ls(&m, "models/m"), ["config.json", "latest", "status", "trust", "v1"]);
     assert_eq!(
         ls(&m, "models/m/v1"),
         ["clone", "digest", "error", "infer", "meta.json", "mlp.onnx", "signature", "stats"]
@@ -117,13 +117,13 @@ fn cp_makes_content_addressed_versions() {
     let py = format!("import shutil; shutil.copy('{}', 'models/m/')", mlp.display());
     let out = Command::new(repo().join(".venv/bin/python")).args(["-c", &py]).current_dir(&m.mnt).output().unwrap();
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
-    assert_eq!(ls(&m, "models/m"), ["config.json", "latest", "trust", "v1"]);
+    assert_eq!(ls(&m, "models/m"), ["config.json", "latest", "status", "trust", "v1"]);
 
     // Identical content: no new version. New content: v2, and latest follows.
     import(&m, "m", "mlp.onnx");
-    assert_eq!(ls(&m, "models/m"), ["config.json", "latest", "trust", "v1"]);
+    assert_eq!(ls(&m, "models/m"), ["config.json", "latest", "status", "trust", "v1"]);
     import(&m, "m", "sigmoid.onnx");
-    assert_eq!(ls(&m, "models/m"), ["config.json", "latest", "trust", "v1", "v2"]);
+    assert_eq!(ls(&m, "models/m"), ["config.json", "latest", "status", "trust", "v1", "v2"]);
     assert_eq!(sh_ok(&m.mnt, "readlink models/m/latest"), "v2\n");
     sh_ok(&m.mnt, &format!("cmp models/m/latest/sigmoid.onnx {}", sigmoid.display()));
 
@@ -149,14 +149,14 @@ fn aliases_with_ln_readlink_and_rm() {
     sh_ok(&m.mnt, "ln -sfn v2 models/m/stable");
     assert_eq!(sh_ok(&m.mnt, "readlink models/m/stable"), "v2\n");
     assert_eq!(read(m.path("models/m/stable/digest")), read(m.path("models/m/v2/digest")));
-    assert_eq!(ls(&m, "models/m"), ["config.json", "latest", "stable", "trust", "v1", "v2"]);
+    assert_eq!(ls(&m, "models/m"), ["config.json", "latest", "stable", "status", "trust", "v1", "v2"]);
 
     // A version an alias points at cannot go.
     sh_err(&m.mnt, "rm -r models/m/v2", "Device or resource busy");
     sh_ok(&m.mnt, &format!("cmp models/m/v2/sigmoid.onnx {}", fixture("sigmoid.onnx").display()));
 
     sh_ok(&m.mnt, "rm models/m/stable && rm -r models/m/v2");
-    assert_eq!(ls(&m, "models/m"), ["config.json", "latest", "trust", "v1"]);
+    assert_eq!(ls(&m, "models/m"), ["config.json", "latest", "status", "trust", "v1"]);
     assert_eq!(sh_ok(&m.mnt, "readlink models/m/latest"), "v1\n");
     assert!(!m.blob_files().contains(&sigmoid_blob), "unreferenced blob collected");
     assert!(!ls(&m, "blobs").contains(&sigmoid_blob));
@@ -175,7 +175,7 @@ fn bad_models_fail_cp_and_leave_nothing() {
         let src = fixture(name);
         sh_err(&m.mnt, &format!("cp {} models/m/", src.display()), "Invalid argument");
     }
-    assert_eq!(ls(&m, "models/m"), ["config.json", "trust"]);
+    assert_eq!(ls(&m, "models/m"), ["config.json", "status", "trust"]);
     assert!(m.blob_files().is_empty(), "left behind: {:?}", m.blob_files());
     // One log line each with the reason. (The kernel releases a closed file
     // asynchronously, and an empty file's line is written at release.)
@@ -193,12 +193,12 @@ fn bad_models_fail_cp_and_leave_nothing() {
     sh_err(&m.mnt, "cp /etc/hostname models/m/", "Invalid argument");
     // The daemon is fine: a good model still imports.
     import(&m, "m", "mlp.onnx");
-    assert_eq!(ls(&m, "models/m"), ["config.json", "latest", "trust", "v1"]);
+    assert_eq!(ls(&m, "models/m"), ["config.json", "latest", "status", "trust", "v1"]);
     // A model whose external data names that model's blob reaches no file
     // but its own version's, at import as at every load.
     sh_ok(&m.mnt, "mkdir models/x");
     sh_err(&m.mnt, &format!("cp {} models/x/", fixture("external.onnx").display()), "Invalid argument");
-    assert_eq!(ls(&m, "models/x"), ["config.json", "trust"]);
+    assert_eq!(ls(&m, "models/x"), ["config.json", "status", "trust"]);
     assert!(m.log_text().contains("invalid model \"external.onnx\": "), "{}", m.log_text());
 }
 
@@ -221,7 +221,7 @@ fn multi_file_versions_through_tar() {
     assert_eq!(y, (1..=16).map(|i| i as f32).collect::<Vec<_>>());
     // The same tree gzipped: no new version.
     sh_ok(&m.mnt, &format!("tar -C {src} -czf - . > models/ext/model.tgz"));
-    assert_eq!(ls(&m, "models/ext"), ["config.json", "latest", "trust", "v1"]);
+    assert_eq!(ls(&m, "models/ext"), ["config.json", "latest", "status", "trust", "v1"]);
 
     // A symlink in the tree: the cp fails with the reason in the log.
     let evil = m.dir.path().join("evil");
@@ -231,7 +231,7 @@ fn multi_file_versions_through_tar() {
     );
     sh_err(&m.mnt, &format!("cp {}.tar models/ext/", evil.display()), "Invalid argument");
     assert!(m.log_text().contains("link: symlink members are not allowed"), "{}", m.log_text());
-    assert_eq!(ls(&m, "models/ext"), ["config.json", "latest", "trust", "v1"]);
+    assert_eq!(ls(&m, "models/ext"), ["config.json", "latest", "status", "trust", "v1"]);
     // `cp -r` of a directory is refused at its mkdir, pointing at tar.
     sh_err(&m.mnt, &format!("cp -r {src} models/ext/"), "Operation not permitted");
     assert!(m.log_text().contains("tar -C DIR -cf - . > models/ext/model.tar"), "{}", m.log_text());
@@ -250,7 +250,7 @@ fn children_closing_inherited_descriptors_do_not_commit() {
         src.display()
     );
     sh_ok(&m.mnt, &script);
-    assert_eq!(ls(&m, "models/m"), ["config.json", "latest", "trust", "v1"]);
+    assert_eq!(ls(&m, "models/m"), ["config.json", "latest", "status", "trust", "v1"]);
     assert_eq!(std::fs::read(m.path("models/m/v1/mlp.onnx")).unwrap(), std::fs::read(&src).unwrap());
 }
 
@@ -379,7 +379,7 @@ fn permissions_are_kept_and_enforced_by_the_kernel() {
     );
     let out = as_nobody(&m, &tools);
     assert!(out.status.success(), "{out:?}");
-    assert_eq!(ls(&m, "models/theirs"), ["config.json", "trust"]);
+    assert_eq!(ls(&m, "models/theirs"), ["config.json", "status", "trust"]);
     // models/ is sticky: nobody cannot remove root's model.
     assert!(!as_nobody(&m, "rmdir models/shared2 2>/dev/null; rmdir models/private").status.success());
 
@@ -413,7 +413,7 @@ fn everything_survives_unmount_and_remount() {
     sh_ok(&m.mnt, &format!("cmp models/m/v1/mul_1.onnx {}", fixture("mul_1.onnx").display()));
     // Numbering continues.
     import(&m, "m", "logreg_iris.onnx");
-    assert_eq!(ls(&m, "models/m"), ["config.json", "latest", "stable", "trust", "v1", "v2", "v3"]);
+    assert_eq!(ls(&m, "models/m"), ["config.json", "latest", "stable", "status", "trust", "v1", "v2", "v3"]);
 }
 
 #[test]
@@ -472,7 +472,7 @@ fn sigkill_during_a_100mb_import_loses_nothing() {
     // Start again on the same data dir and (stale) mount point.
     m.spawn();
     assert!(m.log_text().contains("cleared a stale mount"), "{}", m.log_text());
-    assert_eq!(ls(&m, "models/m"), ["config.json", "latest", "trust", "v1"]);
+    assert_eq!(ls(&m, "models/m"), ["config.json", "latest", "status", "trust", "v1"]);
     assert_eq!(m.blob_files(), [mlp_blob], "no temp file, no orphan blob");
     sh_ok(&m.mnt, &format!("cmp models/m/v1/mlp.onnx {}", fixture("mlp.onnx").display()));
     // v1 is still loadable: ONNX Runtime accepts it on import elsewhere.
@@ -561,7 +561,11 @@ fn imports_hold_no_fuse_thread_and_are_bounded() {
     }
     let imported = importer.join().unwrap();
     assert!(imported.status.success(), "{imported:?}");
-    assert_eq!(ls(&m, "models/theirs").len(), 4, "config.json, latest, trust, v1 (three equal files: one version)");
+    assert_eq!(
+        ls(&m, "models/theirs"),
+        ["config.json", "latest", "status", "trust", "v1"],
+        "three equal files: one version"
+    );
     took.sort();
     let p99 = took[took.len() * 99 / 100];
     eprintln!("cat status: p99 {p99:?}, max {:?} over {} reads", took.last().unwrap(), took.len());

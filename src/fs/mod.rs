@@ -284,7 +284,7 @@ impl Fs {
                 let kind = if matches!(node, Node::Config(_)) { Written::Config } else { Written::Trust };
                 (Handle::Text(kind, model.clone(), Mutex::new(None)), true, false)
             }
-            Node::Readme | Node::Status | Node::Metrics | Node::DeviceFile { .. } if writing => {
+            Node::Readme | Node::Status | Node::ModelStatus(_) | Node::Metrics | Node::DeviceFile { .. } if writing => {
                 return Err(Error::AccessDenied(self.describe(&node)))
             }
             // Writing the name just imported again (a second `cp`): a new upload.
@@ -302,6 +302,7 @@ impl Fs {
             Node::VersionFile { .. }
             | Node::Readme
             | Node::Status
+            | Node::ModelStatus(_)
             | Node::Metrics
             | Node::Config(_)
             | Node::Trust(_)

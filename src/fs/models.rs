@@ -142,7 +142,7 @@ impl Fs {
         match self.child(&parent, name)? {
             // Derived from the model; they go with it (so `rm -r` of a model works).
             Node::Link { alias, .. } if alias == LATEST => Ok(()),
-            Node::Config(_) | Node::Trust(_) => Ok(()),
+            Node::Config(_) | Node::Trust(_) | Node::ModelStatus(_) => Ok(()),
             Node::Link { model, alias } => {
                 self.store.remove_alias(&model, &alias)?;
                 tracing::info!(model = %model, alias = %alias, "removed alias");

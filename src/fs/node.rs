@@ -39,6 +39,8 @@ pub enum Node {
     Config(String),
     /// `models/<name>/trust`: keys and policy for signed versions.
     Trust(String),
+    /// `models/<name>/status`: its versions and its imports in flight.
+    ModelStatus(String),
     /// A model file just copied in, under the name it was copied to (see
     /// the module header).
     Imported {
@@ -145,6 +147,7 @@ impl Fs {
             Node::Metrics => "metrics".into(),
             Node::Config(m) => format!("models/{m}/config.json"),
             Node::Trust(m) => format!("models/{m}/trust"),
+            Node::ModelStatus(m) => format!("models/{m}/status"),
             Node::Imported { model, file, .. } => format!("models/{model}/{file}"),
             Node::Models => "models".into(),
             Node::Devices => "devices".into(),

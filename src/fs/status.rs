@@ -58,6 +58,27 @@ impl Fs {
 
     /// `/README`, with examples written for this mount point and, where one
     /// exists, a real model in it, so that they work by copy-paste.
+    /// `models/<name>/status`: its versions, and its imports in flight
+    /// (as in `/status`), so `watch cat models/x/status` follows a `cp`.
+    pub(super) fn model_status(&self, model: &str) -> crate::error::Result<serde_json::Value> {
+        let m = self.store.model(model)?;
+        let prefix = format!("models/{model}/");
+        let imports: Vec<serde_json::Value> = self
+            .in_flight
+            .lock()
+            .unwrap()
+            .iter()
+            .filter_map(|p| p.upgrade())
+            .filter(|p| p.path.starts_with(&prefix))
+            .map(|p| p.to_json())
+            .collect();
+        Ok(serde_json::json!({
+            "versions": m.versions.keys().collect::<Vec<_>>(),
+            "latest": m.latest(),
+            "imports": imports,
+        }))
+    }
+
     pub(super) fn readme(&self) -> String {
         let mnt = self.config.mountpoint.display();
         // A model already here makes the examples concrete: its file to
@@ -82,10 +103,13 @@ The tree
   metrics           Prometheus text: requests, failures, latencies, batch sizes, devices
   models/<name>/    mkdir makes a model; cp a model file into it to make a new version
     config.json     scheduling settings: device, max_batch, batch_delay_us, priority, timeout_ms, ...
+    trust           public keys and a policy for signed versions
+    status          its versions, and imports in flight (bytes, then phase)
+    model.tar       copy a tar of a directory in: one version of many files
     latest -> vN    the newest version (kept by the daemon)
     <alias> -> vN   your symlinks: ln -s v1 stable; ln -sfn v2 stable; rm stable
     vN/             an immutable version: the model file, digest, meta.json, and
-      infer         write a request (JSON, KServe v2 JSON, .npy, .npz), read the response
+      infer         write a request (JSON, KServe v2 JSON, .npy, .npz; text for text models), read the response
       clone         read it: a new job id for this version
       error         why your shell session's last request failed
       stats         requests, failures, batches, latency p50/p99

@@ -86,6 +86,8 @@ impl Fs {
                     Node::Config(model.clone())
                 } else if name == "trust" {
                     Node::Trust(model.clone())
+                } else if name == "status" {
+                    Node::ModelStatus(model.clone())
                 } else if let Some(number) = store::parse_version_name(name).filter(|n| m.versions.contains_key(n)) {
                     Node::Version { model: model.clone(), number }
                 } else if m.resolve_alias(name).is_some() {
@@ -137,6 +139,7 @@ impl Fs {
                 [
                     ("config.json".to_string(), Node::Config(model.clone())),
                     ("trust".to_string(), Node::Trust(model.clone())),
+                    ("status".to_string(), Node::ModelStatus(model.clone())),
                 ]
                 .into_iter()
                 .chain(m.latest().map(|_| link(LATEST)))
@@ -247,6 +250,10 @@ impl Fs {
                 let m = self.store.model(model)?;
                 (Kind::File, m.trust.to_text().len() as u64, 0o644, m.uid, m.gid, secs(m.created))
             }
+            Node::ModelStatus(model) => {
+                let m = self.store.model(model)?;
+                (Kind::File, self.content(node)?.len() as u64, 0o444, m.uid, m.gid, secs(m.created))
+            }
             Node::Link { model, alias } => {
                 let m = self.store.model(model)?;
                 let n = m.resolve_alias(alias).ok_or_else(|| Error::NotFound(format!("models/{model}/{alias}")))?;
@@ -343,6 +350,7 @@ impl Fs {
             Node::Metrics => self.engine.metrics_text(),
             Node::Config(model) => self.store.model(model)?.config.to_json(),
             Node::Trust(model) => self.store.model(model)?.trust.to_text(),
+            Node::ModelStatus(model) => pretty(&self.model_status(model)?),
             Node::VersionFile { model, number, file: VersionFile::Signature } => {
                 match &self.version(model, *number)?.1.signed_by {
                     Some(s) => format!("signed by {}\ntrusted comment: {}\n", s.key, s.trusted_comment),

@@ -87,10 +87,10 @@ pub(super) fn validate_alias(alias: &str) -> Result<()> {
     if alias == LATEST {
         return Err(Error::NotPermitted(format!("{LATEST} is kept by the daemon")));
     }
-    if alias == "config.json" || alias == "trust" {
+    if alias == "config.json" || alias == "trust" || alias == "status" {
         return Err(Error::InvalidName {
             name: alias.to_string(),
-            why: "config.json and trust are the model's settings",
+            why: "config.json, trust and status are the model's own files",
         });
     }
     if alias.starts_with('v') && alias[1..].bytes().all(|b| b.is_ascii_digit()) {
