@@ -13,24 +13,31 @@
 #   scripts/install.sh [--prefix DIR] [--binary PATH]
 #     --binary PATH   install this aifs-mountd instead of building release
 set -euo pipefail
-cd "$(dirname "$0")/.."
 
+usage() { echo "usage: scripts/install.sh [--prefix DIR] [--binary PATH]" >&2; exit 2; }
 prefix=/usr/local
 binary=
 while [ $# -gt 0 ]; do
   case "$1" in
-    --prefix) prefix="$2"; shift 2 ;;
-    --binary) binary="$2"; shift 2 ;;
-    *) echo "usage: scripts/install.sh [--prefix DIR] [--binary PATH]" >&2; exit 2 ;;
+    --prefix) [ $# -ge 2 ] || usage; prefix="$2"; shift 2 ;;
+    --binary) [ $# -ge 2 ] || usage; binary="$2"; shift 2 ;;
+    *) usage ;;
   esac
 done
+# Paths given relative to where this was run from, before moving to the checkout.
+prefix=$(realpath -m "$prefix")
+[ -z "$binary" ] || binary=$(realpath "$binary")
+case "$prefix" in
+  *[[:space:]\\\|\&]*) echo "install.sh: the prefix may not contain spaces, |, & or backslashes: $prefix" >&2; exit 2 ;;
+esac
+cd "$(dirname "$0")/.."
 
 scripts/setup.sh
 if [ -z "$binary" ]; then
   cargo build --release --locked -p aifs-mountd
   binary=target/release/aifs-mountd
 fi
-lib=$(ls .deps/onnxruntime/onnxruntime/capi/libonnxruntime.so.* | head -n 1)
+lib=.deps/onnxruntime/onnxruntime/capi/libonnxruntime.so.$(sed -n 's/^ORT_VERSION=//p' scripts/setup.sh)
 
 install -d "$prefix/bin" "$prefix/lib/aifs" "$prefix/lib/systemd/system" "$prefix/share/doc/aifs"
 install -m 0755 "$binary" "$prefix/bin/aifs-mountd"

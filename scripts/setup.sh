@@ -17,7 +17,8 @@ ORT_VERSION=1.32.0
 # checks deploy/systemd/aifs.service.
 missing=""
 command -v fusermount3 >/dev/null 2>&1 || missing="$missing fuse3"
-[ -x /bin/busybox ] || missing="$missing busybox-static"
+# The container tests copy busybox into an empty root: the static build.
+dpkg -s busybox-static >/dev/null 2>&1 || missing="$missing busybox-static"
 command -v systemd-analyze >/dev/null 2>&1 || missing="$missing systemd"
 if [ -n "$missing" ]; then
   echo "setup: installing$missing"

@@ -550,7 +550,8 @@ pub fn share_parent(mountpoint: &Path) -> io::Result<()> {
         }
     };
     if !mounted {
-        call(c_path.as_ptr(), libc::MS_BIND)?;
+        // Recursive: the mounts already under it stay visible.
+        call(c_path.as_ptr(), libc::MS_BIND | libc::MS_REC)?;
     }
     call(std::ptr::null(), libc::MS_SHARED)
 }

@@ -99,8 +99,8 @@ struct Seen {
 type Fingerprint = Vec<(String, u64, SystemTime)>;
 
 impl Repositories {
-    /// Scans every repository once (importing what is complete), then
-    /// watches them on a thread of its own.
+    /// Watches the repositories on a thread of its own, which first scans
+    /// them all (importing what is complete).
     pub fn start(
         roots: Vec<PathBuf>,
         settle: Duration,
@@ -145,7 +145,9 @@ impl Repositories {
             }
         };
         watch(&shared, &mut watched);
-        let mut next = Instant::now() + shared.guarded_pass();
+        // The first scan runs on the thread: versions already imported are
+        // in the catalog, and the mount need not wait to check them.
+        let mut next = Instant::now();
         let worker = shared.clone();
         let thread = std::thread::Builder::new()
             .name("repository".into())
@@ -427,7 +429,8 @@ impl Shared {
         if let Some(v) = self.store.model(model).ok().and_then(|m| m.versions.get(&number).cloned()) {
             if v.origin.as_deref() == Some(origin.as_str()) && v.files.len() == files.len() {
                 let same = files.iter().all(|(path, _, _)| {
-                    v.files.get(path).is_some_and(|d| crate::store::Digest::of_file(&dir.join(path)).ok() == Some(*d))
+                    let digest = self.open_in_repository(&dir.join(path)).and_then(crate::store::Digest::of_reader);
+                    v.files.get(path).is_some_and(|d| digest.ok() == Some(*d))
                 });
                 if same {
                     return Ok(Some(Imported::Existing(number)));
@@ -476,16 +479,16 @@ impl Shared {
     /// saw. Opened without following a symlink, and without blocking on a
     /// FIFO put in its place since.
     fn copy_in(&self, path: &Path, len: u64) -> Result<Option<Upload>> {
-        use std::os::unix::fs::OpenOptionsExt;
         let io = |e| Error::io(path.display().to_string(), e);
-        let mut file =
-            match fs::OpenOptions::new().read(true).custom_flags(libc::O_NOFOLLOW | libc::O_NONBLOCK).open(path) {
-                Ok(file) => file,
-                Err(e) if matches!(e.raw_os_error(), Some(libc::ELOOP | libc::ENOENT | libc::ENXIO)) => {
-                    return Ok(None)
-                }
-                Err(e) => return Err(io(e)),
-            };
+        let mut file = match self.open_in_repository(path) {
+            Ok(file) => file,
+            // A symlink or a path that leaves the repository now: the scan
+            // that follows says which.
+            Err(e) if matches!(e.raw_os_error(), Some(libc::ELOOP | libc::ENOENT | libc::ENXIO | libc::EXDEV)) => {
+                return Ok(None)
+            }
+            Err(e) => return Err(io(e)),
+        };
         let meta = file.metadata().map_err(io)?;
         if !meta.is_file() || meta.len() != len {
             return Ok(None);
@@ -505,6 +508,12 @@ impl Shared {
             upload.write_at(at, &buf[..n])?;
             at += n as u64;
         }
+    }
+
+    /// A file under one of the repositories, opened by [`open_beneath`].
+    fn open_in_repository(&self, path: &Path) -> std::io::Result<fs::File> {
+        let root = self.roots.iter().find(|r| path.starts_with(r)).ok_or(std::io::ErrorKind::NotFound)?;
+        open_beneath(root, path.strip_prefix(root).expect("under its root"))
     }
 
     /// `<name>/config.json`, applied when it changed.
@@ -592,6 +601,32 @@ impl Shared {
             None => st.waiting.remove(dir),
         };
     }
+}
+
+/// Opens `rel` (`<name>/<N>/<path>`) under the repository `root` for
+/// reading: no symlink in any component and nothing outside `root`
+/// (openat2's RESOLVE_NO_SYMLINKS and RESOLVE_BENEATH, so a directory
+/// swapped for a link after the scan leads nowhere), and no blocking on a
+/// FIFO swapped in for a file.
+fn open_beneath(root: &Path, rel: &Path) -> std::io::Result<fs::File> {
+    use std::os::fd::{AsRawFd, FromRawFd};
+    use std::os::unix::ffi::OsStrExt;
+    let dir = fs::File::open(root)?;
+    let rel = std::ffi::CString::new(rel.as_os_str().as_bytes())?;
+    // SAFETY: open_how is plain integers, for which all zeros is valid.
+    let mut how: libc::open_how = unsafe { std::mem::zeroed() };
+    how.flags = (libc::O_RDONLY | libc::O_NOFOLLOW | libc::O_NONBLOCK | libc::O_CLOEXEC) as u64;
+    how.resolve = libc::RESOLVE_BENEATH | libc::RESOLVE_NO_SYMLINKS;
+    // SAFETY: openat2 reads the path and the open_how struct (of the size
+    // given) and keeps neither; `dir` stays open for the call.
+    let fd = unsafe {
+        libc::syscall(libc::SYS_openat2, dir.as_raw_fd(), rel.as_ptr(), &how, std::mem::size_of::<libc::open_how>())
+    };
+    if fd < 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    // SAFETY: a descriptor openat2 just returned, owned by nothing else.
+    Ok(unsafe { fs::File::from_raw_fd(fd as i32) })
 }
 
 /// Hidden and editor files, which are never part of a model.

@@ -72,6 +72,7 @@ fn mount_t_fuse_aifs_fstab_and_umount() {
     let request = format!("[{:?}]", [1.0f32; 16]);
     let script = format!(
         r#"
+trap 'umount -l {mnt} 2>/dev/null || true' EXIT
 mount -t fuse.aifs aifs {mnt} -o data_dir={data},allow_other,threads=2
 grep -q '"version"' {mnt}/status
 mkdir {mnt}/models/m && cp {mlp} {mnt}/models/m/
@@ -120,7 +121,7 @@ fn the_systemd_unit_verifies_and_the_daemon_says_ready() {
     let socket = UnixDatagram::bind(&socket_path).unwrap();
     socket.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
     let mnt = tmp.path().join("mnt");
-    let mut daemon = Command::new(prefix.join("bin/aifs-mountd"))
+    let daemon = Command::new(prefix.join("bin/aifs-mountd"))
         .arg(&mnt)
         .args(["--foreground", "--data-dir"])
         .arg(tmp.path().join("data"))
@@ -128,6 +129,7 @@ fn the_systemd_unit_verifies_and_the_daemon_says_ready() {
         .stderr(Stdio::null())
         .spawn()
         .unwrap();
+    let mut daemon = Reaped(daemon, mnt.clone());
     let mut buf = [0u8; 256];
     let n = socket.recv(&mut buf).unwrap();
     assert_eq!(&buf[..n], b"READY=1\n");
@@ -135,7 +137,23 @@ fn the_systemd_unit_verifies_and_the_daemon_says_ready() {
     sh_ok(Path::new("/"), &format!("umount {}", mnt.display()));
     let n = socket.recv(&mut buf).unwrap();
     assert_eq!(&buf[..n], b"STOPPING=1\n");
-    assert!(daemon.wait().unwrap().success());
+    assert!(daemon.0.wait().unwrap().success());
+}
+
+/// A daemon started by a test: killed and its mount detached if the test
+/// fails before it stops it.
+struct Reaped(std::process::Child, PathBuf);
+
+impl Drop for Reaped {
+    fn drop(&mut self) {
+        if self.0.try_wait().ok().flatten().is_none() {
+            let _ = self.0.kill();
+            let _ = self.0.wait();
+        }
+        if is_mounted(&self.1) {
+            let _ = Command::new("umount").arg("-l").arg(&self.1).status();
+        }
+    }
 }
 
 /// A minimal container root: busybox (Debian's busybox-static) and /tmp.
@@ -160,7 +178,8 @@ fn container(root: &Path, host: &Path, uid: u32, script: &str) -> Command {
         root = root.display(),
     );
     let mut c = Command::new("unshare");
-    c.args(["--mount", "--pid", "--fork", "--propagation", "slave", "sh", "-c", &inner]);
+    // --kill-child: the namespace's processes go when unshare does.
+    c.args(["--mount", "--pid", "--fork", "--kill-child", "--propagation", "slave", "sh", "-c", &inner]);
     c
 }
 
@@ -212,7 +231,8 @@ fn a_running_container_survives_a_daemon_restart() {
     // Reads status every 100 ms for 15 s, one line per read.
     let script = "for i in $(seq 150); do if cat /host/mnt/status >/tmp/out 2>/tmp/err; then echo ok; \
                   else echo \"fail $(cat /tmp/err)\"; fi; sleep 0.1; done > /tmp/log 2>&1";
-    let mut client = container(&root, m.dir.path(), 1000, script).spawn().unwrap();
+    let client = container(&root, m.dir.path(), 1000, script).spawn().unwrap();
+    let mut client = KillOnDrop(client);
     let log = root.join("tmp/log");
     let lines = || std::fs::read_to_string(&log).unwrap_or_default();
     let deadline = Instant::now() + Duration::from_secs(10);
@@ -237,8 +257,19 @@ fn a_running_container_survives_a_daemon_restart() {
     let text = lines();
     assert!(text.contains("fail cat: can't open '/host/mnt/status': Transport endpoint is not connected"), "{text}");
     eprintln!("the container read status again {back:?} after the daemon was started again");
-    let _ = client.kill();
-    let _ = client.wait();
+    let _ = client.0.kill();
+    let _ = client.0.wait();
+}
+
+/// A container process (unshare --kill-child), killed with its namespace
+/// when the test ends, passed or not.
+struct KillOnDrop(std::process::Child);
+
+impl Drop for KillOnDrop {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
 }
 
 /// `watch cat status` is the progress bar of a large `cp`: bytes as they

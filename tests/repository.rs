@@ -67,12 +67,11 @@ fn versions_appear_complete_follow_the_directory_and_survive_restarts() {
     let tmp = tempfile::tempdir().unwrap();
     let repo = tmp.path().join("repo");
     let tree = fixture("external_tree");
-    // Present before the start (old mtimes): imported by the first scan,
-    // before the mount is up.
+    // Present before the start (old mtimes): imported by the first scan.
     std::fs::create_dir_all(repo.join("ext")).unwrap();
     sh_ok(tmp.path(), &format!("cp -rp {} repo/ext/1", tree.display()));
     let mut m = start(&repo);
-    assert_eq!(versions(&m, "ext"), ["v1"]);
+    wait_for("the first scan", Duration::from_secs(10), || versions(&m, "ext") == ["v1"]);
     let meta: Value = serde_json::from_slice(&std::fs::read(m.path("models/ext/v1/meta.json")).unwrap()).unwrap();
     assert_eq!(meta["origin"], repo.join("ext/1").to_str().unwrap());
     runs_ext(&m, "v1");
@@ -141,7 +140,7 @@ fn bad_versions_say_why_and_changes_are_followed() {
     std::fs::create_dir_all(repo.join("mlp/1")).unwrap();
     sh_ok(tmp.path(), &format!("cp -p {} repo/mlp/1/model.onnx", fixture("mlp.onnx").display()));
     let m = start(&repo);
-    assert_eq!(versions(&m, "mlp"), ["v1"]);
+    wait_for("the first scan", Duration::from_secs(10), || versions(&m, "mlp") == ["v1"]);
 
     // An invalid model: not imported; the reason is in /status and the log;
     // fixing the file retries.

@@ -15,16 +15,23 @@ const HELPER_NAMES: [&str; 2] = ["aifs", "mount.fuse.aifs"];
 
 /// Options that mean something to mount(8), fstab or the kernel, not to
 /// the daemon (`rw`: it decides per file what may be written).
-const GENERIC: [&str; 21] = [
+#[rustfmt::skip]
+const GENERIC: [&str; 22] = [
     "rw", "defaults", "auto", "noauto", "user", "users", "nouser", "nofail", "_netdev", "dev", "nodev", "suid",
     "nosuid", "exec", "noexec", "atime", "noatime", "relatime", "async", "sync", "owner",
+    // The daemon always mounts with it: the kernel checks each file's mode.
+    "default_permissions",
 ];
 
 /// The daemon's arguments for `args` (argv, program name first): the same
 /// when the program is not run by a helper name, else translated.
 pub fn daemon_args(args: Vec<OsString>) -> Result<Vec<OsString>, String> {
     let program = args.first().map(|p| Path::new(p).file_name().unwrap_or_default().to_string_lossy().into_owned());
-    if !program.is_some_and(|p| HELPER_NAMES.contains(&p.as_str())) {
+    // The daemon's own flags (`aifs --help`, `aifs MNT --foreground`): not
+    // a mount helper's call.
+    let own_flags =
+        args.iter().skip(1).any(|a| a.to_str().is_some_and(|a| a.starts_with("--") || a == "-h" || a == "-V"));
+    if !program.is_some_and(|p| HELPER_NAMES.contains(&p.as_str())) || own_flags {
         return Ok(args);
     }
     let mut out = vec![args[0].clone()];
@@ -41,6 +48,9 @@ pub fn daemon_args(args: Vec<OsString>) -> Result<Vec<OsString>, String> {
             }
             // mount(8)'s own flags to helpers: not the daemon's concern.
             Some("-n" | "-s" | "-f" | "-v") => {}
+            Some("-N") => {
+                rest.next(); // a mount namespace, by path or pid
+            }
             _ => positional.push(arg),
         }
     }
@@ -109,6 +119,8 @@ mod tests {
     fn the_daemons_own_name_is_left_alone() {
         let plain = args(&["aifs-mountd", "/mnt/aifs", "--foreground"]);
         assert_eq!(daemon_args(plain.clone()).unwrap(), plain);
+        let by_hand = args(&["/usr/local/bin/aifs", "/mnt/aifs", "--foreground"]);
+        assert_eq!(daemon_args(by_hand.clone()).unwrap(), by_hand);
         let err = daemon_args(args(&["mount.fuse.aifs", "/mnt/aifs"])).unwrap_err();
         assert!(err.contains("expected SOURCE MOUNTPOINT"), "{err}");
     }

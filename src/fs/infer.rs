@@ -88,15 +88,21 @@ impl Fs {
             match outcome {
                 Ok(out) => {
                     // Consumed only if the reader got it: a read a signal
-                    // ended (EINTR) is read again from the same place.
+                    // ended (EINTR) is given back, and read again from the
+                    // same place. The bookkeeping is done before the reply
+                    // (the reader, woken by it, goes on at once: work left
+                    // for after it cost one-handle requests 12 us, 13%, in
+                    // an interleaved A/B).
                     let mut st = stream.lock().unwrap();
                     let bytes = slice_at(out, st.read_pos, size);
                     let n = bytes.len();
-                    if done(Ok(bytes)) {
-                        st.read_pos += n;
-                        if st.read_pos >= out.len() {
-                            reader.mark_output_read();
-                        }
+                    st.read_pos += n;
+                    let to_the_end = st.read_pos >= out.len();
+                    drop(st);
+                    if !done(Ok(bytes)) {
+                        stream.lock().unwrap().read_pos -= n;
+                    } else if to_the_end {
+                        reader.mark_output_read();
                     }
                 }
                 Err(_) if reader.read_past_dropped(stream.lock().unwrap().read_pos) => {

@@ -382,13 +382,19 @@ impl Fs {
         let size = size as usize;
         let _delivered = match &*handle {
             Handle::Content(bytes) => done(Ok(slice_at(bytes, offset as usize, size))),
+            // As for `infer`: taken before the reply, given back if the
+            // reader did not get it.
             Handle::Stream(bytes, pos) => {
-                let mut pos = pos.lock().unwrap();
-                let chunk = slice_at(bytes, *pos, size);
+                let chunk = {
+                    let mut pos = pos.lock().unwrap();
+                    let chunk = slice_at(bytes, *pos, size);
+                    *pos += chunk.len();
+                    chunk
+                };
                 let n = chunk.len();
                 let delivered = done(Ok(chunk));
-                if delivered {
-                    *pos += n;
+                if !delivered {
+                    *pos.lock().unwrap() -= n;
                 }
                 delivered
             }
@@ -401,19 +407,21 @@ impl Fs {
                 let handle = handle.clone();
                 job.when_done(move |outcome| {
                     let Handle::JobOutput(_, pos) = &*handle else { unreachable!("a job output handle") };
-                    let mut pos = pos.lock().unwrap();
+                    // As for `infer`: taken before the reply, given back if
+                    // the reader did not get it.
+                    let at = *pos.lock().unwrap();
                     match outcome {
                         Ok(out) => {
-                            let bytes = slice_at(out, *pos, size);
+                            let bytes = slice_at(out, at, size);
                             let n = bytes.len();
-                            if done(Ok(bytes)) {
-                                *pos += n;
-                                if *pos >= out.len() {
-                                    reader.mark_output_read();
-                                }
+                            *pos.lock().unwrap() += n;
+                            if !done(Ok(bytes)) {
+                                *pos.lock().unwrap() -= n;
+                            } else if at + n >= out.len() {
+                                reader.mark_output_read();
                             }
                         }
-                        Err(_) if reader.read_past_dropped(*pos) => {
+                        Err(_) if reader.read_past_dropped(at) => {
                             done(Ok(Vec::new()));
                         }
                         Err(f) => {
@@ -526,7 +534,7 @@ impl Fs {
         Ok(data.len() as u32)
     }
 
-    /// `close()` by process `pid`: commits an upload, or sends a written
+    /// `close()` by thread `pid`: commits an upload, or sends a written
     /// request (see the module header). Errors reach the caller's
     /// `close()`. An upload commits only at a close by the process that
     /// opened it: a child that inherited the descriptor (`dd >&3` in a
@@ -536,8 +544,11 @@ impl Fs {
         match self.handle(fh) {
             Ok(handle) => {
                 if let Handle::Upload(pending) = &*handle {
-                    if pid != 0 && pending.lock().unwrap().opener != pid {
-                        return done(Ok(()));
+                    let opener = pending.lock().unwrap().opener;
+                    if let (Some(opener), Some(closer)) = (opener, upload::process_of(pid)) {
+                        if opener != closer {
+                            return done(Ok(()));
+                        }
                     }
                 }
                 self.run(handle.close_work(), move |fs| fs.finish_writes(&handle), done)

@@ -30,8 +30,9 @@ pub(super) struct Pending {
     pub(super) upload: Option<Upload>,
     /// What `/status` shows of it (it goes with the handle).
     pub(super) progress: Arc<Progress>,
-    /// The process that opened it: its close commits (see [`Fs::flush`]).
-    pub(super) opener: u32,
+    /// The process (thread group) that opened it: its close commits (see
+    /// [`Fs::flush`]); `None` if `/proc` could not tell.
+    pub(super) opener: Option<u32>,
 }
 
 /// An import in flight as `/status` shows it: read without the upload's
@@ -129,7 +130,7 @@ impl Fs {
         drop(in_flight);
         let pending = Pending {
             progress,
-            opener: caller.pid,
+            opener: process_of(caller.pid),
             model,
             file_name: file_name.to_string(),
             uid: caller.uid,
@@ -152,7 +153,8 @@ impl Fs {
         let files = match Archive::of(&file_name) {
             Some(kind) => {
                 p.progress.set("unpacking");
-                let members = self.store.unpack(&p.path(), &upload, kind, p.max)?;
+                let members =
+                    self.store.unpack(&p.path(), &upload, kind, p.max).inspect_err(|_| p.progress.set("failed"))?;
                 drop(upload); // the archive itself is not kept
                 members
             }
@@ -181,6 +183,13 @@ impl Fs {
         held.insert((model.to_string(), target.to_string(), uid), (signature, Instant::now()));
         tracing::info!(model, file = target, "signature held for the import to come");
     }
+}
+
+/// The process (thread group id) of thread `tid`, as FUSE names callers by
+/// thread: a program may open a file on one thread and close it on another.
+pub(super) fn process_of(tid: u32) -> Option<u32> {
+    let status = std::fs::read_to_string(format!("/proc/{tid}/status")).ok()?;
+    status.lines().find_map(|l| l.strip_prefix("Tgid:")).and_then(|v| v.trim().parse().ok())
 }
 
 /// A signature copied in for (model, file), and when: see

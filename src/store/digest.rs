@@ -29,7 +29,11 @@ impl Digest {
     /// The sha256 of a file, read 1 MiB at a time (never the whole file in
     /// memory).
     pub fn of_file(path: &Path) -> io::Result<Digest> {
-        let mut file = File::open(path)?;
+        Digest::of_reader(File::open(path)?)
+    }
+
+    /// The sha256 of what `file` reads to its end, 1 MiB at a time.
+    pub fn of_reader(mut file: impl Read) -> io::Result<Digest> {
         let mut hasher = Sha256::new();
         let mut buf = vec![0u8; 1 << 20];
         loop {
