@@ -86,7 +86,9 @@ impl Fs {
                     Node::Config(model.clone())
                 } else if name == "trust" {
                     Node::Trust(model.clone())
-                } else if name == "status" {
+                } else if name == "status" && m.resolve_alias(name).is_none() {
+                    // An alias made by an older build, before `status` was
+                    // the model's, keeps the name (and can be removed).
                     Node::ModelStatus(model.clone())
                 } else if let Some(number) = store::parse_version_name(name).filter(|n| m.versions.contains_key(n)) {
                     Node::Version { model: model.clone(), number }
@@ -139,9 +141,12 @@ impl Fs {
                 [
                     ("config.json".to_string(), Node::Config(model.clone())),
                     ("trust".to_string(), Node::Trust(model.clone())),
-                    ("status".to_string(), Node::ModelStatus(model.clone())),
                 ]
                 .into_iter()
+                .chain(
+                    (!m.aliases.contains_key("status"))
+                        .then(|| ("status".to_string(), Node::ModelStatus(model.clone()))),
+                )
                 .chain(m.latest().map(|_| link(LATEST)))
                 .chain(m.aliases.keys().map(|a| link(a)))
                 .chain(
