@@ -250,9 +250,7 @@ impl Shared {
     fn pass(&self) -> Duration {
         let mut soonest = RESCAN;
         for root in &self.roots {
-            if let Some(wait) = self.pass_root(root) {
-                soonest = soonest.min(wait);
-            }
+            soonest = soonest.min(self.pass_root(root));
         }
         // What was said of paths that are gone no longer holds, but for
         // versions whose removal waits.
@@ -271,17 +269,18 @@ impl Shared {
         soonest
     }
 
-    fn pass_root(&self, root: &Path) -> Option<Duration> {
+    /// Returns how soon to look again (a version waits to settle).
+    fn pass_root(&self, root: &Path) -> Duration {
         let entries = match fs::read_dir(root) {
             Ok(entries) => entries,
             Err(e) => {
                 // Perhaps an unmounted disk: report, and keep its versions.
                 self.problem(root, format!("cannot read the repository: {e}; its versions are kept"));
-                return None;
+                return RESCAN;
             }
         };
         self.solved(root);
-        let mut soonest: Option<Duration> = None;
+        let mut soonest = RESCAN;
         let mut names = HashSet::new();
         for entry in entries.flatten() {
             let name = entry.file_name().to_string_lossy().into_owned();
@@ -298,9 +297,7 @@ impl Shared {
                 continue;
             }
             names.insert(name.clone());
-            if let Some(wait) = self.pass_model(&name, &path) {
-                soonest = Some(soonest.map_or(wait, |s| s.min(wait)));
-            }
+            soonest = soonest.min(self.pass_model(&name, &path));
         }
         // Models whose directory is gone: their repository versions go too.
         for model in self.store.models() {
@@ -311,7 +308,7 @@ impl Shared {
         soonest
     }
 
-    fn pass_model(&self, name: &str, dir: &Path) -> Option<Duration> {
+    fn pass_model(&self, name: &str, dir: &Path) -> Duration {
         self.solved(dir);
         let config = dir.join("config.json");
         match fs::symlink_metadata(&config) {
@@ -319,8 +316,8 @@ impl Shared {
             Ok(_) => self.problem(&config, "not a regular file (symlinks are not followed)".into()),
             Err(_) => {}
         }
-        let mut soonest: Option<Duration> = None;
-        let Ok(entries) = fs::read_dir(dir) else { return None };
+        let mut soonest = RESCAN;
+        let Ok(entries) = fs::read_dir(dir) else { return RESCAN };
         for entry in entries.flatten() {
             let file = entry.file_name().to_string_lossy().into_owned();
             if ignored(&file) || file == "config.json" {
@@ -330,9 +327,7 @@ impl Shared {
             let is_dir = entry.file_type().is_ok_and(|t| t.is_dir());
             match parse_version_name(&format!("v{file}")).filter(|_| is_dir) {
                 Some(number) => {
-                    if let Some(wait) = self.pass_version(name, number, &path) {
-                        soonest = Some(soonest.map_or(wait, |s| s.min(wait)));
-                    }
+                    soonest = soonest.min(self.pass_version(name, number, &path).unwrap_or(RESCAN));
                 }
                 None if is_dir => self.problem(&path, "not a version number (1, 2, ...): ignored".into()),
                 None => {} // other files beside the versions (Triton's config.pbtxt...)
@@ -437,15 +432,7 @@ impl Shared {
                 }
             }
         }
-        let created = self.store.model(model).is_err();
-        if created {
-            // SAFETY: plain calls with no arguments.
-            let (uid, gid) = unsafe { (libc::geteuid(), libc::getegid()) };
-            match self.store.create_model(model, uid, gid, 0o755) {
-                Ok(_) | Err(Error::Exists(_)) => {}
-                Err(e) => return Err(e),
-            }
-        }
+        let created = self.ensure_model(model)?;
         let imported = self.copy_and_import(model, number, dir, files, &origin);
         if created && !matches!(imported, Ok(Some(_))) {
             let _ = self.store.remove_model(model); // only if still empty
@@ -510,6 +497,21 @@ impl Shared {
         }
     }
 
+    /// Makes `models/<model>` (the daemon's, mode 0755) if it is not there;
+    /// returns whether it did.
+    fn ensure_model(&self, model: &str) -> Result<bool> {
+        if self.store.model(model).is_ok() {
+            return Ok(false);
+        }
+        // SAFETY: plain calls with no arguments.
+        let (uid, gid) = unsafe { (libc::geteuid(), libc::getegid()) };
+        match self.store.create_model(model, uid, gid, 0o755) {
+            Ok(_) => Ok(true),
+            Err(Error::Exists(_)) => Ok(false),
+            Err(e) => Err(e),
+        }
+    }
+
     /// A file under one of the repositories, opened by [`open_beneath`].
     fn open_in_repository(&self, path: &Path) -> std::io::Result<fs::File> {
         let root = self.roots.iter().find(|r| path.starts_with(r)).ok_or(std::io::ErrorKind::NotFound)?;
@@ -523,15 +525,14 @@ impl Shared {
         if self.state.lock().unwrap().configs.get(path) == Some(&print) {
             return;
         }
-        let applied = fs::read(path)
+        let mut text = Vec::new();
+        let applied = self
+            .open_in_repository(path)
+            .and_then(|mut f| f.read_to_end(&mut text))
             .map_err(|e| Error::io(path.display().to_string(), e))
-            .and_then(|text| ModelConfig::parse(&text))
+            .and_then(|_| ModelConfig::parse(&text))
             .and_then(|config| {
-                if self.store.model(model).is_err() {
-                    // SAFETY: plain calls with no arguments.
-                    let (uid, gid) = unsafe { (libc::geteuid(), libc::getegid()) };
-                    self.store.create_model(model, uid, gid, 0o755)?;
-                }
+                self.ensure_model(model)?;
                 self.store.set_config(model, config)
             });
         self.state.lock().unwrap().configs.insert(path.to_path_buf(), print);

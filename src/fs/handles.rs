@@ -161,6 +161,31 @@ pub(super) fn slice_at(bytes: &[u8], offset: usize, size: usize) -> Vec<u8> {
     bytes[start..(start + size).min(bytes.len())].to_vec()
 }
 
+/// A read of a stream (`clone`, `error`, a job's `output`): the next
+/// `size` bytes of `bytes` from `pos`, taken before the reply (the reader,
+/// woken by it, goes on at once) and given back if the reader did not get
+/// them (a signal ended its wait: EINTR). Returns whether this read was
+/// delivered and reached the end.
+pub(super) fn read_in_order(
+    pos: &Mutex<usize>,
+    bytes: &[u8],
+    size: usize,
+    done: impl FnOnce(Result<Vec<u8>>) -> bool,
+) -> bool {
+    let (chunk, at_end) = {
+        let mut pos = pos.lock().unwrap();
+        let chunk = slice_at(bytes, *pos, size);
+        *pos += chunk.len();
+        (chunk, *pos >= bytes.len())
+    };
+    let n = chunk.len();
+    if done(Ok(chunk)) {
+        return at_end;
+    }
+    *pos.lock().unwrap() -= n;
+    false
+}
+
 pub(super) fn read_file_at(file: &File, offset: u64, size: usize) -> Result<Vec<u8>> {
     let mut buf = vec![0u8; size];
     let mut filled = 0;

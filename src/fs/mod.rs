@@ -89,7 +89,7 @@ use crate::engine::{Engine, Status};
 use crate::error::{Error, Result};
 use crate::store::{self, Store};
 
-use handles::{read_file_at, slice_at, write_into, Handle, Written};
+use handles::{read_file_at, read_in_order, slice_at, write_into, Handle, Written};
 use heavy::{decode_work, Heavy, Work};
 use infer::{session_of, InferStream, Session, SessionKey};
 use inodes::Inodes;
@@ -132,7 +132,7 @@ pub struct Fs {
     /// Files just imported: (model, name) -> (version, when).
     imported: Mutex<HashMap<(String, String), (u32, Instant)>>,
     /// Imports in flight, for `/status` (gone with their handles).
-    in_flight: Mutex<Vec<std::sync::Weak<upload::Progress>>>,
+    in_flight: Mutex<Vec<Weak<upload::Progress>>>,
     inodes: Mutex<Inodes>,
     handles: Mutex<HashMap<u64, Arc<Handle>>>,
     next_fh: AtomicU64,
@@ -380,48 +380,33 @@ impl Fs {
             }
         };
         let size = size as usize;
-        let _delivered = match &*handle {
-            Handle::Content(bytes) => done(Ok(slice_at(bytes, offset as usize, size))),
-            // As for `infer`: taken before the reply, given back if the
-            // reader did not get it.
-            Handle::Stream(bytes, pos) => {
-                let chunk = {
-                    let mut pos = pos.lock().unwrap();
-                    let chunk = slice_at(bytes, *pos, size);
-                    *pos += chunk.len();
-                    chunk
-                };
-                let n = chunk.len();
-                let delivered = done(Ok(chunk));
-                if !delivered {
-                    *pos.lock().unwrap() -= n;
-                }
-                delivered
+        match &*handle {
+            Handle::Content(bytes) => {
+                done(Ok(slice_at(bytes, offset as usize, size)));
             }
-            Handle::Blob(file) => done(read_file_at(file, offset, size)),
+            Handle::Stream(bytes, pos) => {
+                read_in_order(pos, bytes, size, done);
+            }
+            Handle::Blob(file) => {
+                done(read_file_at(file, offset, size));
+            }
             // A job with no input yet has nothing to wait for: a tree walker
             // (`grep -r`) that read `clone` must not block here.
-            Handle::JobOutput(job, _) if job.status() == Status::New => done(Err(Error::NoInput(job.id))),
+            Handle::JobOutput(job, _) if job.status() == Status::New => {
+                done(Err(Error::NoInput(job.id)));
+            }
             Handle::JobOutput(job, _) => {
                 let reader = job.clone();
                 let handle = handle.clone();
                 job.when_done(move |outcome| {
                     let Handle::JobOutput(_, pos) = &*handle else { unreachable!("a job output handle") };
-                    // As for `infer`: taken before the reply, given back if
-                    // the reader did not get it.
-                    let at = *pos.lock().unwrap();
                     match outcome {
                         Ok(out) => {
-                            let bytes = slice_at(out, at, size);
-                            let n = bytes.len();
-                            *pos.lock().unwrap() += n;
-                            if !done(Ok(bytes)) {
-                                *pos.lock().unwrap() -= n;
-                            } else if at + n >= out.len() {
+                            if read_in_order(pos, out, size, done) {
                                 reader.mark_output_read();
                             }
                         }
-                        Err(_) if reader.read_past_dropped(at) => {
+                        Err(_) if reader.read_past_dropped(*pos.lock().unwrap()) => {
                             done(Ok(Vec::new()));
                         }
                         Err(f) => {
@@ -429,7 +414,6 @@ impl Fs {
                         }
                     }
                 });
-                true
             }
             Handle::Infer(stream) => {
                 // The first read of a written request sends it: decoding a
@@ -444,12 +428,11 @@ impl Fs {
                 };
                 let handle = handle.clone();
                 self.run(how, move |fs| fs.read_infer(handle, size, how == Work::Here, done), |()| ());
-                true
             }
             Handle::Upload(_) | Handle::Text(..) | Handle::JobInput(_) | Handle::JobCommand(..) => {
-                done(Err(Error::BadHandle(fh)))
+                done(Err(Error::BadHandle(fh)));
             }
-        };
+        }
     }
 
     pub fn write(&self, fh: u64, offset: u64, data: &[u8]) -> Result<u32> {
