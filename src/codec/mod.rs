@@ -175,14 +175,9 @@ pub fn encode(request: &Request, mut outputs: Vec<Tensor>, model: &str, version:
         // One row per line, as the request had one input per line: still
         // one JSON document.
         Codec::Text if outputs.len() == 1 && !outputs[0].shape.is_empty() => {
-            let rows = outputs[0].split(&vec![1; outputs[0].shape[0]]).expect("rows add up");
-            let lines: Vec<String> = rows
-                .iter()
-                .map(|row| {
-                    let Value::Array(mut one) = json_value(row) else { unreachable!("a row of a tensor") };
-                    serde_json::to_string(&one.pop()).expect("JSON values serialize")
-                })
-                .collect();
+            let Value::Array(rows) = json_value(&outputs[0]) else { unreachable!("a tensor of rank >= 1") };
+            let lines: Vec<String> =
+                rows.iter().map(|row| serde_json::to_string(row).expect("JSON values serialize")).collect();
             return Ok(format!("[{}]\n", lines.join(",\n")).into_bytes());
         }
         Codec::JsonArray | Codec::Text if outputs.len() == 1 => json_value(&outputs[0]),
