@@ -11,9 +11,9 @@ throwaway virtualenv (about 5 minutes on 2 cores), then run:
 
 Each entry: the prompt, its token ids (the model's ChatML template with its
 default system prompt, as llama.cpp tokenizes it with special tokens), the
-greedy continuation's ids up to EOS or 32 tokens, the smallest margin
-between the top two logits on the way (a near tie may go either way in
-another implementation), and the text.
+greedy continuation's ids up to EOS or 32 tokens, the margin between the
+top two logits at each step and the smallest of them (a near tie may go
+either way in another implementation), and the text.
 """
 
 import json
@@ -59,7 +59,8 @@ def main():
             generated.append(token)
             llm.eval([token])
         text = llm.detokenize(generated).decode("utf-8", "replace")
-        out.append({"prompt": user, "prompt_ids": ids, "ids": generated, "min_margin": min(margins), "text": text})
+        out.append({"prompt": user, "prompt_ids": ids, "ids": generated, "min_margin": min(margins),
+                    "margins": [round(m, 4) for m in margins], "text": text})
     with open(sys.argv[2], "w") as f:
         json.dump(out, f, indent=1)
         f.write("\n")

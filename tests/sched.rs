@@ -365,7 +365,8 @@ fn config_json_is_validated_and_kept() {
     assert_eq!(
         config,
         serde_json::json!({"device": "auto", "max_batch": 8, "batch_delay_us": 500, "instances": 0,
-            "keep_alive_s": 300, "priority": 0, "timeout_ms": 30000, "max_queue": 1024})
+            "keep_alive_s": 300, "priority": 0, "timeout_ms": 30000, "max_queue": 1024,
+            "max_tokens": 256})
     );
     for bad in [r#"{"device": "tpu"}"#, r#"{"max_batch": 0}"#, r#"{"colour": "red"}"#, "{"] {
         assert_eq!(write_file(&m.path("models/id/config.json"), bad.as_bytes()), Err(libc::EINVAL), "{bad}");

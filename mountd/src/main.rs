@@ -241,7 +241,7 @@ fn serve(cli: &Cli, data_dir: &Path, library: &Path, ready: Option<OwnedFd>) -> 
     let onnx: Arc<dyn Backend> = OnnxRuntime::load(library).map_err(|e| e.to_string())?;
     // Preference order: a sentence-transformers tree that also ships an
     // ONNX export is run as the embedding model it is.
-    let backends = Backends::new(vec![Arc::new(aifs::backend::Candle), onnx]);
+    let backends = Backends::new(vec![Arc::new(aifs::backend::Candle), Arc::new(aifs::backend::Gguf), onnx]);
     let mut devices: Vec<Arc<dyn Probe>> = vec![Arc::new(Cpu::new())];
     devices.extend(Nvidia::discover().into_iter().map(|g| Arc::new(g) as Arc<dyn Probe>));
     for spec in &cli.simulate_gpu {

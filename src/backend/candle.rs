@@ -127,6 +127,7 @@ impl Plan {
         Signature {
             inputs: vec![spec("text", DType::String, vec![-1], &["N"])],
             outputs: vec![spec("embedding", DType::Float32, vec![-1, self.config.hidden_size as i64], &["N", ""])],
+            generates: false,
         }
     }
 

@@ -165,7 +165,7 @@ impl Backend for Fake {
     fn inspect(&self, files: &Files) -> Result<(Signature, Details)> {
         let (name, path) = the_file(files)?;
         let spec = Spec::read(path, name)?;
-        Ok((Signature { inputs: spec.inputs, outputs: spec.outputs }, Details::new()))
+        Ok((Signature { inputs: spec.inputs, outputs: spec.outputs, generates: false }, Details::new()))
     }
 
     fn describe(&self) -> serde_json::Value {

@@ -16,7 +16,8 @@
 //! the engine keeps a pool of instances per version.
 //!
 //! Backends: ONNX Runtime ([`OnnxRuntime`], `ort.rs`); sentence embeddings
-//! on candle ([`Candle`], `candle.rs`); a fake one for hermetic tests
+//! on candle ([`Candle`], `candle.rs`); language models from GGUF on
+//! candle ([`Gguf`], `gguf.rs`: they generate, see [`Generation`]); a fake one for hermetic tests
 //! (`fake.rs`, behind the `fake-backend` feature). No
 //! backend panics on a missing library: failures are [`Error::Backend`].
 
@@ -24,6 +25,7 @@ use std::collections::BTreeMap;
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 
+pub use crate::codec::prompt::{Message, Prompt, PromptInput};
 use crate::device::Target;
 use crate::error::{Error, Result};
 use crate::tensor::{Signature, Tensor};
@@ -31,9 +33,11 @@ use crate::tensor::{Signature, Tensor};
 mod candle;
 #[cfg(any(test, feature = "fake-backend"))]
 pub mod fake;
+mod gguf;
 mod ort;
 
 pub use self::candle::Candle;
+pub use self::gguf::{Gguf, ARCHITECTURES as GGUF_ARCHITECTURES};
 pub use self::ort::{find_onnxruntime, OnnxRuntime, ONNXRUNTIME_LIB};
 
 /// A version's files as a backend sees them: name → path of the bytes.
@@ -77,6 +81,53 @@ pub trait Instance: Send {
     /// how with `stop` ([`Stop::on_stop`]); the engine stops a run whose
     /// jobs have all ended (timed out, cancelled), and discards its result.
     fn run(&mut self, inputs: Vec<Tensor>, stop: &Stop) -> Result<Vec<Tensor>>;
+
+    /// A language model's generation for one request (its own KV cache;
+    /// the weights shared with the instance), stepped by the engine.
+    /// `default_max_tokens` is the model's `config.json` `max_tokens`.
+    fn generate(&mut self, _prompt: &Prompt, _default_max_tokens: u32) -> Result<Box<dyn Generation>> {
+        Err(Error::BadInput("this model does not generate text".into()))
+    }
+}
+
+/// One request's text generation, one token per [`Generation::step`].
+pub trait Generation: Send {
+    fn prompt_tokens(&self) -> usize;
+    /// The most tokens it generates.
+    fn max_tokens(&self) -> usize;
+    /// The memory its KV cache takes at its longest.
+    fn kv_bytes(&self) -> u64;
+    /// The next token: the first call reads the prompt. Its text is whole
+    /// UTF-8 characters (empty while a character's bytes are incomplete).
+    fn step(&mut self) -> Result<Token>;
+}
+
+/// A generated token: its id, the text it completes, and whether the
+/// generation ended with it (an end-of-turn token has no text and is not
+/// counted).
+#[derive(Clone, Debug, PartialEq)]
+pub struct Token {
+    pub id: u32,
+    pub text: String,
+    pub end: Option<Finish>,
+}
+
+/// Why a generation ended.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Finish {
+    /// The model ended its turn, or a stop sequence came.
+    Stop,
+    /// `max_tokens`, or the model's context, was reached.
+    Length,
+}
+
+impl Finish {
+    pub fn name(self) -> &'static str {
+        match self {
+            Finish::Stop => "stop",
+            Finish::Length => "length",
+        }
+    }
 }
 
 /// A request to end a run in progress, and what ends it.

@@ -155,7 +155,10 @@ impl Backend for OnnxRuntime {
                 })
                 .collect()
         };
-        Ok((Signature { inputs: specs(session.inputs()), outputs: specs(session.outputs()) }, Details::new()))
+        Ok((
+            Signature { inputs: specs(session.inputs()), outputs: specs(session.outputs()), generates: false },
+            Details::new(),
+        ))
     }
 
     fn describe(&self) -> serde_json::Value {

@@ -63,7 +63,7 @@ pub(super) fn kserve_request(mut map: Map<String, Value>) -> Result<Request> {
         .get("outputs")
         .and_then(Value::as_array)
         .map(|outs| outs.iter().filter_map(|o| o.get("name").and_then(Value::as_str).map(String::from)).collect());
-    Ok(Request { codec: Codec::KServe, inputs, id: map.remove("id"), outputs })
+    Ok(Request { codec: Codec::KServe, inputs, id: map.remove("id"), outputs, prompt: None })
 }
 
 /// KServe allows `data` flat or nested; both flatten row-major.

@@ -22,11 +22,13 @@
 
 //!
 //! One file per format: `json.rs` (nested arrays, objects by name),
-//! `kserve.rs` (KServe v2 / Triton JSON), `numpy.rs` (.npy, .npz).
+//! `kserve.rs` (KServe v2 / Triton JSON), `numpy.rs` (.npy, .npz); and
+//! `prompt.rs`, requests to language models and their streamed answers.
 
 mod json;
 mod kserve;
 mod numpy;
+pub mod prompt;
 #[cfg(test)]
 mod tests;
 
@@ -65,6 +67,8 @@ pub struct Request {
     pub id: Option<Value>,
     /// KServe's requested `outputs`, if it named any.
     pub outputs: Option<Vec<String>>,
+    /// A language model's request ([`prompt`]): then no `inputs`.
+    pub prompt: Option<prompt::Prompt>,
 }
 
 /// A request that does not fit: its reason on one short line (names in it
@@ -77,7 +81,7 @@ fn bad(msg: impl Into<String>) -> Error {
 /// bytes of decoded data (a compressed .npz can hold far more than it
 /// weighs). Never panics and never allocates from an unchecked shape.
 pub fn decode(bytes: &[u8], sig: &Signature, limit: u64) -> Result<Request> {
-    let request = |codec, inputs| Request { codec, inputs, id: None, outputs: None };
+    let request = |codec, inputs| Request { codec, inputs, id: None, outputs: None, prompt: None };
     // An .npz with no arrays (for a model that takes no inputs) is a zip
     // of nothing: its end-of-directory record alone.
     let npz = bytes.starts_with(b"PK\x03\x04") || bytes.starts_with(b"PK\x05\x06");

@@ -11,6 +11,7 @@ fn sig(inputs: &[(&str, DType, &[i64])]) -> Signature {
             .map(|(n, d, s)| TensorSpec { name: n.to_string(), dtype: *d, shape: s.to_vec(), dim_names: vec![] })
             .collect(),
         outputs: vec![],
+        generates: false,
     }
 }
 
@@ -194,7 +195,7 @@ fn npz_round_trip() {
     let s = sig(&[("a", DType::Float64, &[-1]), ("b", DType::Bool, &[2])]);
     let a = Tensor::new("a", vec![3], Data::Float64(vec![1.0, 2.0, 3.0])).unwrap();
     let b = Tensor::new("b", vec![2], Data::Bool(vec![true, false])).unwrap();
-    let request = Request { codec: Codec::Npz, inputs: vec![], id: None, outputs: None };
+    let request = Request { codec: Codec::Npz, inputs: vec![], id: None, outputs: None, prompt: None };
     let bytes = encode(&request, vec![a.clone(), b.clone()], "m", 1).unwrap();
     let r = decode_test(&bytes, &s).unwrap();
     assert_eq!(r.codec, Codec::Npz);
@@ -280,7 +281,7 @@ fn malformed_headers_are_not_quoted_back() {
 fn nan_and_infinities_survive_json_both_ways() {
     let t = Tensor::new("y", vec![4], Data::Float32(vec![f32::NAN, f32::INFINITY, f32::NEG_INFINITY, 0.5])).unwrap();
     for codec in [Codec::JsonArray, Codec::KServe] {
-        let request = Request { codec, inputs: vec![], id: None, outputs: None };
+        let request = Request { codec, inputs: vec![], id: None, outputs: None, prompt: None };
         let text = String::from_utf8(encode(&request, vec![t.clone()], "m", 1).unwrap()).unwrap();
         assert!(text.contains(r#"["NaN","Infinity","-Infinity",0.5]"#), "{text}");
     }

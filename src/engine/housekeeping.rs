@@ -44,7 +44,12 @@ impl Shared {
                     .iter()
                     .map(|(k, r)| {
                         (
-                            sched::Resident { key: *k, bytes: r.held_bytes(), busy: r.busy, last_used: r.last_used },
+                            sched::Resident {
+                                key: *k,
+                                bytes: r.held_bytes(),
+                                busy: r.in_use(),
+                                last_used: r.last_used,
+                            },
                             r.keep_alive,
                         )
                     })

@@ -63,6 +63,29 @@ pub type Outcome = std::result::Result<Arc<Vec<u8>>, Failure>;
 
 pub(super) type Waiter = Box<dyn FnOnce(&Outcome) + Send>;
 
+/// What a reader at some position gets ([`Job::when_output`]).
+pub enum Output {
+    /// The answer so far, streamed while the job runs (a language
+    /// model's): longer than the reader's position.
+    More(Arc<Vec<u8>>),
+    /// The job ended.
+    Ended(Outcome),
+}
+
+type Reader = Box<dyn FnOnce(Output) + Send>;
+
+/// A generation's progress, for `status`, `times` and `/status`.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct Progress {
+    pub prompt_tokens: usize,
+    pub tokens: usize,
+    pub max_tokens: usize,
+    /// From the start of its run to its first token.
+    pub first_token_us: Option<u64>,
+    /// Tokens per second after the first.
+    pub tokens_per_s: f64,
+}
+
 /// One request, from submission to output.
 pub struct Job {
     pub id: u64,
@@ -105,6 +128,8 @@ pub struct JobState {
     pub queue_us: Option<u64>,
     pub compute_us: Option<u64>,
     pub batch_size: Option<usize>,
+    /// A language model's job: its generation's progress, once it began.
+    pub generation: Option<Progress>,
 }
 
 impl JobState {
@@ -124,6 +149,12 @@ pub(super) struct Inner {
     pub(super) waiters: Vec<Waiter>,
     /// The run it is part of, while it runs.
     pub(super) run: Option<Arc<Run>>,
+    /// A language model's answer so far, while it is generated.
+    pub(super) streamed: Arc<Vec<u8>>,
+    /// Readers waiting past the answer so far, with their positions.
+    pub(super) readers: Vec<(usize, Reader)>,
+    /// A generation between its turns on a worker.
+    pub(super) generating: Option<Box<super::generate::Generating>>,
 }
 
 impl Job {
@@ -215,6 +246,44 @@ impl Job {
         }
     }
 
+    /// Calls `f` once the job has output past `pos` or has ended: at once
+    /// if it has, else from the thread that streams more or ends it. Only
+    /// a language model's job streams; any other's readers wait for its
+    /// end. Never called with a lock held.
+    pub fn when_output(&self, pos: usize, f: impl FnOnce(Output) + Send + 'static) {
+        let mut inner = self.inner();
+        if let Some(outcome) = inner.state.outcome.clone() {
+            drop(inner);
+            f(Output::Ended(outcome));
+        } else if inner.streamed.len() > pos {
+            let so_far = inner.streamed.clone();
+            drop(inner);
+            f(Output::More(so_far));
+        } else {
+            inner.readers.push((pos, Box::new(f)));
+        }
+    }
+
+    /// Adds to the answer of a running job, and wakes its readers.
+    pub(super) fn stream(&self, bytes: &[u8]) {
+        let mut inner = self.inner();
+        if bytes.is_empty() || inner.state.status.is_finished() {
+            return;
+        }
+        Arc::make_mut(&mut inner.streamed).extend_from_slice(bytes);
+        let so_far = inner.streamed.clone();
+        let readers = std::mem::take(&mut inner.readers);
+        drop(inner);
+        for (_, r) in readers {
+            r(Output::More(so_far.clone()));
+        }
+    }
+
+    /// The answer streamed so far.
+    pub(super) fn streamed(&self) -> Arc<Vec<u8>> {
+        self.inner().streamed.clone()
+    }
+
     /// Ends the job unless it already ended, and wakes its waiters. Returns
     /// whether this call ended it.
     pub(super) fn finish(&self, status: Status, outcome: Outcome) -> bool {
@@ -228,13 +297,20 @@ impl Job {
         inner.request = None;
         inner.version = None;
         let waiters = std::mem::take(&mut inner.waiters);
+        let readers = std::mem::take(&mut inner.readers);
         let run = inner.run.take();
+        let generating = inner.generating.take();
+        inner.streamed = Arc::default();
         drop(inner);
+        drop(generating);
         if let Some(run) = run {
             run.job_ended();
         }
         for w in waiters {
             w(&outcome);
+        }
+        for (_, r) in readers {
+            r(Output::Ended(outcome.clone()));
         }
         true
     }

@@ -24,6 +24,11 @@ pub(super) struct Pool {
     pub(super) idle: Mutex<Vec<Box<dyn Instance>>>,
     /// The most memory one instance took, as measured ([`Pool::measured`]).
     measured: AtomicU64,
+    /// Generations of this version alive (between their turns too), and
+    /// the memory their KV caches may take: the model is in use while
+    /// any lives, and their caches count in the device's budget.
+    generations: AtomicU64,
+    kv_bytes: AtomicU64,
 }
 
 impl Pool {
@@ -46,6 +51,17 @@ impl Pool {
 
     pub(super) fn measured(&self) -> u64 {
         self.measured.load(Ordering::Relaxed)
+    }
+
+    /// A generation began, its KV cache taking up to `kv_bytes`.
+    pub(super) fn generation_began(&self, kv_bytes: u64) {
+        self.generations.fetch_add(1, Ordering::Relaxed);
+        self.kv_bytes.fetch_add(kv_bytes, Ordering::Relaxed);
+    }
+
+    pub(super) fn generation_ended(&self, kv_bytes: u64) {
+        self.generations.fetch_sub(1, Ordering::Relaxed);
+        self.kv_bytes.fetch_sub(kv_bytes, Ordering::Relaxed);
     }
 
     /// Drops idle instances past `max` (the model's `instances` was
@@ -75,10 +91,16 @@ impl Resident {
         self.busy < self.instances
     }
 
+    /// Runs using it, and generations alive: it is not unloaded while any.
+    pub(super) fn in_use(&self) -> usize {
+        self.busy + self.pool.generations.load(Ordering::Relaxed) as usize
+    }
+
     /// Bytes it holds for eviction and placement: its files' size until a
-    /// load has been measured, then what loading took.
+    /// load has been measured, then what loading took; and the KV caches
+    /// of its generations.
     pub(super) fn held_bytes(&self) -> u64 {
-        self.bytes.max(self.pool.measured())
+        self.bytes.max(self.pool.measured()) + self.pool.kv_bytes.load(Ordering::Relaxed)
     }
 }
 
@@ -145,7 +167,7 @@ impl Shared {
             .resident
             .iter()
             .filter(|(k, _)| *k != keep)
-            .map(|(k, r)| sched::Resident { key: *k, bytes: r.held_bytes(), busy: r.busy, last_used: r.last_used })
+            .map(|(k, r)| sched::Resident { key: *k, bytes: r.held_bytes(), busy: r.in_use(), last_used: r.last_used })
             .collect();
         let mut unloaded = Vec::new();
         for key in sched::evictions(&others, device.memory_budget(), need) {

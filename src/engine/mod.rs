@@ -9,6 +9,7 @@
 //! | `queue.rs` | placing, queueing, and taking the next job or batch |
 //! | `loaded.rs` | versions loaded on a device, their instances, eviction |
 //! | `run.rs` | one backend call for a job or a batch |
+//! | `generate.rs` | a language model's job: its generation, in turns of one token |
 //! | `housekeeping.rs` | timeouts, keep-alive, retention, record writes |
 //! | `records.rs` | the journal, the catalog of ended jobs, recovery |
 //!
@@ -44,9 +45,11 @@
 //! and hands the backend the verified paths, so a tampered file is refused
 //! (EIO), not run.
 //!
-//! **Waiting never blocks a thread.** [`Job::when_done`] takes a callback
-//! run when the job ends (at once if it has); the FUSE adapter passes one
-//! that sends the reply, so a reader blocked on an output holds no thread.
+//! **Waiting never blocks a thread.** [`Job::when_output`] takes a callback
+//! run when the job has output past the reader's position (a language
+//! model's answer streams as it is generated) or has ended (at once if it
+//! has); the FUSE adapter passes one that sends the reply, so a reader
+//! blocked on an output holds no thread.
 //!
 //! **Ending.** A job ends once: done, failed (bad input, backend error,
 //! ETIMEDOUT after the model's `timeout_ms`, EAGAIN), or cancelled. A
@@ -71,6 +74,7 @@
 //! Locks: `sched` before any job's own lock; callbacks run with no lock
 //! held.
 
+mod generate;
 mod housekeeping;
 mod job;
 mod loaded;
@@ -80,7 +84,7 @@ mod run;
 #[cfg(test)]
 mod tests;
 
-pub use job::{Failure, Job, JobState, Outcome, Status};
+pub use job::{Failure, Job, JobState, Outcome, Output, Progress, Status};
 
 use std::sync::{Arc, Condvar, Mutex};
 use std::time::{Duration, Instant, SystemTime};
@@ -254,6 +258,7 @@ impl Engine {
                     queue_us: None,
                     compute_us: None,
                     batch_size: None,
+                    generation: None,
                 },
                 request: None,
                 version: Some(v.clone()),
@@ -261,6 +266,9 @@ impl Engine {
                 queued_at: None,
                 waiters: Vec::new(),
                 run: None,
+                streamed: Arc::default(),
+                readers: Vec::new(),
+                generating: None,
             },
         );
         // Not recorded while new: a job that never got its input does not
@@ -286,6 +294,19 @@ impl Engine {
                 j.model == model && j.version == version && matches!(j.status(), Status::Queued | Status::Running)
             })
             .map(|j| j.id)
+            .collect()
+    }
+
+    /// The generations running, with their progress.
+    pub fn generations(&self) -> Vec<(Arc<Job>, Progress)> {
+        let r = self.shared.registry.lock().unwrap();
+        r.jobs
+            .values()
+            .filter_map(|j| {
+                let inner = j.inner();
+                let progress = inner.state.generation.clone().filter(|_| inner.state.status == Status::Running)?;
+                Some((j.clone(), progress))
+            })
             .collect()
     }
 
@@ -324,7 +345,12 @@ impl Engine {
     /// take this job next (saving the hand-off to a worker; at most
     /// `inline_runs` threads at once); otherwise wakes a worker.
     pub fn run_or_wake(&self, job: &Arc<Job>) {
-        if let Some(&d) = job.device.get() {
+        let Some(&d) = job.device.get() else { return };
+        if generate::generates(job) {
+            // A generation takes turns on the workers; a reader's thread
+            // is not held for it.
+            self.shared.wake[d].notify_one();
+        } else {
             self.shared.help(d, job.id);
         }
     }

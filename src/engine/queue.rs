@@ -141,8 +141,14 @@ impl Shared {
             r.charge(job.uid, len);
             job.charged.fetch_add(len, std::sync::atomic::Ordering::Relaxed);
         }
-        let mut request = codec::decode(&input, &version.signature, self.config.max_input_bytes)?;
-        request.inputs = version.signature.check(std::mem::take(&mut request.inputs))?;
+        let request = if version.signature.generates {
+            let prompt = codec::prompt::decode(&input)?;
+            codec::Request { codec: codec::Codec::Text, inputs: vec![], id: None, outputs: None, prompt: Some(prompt) }
+        } else {
+            let mut request = codec::decode(&input, &version.signature, self.config.max_input_bytes)?;
+            request.inputs = version.signature.check(std::mem::take(&mut request.inputs))?;
+            request
+        };
         let views: Vec<sched::DeviceView> = self
             .devices
             .iter()
@@ -310,7 +316,13 @@ impl Shared {
         drop(unloaded);
         // A panic anywhere in the run (loading, the backend, encoding) fails
         // its jobs; the slot and the instance are given back all the same.
-        let ran = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| self.run(d, &jobs, &pool)));
+        let ran = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+            if super::generate::generates(&jobs[0]) {
+                self.generate(d, &jobs[0], &pool)
+            } else {
+                self.run(d, &jobs, &pool)
+            }
+        }));
         if ran.is_err() {
             for job in &jobs {
                 self.fail(job, &Error::Internal("the run panicked".into()));

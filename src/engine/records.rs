@@ -366,6 +366,7 @@ impl Record {
                     queue_us: self.queue_us,
                     compute_us: self.compute_us,
                     batch_size: self.batch_size,
+                    generation: None,
                 },
                 request: None,
                 version: if finished { None } else { version },
@@ -373,6 +374,9 @@ impl Record {
                 queued_at: None,
                 waiters: Vec::new(),
                 run: None,
+                streamed: Arc::default(),
+                readers: Vec::new(),
+                generating: None,
             },
         )
     }

@@ -6,7 +6,7 @@ use std::os::unix::fs::FileExt;
 use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex};
 
-use crate::engine::Job;
+use crate::engine::{Job, Output};
 use crate::error::{Error, Result};
 use crate::store::{Digest, MAX_SIGNATURE_BYTES};
 
@@ -184,6 +184,33 @@ pub(super) fn read_in_order(
     }
     *pos.lock().unwrap() -= n;
     false
+}
+
+/// What a read of a job's answer at `pos` returns, given what the job
+/// has: the next bytes streamed so far (whole UTF-8 characters where
+/// `size` allows: the answer is text), or of the whole answer once the
+/// job ended (nothing: end of file), or its failure. `true` with bytes
+/// that reach the end of a finished answer.
+pub(super) fn answer_at(job: &Job, output: &Output, pos: usize, size: usize) -> Result<(Vec<u8>, bool)> {
+    match output {
+        Output::More(so_far) => {
+            let start = pos.min(so_far.len());
+            let mut end = (start + size).min(so_far.len());
+            let whole = end;
+            while end > start && end < so_far.len() && so_far[end] & 0xC0 == 0x80 {
+                end -= 1; // inside a character: it goes to the next read
+            }
+            let end = if end == start { whole } else { end };
+            Ok((so_far[start..end].to_vec(), false))
+        }
+        Output::Ended(Ok(out)) => {
+            let bytes = slice_at(out, pos, size);
+            let to_the_end = pos + bytes.len() >= out.len();
+            Ok((bytes, to_the_end))
+        }
+        Output::Ended(Err(_)) if job.read_past_dropped(pos) => Ok((Vec::new(), false)),
+        Output::Ended(Err(f)) => Err(f.to_error()),
+    }
 }
 
 pub(super) fn read_file_at(file: &File, offset: u64, size: usize) -> Result<Vec<u8>> {

@@ -7,7 +7,7 @@ use std::sync::{Arc, Weak};
 use crate::engine::Job;
 use crate::error::{Error, Result};
 
-use super::handles::{slice_at, Handle};
+use super::handles::{answer_at, Handle};
 use super::{Caller, Fs};
 /// An open `infer`: the request being written, then the job answering it.
 pub(super) struct InferStream {
@@ -28,6 +28,10 @@ pub(super) struct InferStream {
     pub(super) job: Option<Arc<Job>>,
     /// Bytes of the response already read.
     pub(super) read_pos: usize,
+    /// Its own request was sent by this handle, and a read of its answer
+    /// answered: closing it before the end cancels the request.
+    pub(super) sent_here: bool,
+    pub(super) reading: bool,
 }
 
 impl InferStream {
@@ -83,34 +87,34 @@ impl Fs {
             self.engine.run_or_wake(&job);
         }
         let reader = job.clone();
-        job.when_done(move |outcome| {
+        let at = {
+            let mut st = stream.lock().unwrap();
+            st.reading = true;
+            st.read_pos
+        };
+        job.when_output(at, move |output| {
             let Handle::Infer(stream) = &*handle else { unreachable!("an infer handle") };
-            match outcome {
-                Ok(out) => {
-                    // Consumed only if the reader got it: a read a signal
-                    // ended (EINTR) is given back, and read again from the
-                    // same place. The bookkeeping is done before the reply
-                    // (the reader, woken by it, goes on at once: work left
-                    // for after it cost one-handle requests 12 us, 13%, in
-                    // an interleaved A/B).
-                    let mut st = stream.lock().unwrap();
-                    let bytes = slice_at(out, st.read_pos, size);
-                    let n = bytes.len();
-                    st.read_pos += n;
-                    let to_the_end = st.read_pos >= out.len();
+            // Consumed only if the reader got it: a read a signal ended
+            // (EINTR) is given back, and read again from the same place.
+            // The bookkeeping is done before the reply (the reader, woken
+            // by it, goes on at once: work left for after it cost
+            // one-handle requests 12 us, 13%, in an interleaved A/B).
+            let mut st = stream.lock().unwrap();
+            let (bytes, to_the_end) = match answer_at(&reader, &output, st.read_pos, size) {
+                Ok(chunk) => chunk,
+                Err(e) => {
                     drop(st);
-                    if !done(Ok(bytes)) {
-                        stream.lock().unwrap().read_pos -= n;
-                    } else if to_the_end {
-                        reader.mark_output_read();
-                    }
+                    done(Err(e));
+                    return;
                 }
-                Err(_) if reader.read_past_dropped(stream.lock().unwrap().read_pos) => {
-                    done(Ok(Vec::new()));
-                }
-                Err(f) => {
-                    done(Err(f.to_error()));
-                }
+            };
+            let n = bytes.len();
+            st.read_pos += n;
+            drop(st);
+            if !done(Ok(bytes)) {
+                stream.lock().unwrap().read_pos -= n;
+            } else if to_the_end {
+                reader.mark_output_read();
             }
         });
     }
@@ -159,6 +163,7 @@ impl Fs {
         let input = std::mem::take(&mut st.input);
         let result =
             if for_reader { self.engine.submit_for_reader(&job, input) } else { self.engine.submit(&job, input) };
+        st.sent_here = true;
         self.remember(st, Some(job));
         result
     }

@@ -89,7 +89,7 @@ use crate::engine::{Engine, Status};
 use crate::error::{Error, Result};
 use crate::store::{self, Store};
 
-use handles::{read_file_at, read_in_order, slice_at, write_into, Handle, Written};
+use handles::{answer_at, read_file_at, read_in_order, slice_at, write_into, Handle, Written};
 use heavy::{decode_work, Heavy, Work};
 use infer::{session_of, InferStream, Session, SessionKey};
 use inodes::Inodes;
@@ -320,6 +320,8 @@ impl Fs {
                     input: Vec::new(),
                     job: None,
                     read_pos: 0,
+                    sent_here: false,
+                    reading: false,
                 };
                 let fh = self.add_handle(Handle::Infer(Mutex::new(stream)));
                 return Ok(Opened { fh, direct_io: true, keep_cache: false, stream: true, no_flush });
@@ -395,23 +397,30 @@ impl Fs {
             Handle::JobOutput(job, _) if job.status() == Status::New => {
                 done(Err(Error::NoInput(job.id)));
             }
-            Handle::JobOutput(job, _) => {
+            Handle::JobOutput(job, pos) => {
                 let reader = job.clone();
                 let handle = handle.clone();
-                job.when_done(move |outcome| {
+                let at = *pos.lock().unwrap();
+                job.when_output(at, move |output| {
                     let Handle::JobOutput(_, pos) = &*handle else { unreachable!("a job output handle") };
-                    match outcome {
-                        Ok(out) => {
-                            if read_in_order(pos, out, size, done) {
-                                reader.mark_output_read();
-                            }
+                    // Taken before the reply, given back if the reader
+                    // did not get it (see `read_in_order`).
+                    let mut p = pos.lock().unwrap();
+                    let (bytes, to_the_end) = match answer_at(&reader, &output, *p, size) {
+                        Ok(chunk) => chunk,
+                        Err(e) => {
+                            drop(p);
+                            done(Err(e));
+                            return;
                         }
-                        Err(_) if reader.read_past_dropped(*pos.lock().unwrap()) => {
-                            done(Ok(Vec::new()));
-                        }
-                        Err(f) => {
-                            done(Err(f.to_error()));
-                        }
+                    };
+                    let n = bytes.len();
+                    *p += n;
+                    drop(p);
+                    if !done(Ok(bytes)) {
+                        *pos.lock().unwrap() -= n;
+                    } else if to_the_end {
+                        reader.mark_output_read();
                     }
                 });
             }
@@ -623,8 +632,14 @@ impl Fs {
         let work = move |fs: &Fs| {
             let result = fs.finish_writes(&handle);
             if let Handle::Infer(stream) = &*handle {
+                let mut st = stream.lock().unwrap();
                 // Sent or not, its input is no longer held for the session.
-                fs.remember(&mut stream.lock().unwrap(), None);
+                fs.remember(&mut st, None);
+                // A one-handle reader that gives up before the answer's
+                // end (Ctrl-C on a generation) cancels its request.
+                if let Some(job) = st.job.as_ref().filter(|j| st.sent_here && st.reading && !j.status().is_finished()) {
+                    let _ = fs.engine.cancel(job);
+                }
             }
             result
         };

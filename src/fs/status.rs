@@ -42,6 +42,8 @@ impl Fs {
             "backends": self.backends.describe(),
             // Each import in flight: bytes received, then its phase.
             "imports": self.in_flight.lock().unwrap().iter().filter_map(|p| p.upgrade()).map(|p| p.to_json()).collect::<Vec<_>>(),
+            // Each generation in flight: its tokens so far, and how fast.
+            "generations": self.generations(None),
             "repositories": self.config.repositories.as_ref().map_or(serde_json::json!([]), |r| r.status()),
             "devices": self.engine.devices().iter().map(|d| {
                 let state = self.engine.device_state(d.id());
@@ -76,7 +78,27 @@ impl Fs {
             "versions": m.versions.keys().collect::<Vec<_>>(),
             "latest": m.latest(),
             "imports": imports,
+            "generations": self.generations(Some(model)),
         }))
+    }
+
+    /// The generations running (of `model`, or all), for the status files.
+    fn generations(&self, model: Option<&str>) -> Vec<serde_json::Value> {
+        self.engine
+            .generations()
+            .into_iter()
+            .filter(|(job, _)| model.is_none_or(|m| job.model == m))
+            .map(|(job, g)| {
+                serde_json::json!({
+                    "job": job.id,
+                    "model": format!("{}/v{}", job.model, job.version),
+                    "prompt_tokens": g.prompt_tokens,
+                    "tokens": g.tokens,
+                    "max_tokens": g.max_tokens,
+                    "tokens_per_s": (g.tokens_per_s * 10.0).round() / 10.0,
+                })
+            })
+            .collect()
     }
 
     pub(super) fn readme(&self) -> String {

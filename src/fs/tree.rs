@@ -387,9 +387,12 @@ impl Fs {
                 let state = job.snapshot();
                 let failure = state.outcome.as_ref().and_then(|o| o.as_ref().err());
                 match file {
-                    JobFile::Status => match (state.status, failure) {
-                        (Status::Failed, Some(f)) => format!("failed\n{}\n", f.reason),
-                        (status, _) => format!("{}\n", status.name()),
+                    JobFile::Status => match (state.status, failure, &state.generation) {
+                        (Status::Failed, Some(f), _) => format!("failed\n{}\n", f.reason),
+                        (Status::Running, _, Some(g)) => {
+                            format!("running {}/{} tokens {:.0} tok/s\n", g.tokens, g.max_tokens, g.tokens_per_s)
+                        }
+                        (status, _, _) => format!("{}\n", status.name()),
                     },
                     JobFile::Model => format!("{}/v{} {}\n", job.model, job.version, job.digest),
                     JobFile::Error => failure.map_or(String::new(), |f| format!("{}\n", f.reason)),
@@ -405,6 +408,11 @@ impl Fs {
                             "queue_us": state.queue_us,
                             "compute_us": state.compute_us,
                             "batch_size": state.batch_size,
+                            // A language model's: its tokens, and how fast they came.
+                            "prompt_tokens": state.generation.as_ref().map(|g| g.prompt_tokens),
+                            "tokens": state.generation.as_ref().map(|g| g.tokens),
+                            "first_token_us": state.generation.as_ref().and_then(|g| g.first_token_us),
+                            "tokens_per_s": state.generation.as_ref().map(|g| g.tokens_per_s),
                         }))
                     }
                     JobFile::Input | JobFile::Output | JobFile::Ctl => {

@@ -99,6 +99,8 @@ pub struct ModelConfig {
     pub timeout_ms: u64,
     /// Queued jobs allowed before new ones fail with EAGAIN.
     pub max_queue: u32,
+    /// A language model's answer length when a request gives none.
+    pub max_tokens: u32,
 }
 
 impl Default for ModelConfig {
@@ -112,6 +114,7 @@ impl Default for ModelConfig {
             priority: 0,
             timeout_ms: 30_000,
             max_queue: 1024,
+            max_tokens: 256,
         }
     }
 }
@@ -128,7 +131,7 @@ impl ModelConfig {
         let known = serde_json::to_value(ModelConfig::default()).expect("serializes");
         if let Some(unknown) = object.keys().find(|k| known.get(k.as_str()).is_none()) {
             return Err(Error::InvalidArgument(format!(
-                "config.json: unknown key {unknown:?} (known: device, max_batch, batch_delay_us, instances, keep_alive_s, priority, timeout_ms, max_queue)"
+                "config.json: unknown key {unknown:?} (known: device, max_batch, batch_delay_us, instances, keep_alive_s, priority, timeout_ms, max_queue, max_tokens)"
             )));
         }
         let config: ModelConfig =
@@ -144,7 +147,7 @@ impl ModelConfig {
             return bad(format!("device {:?}: expected \"auto\", \"cpu\" or \"gpuN\"", config.device));
         }
         let c = &config;
-        let ranges: [(&str, i64, std::ops::RangeInclusive<i64>); 7] = [
+        let ranges: [(&str, i64, std::ops::RangeInclusive<i64>); 8] = [
             ("max_batch", c.max_batch.into(), 1..=1024),
             ("batch_delay_us", c.batch_delay_us as i64, 0..=1_000_000),
             ("instances", c.instances.into(), 0..=64),
@@ -152,6 +155,7 @@ impl ModelConfig {
             ("priority", c.priority.into(), (*PRIORITIES.start()).into()..=(*PRIORITIES.end()).into()),
             ("timeout_ms", c.timeout_ms as i64, 1..=3_600_000),
             ("max_queue", c.max_queue.into(), 1..=65_536),
+            ("max_tokens", c.max_tokens.into(), 1..=crate::codec::prompt::MAX_TOKENS.into()),
         ];
         for (key, value, range) in ranges {
             if !range.contains(&value) {

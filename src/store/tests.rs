@@ -13,6 +13,7 @@ fn ok_inspect(_: &Files) -> Result<Inspected> {
         signature: Signature {
             inputs: vec![TensorSpec { name: "x".into(), dtype: DType::Float32, shape: vec![-1], dim_names: vec![] }],
             outputs: vec![],
+            generates: false,
         },
         details: Default::default(),
     })

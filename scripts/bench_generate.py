@@ -1,0 +1,110 @@
+"""Generation benchmark: time to first token and tokens per second for the
+five prompts of tests/fixtures/smollm2_llamacpp.json (greedy, 32 tokens),
+through an aifs mount, against llama.cpp in process and candle in process
+on the same GGUF, in the same run, with the same threads (2).
+
+    python3 scripts/bench_generate.py MNT GGUF [LLAMA_PYTHON]
+
+MNT must have the GGUF imported as models/smollm (`cp GGUF MNT/models/smollm/`).
+LLAMA_PYTHON: a Python with llama-cpp-python (see scripts/llamacpp_reference.py);
+without it the llama.cpp row is skipped. The candle floor is
+`target/debug/examples/generate_floor` (built if missing; dependencies,
+candle among them, are optimized in debug builds too, as the daemon's are). Prints one JSON
+object: per way, the median time to first token (ms) and tokens/s.
+"""
+
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+REFERENCE = os.path.join(REPO, "tests/fixtures/smollm2_llamacpp.json")
+TOKENS = 32
+
+LLAMA = r"""
+import json, sys, time
+import llama_cpp, numpy as np
+from llama_cpp import Llama
+llm = Llama(model_path=sys.argv[1], n_ctx=2048, n_threads=2, n_batch=512, verbose=False)
+out = []
+for case in json.load(open(sys.argv[2])):
+    for _ in range(2):  # the first is a warm-up
+        llm.reset()
+        t = time.monotonic()
+        llm.eval(case["prompt_ids"])
+        n = llm.n_vocab()
+        first = None
+        for i in range(%d):
+            logits = np.ctypeslib.as_array(llama_cpp.llama_get_logits_ith(llm.ctx, -1), shape=(n,))
+            tok = int(logits.argmax())
+            if first is None:
+                first = time.monotonic() - t
+            llm.eval([tok])
+        total = time.monotonic() - t
+    out.append({"ttft_ms": first * 1e3, "tokens_per_s": (%d - 1) / (total - first)})
+print(json.dumps(out))
+""" % (TOKENS, TOKENS)
+
+
+def mount(mnt):
+    infer = os.path.join(mnt, "models/smollm/latest/infer")
+    out = []
+    for case in json.load(open(REFERENCE)):
+        body = json.dumps({"messages": [{"role": "user", "content": case["prompt"]}],
+                           "max_tokens": TOKENS}).encode()
+        for _ in range(2):  # the first is a warm-up (and loads the model)
+            f = os.open(infer, os.O_RDWR)
+            t = time.monotonic()
+            os.write(f, body)
+            data = os.read(f, 1 << 16)
+            first = time.monotonic() - t
+            while chunk := os.read(f, 1 << 16):
+                data += chunk
+            total = time.monotonic() - t
+            os.close(f)
+        last = json.loads(data.splitlines()[-1])
+        n = last["completion_tokens"]
+        out.append({"ttft_ms": first * 1e3, "tokens_per_s": (n - 1) / (total - first), "tokens": n})
+    return out
+
+
+def candle(gguf):
+    binary = os.path.join(REPO, "target/debug/examples/generate_floor")
+    if not os.path.exists(binary):
+        subprocess.run(["cargo", "build", "--example", "generate_floor"], cwd=REPO, check=True)
+    out = []
+    for _ in range(2):  # the first is a warm-up
+        lines = subprocess.run([binary, gguf, REFERENCE, str(TOKENS)], check=True,
+                               capture_output=True, text=True).stdout
+    for line in lines.splitlines():
+        d = json.loads(line)
+        out.append({"ttft_ms": d["ttft_ms"], "tokens_per_s": d["tokens_per_s"]})
+    return out
+
+
+def median(rows, key):
+    return round(statistics.median(r[key] for r in rows), 1)
+
+
+def main():
+    if len(sys.argv) not in (3, 4):
+        raise SystemExit(__doc__)
+    mnt, gguf = sys.argv[1], sys.argv[2]
+    ways = {"mount": mount(mnt), "candle": candle(gguf)}
+    if len(sys.argv) == 4:
+        ways["llama.cpp"] = json.loads(subprocess.run([sys.argv[3], "-c", LLAMA, gguf, REFERENCE], check=True,
+                                                      capture_output=True, text=True).stdout)
+    result = {way: {"ttft_ms": median(rows, "ttft_ms"), "tokens_per_s": median(rows, "tokens_per_s")}
+              for way, rows in ways.items()}
+    for floor in ("candle", "llama.cpp"):
+        if floor in result:
+            result[f"mount/{floor} tokens_per_s"] = round(
+                result["mount"]["tokens_per_s"] / result[floor]["tokens_per_s"], 2)
+    print(json.dumps(result, indent=1))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,387 @@
+//! Language models from one GGUF file, on candle: the quantized llama
+//! family (`candle-transformers`' `quantized_llama`), CPU only.
+//!
+//! The GGUF alone is enough: the tokenizer (vocabulary, merges, special
+//! tokens) and the chat template come from its metadata. A version loads
+//! once ([`Llama`], the weights shared); each request is a [`Generation`]
+//! with its own copy of the model's layers (they hold its KV cache; the
+//! weights inside are shared, so a copy costs nothing). The engine steps
+//! generations one token at a time (`engine/generate.rs`).
+//!
+//! Promises: an import is refused with the reason when the file is not
+//! GGUF, is truncated, holds a tensor type candle cannot read, is of an
+//! architecture not in [`ARCHITECTURES`], or has a tokenizer or chat
+//! template that does not load. Tokens are decoded incrementally and only
+//! whole UTF-8 characters are returned.
+
+use std::fs::File;
+use std::sync::Arc;
+
+use candle_core::quantized::gguf_file::{Content, Value};
+use candle_core::quantized::tokenizer::TokenizerFromGguf;
+use candle_core::{Device, Tensor as CTensor};
+use candle_transformers::generation::{LogitsProcessor, Sampling};
+use candle_transformers::models::quantized_llama::{ModelWeights, MAX_SEQ_LEN};
+use tokenizers::Tokenizer;
+
+use crate::codec::prompt::{Prompt, PromptInput};
+use crate::device::Target;
+use crate::error::{Error, Result};
+use crate::tensor::{DType, Signature, TensorSpec};
+
+use super::{first_line, Backend, Details, Files, Instance, Stop};
+use crate::tensor::Tensor;
+
+/// The `general.architecture`s that load: candle's quantized llama reads
+/// these (Mistral and other llama-shaped models say `llama`).
+pub const ARCHITECTURES: &[&str] = &["llama"];
+
+/// Control tokens that end a turn, besides the file's own EOS/EOT ids (as
+/// llama.cpp treats them).
+const END_OF_TURN: &[&str] = &["<|im_end|>", "<|eot_id|>", "<|end|>", "<end_of_turn>", "<|endoftext|>", "<EOT>"];
+
+const NAME: &str = "candle-gguf";
+
+/// The most instructions one rendering of a chat template may take.
+const TEMPLATE_FUEL: u64 = 1_000_000;
+
+pub struct Gguf;
+
+impl Backend for Gguf {
+    fn name(&self) -> &'static str {
+        NAME
+    }
+
+    fn format(&self) -> &'static str {
+        "gguf"
+    }
+
+    fn handles(&self, names: &[&str]) -> bool {
+        matches!(names, [only] if only.to_ascii_lowercase().ends_with(".gguf"))
+    }
+
+    fn inspect(&self, files: &Files) -> Result<(Signature, Details)> {
+        let (name, model) = Model::open(files)?;
+        let mut details = Details::new();
+        let meta = &model.content.metadata;
+        let parameters: usize = model.content.tensor_infos.values().map(|t| t.shape.elem_count()).sum();
+        details.insert("generates".into(), "text".into());
+        details.insert("architecture".into(), model.arch.clone().into());
+        details.insert("parameters".into(), parameters.into());
+        details.insert("quantization".into(), quantization(&model.content).into());
+        details.insert("context_length".into(), model.context.into());
+        details.insert("chat_template".into(), model.template.is_some().into());
+        if let Some(Value::String(n)) = meta.get("general.name") {
+            details.insert("name".into(), n.clone().into());
+        }
+        tracing::debug!(file = %name, "inspected a GGUF");
+        Ok((signature(), details))
+    }
+
+    fn describe(&self) -> serde_json::Value {
+        serde_json::json!({ "name": self.name(), "format": self.format(), "architectures": ARCHITECTURES })
+    }
+
+    /// Its runs use every core: one per device at a time (generations
+    /// take turns token by token, see `engine/generate.rs`).
+    fn default_instances(&self) -> Option<usize> {
+        Some(1)
+    }
+
+    fn load(&self, files: &Files, target: Target) -> Result<Box<dyn Instance>> {
+        if target != Target::Cpu {
+            return Err(Error::Backend { backend: NAME, message: "it runs on the CPU only".into() });
+        }
+        let (name, model) = Model::open(files)?;
+        let path = &files[&name];
+        let mut file = File::open(path).map_err(|e| Error::io(path.display().to_string(), e))?;
+        let invalid =
+            |e: candle_core::Error| Error::InvalidModel { name: name.clone(), why: first_line(&e.to_string()) };
+        let weights = ModelWeights::from_gguf(model.content, &mut file, &Device::Cpu).map_err(invalid)?;
+        Ok(Box::new(Llama(Arc::new(Loaded {
+            weights,
+            tokenizer: model.tokenizer,
+            template: model.template,
+            ends: model.ends,
+            bos: model.bos,
+            eos: model.eos,
+            context: model.context,
+            kv_bytes_per_token: model.kv_bytes_per_token,
+        }))))
+    }
+}
+
+/// What a generating model takes and returns: text.
+pub fn signature() -> Signature {
+    let text = |name: &str| TensorSpec { name: name.into(), dtype: DType::String, shape: vec![-1], dim_names: vec![] };
+    Signature { inputs: vec![text("prompt")], outputs: vec![text("text")], generates: true }
+}
+
+/// A GGUF's header read and checked, with its tokenizer and template.
+struct Model {
+    content: Content,
+    arch: String,
+    context: usize,
+    tokenizer: Tokenizer,
+    template: Option<String>,
+    ends: Vec<u32>,
+    bos: String,
+    eos: String,
+    /// Bytes of KV cache per token: keys and values, f32, every layer.
+    kv_bytes_per_token: u64,
+}
+
+impl Model {
+    fn open(files: &Files) -> Result<(String, Model)> {
+        let (name, path) = files.iter().next().ok_or_else(|| Error::Internal("a version with no files".into()))?;
+        let invalid = |why: String| Error::InvalidModel { name: name.clone(), why };
+        let mut file = File::open(path).map_err(|e| Error::io(path.display().to_string(), e))?;
+        let file_len = file.metadata().map_err(|e| Error::io(path.display().to_string(), e))?.len();
+        let mut magic = [0u8; 4];
+        use std::io::Read;
+        if file.read_exact(&mut magic).is_err() || &magic != b"GGUF" {
+            return Err(invalid("not a GGUF file (no GGUF magic)".into()));
+        }
+        use std::io::Seek;
+        file.rewind().map_err(|e| Error::io(path.display().to_string(), e))?;
+        // candle bounds every length it reads by the file's size; a panic
+        // in a parser that is not ours must still not take the daemon down.
+        let content = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| Content::read(&mut file)))
+            .map_err(|_| invalid("malformed GGUF header".into()))?
+            .map_err(|e| invalid(format!("malformed or unsupported GGUF: {}", first_line(&e.to_string()))))?;
+        for (tensor, info) in &content.tensor_infos {
+            let (elems, block) = (info.shape.elem_count(), info.ggml_dtype.block_size());
+            let bytes = (elems / block.max(1)) as u64 * info.ggml_dtype.type_size() as u64;
+            let end = content.tensor_data_offset.saturating_add(info.offset).saturating_add(bytes);
+            if elems % block.max(1) != 0 || end > file_len {
+                return Err(invalid(format!(
+                    "truncated: tensor {tensor} ends at byte {end}, the file has {file_len} (or its shape does not fit its type)"
+                )));
+            }
+        }
+        let meta = &content.metadata;
+        let text = |key: &str| match meta.get(key) {
+            Some(Value::String(s)) => Some(s.clone()),
+            _ => None,
+        };
+        let number = |key: &str| meta.get(key).and_then(|v| v.to_u64().ok().or_else(|| v.to_u32().ok().map(u64::from)));
+        let arch = text("general.architecture").unwrap_or_default();
+        if !ARCHITECTURES.contains(&arch.as_str()) {
+            return Err(invalid(format!(
+                "architecture {arch:?} is not supported (supported: {})",
+                ARCHITECTURES.join(", ")
+            )));
+        }
+        for key in ["block_count", "embedding_length", "attention.head_count", "attention.head_count_kv"] {
+            if number(&format!("{arch}.{key}")).is_none_or(|n| n == 0) {
+                return Err(invalid(format!("metadata {arch}.{key} is missing")));
+            }
+        }
+        let dim = |key: &str| number(&format!("{arch}.{key}")).unwrap_or(0) as usize;
+        let heads = dim("attention.head_count");
+        let kv_bytes_per_token =
+            (2 * dim("block_count") * dim("attention.head_count_kv") * (dim("embedding_length") / heads) * 4) as u64;
+        let context = (number(&format!("{arch}.context_length")).unwrap_or(2048) as usize).min(MAX_SEQ_LEN);
+        let mut tokenizer = Tokenizer::from_gguf(&content)
+            .map_err(|e| invalid(format!("its tokenizer does not load: {}", first_line(&e.to_string()))))?;
+        if text("tokenizer.ggml.pre").as_deref() == Some("smollm") {
+            // llama.cpp's SmolLM pre-tokenizer: each digit alone, then GPT-2's.
+            use tokenizers::pre_tokenizers::{byte_level::ByteLevel, digits::Digits, sequence::Sequence};
+            tokenizer.with_pre_tokenizer(Some(Sequence::new(vec![
+                Digits::new(true).into(),
+                ByteLevel::new(false, true, true).into(),
+            ])));
+        }
+        let token = |id: Option<u64>| id.and_then(|id| tokenizer.id_to_token(id as u32));
+        let bos = token(number("tokenizer.ggml.bos_token_id")).unwrap_or_default();
+        let eos = token(number("tokenizer.ggml.eos_token_id")).unwrap_or_default();
+        let mut ends: Vec<u32> = ["tokenizer.ggml.eos_token_id", "tokenizer.ggml.eot_token_id"]
+            .iter()
+            .filter_map(|k| number(k).map(|id| id as u32))
+            .chain(END_OF_TURN.iter().filter_map(|t| tokenizer.token_to_id(t)))
+            .collect();
+        ends.sort_unstable();
+        ends.dedup();
+        let template = text("tokenizer.chat_template");
+        if let Some(t) = &template {
+            chat_environment(t).map_err(|e| invalid(format!("its chat template does not load: {e}")))?;
+        }
+        Ok((name.clone(), Model { content, arch, context, tokenizer, template, ends, bos, eos, kv_bytes_per_token }))
+    }
+}
+
+/// The most common tensor type among the weights, e.g. `Q4_1`.
+fn quantization(content: &Content) -> String {
+    let mut counts = std::collections::BTreeMap::new();
+    for info in content.tensor_infos.values().filter(|i| i.shape.rank() == 2) {
+        *counts.entry(format!("{:?}", info.ggml_dtype)).or_insert(0usize) += info.shape.elem_count();
+    }
+    counts.into_iter().max_by_key(|(_, n)| *n).map_or_else(|| "unknown".into(), |(t, _)| t)
+}
+
+/// A chat template compiled, with the Python string methods templates use.
+fn chat_environment(template: &str) -> std::result::Result<minijinja::Environment<'static>, minijinja::Error> {
+    let mut env = minijinja::Environment::new();
+    // A template comes with an untrusted file: its work is bounded.
+    env.set_fuel(Some(TEMPLATE_FUEL));
+    minijinja_contrib::add_to_environment(&mut env);
+    env.set_unknown_method_callback(minijinja_contrib::pycompat::unknown_method_callback);
+    env.add_template_owned("chat", template.to_string())?;
+    Ok(env)
+}
+
+struct Loaded {
+    weights: ModelWeights,
+    tokenizer: Tokenizer,
+    template: Option<String>,
+    ends: Vec<u32>,
+    bos: String,
+    eos: String,
+    context: usize,
+    kv_bytes_per_token: u64,
+}
+
+/// A loaded GGUF: the weights and tokenizer, shared by its generations.
+struct Llama(Arc<Loaded>);
+
+impl Instance for Llama {
+    fn run(&mut self, _inputs: Vec<Tensor>, _stop: &Stop) -> Result<Vec<Tensor>> {
+        Err(Error::Internal("a language model is run by generation, not as a tensor model".into()))
+    }
+
+    fn generate(&mut self, prompt: &Prompt, default_max_tokens: u32) -> Result<Box<dyn super::Generation>> {
+        let m = &self.0;
+        let ids = m.prompt_ids(prompt)?;
+        if ids.len() >= m.context {
+            return Err(Error::BadInput(format!(
+                "the prompt is {} tokens; the model's context is {} tokens",
+                ids.len(),
+                m.context
+            )));
+        }
+        let room = m.context - ids.len();
+        let max_tokens = match prompt.max_tokens {
+            Some(n) if n as usize > room => {
+                return Err(Error::BadInput(format!(
+                    "max_tokens {n} + prompt {} = {} tokens: more than the model's context of {} tokens",
+                    ids.len(),
+                    n as usize + ids.len(),
+                    m.context
+                )))
+            }
+            Some(n) => n as usize,
+            None => (default_max_tokens as usize).min(room),
+        };
+        let sampling = if prompt.temperature <= 0.0 {
+            Sampling::ArgMax
+        } else if prompt.top_p < 1.0 {
+            Sampling::TopP { p: prompt.top_p, temperature: prompt.temperature }
+        } else {
+            Sampling::All { temperature: prompt.temperature }
+        };
+        Ok(Box::new(LlamaGeneration {
+            model: m.weights.clone(),
+            shared: m.clone(),
+            prompt: ids,
+            generated: Vec::new(),
+            max_tokens,
+            sampler: LogitsProcessor::from_sampling(prompt.seed, sampling),
+            decoded: Vec::new(),
+            prefix: String::new(),
+            prefix_index: 0,
+        }))
+    }
+}
+
+impl Loaded {
+    /// The prompt's token ids: its messages through the chat template (a
+    /// model without one gets the text alone), or the raw prompt.
+    fn prompt_ids(&self, prompt: &Prompt) -> Result<Vec<u32>> {
+        let (text, special) = match (&prompt.input, &self.template) {
+            (PromptInput::Chat(messages), Some(template)) => {
+                let env = chat_environment(template).map_err(|e| Error::Internal(e.to_string()))?;
+                let ctx = minijinja::context! {
+                    messages => messages
+                        .iter()
+                        .map(|m| minijinja::Value::from_pairs([("role", m.role.as_str()), ("content", m.content.as_str())]))
+                        .collect::<Vec<_>>(),
+                    add_generation_prompt => true,
+                    bos_token => self.bos.as_str(),
+                    eos_token => self.eos.as_str(),
+                };
+                let text = env.get_template("chat").and_then(|t| t.render(ctx)).map_err(|e| {
+                    Error::BadInput(format!(
+                        "the model's chat template refused the messages: {}",
+                        first_line(&e.to_string())
+                    ))
+                })?;
+                (text, false)
+            }
+            (PromptInput::Chat(messages), None) => {
+                (messages.iter().map(|m| m.content.as_str()).collect::<Vec<_>>().join("\n"), true)
+            }
+            (PromptInput::Raw(text), _) => (text.clone(), true),
+        };
+        let encoding = self
+            .tokenizer
+            .encode(text, special)
+            .map_err(|e| Error::BadInput(format!("the prompt does not tokenize: {}", first_line(&e.to_string()))))?;
+        Ok(encoding.get_ids().to_vec())
+    }
+}
+
+/// One request's generation: its own layers (KV cache), its tokens.
+struct LlamaGeneration {
+    model: ModelWeights,
+    shared: Arc<Loaded>,
+    prompt: Vec<u32>,
+    generated: Vec<u32>,
+    max_tokens: usize,
+    sampler: LogitsProcessor,
+    /// Incremental decoding state (`tokenizers::step_decode_stream`).
+    decoded: Vec<u32>,
+    prefix: String,
+    prefix_index: usize,
+}
+
+impl super::Generation for LlamaGeneration {
+    fn prompt_tokens(&self) -> usize {
+        self.prompt.len()
+    }
+
+    fn max_tokens(&self) -> usize {
+        self.max_tokens
+    }
+
+    fn kv_bytes(&self) -> u64 {
+        (self.prompt.len() + self.max_tokens) as u64 * self.shared.kv_bytes_per_token
+    }
+
+    fn step(&mut self) -> Result<super::Token> {
+        let fail = |e: candle_core::Error| Error::Backend { backend: NAME, message: first_line(&e.to_string()) };
+        let (input, pos) = match self.generated.last() {
+            None => (self.prompt.as_slice(), 0),
+            Some(last) => (std::slice::from_ref(last), self.prompt.len() + self.generated.len() - 1),
+        };
+        let x = CTensor::new(input, &Device::Cpu).and_then(|t| t.unsqueeze(0)).map_err(fail)?;
+        let logits = self.model.forward(&x, pos).and_then(|l| l.squeeze(0)).map_err(fail)?;
+        let id = self.sampler.sample(&logits).map_err(fail)?;
+        if self.shared.ends.contains(&id) {
+            return Ok(super::Token { id, text: String::new(), end: Some(super::Finish::Stop) });
+        }
+        self.generated.push(id);
+        let text = tokenizers::tokenizer::step_decode_stream(
+            &self.shared.tokenizer,
+            vec![id],
+            false,
+            &mut self.decoded,
+            &mut self.prefix,
+            &mut self.prefix_index,
+        )
+        .map_err(|e| Error::Backend { backend: NAME, message: format!("decoding token {id}: {e}") })?
+        .unwrap_or_default();
+        let full = self.prompt.len() + self.generated.len() >= self.shared.context;
+        let end = (self.generated.len() >= self.max_tokens || full).then_some(super::Finish::Length);
+        Ok(super::Token { id, text, end })
+    }
+}
