@@ -2,13 +2,16 @@
 //! llama called directly (no mount, no daemon, no tokenizer, no template)
 //! on a GGUF, greedy, from the prompt token ids of the llama.cpp reference
 //! file. Prints one JSON line per prompt: time to first token, tokens per
-//! second after it, and whether the ids equal llama.cpp's.
+//! second after it, and whether the ids equal llama.cpp's. With
+//! `AIFS_REPACK=1`, Q4_1/Q5_0/Q5_1 weights are first converted to Q8_0, as
+//! the daemon's GGUF backend loads them (`src/backend/gguf.rs`, `REPACKED`):
+//! the floor then runs the same weights as the daemon.
 //!
 //!     cargo run --release --example generate_floor -- GGUF tests/fixtures/smollm2_llamacpp.json [TOKENS]
 
 use std::time::Instant;
 
-use candle_core::quantized::gguf_file;
+use candle_core::quantized::{gguf_file, GgmlDType, QTensor};
 use candle_core::{Device, Tensor};
 use candle_transformers::models::quantized_llama::ModelWeights;
 
@@ -24,7 +27,28 @@ fn main() {
     let tokens: usize = args.get(3).map_or(32, |t| t.parse().expect("TOKENS is a number"));
     let mut file = std::fs::File::open(gguf).expect("the GGUF opens");
     let content = gguf_file::Content::read(&mut file).expect("a GGUF");
-    let weights = ModelWeights::from_gguf(content, &mut file, &Device::Cpu).expect("the model loads");
+    let weights = if std::env::var_os("AIFS_REPACK").is_some() {
+        let mut tensors = Vec::new();
+        for name in content.tensor_infos.keys() {
+            let t = content.tensor(&mut file, name, &Device::Cpu).unwrap();
+            let t = match t.dtype() {
+                GgmlDType::Q4_1 | GgmlDType::Q5_0 | GgmlDType::Q5_1 => {
+                    QTensor::quantize(&t.dequantize(&Device::Cpu).unwrap(), GgmlDType::Q8_0).unwrap()
+                }
+                _ => t,
+            };
+            tensors.push((name.as_str(), t));
+        }
+        let metadata: Vec<_> = content.metadata.iter().map(|(k, v)| (k.as_str(), v)).collect();
+        let tensors: Vec<_> = tensors.iter().map(|(k, t)| (*k, t)).collect();
+        let mut bytes = std::io::Cursor::new(Vec::new());
+        gguf_file::write(&mut bytes, &metadata, &tensors).unwrap();
+        bytes.set_position(0);
+        let repacked = gguf_file::Content::read(&mut bytes).unwrap();
+        ModelWeights::from_gguf(repacked, &mut bytes, &Device::Cpu).expect("the model loads")
+    } else {
+        ModelWeights::from_gguf(content, &mut file, &Device::Cpu).expect("the model loads")
+    };
     let cases: Vec<serde_json::Value> =
         serde_json::from_slice(&std::fs::read(reference).expect("the reference reads")).expect("JSON");
     for case in cases {
