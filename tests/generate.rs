@@ -35,7 +35,8 @@ fn lines(out: &[u8]) -> (Vec<u64>, Value) {
 }
 
 fn python(m: &Mount, script: &str) -> String {
-    let out = Command::new("python3").arg("-c").arg(script).current_dir(&m.mnt).output().unwrap();
+    // A hang (a FUSE thread lost) fails the test instead of stalling it.
+    let out = Command::new("timeout").args(["60", "python3", "-c", script]).current_dir(&m.mnt).output().unwrap();
     assert!(out.status.success(), "{out:?}");
     String::from_utf8(out.stdout).unwrap()
 }
@@ -186,6 +187,59 @@ fn answers_stream_cancel_and_share_the_cpu() {
     std::thread::sleep(Duration::from_millis(500));
     let all: Value = serde_json::from_str(&read(m.path("status"))).unwrap();
     assert_eq!(all["generations"], serde_json::json!([]), "the generation stopped");
+
+    // A reader that stops at the last line and closes at once finds the
+    // answer done, not cancelled by its close.
+    for _ in 0..3 {
+        python(
+            &m,
+            "import json, os\n\
+             f = os.open('models/smollm/v1/infer', os.O_RDWR)\n\
+             os.write(f, b'{\"prompt\": \"Hi\", \"max_tokens\": 4}')\n\
+             buf = b''\n\
+             while b'finish_reason' not in buf: buf += os.read(f, 65536)\n\
+             os.close(f)\n",
+        );
+        assert_eq!(job_file(&m, newest_job(&m), "status"), "done\n");
+    }
+
+    // Readers interrupted by a signal while they wait for the next token
+    // (Ctrl-C), then closing: each cancels its request, and the mount
+    // keeps answering (more of them than it has FUSE threads).
+    for _ in 0..6 {
+        let out = python(
+            &m,
+            "import os, signal\n\
+             def stop(*_): raise KeyboardInterrupt\n\
+             signal.signal(signal.SIGALRM, stop)\n\
+             f = os.open('models/smollm/v1/infer', os.O_RDWR)\n\
+             os.write(f, b'{\"prompt\": \"Once upon a time\", \"max_tokens\": 400}')\n\
+             signal.setitimer(signal.ITIMER_REAL, 0.4)\n\
+             try:\n    \
+                 while os.read(f, 65536): pass\n    \
+                 print('ended')\n\
+             except KeyboardInterrupt: print('interrupted')\n\
+             os.close(f)\n",
+        );
+        assert_eq!(out, "interrupted\n");
+        let id = newest_job(&m);
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while job_file(&m, id, "status") != "cancelled\n" {
+            assert!(Instant::now() < deadline, "{}", job_file(&m, id, "status"));
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+    assert!(sh_ok(&m.mnt, "timeout 10 cat status").contains("\"generations\""));
+
+    // timeout_ms bounds the wait for the first token, not the answer.
+    write_file(&m.path("models/smollm/config.json"), br#"{"timeout_ms": 1500}"#).unwrap();
+    let out =
+        one_handle(&m.path("models/smollm/v1/infer"), br#"{"prompt": "Once upon a time", "max_tokens": 200}"#).unwrap();
+    let (ids, last) = lines(&out);
+    assert_eq!((ids.len(), last["finish_reason"].as_str()), (200, Some("length")));
+    let times: Value = serde_json::from_str(&job_file(&m, newest_job(&m), "times")).unwrap();
+    assert!(times["compute_us"].as_u64().unwrap() > 1_500_000, "{times}");
+    write_file(&m.path("models/smollm/config.json"), b"{}").unwrap();
 
     // A one-handle reader that closes after its first chunk cancels.
     python(

@@ -15,7 +15,8 @@
 //! `fill`. `run_ms` sleeps in every run; `fail` makes every run fail with
 //! that message; `panics` makes it panic; a `gated` model's runs wait
 //! while the backend's [`Gate`] (shared with the test) is closed. A file
-//! that is not such JSON is an invalid model.
+//! that is not such JSON is an invalid model. With `"generates": N` it is a
+//! language model whose answer is `t0 t1 ... t{N-1} `, a token per `run_ms`.
 //!
 //! The
 //! [`Counters`] tell how many loads and runs happened and the most runs in
@@ -56,6 +57,10 @@ pub struct Spec {
     /// Runs panic (a backend bug, for the engine to contain).
     #[serde(default)]
     pub panics: bool,
+    /// A language model: each request generates this many tokens (`t0 `,
+    /// `t1 `, ...), `run_ms` each.
+    #[serde(default)]
+    pub generates: Option<usize>,
 }
 
 fn one() -> f32 {
@@ -81,6 +86,7 @@ impl Spec {
             fail: None,
             gated: false,
             panics: false,
+            generates: None,
         }
     }
 
@@ -165,6 +171,9 @@ impl Backend for Fake {
     fn inspect(&self, files: &Files) -> Result<(Signature, Details)> {
         let (name, path) = the_file(files)?;
         let spec = Spec::read(path, name)?;
+        if spec.generates.is_some() {
+            return Ok((super::gguf::signature(), Details::new()));
+        }
         Ok((Signature { inputs: spec.inputs, outputs: spec.outputs, generates: false }, Details::new()))
     }
 
@@ -207,6 +216,48 @@ impl Instance for FakeInstance {
         c.running.fetch_sub(1, Ordering::SeqCst);
         c.runs.fetch_add(1, Ordering::SeqCst);
         result
+    }
+
+    fn generate(&mut self, prompt: &super::Prompt, default_max_tokens: u32) -> Result<Box<dyn super::Generation>> {
+        let tokens = self.spec.generates.ok_or_else(|| Error::BadInput("this model does not generate text".into()))?;
+        let max_tokens = prompt.max_tokens.unwrap_or(default_max_tokens) as usize;
+        Ok(Box::new(FakeGeneration { tokens, max_tokens, next: 0, spec: self.spec.clone() }))
+    }
+}
+
+/// A fake generation: `t0 `, `t1 `, ... then the end of its turn.
+struct FakeGeneration {
+    tokens: usize,
+    max_tokens: usize,
+    next: usize,
+    spec: Spec,
+}
+
+impl super::Generation for FakeGeneration {
+    fn prompt_tokens(&self) -> usize {
+        1
+    }
+
+    fn max_tokens(&self) -> usize {
+        self.max_tokens
+    }
+
+    fn kv_bytes(&self) -> u64 {
+        1000
+    }
+
+    fn step(&mut self) -> Result<super::Token> {
+        std::thread::sleep(Duration::from_millis(self.spec.run_ms));
+        if let Some(message) = &self.spec.fail {
+            return Err(Error::Backend { backend: NAME, message: message.clone() });
+        }
+        let id = self.next as u32;
+        self.next += 1;
+        if self.next > self.tokens {
+            return Ok(super::Token { id: 0, text: String::new(), end: Some(super::Finish::Stop) });
+        }
+        let end = (self.next == self.max_tokens).then_some(super::Finish::Length);
+        Ok(super::Token { id, text: format!("t{id} "), end })
     }
 }
 

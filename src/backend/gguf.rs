@@ -215,8 +215,9 @@ impl Model {
         }
         let dim = |key: &str| number(&format!("{arch}.{key}")).unwrap_or(0) as usize;
         let heads = dim("attention.head_count");
-        let kv_bytes_per_token =
-            (2 * dim("block_count") * dim("attention.head_count_kv") * (dim("embedding_length") / heads) * 4) as u64;
+        let kv_bytes_per_token = [dim("block_count"), dim("attention.head_count_kv"), dim("embedding_length") / heads]
+            .iter()
+            .fold(2 * 4, |bytes: u64, &n| bytes.saturating_mul(n as u64));
         let context = (number(&format!("{arch}.context_length")).unwrap_or(2048) as usize).min(MAX_SEQ_LEN);
         let mut tokenizer = Tokenizer::from_gguf(&content)
             .map_err(|e| invalid(format!("its tokenizer does not load: {}", first_line(&e.to_string()))))?;
@@ -288,6 +289,9 @@ impl Instance for Llama {
     fn generate(&mut self, prompt: &Prompt, default_max_tokens: u32) -> Result<Box<dyn super::Generation>> {
         let m = &self.0;
         let ids = m.prompt_ids(prompt)?;
+        if ids.is_empty() {
+            return Err(Error::BadInput("the prompt is no tokens".into()));
+        }
         if ids.len() >= m.context {
             return Err(Error::BadInput(format!(
                 "the prompt is {} tokens; the model's context is {} tokens",
@@ -390,7 +394,7 @@ impl super::Generation for LlamaGeneration {
     }
 
     fn kv_bytes(&self) -> u64 {
-        (self.prompt.len() + self.max_tokens) as u64 * self.shared.kv_bytes_per_token
+        ((self.prompt.len() + self.max_tokens) as u64).saturating_mul(self.shared.kv_bytes_per_token)
     }
 
     fn step(&mut self) -> Result<super::Token> {

@@ -153,7 +153,8 @@ pub struct Answer {
     held: String,
     /// Token ids not yet written.
     ids: Vec<u32>,
-    /// Whether the text written so far ends with a newline.
+    /// Whether the text written so far ends with a newline (an empty
+    /// answer is a newline).
     ends_with_newline: bool,
 }
 
@@ -164,7 +165,7 @@ impl Answer {
             stop: prompt.stop.clone(),
             held: String::new(),
             ids: vec![],
-            ends_with_newline: true,
+            ends_with_newline: false,
         }
     }
 

@@ -24,6 +24,7 @@ use crate::sched::Queued;
 
 use super::job::{Job, Progress, Status};
 use super::loaded::Pool;
+use super::queue::Sched;
 use super::Shared;
 
 /// A generation with what its answer needs, parked in its job between
@@ -53,13 +54,15 @@ pub(super) fn generates(job: &Job) -> bool {
 impl Shared {
     /// One turn of a language model's job on device `d` (see the module
     /// header); the job ends here when its generation does or fails.
-    pub(super) fn generate(&self, d: usize, job: &Arc<Job>, pool: &Arc<Pool>) {
+    /// Returns the generation to park when others wait: the caller queues
+    /// it again ([`Shared::park`]) once it has given the turn's slot back.
+    pub(super) fn generate(&self, d: usize, job: &Arc<Job>, pool: &Arc<Pool>) -> Option<Box<Generating>> {
         let parked = {
             let mut inner = job.inner();
             match inner.state.status {
                 Status::Running => match inner.generating.take() {
                     Some(g) => Ok(g),
-                    None => return,
+                    None => return None,
                 },
                 Status::Queued => {
                     inner.state.status = Status::Running;
@@ -70,7 +73,7 @@ impl Shared {
                     let version = inner.version.clone();
                     Err((prompt, version, inner.config.max_tokens))
                 }
-                _ => return, // ended meanwhile
+                _ => return None, // ended meanwhile
             }
         };
         let mut g = match parked {
@@ -78,20 +81,27 @@ impl Shared {
             Err((Some(prompt), Some(version), max_tokens)) => {
                 match self.start_generation(d, &version, pool, &prompt, max_tokens) {
                     Ok(g) => g,
-                    Err(e) => return self.fail(job, &e),
+                    Err(e) => {
+                        self.fail(job, &e);
+                        return None;
+                    }
                 }
             }
-            Err(_) => return self.fail(job, &Error::Internal("a language model's job without its prompt".into())),
+            Err(_) => {
+                self.fail(job, &Error::Internal("a language model's job without its prompt".into()));
+                return None;
+            }
         };
         loop {
             if job.status().is_finished() {
-                return; // cancelled or timed out: the generation is dropped
+                return None; // cancelled or timed out: the generation is dropped
             }
             let token = match g.generation.step() {
                 Ok(token) => token,
                 Err(e) => {
                     tracing::warn!(job = job.id, model = %job.model, "generation failed: {e}");
-                    return self.fail(job, &e);
+                    self.fail(job, &e);
+                    return None;
                 }
             };
             let now = Instant::now();
@@ -117,21 +127,27 @@ impl Shared {
                 bytes.extend(g.answer.finish(reason, progress.prompt_tokens, g.tokens));
             }
             job.inner().state.generation = Some(progress);
-            job.stream(&bytes);
-            if end.is_some() {
-                let compute_us = g.started.elapsed().as_micros() as u64;
-                let queue_us = {
-                    let mut inner = job.inner();
-                    inner.state.compute_us = Some(compute_us);
-                    inner.state.queue_us.unwrap_or(0)
-                };
-                self.metrics.latency(&job.model, job.version, queue_us, compute_us);
-                self.end(job, Status::Done, Ok(job.streamed()));
-                return;
+            if end.is_none() {
+                job.stream(&bytes);
+                if self.others_waiting(d) {
+                    return Some(g);
+                }
+                continue;
             }
-            if self.others_waiting(d) {
-                return self.park(d, job, g);
-            }
+            // The last bytes come with the end, not before it: a reader
+            // that stops at the last line and closes must not find the
+            // job running (its close would cancel it).
+            let mut answer = (*job.streamed()).clone();
+            answer.extend_from_slice(&bytes);
+            let compute_us = g.started.elapsed().as_micros() as u64;
+            let queue_us = {
+                let mut inner = job.inner();
+                inner.state.compute_us = Some(compute_us);
+                inner.state.queue_us.unwrap_or(0)
+            };
+            self.metrics.latency(&job.model, job.version, queue_us, compute_us);
+            self.end(job, Status::Done, Ok(Arc::new(answer)));
+            return None;
         }
     }
 
@@ -171,13 +187,12 @@ impl Shared {
 
     /// Parks a generation in its job and queues the job again, behind
     /// what waits (unless it ended meanwhile: then the generation is
-    /// dropped).
-    fn park(&self, d: usize, job: &Arc<Job>, g: Box<Generating>) {
-        let mut s = self.sched.lock().unwrap();
+    /// dropped). Called by the worker with the scheduler's lock, once the
+    /// turn's slot and instance are given back.
+    pub(super) fn park(&self, s: &mut Sched, d: usize, job: &Arc<Job>, g: Box<Generating>) {
         let mut inner = job.inner();
         if inner.state.status.is_finished() {
             drop(inner);
-            drop(s);
             drop(g);
             return;
         }
@@ -189,8 +204,7 @@ impl Shared {
             Queued { id: job.id, user: job.uid, priority, seq: s.seq, since: Instant::now(), batch_key: None, rows: 1 };
         s.devices[d].entries.push(entry);
         s.devices[d].jobs.push(job.clone());
-        *s.queued_per_model.entry(job.model.clone()).or_default().entry(job.uid).or_default() += 1;
-        // Given back by the end of this turn (`run_taken`).
+        s.parked.insert(job.id);
         *s.in_flight.entry(job.digest).or_default() += 1;
     }
 }

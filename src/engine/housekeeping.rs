@@ -28,7 +28,9 @@ impl Shared {
                 return;
             }
             let now = Instant::now();
-            let past = |j: &Job| j.deadline.get().is_some_and(|&t| t <= now);
+            // A generation that has begun to answer is bounded by its
+            // max_tokens, not by the clock: a long answer is not cut.
+            let past = |j: &Job| j.deadline.get().is_some_and(|&t| t <= now) && j.inner().state.generation.is_none();
             let mut expired: Vec<Arc<Job>> = s.running_jobs.values().filter(|j| past(j)).cloned().collect();
             for d in 0..s.devices.len() {
                 while let Some(i) = s.devices[d].jobs.iter().position(|j| past(j)) {

@@ -100,7 +100,7 @@ impl Resident {
     /// load has been measured, then what loading took; and the KV caches
     /// of its generations.
     pub(super) fn held_bytes(&self) -> u64 {
-        self.bytes.max(self.pool.measured()) + self.pool.kv_bytes.load(Ordering::Relaxed)
+        self.bytes.max(self.pool.measured()).saturating_add(self.pool.kv_bytes.load(Ordering::Relaxed))
     }
 }
 

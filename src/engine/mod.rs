@@ -506,8 +506,13 @@ impl Shared {
     /// Ends a job (if not already ended): counts, records, retires.
     fn end(&self, job: &Arc<Job>, status: Status, outcome: Outcome) -> bool {
         let output = outcome.as_ref().ok().cloned();
+        let generates = generate::generates(job);
         if !job.finish(status, outcome) {
             return false;
+        }
+        if generates {
+            // Its turn may have been queued again as it ended.
+            self.dequeue(job);
         }
         if status == Status::Failed {
             self.metrics.failure(&job.model, job.version);

@@ -56,6 +56,9 @@ pub(super) struct Sched {
     /// Queued or running jobs per version: batching waits only if > batch.
     pub(super) in_flight: HashMap<Digest, usize>,
     pub(super) running_jobs: HashMap<u64, Arc<Job>>,
+    /// Language models' jobs queued between their turns
+    /// (`generate.rs`): running, so not counted against `max_queue`.
+    pub(super) parked: std::collections::HashSet<u64>,
     /// Runs in progress on threads that submitted them ([`Shared::help`]).
     pub(super) inline_runs: usize,
     pub(super) seq: u64,
@@ -67,8 +70,11 @@ impl Sched {
         let dq = &mut self.devices[d];
         dq.entries.remove(i);
         let job = dq.jobs.remove(i);
-        if let Some(n) = self.queued_per_model.get_mut(&job.model).and_then(|users| users.get_mut(&job.uid)) {
-            *n -= 1;
+        // A parked generation is not counted against `max_queue`.
+        if !self.parked.remove(&job.id) {
+            if let Some(n) = self.queued_per_model.get_mut(&job.model).and_then(|users| users.get_mut(&job.uid)) {
+                *n -= 1;
+            }
         }
         job
     }
@@ -320,14 +326,16 @@ impl Shared {
             if super::generate::generates(&jobs[0]) {
                 self.generate(d, &jobs[0], &pool)
             } else {
-                self.run(d, &jobs, &pool)
+                self.run(d, &jobs, &pool);
+                None
             }
         }));
-        if ran.is_err() {
+        let parked = ran.unwrap_or_else(|_| {
             for job in &jobs {
                 self.fail(job, &Error::Internal("the run panicked".into()));
             }
-        }
+            None
+        });
         let mut s = self.sched.lock().unwrap();
         let dq = &mut s.devices[d];
         dq.running -= jobs.len();
@@ -343,6 +351,11 @@ impl Shared {
         for j in &jobs {
             s.running_jobs.remove(&j.id);
             s.done_in_flight(&j.digest);
+        }
+        // A generation's next turn is queued once this one is given back
+        // (under the same lock: no worker can take it before).
+        if let Some(g) = parked {
+            self.park(&mut s, d, &jobs[0], g);
         }
         // The load may have shown the model bigger than its files.
         let unloaded = self.make_room(&mut s, d, &jobs[0].digest, 0);

@@ -451,3 +451,84 @@ fn a_panicking_backend_fails_its_run_and_nothing_more() {
     }
     assert_eq!(output(&r.submit("good", good, "[[1, 1, 1, 1]]")).unwrap(), "[[2.0,2.0,2.0,2.0]]\n");
 }
+
+fn generator(tokens: usize, run_ms: u64) -> Spec {
+    Spec { generates: Some(tokens), run_ms, ..Spec::scaled(1, 1.0) }
+}
+
+fn answer(tokens: usize) -> String {
+    (0..tokens).map(|i| format!("t{i} ")).collect::<String>() + "\n"
+}
+
+/// What the scheduler and the model's pool hold for generations.
+fn generation_counters(r: &Rig) -> (usize, usize, usize, u64) {
+    let s = r.engine.shared.sched.lock().unwrap();
+    let queued: usize = s.queued_per_model.values().flat_map(|users| users.values()).sum();
+    let pools: u64 =
+        s.devices[0].resident.values().map(|res| res.held_bytes() - res.bytes.max(res.pool.measured())).sum();
+    (s.devices[0].entries.len() + s.parked.len(), queued, s.in_flight.len(), pools)
+}
+
+#[test]
+fn generations_take_turns_token_by_token_and_stream() {
+    // One worker: two generations can only both progress by taking turns.
+    let r = rig(1);
+    let v = r.model("lm", &generator(30, 5), ModelConfig::default());
+    let a = r.submit("lm", v, "first");
+    let b = r.submit("lm", v, "second");
+    let tokens = |j: &Job| j.snapshot().generation.map_or(0, |g| g.tokens);
+    wait_until("the second has a token", || tokens(&b) >= 1);
+    assert!(!a.status().is_finished(), "the second waited for the first's whole answer");
+    // A reader gets the answer so far before the end.
+    let (tx, rx) = std::sync::mpsc::channel();
+    a.when_output(0, move |out| tx.send(matches!(out, Output::More(_))).unwrap());
+    assert!(rx.recv_timeout(Duration::from_secs(10)).unwrap(), "a streamed chunk, not the end");
+    assert_eq!(output(&a).unwrap(), answer(30));
+    assert_eq!(output(&b).unwrap(), answer(30));
+    let progress = b.snapshot().generation.unwrap();
+    assert_eq!((progress.tokens, progress.max_tokens), (30, 256));
+    wait_until("nothing is left queued", || generation_counters(&r) == (0, 0, 0, 0));
+}
+
+#[test]
+fn cancelled_and_parked_generations_leave_nothing_behind() {
+    let r = rig(1);
+    let v = r.model("lm", &generator(1000, 2), ModelConfig::default());
+    let jobs: Vec<_> = (0..3).map(|i| r.submit("lm", v, &format!("p{i}"))).collect();
+    let tokens = |j: &Job| j.snapshot().generation.map_or(0, |g| g.tokens);
+    wait_until("all three generate", || jobs.iter().all(|j| tokens(j) >= 2));
+    for job in &jobs {
+        r.engine.cancel(job).unwrap();
+        assert_eq!(output(job).unwrap_err().errno, libc::ECANCELED);
+    }
+    wait_until("nothing is left queued, parked or charged", || generation_counters(&r) == (0, 0, 0, 0));
+    // A new generation runs as usual.
+    let job = r.submit("lm", v, r#"{"prompt": "x", "max_tokens": 3}"#);
+    let last = r#"{"completion_tokens":3,"finish_reason":"length","prompt_tokens":1}"#;
+    assert!(output(&job).unwrap().ends_with(&format!("{last}\n")));
+}
+
+#[test]
+fn parked_generations_do_not_count_against_max_queue() {
+    let r = rig(1);
+    let v = r.model("lm", &generator(200, 2), ModelConfig { max_queue: 1, max_tokens: 2, ..Default::default() });
+    let a = r.submit("lm", v, r#"{"prompt": "a", "max_tokens": 200}"#);
+    let tokens = |j: &Job| j.snapshot().generation.map_or(0, |g| g.tokens);
+    wait_until("it generates", || tokens(&a) >= 1);
+    // Its turns are queued behind each new request, yet the user's queue
+    // of one still has room.
+    for _ in 0..5 {
+        let b = r.submit("lm", v, "x");
+        assert!(output(&b).unwrap().starts_with("t0 t1 "));
+    }
+    r.engine.cancel(&a).unwrap();
+}
+
+#[test]
+fn timeout_bounds_the_wait_for_the_first_token_not_the_answer() {
+    let r = rig(1);
+    let v = r.model("lm", &generator(40, 10), ModelConfig { timeout_ms: 100, ..Default::default() });
+    let job = r.submit("lm", v, "a");
+    assert_eq!(output(&job).unwrap(), answer(40));
+    assert!(job.snapshot().compute_us.unwrap() > 300_000);
+}

@@ -7,7 +7,7 @@ use std::sync::{Arc, Weak};
 use crate::engine::Job;
 use crate::error::{Error, Result};
 
-use super::handles::{answer_at, Handle};
+use super::handles::{read_answer, Handle};
 use super::{Caller, Fs};
 /// An open `infer`: the request being written, then the job answering it.
 pub(super) struct InferStream {
@@ -86,37 +86,8 @@ impl Fs {
             // This reader waits for the reply: it may run the job itself.
             self.engine.run_or_wake(&job);
         }
-        let reader = job.clone();
-        let at = {
-            let mut st = stream.lock().unwrap();
-            st.reading = true;
-            st.read_pos
-        };
-        job.when_output(at, move |output| {
-            let Handle::Infer(stream) = &*handle else { unreachable!("an infer handle") };
-            // Consumed only if the reader got it: a read a signal ended
-            // (EINTR) is given back, and read again from the same place.
-            // The bookkeeping is done before the reply (the reader, woken
-            // by it, goes on at once: work left for after it cost
-            // one-handle requests 12 us, 13%, in an interleaved A/B).
-            let mut st = stream.lock().unwrap();
-            let (bytes, to_the_end) = match answer_at(&reader, &output, st.read_pos, size) {
-                Ok(chunk) => chunk,
-                Err(e) => {
-                    drop(st);
-                    done(Err(e));
-                    return;
-                }
-            };
-            let n = bytes.len();
-            st.read_pos += n;
-            drop(st);
-            if !done(Ok(bytes)) {
-                stream.lock().unwrap().read_pos -= n;
-            } else if to_the_end {
-                reader.mark_output_read();
-            }
-        });
+        stream.lock().unwrap().reading = true;
+        read_answer(job, handle.clone(), size, done);
     }
 
     /// `vN/error` as `caller` reads it: the reason its session's last

@@ -89,7 +89,7 @@ use crate::engine::{Engine, Status};
 use crate::error::{Error, Result};
 use crate::store::{self, Store};
 
-use handles::{answer_at, read_file_at, read_in_order, slice_at, write_into, Handle, Written};
+use handles::{read_answer, read_file_at, read_in_order, slice_at, write_into, Handle, Written};
 use heavy::{decode_work, Heavy, Work};
 use infer::{session_of, InferStream, Session, SessionKey};
 use inodes::Inodes;
@@ -397,32 +397,8 @@ impl Fs {
             Handle::JobOutput(job, _) if job.status() == Status::New => {
                 done(Err(Error::NoInput(job.id)));
             }
-            Handle::JobOutput(job, pos) => {
-                let reader = job.clone();
-                let handle = handle.clone();
-                let at = *pos.lock().unwrap();
-                job.when_output(at, move |output| {
-                    let Handle::JobOutput(_, pos) = &*handle else { unreachable!("a job output handle") };
-                    // Taken before the reply, given back if the reader
-                    // did not get it (see `read_in_order`).
-                    let mut p = pos.lock().unwrap();
-                    let (bytes, to_the_end) = match answer_at(&reader, &output, *p, size) {
-                        Ok(chunk) => chunk,
-                        Err(e) => {
-                            drop(p);
-                            done(Err(e));
-                            return;
-                        }
-                    };
-                    let n = bytes.len();
-                    *p += n;
-                    drop(p);
-                    if !done(Ok(bytes)) {
-                        *pos.lock().unwrap() -= n;
-                    } else if to_the_end {
-                        reader.mark_output_read();
-                    }
-                });
+            Handle::JobOutput(job, _) => {
+                read_answer(job.clone(), handle.clone(), size, done);
             }
             Handle::Infer(stream) => {
                 // The first read of a written request sends it: decoding a
@@ -636,9 +612,13 @@ impl Fs {
                 // Sent or not, its input is no longer held for the session.
                 fs.remember(&mut st, None);
                 // A one-handle reader that gives up before the answer's
-                // end (Ctrl-C on a generation) cancels its request.
-                if let Some(job) = st.job.as_ref().filter(|j| st.sent_here && st.reading && !j.status().is_finished()) {
-                    let _ = fs.engine.cancel(job);
+                // end (Ctrl-C on a generation) cancels its request: with
+                // the handle unlocked, as a read interrupted meanwhile is
+                // still waiting, and the cancel answers it.
+                let abandoned = st.job.clone().filter(|j| st.sent_here && st.reading && !j.status().is_finished());
+                drop(st);
+                if let Some(job) = abandoned {
+                    let _ = fs.engine.cancel(&job);
                 }
             }
             result
