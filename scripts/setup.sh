@@ -2,7 +2,8 @@
 # Installs, idempotently, what a fresh Debian 12 machine lacks to build,
 # run and test aifs:
 #   - Debian's fuse3 (fusermount3, for unprivileged mounts and unmounts;
-#     mount.fuse3), busybox-static and systemd (for the operations tests);
+#     mount.fuse3), busybox-static and systemd (for the operations tests),
+#     etcd-server and protobuf-compiler (the shared store and its tests);
 #   - the ONNX Runtime library from PyPI's onnxruntime wheel, into .deps/
 #     (aifs-mountd finds it there with nothing exported);
 #   - the Python tools the fixtures and tests use, into .venv/.
@@ -20,6 +21,10 @@ command -v fusermount3 >/dev/null 2>&1 || missing="$missing fuse3"
 # The container tests copy busybox into an empty root: the static build.
 dpkg -s busybox-static >/dev/null 2>&1 || missing="$missing busybox-static"
 command -v systemd-analyze >/dev/null 2>&1 || missing="$missing systemd"
+# The shared store (docs/SCALE.md): etcd for the two-daemon tests, and
+# protoc, which etcd-client's build runs on etcd's .proto files.
+command -v etcd >/dev/null 2>&1 || missing="$missing etcd-server"
+command -v protoc >/dev/null 2>&1 || missing="$missing protobuf-compiler"
 if [ -n "$missing" ]; then
   echo "setup: installing$missing"
   sudo=""; [ "$(id -u)" = 0 ] || sudo="sudo"

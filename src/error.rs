@@ -115,6 +115,17 @@ pub enum Error {
     /// A blob whose bytes no longer hash to its name: refused, not run.
     #[error("blob {digest} of {file} does not match its digest (modified on disk?); refusing to run it")]
     CorruptBlob { file: String, digest: crate::store::Digest },
+    /// The shared catalog (etcd) cannot be reached: nothing was committed.
+    #[error("catalog {0}: unreachable; retry once it is back")]
+    CatalogUnreachable(String),
+    /// Another node changed the model's record meanwhile (a write is
+    /// computed again; past its retries, this reaches the user).
+    #[error("models/{0}: changed by another node meanwhile; retry")]
+    Conflict(String),
+    /// The shared blob store (S3) failed: nothing was committed, or the
+    /// blob could not be fetched.
+    #[error("blob store {url}: {message}")]
+    BlobStore { url: String, message: String },
     /// A broken promise inside the daemon (a panic caught, a record that
     /// names a backend this daemon lacks): a bug or a damaged install.
     #[error("internal error: {0}")]
@@ -165,6 +176,8 @@ impl Error {
             Error::CorruptRecord { .. } => libc::EIO,
             Error::Backend { .. } => libc::EIO,
             Error::CorruptBlob { .. } => libc::EIO,
+            Error::CatalogUnreachable(_) | Error::Conflict(_) => libc::EAGAIN,
+            Error::BlobStore { .. } => libc::EIO,
             Error::Internal(_) => libc::EIO,
         }
     }
@@ -209,6 +222,9 @@ impl Error {
             | Error::CorruptRecord { .. }
             | Error::Backend { .. }
             | Error::CorruptBlob { .. }
+            | Error::CatalogUnreachable(_)
+            | Error::Conflict(_)
+            | Error::BlobStore { .. }
             | Error::Internal(_) => tracing::Level::WARN,
         }
     }

@@ -17,6 +17,7 @@
 //! - [`fuse`]: the thin `fuser::Filesystem` adapter over [`fs::Fs`].
 //! - [`repository`]: watched model repositories on the host, kept in step
 //!   with the store.
+//! - [`cluster`]: the store shared by many nodes (etcd catalog, S3 blobs).
 //! - [`tensor`]: element types, typed tensors, signatures and the input check.
 //! - [`error`]: the one error type and the one errno mapping.
 //!
@@ -29,6 +30,7 @@
 //! - `metrics`: request counters and latencies; `/metrics` and `stats`.
 
 pub mod backend;
+pub mod cluster;
 mod codec;
 pub mod device;
 pub mod engine;

@@ -318,3 +318,28 @@ fn status_shows_an_import_in_flight() {
         std::thread::sleep(Duration::from_millis(20));
     }
 }
+
+#[test]
+fn the_kubernetes_manifests_validate() {
+    let dir = repo().join("deploy/kubernetes");
+    let daemonset = std::fs::read_to_string(dir.join("daemonset.yaml")).unwrap();
+    let consumer = std::fs::read_to_string(dir.join("consumer-pod.yaml")).unwrap();
+    // Against the Kubernetes schema, unknown fields refused.
+    let out = Command::new(repo().join(".venv/bin/kubernetes-validate"))
+        .args(["--strict", "--no-warn"])
+        .arg(dir.join("daemonset.yaml"))
+        .arg(dir.join("consumer-pod.yaml"))
+        .output()
+        .expect("kubernetes-validate (scripts/requirements.txt; scripts/setup.sh installs it)");
+    let said = format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+    assert!(out.status.success() && said.matches(" passed for resource ").count() == 2, "{said}");
+    // What the design needs of them (docs/SCALE.md, Kubernetes).
+    for needed in ["kind: DaemonSet", "mountPropagation: Bidirectional", "path: /dev/fuse", "nvidia.com/gpu: 1"] {
+        assert!(daemonset.contains(needed), "daemonset.yaml lacks {needed}");
+    }
+    for needed in
+        ["kind: Pod", "mountPropagation: HostToContainer", "> /aifs/models/mlp/latest/infer", "runAsUser: 1000"]
+    {
+        assert!(consumer.contains(needed), "consumer-pod.yaml lacks {needed}");
+    }
+}

@@ -126,6 +126,20 @@ struct Cli {
     /// milliseconds (a directory moved into place goes at once).
     #[arg(long, default_value_t = 3000)]
     repository_settle_ms: u64,
+
+    /// Share the catalog with other nodes: etcd://HOST:PORT[,HOST:PORT...]/PREFIX (needs --blobs;
+    /// see docs/SCALE.md). This node's catalog becomes a mirror of the shared one.
+    #[arg(long, value_name = "URL", requires = "blobs")]
+    catalog: Option<String>,
+
+    /// This node's name in the cluster view of a shared store (default: the host name).
+    #[arg(long, requires = "catalog")]
+    node: Option<String>,
+
+    /// Share the blobs with other nodes: s3://BUCKET/PREFIX, credentials, region and endpoint from
+    /// the AWS_* variables (needs --catalog). The data dir's blobs become a cache.
+    #[arg(long, value_name = "URL", requires = "catalog")]
+    blobs: Option<String>,
 }
 
 mod helper;
@@ -238,6 +252,16 @@ fn serve(cli: &Cli, data_dir: &Path, library: &Path, ready: Option<OwnedFd>) -> 
     let mountpoint = std::path::absolute(&cli.mountpoint).map_err(|e| e.to_string())?;
     let store =
         Arc::new(Store::open(data_dir).map_err(|e| format!("opening the store in {}: {e}", data_dir.display()))?);
+    let cluster = match (&cli.catalog, &cli.blobs) {
+        (Some(catalog), Some(blobs)) => {
+            let cluster = aifs::cluster::Cluster::connect(catalog, blobs).map_err(|e| e.to_string())?;
+            store.share(cluster.clone());
+            cluster.mirror(&store).map_err(|e| format!("reading the shared catalog: {e}"))?;
+            tracing::info!(catalog, blobs, "sharing the store");
+            Some(cluster)
+        }
+        _ => None,
+    };
     let onnx: Arc<dyn Backend> = OnnxRuntime::load(library).map_err(|e| e.to_string())?;
     // Preference order: a sentence-transformers tree that also ships an
     // ONNX export is run as the embedding model it is.
@@ -268,6 +292,11 @@ fn serve(cli: &Cli, data_dir: &Path, library: &Path, ready: Option<OwnedFd>) -> 
         Engine::start(store.clone(), backends.clone(), devices, engine)
             .map_err(|e| format!("starting the engine: {e}"))?,
     );
+    if let Some(cluster) = &cluster {
+        let node = cli.node.clone().unwrap_or_else(host_name);
+        let engine = engine.clone();
+        cluster.announce(&node, move || aifs::fs::node_entry(&engine));
+    }
     // Scanned once before the mount is up: what the repositories hold
     // complete is there when the tree appears.
     let repositories = match cli.repository.as_slice() {
@@ -406,4 +435,9 @@ fn detach(log: &Path) -> Result<OwnedFd, String> {
             std::process::exit(1);
         }
     }
+}
+
+/// The host's name (`uname -n`), for the cluster view.
+fn host_name() -> String {
+    std::fs::read_to_string("/proc/sys/kernel/hostname").map_or_else(|_| "localhost".into(), |h| h.trim().to_string())
 }

@@ -98,7 +98,7 @@ impl Handle {
 
 impl Fs {
     pub(super) fn open_blob(&self, digest: &Digest) -> Result<File> {
-        let path = self.store.blob_path(digest);
+        let path = self.store.local_blob(digest)?;
         File::open(&path).map_err(|e| Error::io(path.display().to_string(), e))
     }
 

@@ -67,6 +67,7 @@ mod jobs;
 mod models;
 mod node;
 mod status;
+pub use status::node_entry;
 mod tree;
 mod upload;
 

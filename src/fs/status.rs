@@ -2,6 +2,7 @@
 //! whose examples work by copy-paste on this mount).
 
 use super::Fs;
+use crate::engine::Engine;
 /// A JSON request of zeros for a signature (free dimensions 1), for the
 /// README's examples; `None` for types or sizes that make a poor example.
 pub(super) fn example_request(sig: &crate::tensor::Signature) -> Option<String> {
@@ -24,6 +25,30 @@ pub(super) fn example_request(sig: &crate::tensor::Signature) -> Option<String> 
     Some(serde_json::Value::Object(inputs).to_string())
 }
 
+/// Each device's id, name, queue, jobs running and loaded models.
+fn devices(engine: &Engine) -> Vec<serde_json::Value> {
+    engine
+        .devices()
+        .iter()
+        .map(|d| {
+            let state = engine.device_state(d.id());
+            serde_json::json!({
+                "id": d.id(),
+                "name": d.read().name,
+                "queue": state.as_ref().map(|s| s.queue),
+                "running": state.as_ref().map(|s| s.running),
+                "models": state.map(|s| s.models),
+            })
+        })
+        .collect()
+}
+
+/// What this node says of itself in the cluster view of a shared store
+/// (`/status` `shared.nodes`): its devices, their queues and loaded models.
+pub fn node_entry(engine: &Engine) -> serde_json::Value {
+    serde_json::json!({ "devices": devices(engine) })
+}
+
 impl Fs {
     /// `/status`: daemon facts as JSON.
     pub fn status(&self) -> serde_json::Value {
@@ -40,21 +65,14 @@ impl Fs {
                 "versions": models.iter().map(|m| m.versions.len()).sum::<usize>(),
             },
             "backends": self.backends.describe(),
+            // The store shared with other nodes (docs/SCALE.md), if any.
+            "shared": self.store.shared().map(|s| s.describe()),
             // Each import in flight: bytes received, then its phase.
             "imports": self.in_flight.lock().unwrap().iter().filter_map(|p| p.upgrade()).map(|p| p.to_json()).collect::<Vec<_>>(),
             // Each generation in flight: its tokens so far, and how fast.
             "generations": self.generations(None),
             "repositories": self.config.repositories.as_ref().map_or(serde_json::json!([]), |r| r.status()),
-            "devices": self.engine.devices().iter().map(|d| {
-                let state = self.engine.device_state(d.id());
-                serde_json::json!({
-                    "id": d.id(),
-                    "name": d.read().name,
-                    "queue": state.as_ref().map(|s| s.queue),
-                    "running": state.as_ref().map(|s| s.running),
-                    "models": state.map(|s| s.models),
-                })
-            }).collect::<Vec<_>>(),
+            "devices": devices(&self.engine),
         })
     }
 

@@ -51,6 +51,35 @@ impl Store {
         self.blobs.join(digest.file_name())
     }
 
+    /// The path of a blob on this node: with a shared store, a blob not in
+    /// the local cache is fetched first, and refused
+    /// ([`Error::CorruptBlob`]) if its bytes do not hash to its name.
+    pub fn local_blob(&self, digest: &Digest) -> Result<PathBuf> {
+        let path = self.blob_path(digest);
+        let Some(shared) = self.shared.get().filter(|_| !path.is_file()) else { return Ok(path) };
+        // One fetch at a time: a blob wanted twice is fetched once.
+        let _fetching = self.fetching.lock().unwrap();
+        if path.is_file() {
+            return Ok(path);
+        }
+        let n = self.next_temp.fetch_add(1, Ordering::Relaxed);
+        let tmp = self.blobs.join(format!("tmp-{}-fetch-{n}", std::process::id()));
+        let fetched = shared.download(digest, &tmp).and_then(|actual| {
+            if actual != *digest {
+                return Err(Error::CorruptBlob { file: digest.file_name(), digest: *digest });
+            }
+            let len = fs::metadata(&tmp).map_err(|e| Error::io(tmp.display().to_string(), e))?.len();
+            fs::rename(&tmp, &path).map_err(|e| Error::io(path.display().to_string(), e))?;
+            sync_dir(&self.blobs)?;
+            self.bytes.fetch_add(len, Ordering::Relaxed);
+            Ok(())
+        });
+        if fetched.is_err() {
+            let _ = remove_file_if_present(&tmp);
+        }
+        fetched.map(|()| path)
+    }
+
     /// Bytes of all blobs on disk.
     pub fn size(&self) -> u64 {
         self.bytes.load(Ordering::Relaxed)
@@ -68,7 +97,7 @@ impl Store {
     pub fn stage(&self, version: &Version) -> Result<Staged> {
         let mut staged = self.staging()?;
         for (name, digest) in &version.files {
-            let path = staged.link(name, &self.blob_path(digest))?;
+            let path = staged.link(name, &self.local_blob(digest)?)?;
             let actual = Digest::of_file(&path).map_err(|e| Error::io(path.display().to_string(), e))?;
             if actual != *digest {
                 return Err(Error::CorruptBlob { file: name.clone(), digest: *digest });

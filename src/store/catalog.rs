@@ -17,7 +17,7 @@ use crate::tensor::Signature;
 use super::blobs::remove_file_if_present;
 use super::names::{resolve_target, validate_alias, validate_name, LATEST};
 use super::trust::{Signer, Trust};
-use super::{now_secs, Digest, Store};
+use super::{now_secs, Committed, Digest, Store};
 /// One immutable version of a model.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct Version {
@@ -219,6 +219,7 @@ impl Store {
     /// space (deleting a version), which must work on a full disk.
     pub(super) fn put_unchecked(&self, model: Model) -> Result<Arc<Model>> {
         let json = serde_json::to_vec(&model).expect("a model record always serializes");
+        self.commit_shared(&model.name, Some(&json))?;
         self.db.insert(model.name.as_bytes(), json)?;
         self.db.flush()?;
         let model = Arc::new(model);
@@ -226,17 +227,47 @@ impl Store {
         Ok(model)
     }
 
-    /// Applies `change` to a copy of the model's record and stores it.
-    pub(super) fn update<T>(&self, name: &str, change: impl FnOnce(&mut Model) -> Result<T>) -> Result<T> {
-        let _w = self.writer.lock().unwrap();
-        let mut model = (*self.model(name)?).clone();
-        let out = change(&mut model)?;
-        self.put(model)?;
-        Ok(out)
+    /// With a shared store: commits model `name`'s new record (`None`:
+    /// its removal) there first. If another node changed it since this
+    /// node read it, the newer record is mirrored here and the write fails
+    /// with [`Error::Conflict`], for [`Store::retrying`] to compute again.
+    /// The caller holds the writer lock.
+    pub(super) fn commit_shared(&self, name: &str, record: Option<&[u8]>) -> Result<()> {
+        let Some(shared) = self.shared.get() else { return Ok(()) };
+        let seen = self.revisions.lock().unwrap().get(name).copied().unwrap_or(0);
+        match shared.commit(name, record, seen)? {
+            Committed::At(revision) => {
+                self.revisions.lock().unwrap().insert(name.to_string(), revision);
+                Ok(())
+            }
+            Committed::Changed(now) => {
+                match &now {
+                    Some((bytes, revision)) => self.apply_remote_locked(name, Some(bytes), *revision)?,
+                    None => self.apply_remote_locked(name, None, seen + 1)?,
+                }
+                Err(Error::Conflict(name.to_string()))
+            }
+        }
+    }
+
+    /// Applies `change` to a copy of the model's record and stores it
+    /// (again, from the newer record, if another node changed it first).
+    pub(super) fn update<T>(&self, name: &str, mut change: impl FnMut(&mut Model) -> Result<T>) -> Result<T> {
+        self.retrying(|| {
+            let _w = self.writer.lock().unwrap();
+            let mut model = (*self.model(name)?).clone();
+            let out = change(&mut model)?;
+            self.put(model)?;
+            Ok(out)
+        })
     }
 
     pub fn create_model(&self, name: &str, uid: u32, gid: u32, mode: u32) -> Result<Arc<Model>> {
         validate_name(name.as_bytes())?;
+        self.retrying(|| self.create_model_once(name, uid, gid, mode))
+    }
+
+    fn create_model_once(&self, name: &str, uid: u32, gid: u32, mode: u32) -> Result<Arc<Model>> {
         let _w = self.writer.lock().unwrap();
         if self.models.read().unwrap().contains_key(name) {
             return Err(Error::Exists(format!("models/{name}")));
@@ -257,15 +288,18 @@ impl Store {
 
     /// Removes a model that has no versions.
     pub fn remove_model(&self, name: &str) -> Result<()> {
-        let _w = self.writer.lock().unwrap();
-        let model = self.model(name)?;
-        if !model.versions.is_empty() {
-            return Err(Error::NotEmpty(format!("models/{name}")));
-        }
-        self.db.remove(name.as_bytes())?;
-        self.db.flush()?;
-        self.models.write().unwrap().remove(name);
-        Ok(())
+        self.retrying(|| {
+            let _w = self.writer.lock().unwrap();
+            let model = self.model(name)?;
+            if !model.versions.is_empty() {
+                return Err(Error::NotEmpty(format!("models/{name}")));
+            }
+            self.commit_shared(name, None)?;
+            self.db.remove(name.as_bytes())?;
+            self.db.flush()?;
+            self.models.write().unwrap().remove(name);
+            Ok(())
+        })
     }
 
     /// chmod/chown of a model directory; `None` leaves a field as it is.
@@ -287,14 +321,14 @@ impl Store {
 
     pub fn set_trust(&self, name: &str, trust: Trust) -> Result<()> {
         self.update(name, |m| {
-            m.trust = trust;
+            m.trust = trust.clone();
             Ok(())
         })
     }
 
     pub fn set_config(&self, name: &str, config: ModelConfig) -> Result<()> {
         self.update(name, |m| {
-            m.config = config;
+            m.config = config.clone();
             Ok(())
         })
     }
@@ -302,6 +336,10 @@ impl Store {
     /// Deletes a version (EBUSY while a user alias points at it) and every
     /// blob that no other version references.
     pub fn delete_version(&self, model: &str, number: u32) -> Result<()> {
+        self.retrying(|| self.delete_version_once(model, number))
+    }
+
+    fn delete_version_once(&self, model: &str, number: u32) -> Result<()> {
         let _w = self.writer.lock().unwrap();
         let mut record = (*self.model(model)?).clone();
         self.check_deletable(&record, number)?;
@@ -370,9 +408,11 @@ impl Store {
     /// Works on a full disk, like deleting a version (an alias can pin the
     /// version that would free the space).
     pub fn remove_alias(&self, model: &str, alias: &str) -> Result<()> {
-        let _w = self.writer.lock().unwrap();
-        let mut record = (*self.model(model)?).clone();
-        record.aliases.remove(alias).ok_or_else(|| Error::NotFound(format!("models/{model}/{alias}")))?;
-        self.put_unchecked(record).map(drop)
+        self.retrying(|| {
+            let _w = self.writer.lock().unwrap();
+            let mut record = (*self.model(model)?).clone();
+            record.aliases.remove(alias).ok_or_else(|| Error::NotFound(format!("models/{model}/{alias}")))?;
+            self.put_unchecked(record).map(drop)
+        })
     }
 }

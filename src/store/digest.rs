@@ -22,7 +22,12 @@ impl Digest {
     }
 
     /// The digest a hasher fed so far makes.
-    pub(super) fn finish(hasher: Sha256) -> Digest {
+    /// A hasher for bytes that arrive in pieces ([`Digest::finish`]).
+    pub fn hasher() -> Sha256 {
+        Sha256::new()
+    }
+
+    pub fn finish(hasher: Sha256) -> Digest {
         Digest(hasher.finalize().into())
     }
 

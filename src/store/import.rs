@@ -123,73 +123,93 @@ impl Store {
         let manifest: BTreeMap<String, Digest> =
             files.iter().zip(&digests).map(|((path, _), digest)| (path.clone(), *digest)).collect();
 
-        let _w = self.writer.lock().unwrap();
-        let current = self.model(model)?; // it may have been removed meanwhile
-                                          // A model file is the same content under any name; a tree is the
-                                          // same only with the same paths.
-        let same = |v: &Version| {
-            v.files == manifest || (manifest.len() == 1 && v.files.len() == 1 && v.files.values().eq(manifest.values()))
-        };
-        let number = match at {
-            None => match current.versions.values().find(|v| same(v)) {
-                Some(v) => return Ok(Imported::Existing(v.number)),
-                None => current.next_version,
-            },
-            Some((n, _)) if n == u32::MAX => {
-                return Err(Error::InvalidArgument(format!("models/{model}/v{n}: version numbers stop below {n}")))
-            }
-            Some((n, _)) => match current.versions.get(&n) {
-                Some(v) if v.files == manifest => return Ok(Imported::Existing(n)),
-                Some(_) => return Err(Error::Exists(format!("models/{model}/v{n} (with other files)"))),
-                None => n,
-            },
-        };
-        let text = Version::manifest(&manifest);
-        let signed_by = current.trust.check(model, text.as_bytes(), signature)?;
         let size = files.iter().map(|(_, u)| u.len).sum();
-        let mut added = Vec::new();
-        let mut persisted = Ok(());
-        for ((_, upload), digest) in files.into_iter().zip(digests) {
-            let len = upload.len;
-            match upload.persist(&self.blob_path(&digest)) {
-                Ok(true) => added.push((digest, len)),
-                Ok(false) => {}
-                Err(e) => {
-                    persisted = Err(e);
-                    break;
+        let text = Version::manifest(&manifest);
+        // Moved into the blob directory by the first try; uploaded to a
+        // shared store before the first commit that names them.
+        let mut files = Some(files);
+        let mut added: Vec<(Digest, u64)> = Vec::new();
+        let mut uploaded = false;
+        // Computed again if another node changed the model's record first.
+        let committed = self.retrying(|| {
+            let _w = self.writer.lock().unwrap();
+            let current = self.model(model)?; // it may have been removed meanwhile
+                                              // A model file is the same content under any name; a tree is
+                                              // the same only with the same paths.
+            let same = |v: &Version| {
+                v.files == manifest
+                    || (manifest.len() == 1 && v.files.len() == 1 && v.files.values().eq(manifest.values()))
+            };
+            let number = match at {
+                None => match current.versions.values().find(|v| same(v)) {
+                    Some(v) => return Ok(Imported::Existing(v.number)),
+                    None => current.next_version,
+                },
+                Some((n, _)) if n == u32::MAX => {
+                    return Err(Error::InvalidArgument(format!("models/{model}/v{n}: version numbers stop below {n}")))
                 }
+                Some((n, _)) => match current.versions.get(&n) {
+                    Some(v) if v.files == manifest => return Ok(Imported::Existing(n)),
+                    Some(_) => return Err(Error::Exists(format!("models/{model}/v{n} (with other files)"))),
+                    None => n,
+                },
+            };
+            let signed_by = current.trust.check(model, text.as_bytes(), signature)?;
+            if let Some(files) = files.take() {
+                for ((_, upload), digest) in files.into_iter().zip(&digests) {
+                    let len = upload.len;
+                    if upload.persist(&self.blob_path(digest))? {
+                        added.push((*digest, len));
+                    }
+                }
+                sync_dir(&self.blobs)?;
             }
-        }
-        let persisted = persisted.and_then(|()| sync_dir(&self.blobs));
-        let mut record = (*current).clone();
-        record.next_version = record.next_version.max(number + 1);
-        record.versions.insert(
-            number,
-            Arc::new(Version {
+            if let (Some(shared), false) = (self.shared.get(), uploaded) {
+                for digest in manifest.values() {
+                    shared.upload(digest, &self.blob_path(digest))?;
+                }
+                uploaded = true;
+            }
+            let mut record = (*current).clone();
+            record.next_version = record.next_version.max(number + 1);
+            record.versions.insert(
                 number,
-                digest: Digest::of(text.as_bytes()),
-                files: manifest,
-                size,
-                created: now_secs(),
-                format: inspected.format,
-                backend: inspected.backend,
-                signature: inspected.signature,
-                signed_by,
-                details: inspected.details,
-                origin: at.map(|(_, origin)| origin.to_string()),
-            }),
-        );
-        if let Err(e) = persisted.and_then(|()| self.put(record)) {
-            // Not referenced by anything durable: take them back now rather
-            // than waiting for the next start-up.
-            for (digest, _) in &added {
-                let _ = remove_file_if_present(&self.blob_path(digest));
+                Arc::new(Version {
+                    number,
+                    digest: Digest::of(text.as_bytes()),
+                    files: manifest.clone(),
+                    size,
+                    created: now_secs(),
+                    format: inspected.format.clone(),
+                    backend: inspected.backend.clone(),
+                    signature: inspected.signature.clone(),
+                    signed_by,
+                    details: inspected.details.clone(),
+                    origin: at.map(|(_, origin)| origin.to_string()),
+                }),
+            );
+            self.put(record)?;
+            Ok(Imported::New(number))
+        });
+        match committed {
+            Ok(Imported::New(number)) => {
+                let added_bytes: u64 = added.iter().map(|(_, len)| len).sum();
+                self.bytes.fetch_add(added_bytes, Ordering::Relaxed);
+                Ok(Imported::New(number))
             }
-            return Err(e);
+            other => {
+                // Blobs moved in for a version that was not committed: not
+                // referenced by anything durable (unless an existing
+                // version has the same bytes); take them back now rather
+                // than waiting for the next start-up.
+                let _w = self.writer.lock().unwrap();
+                let referenced = self.referenced_blobs();
+                for (digest, _) in added.iter().filter(|(d, _)| !referenced.contains(d)) {
+                    let _ = remove_file_if_present(&self.blob_path(digest));
+                }
+                other
+            }
         }
-        let added_bytes: u64 = added.iter().map(|(_, len)| len).sum();
-        self.bytes.fetch_add(added_bytes, Ordering::Relaxed);
-        Ok(Imported::New(number))
     }
 }
 /// An upload's bytes are handed to the disk in pieces this large.

@@ -65,7 +65,52 @@ pub struct Store {
     next_temp: AtomicU64,
     /// Bytes of all blobs on disk.
     bytes: AtomicU64,
+    /// The store shared with other nodes, if this node has one (see
+    /// [`Shared`]); set once, before the first write.
+    shared: std::sync::OnceLock<Arc<dyn Shared>>,
+    /// Each model's revision in the shared catalog, as this node last saw
+    /// it: a write commits only if the record is still at it.
+    revisions: Mutex<std::collections::HashMap<String, i64>>,
+    /// Held while a blob is fetched from the shared store.
+    fetching: Mutex<()>,
 }
+
+/// A catalog and blob store shared by many nodes (docs/SCALE.md; built by
+/// `crate::cluster`). The local catalog (sled and the readers' copy) is
+/// then a mirror of the shared one: every write is committed there first,
+/// only if the model's record is unchanged since this node read it, and
+/// others' writes arrive through [`Store::apply_remote`]. The local blob
+/// directory is a cache: new blobs are uploaded before the commit that
+/// names them, and missing ones fetched on first use.
+pub trait Shared: Send + Sync {
+    /// Writes model `name`'s record (`None`: deletes it) if its revision
+    /// is still `seen` (0: absent). Returns the new revision, or the
+    /// record as it is now (bytes, revision; `None` if absent) if another
+    /// node changed it.
+    fn commit(&self, name: &str, record: Option<&[u8]>, seen: i64) -> Result<Committed>;
+    /// Puts a blob into the shared store if it is not there (create-only:
+    /// an object named by its digest already holds these bytes).
+    fn upload(&self, digest: &Digest, path: &Path) -> Result<()>;
+    /// Fetches a blob into `to` (a new file); returns the digest of the
+    /// bytes written, hashed as they came.
+    fn download(&self, digest: &Digest, to: &Path) -> Result<Digest>;
+    /// For `/status`.
+    fn describe(&self) -> serde_json::Value;
+}
+
+/// A model's record in the shared catalog: name, record, revision.
+pub type SharedRecord = (String, Vec<u8>, i64);
+
+/// What [`Shared::commit`] did.
+pub enum Committed {
+    /// Written, at this revision.
+    At(i64),
+    /// Not written: the record (bytes and revision) as another node left it.
+    Changed(Option<(Vec<u8>, i64)>),
+}
+
+/// How many times a write is computed again after others' changes.
+const WRITE_RETRIES: usize = 16;
 
 impl Store {
     /// Opens (creating if needed) the store in `root`, then recovers from any
@@ -97,9 +142,85 @@ impl Store {
             writer: Mutex::new(()),
             next_temp: AtomicU64::new(0),
             bytes: AtomicU64::new(0),
+            shared: std::sync::OnceLock::new(),
+            revisions: Mutex::new(Default::default()),
+            fetching: Mutex::new(()),
         };
         store.recover()?;
         Ok(store)
+    }
+
+    /// Shares this store with other nodes from now on (see [`Shared`]);
+    /// the caller then mirrors the shared catalog ([`Store::resync`]).
+    pub fn share(&self, shared: Arc<dyn Shared>) {
+        let _ = self.shared.set(shared);
+    }
+
+    pub fn shared(&self) -> Option<&Arc<dyn Shared>> {
+        self.shared.get()
+    }
+
+    /// Runs a write, computed again from the newer record each time
+    /// another node changed it first ([`Error::Conflict`]).
+    pub(crate) fn retrying<T>(&self, mut write: impl FnMut() -> Result<T>) -> Result<T> {
+        let mut tries = 0;
+        loop {
+            match write() {
+                Err(Error::Conflict(name)) if tries < WRITE_RETRIES => {
+                    tracing::debug!(model = %name, "changed by another node; writing again");
+                    tries += 1;
+                }
+                other => return other,
+            }
+        }
+    }
+
+    /// Another node's write of model `name` (`None`: removed) at
+    /// `revision`, from the shared catalog: applied unless this node has
+    /// that revision or a later one.
+    pub fn apply_remote(&self, name: &str, record: Option<&[u8]>, revision: i64) -> Result<()> {
+        let _w = self.writer.lock().unwrap();
+        self.apply_remote_locked(name, record, revision)
+    }
+
+    fn apply_remote_locked(&self, name: &str, record: Option<&[u8]>, revision: i64) -> Result<()> {
+        let mut revisions = self.revisions.lock().unwrap();
+        if revisions.get(name).is_some_and(|&seen| seen >= revision) {
+            return Ok(());
+        }
+        match record {
+            Some(bytes) => {
+                let model: Model = serde_json::from_slice(bytes)
+                    .map_err(|e| Error::CorruptRecord { key: name.to_string(), why: e.to_string() })?;
+                self.db.insert(name.as_bytes(), bytes)?;
+                self.models.write().unwrap().insert(name.to_string(), Arc::new(model));
+            }
+            None => {
+                self.db.remove(name.as_bytes())?;
+                self.models.write().unwrap().remove(name);
+            }
+        }
+        self.db.flush()?;
+        revisions.insert(name.to_string(), revision);
+        Ok(())
+    }
+
+    /// Makes the local catalog the shared one as read at one moment:
+    /// `records` is every model (name, record, revision); models not among
+    /// them are removed here.
+    pub fn resync(&self, records: Vec<SharedRecord>) -> Result<()> {
+        let _w = self.writer.lock().unwrap();
+        let names: std::collections::BTreeSet<&str> = records.iter().map(|(n, _, _)| n.as_str()).collect();
+        let gone: Vec<String> =
+            self.models.read().unwrap().keys().filter(|n| !names.contains(n.as_str())).cloned().collect();
+        for name in gone {
+            self.revisions.lock().unwrap().remove(&name);
+            self.apply_remote_locked(&name, None, 0)?;
+        }
+        for (name, record, revision) in &records {
+            self.apply_remote_locked(name, Some(record), *revision)?;
+        }
+        Ok(())
     }
 
     pub fn root(&self) -> &Path {

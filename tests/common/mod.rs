@@ -108,6 +108,7 @@ pub struct Mount {
     pub data: PathBuf,
     pub log: PathBuf,
     args: Vec<String>,
+    env: Vec<(String, String)>,
     child: Option<Child>,
 }
 
@@ -117,6 +118,11 @@ impl Mount {
     }
 
     pub fn start_with(args: &[&str]) -> Mount {
+        Mount::start_with_env(args, &[])
+    }
+
+    /// With these variables in the daemon's environment.
+    pub fn start_with_env(args: &[&str], env: &[(&str, String)]) -> Mount {
         let dir = tempfile::tempdir().unwrap();
         // Let other uids (the permission tests' `nobody`) reach the mount point.
         std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
@@ -126,6 +132,7 @@ impl Mount {
             log: dir.path().join("daemon.log"),
             dir,
             args: args.iter().map(|s| s.to_string()).collect(),
+            env: env.iter().map(|(k, v)| (k.to_string(), v.clone())).collect(),
             child: None,
         };
         m.spawn();
@@ -146,6 +153,7 @@ impl Mount {
             .arg(&self.data)
             .arg("--foreground")
             .args(&self.args)
+            .envs(self.env.iter().map(|(k, v)| (k, v)))
             .env("RUST_LOG", "info")
             .stdin(Stdio::null())
             .stdout(Stdio::null())
