@@ -84,11 +84,25 @@ impl Cluster {
             .enable_all()
             .build()
             .map_err(|e| Error::io("starting the cluster runtime", e))?;
-        let options = etcd_client::ConnectOptions::new().with_connect_timeout(DEADLINE).with_timeout(DEADLINE);
+        // Keep-alive pings find a dead connection that no reset announces
+        // (a partition): the watch then ends and the mirror is read again.
+        let options = etcd_client::ConnectOptions::new()
+            .with_connect_timeout(DEADLINE)
+            .with_timeout(DEADLINE)
+            .with_keep_alive(Duration::from_secs(2), DEADLINE)
+            .with_keep_alive_while_idle(true)
+            .with_require_leader(true);
         let etcd = runtime
             .block_on(etcd_client::Client::connect(&endpoints, Some(options)))
             .map_err(|e| Error::CatalogUnreachable(format!("{catalog} ({e})")))?;
+        // A whole transfer may take long (a large blob); a stall may not:
+        // bounds on connecting and on each read, object_store's retries
+        // for the rest. (Set as keys, so the AWS_* settings stay.)
+        use object_store::{aws::AmazonS3ConfigKey as Key, ClientConfigKey as Client};
         let s3 = object_store::aws::AmazonS3Builder::from_env()
+            .with_config(Key::Client(Client::Timeout), "1h")
+            .with_config(Key::Client(Client::ConnectTimeout), "5s")
+            .with_config(Key::Client(Client::ReadTimeout), "30s")
             .with_bucket_name(bucket)
             .build()
             .map_err(|e| bad(blobs, &e.to_string()))?;
@@ -128,6 +142,24 @@ impl Cluster {
         Error::CatalogUnreachable(self.catalog_url.clone())
     }
 
+    /// An error etcd answered with: unreachable (EAGAIN) if it is down or
+    /// has no leader, else refused (EIO, with etcd's reason: a record over
+    /// its request size, ...).
+    fn etcd_error(&self, e: etcd_client::Error) -> Error {
+        use etcd_client::Error as E;
+        let down = match &e {
+            // gRPC's CANCELLED, UNKNOWN, DEADLINE_EXCEEDED, UNAVAILABLE.
+            E::GRpcStatus(status) => matches!(i32::from(status.code()), 1 | 2 | 4 | 14),
+            E::TransportError(_) | E::IoError(_) => true,
+            _ => false,
+        };
+        if down {
+            return self.unreachable(e);
+        }
+        self.reached();
+        Error::CatalogRefused { url: self.catalog_url.clone(), message: crate::error::one_line(&e.to_string()) }
+    }
+
     fn reached(&self) {
         self.state.lock().unwrap().unreachable_since = None;
     }
@@ -143,7 +175,7 @@ impl Cluster {
         let response = self
             .call(etcd.get(self.models_prefix.as_str(), Some(GetOptions::new().with_prefix())))
             .ok_or_else(|| self.unreachable("no answer"))?
-            .map_err(|e| self.unreachable(e))?;
+            .map_err(|e| self.etcd_error(e))?;
         self.reached();
         let revision = response.header().map_or(0, |h| h.revision());
         let records = response
@@ -205,7 +237,7 @@ impl Cluster {
     /// from a thread of its own.
     pub fn mirror(self: &Arc<Self>, store: &Arc<Store>) -> Result<()> {
         let (records, revision) = self.read_all()?;
-        store.resync(records)?;
+        store.resync(records, revision)?;
         self.state.lock().unwrap().revision = revision;
         let (cluster, store) = (self.clone(), store.clone());
         std::thread::Builder::new()
@@ -225,7 +257,7 @@ impl Cluster {
             }
             loop {
                 std::thread::sleep(Duration::from_millis(250));
-                match self.read_all().and_then(|(records, revision)| Ok((store.resync(records)?, revision))) {
+                match self.read_all().and_then(|(records, revision)| Ok((store.resync(records, revision)?, revision))) {
                     Ok(((), revision)) => {
                         self.state.lock().unwrap().revision = revision;
                         break;
@@ -276,7 +308,7 @@ impl Shared for Cluster {
             .or_else(vec![TxnOp::get(key.as_str(), None)]);
         let mut etcd = self.etcd.clone();
         let response =
-            self.call(etcd.txn(txn)).ok_or_else(|| self.unreachable("no answer"))?.map_err(|e| self.unreachable(e))?;
+            self.call(etcd.txn(txn)).ok_or_else(|| self.unreachable("no answer"))?.map_err(|e| self.etcd_error(e))?;
         self.reached();
         if response.succeeded() {
             return Ok(Committed::At(response.header().map_or(seen + 1, |h| h.revision())));
@@ -319,6 +351,16 @@ impl Shared for Cluster {
         let result = self.runtime.block_on(upload);
         tracing::debug!(blob = %digest, bytes = len, ms = started.elapsed().as_millis() as u64, "uploaded");
         result.map_err(|e| self.blob_error(e))
+    }
+
+    fn size(&self, digest: &Digest) -> Result<u64> {
+        let object = self.object(digest);
+        let blobs = self.blobs.clone();
+        match self.call(async move { blobs.head(&object).await }) {
+            Some(Ok(meta)) => Ok(meta.size),
+            Some(Err(e)) => Err(self.blob_error(e)),
+            None => Err(self.blob_error("no answer")),
+        }
     }
 
     fn download(&self, digest: &Digest, to: &Path) -> Result<Digest> {

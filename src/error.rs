@@ -118,6 +118,9 @@ pub enum Error {
     /// The shared catalog (etcd) cannot be reached: nothing was committed.
     #[error("catalog {0}: unreachable; retry once it is back")]
     CatalogUnreachable(String),
+    /// The shared catalog answered with an error (not "unavailable").
+    #[error("catalog {url}: {message}")]
+    CatalogRefused { url: String, message: String },
     /// Another node changed the model's record meanwhile (a write is
     /// computed again; past its retries, this reaches the user).
     #[error("models/{0}: changed by another node meanwhile; retry")]
@@ -177,7 +180,7 @@ impl Error {
             Error::Backend { .. } => libc::EIO,
             Error::CorruptBlob { .. } => libc::EIO,
             Error::CatalogUnreachable(_) | Error::Conflict(_) => libc::EAGAIN,
-            Error::BlobStore { .. } => libc::EIO,
+            Error::BlobStore { .. } | Error::CatalogRefused { .. } => libc::EIO,
             Error::Internal(_) => libc::EIO,
         }
     }
@@ -225,6 +228,7 @@ impl Error {
             | Error::CatalogUnreachable(_)
             | Error::Conflict(_)
             | Error::BlobStore { .. }
+            | Error::CatalogRefused { .. }
             | Error::Internal(_) => tracing::Level::WARN,
         }
     }

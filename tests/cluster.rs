@@ -17,6 +17,30 @@ fn free_port() -> u16 {
     TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
 }
 
+/// The tests here start servers on ports found free: one at a time.
+static ONE_AT_A_TIME: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
+/// Waits until etcd on `port` says it is healthy (listening is not enough:
+/// it may not have a leader yet).
+fn wait_for_etcd(port: u16) {
+    use std::io::{Read, Write};
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let healthy = std::net::TcpStream::connect(("127.0.0.1", port)).ok().and_then(|mut c| {
+            c.set_read_timeout(Some(Duration::from_secs(2))).ok()?;
+            c.write_all(b"GET /health HTTP/1.0\r\n\r\n").ok()?;
+            let mut answer = String::new();
+            c.read_to_string(&mut answer).ok()?;
+            Some(answer.contains("\"health\":\"true\""))
+        });
+        if healthy == Some(true) {
+            return;
+        }
+        assert!(Instant::now() < deadline, "etcd on {port} never became healthy");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
 fn wait_for_port(port: u16, what: &str) {
     let deadline = Instant::now() + Duration::from_secs(30);
     while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
@@ -83,7 +107,7 @@ impl Servers {
             .spawn()
             .expect("etcd (Debian's etcd-server; scripts/setup.sh installs it)");
         self.etcd = Some(etcd);
-        wait_for_port(self.etcd_port, "etcd");
+        wait_for_etcd(self.etcd_port);
     }
 
     fn stop_etcd(&mut self) {
@@ -95,15 +119,20 @@ impl Servers {
 
     /// A daemon sharing the store, named `name` in the cluster view.
     fn node(&self, name: &str) -> Mount {
+        self.node_with(name, &[])
+    }
+
+    fn node_with(&self, name: &str, more: &[&str]) -> Mount {
+        let args = [
+            "--catalog",
+            &format!("etcd://127.0.0.1:{}/aifs-test", self.etcd_port),
+            "--blobs",
+            "s3://aifs/blobs",
+            "--node",
+            name,
+        ];
         Mount::start_with_env(
-            &[
-                "--catalog",
-                &format!("etcd://127.0.0.1:{}/aifs-test", self.etcd_port),
-                "--blobs",
-                "s3://aifs/blobs",
-                "--node",
-                name,
-            ],
+            &[&args[..], more].concat(),
             &[
                 ("AWS_ENDPOINT", format!("http://127.0.0.1:{}", self.s3_port)),
                 ("AWS_ALLOW_HTTP", "true".into()),
@@ -160,6 +189,7 @@ fn mlp_request() -> String {
 
 #[test]
 fn a_model_copied_on_one_node_runs_on_the_other() {
+    let _one = ONE_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner());
     let servers = Servers::start();
     let (a, b) = (servers.node("a"), servers.node("b"));
 
@@ -182,6 +212,17 @@ fn a_model_copied_on_one_node_runs_on_the_other() {
     assert_eq!(std::fs::read_link(a.path("models/mlp/stable")).unwrap(), PathBuf::from("v1"));
     sh_ok(&b.mnt, "rm models/mlp/stable");
     until_exists(&a.path("models/mlp/stable"), false);
+
+    // A model removed on one node can be made again on another.
+    sh_ok(&a.mnt, "mkdir models/again");
+    until_exists(&b.path("models/again"), true);
+    sh_ok(&b.mnt, "rmdir models/again");
+    until_exists(&a.path("models/again"), false);
+    sh_ok(&a.mnt, "mkdir models/again");
+    until_exists(&b.path("models/again"), true);
+    sh_ok(&b.mnt, "rmdir models/again");
+    sh_ok(&b.mnt, "mkdir models/again");
+    until_exists(&a.path("models/again"), true);
 
     // Imports at once on A and B get distinct versions, and lose nothing.
     sh_ok(&a.mnt, "mkdir models/many");
@@ -237,6 +278,7 @@ fn a_model_copied_on_one_node_runs_on_the_other() {
 
 #[test]
 fn with_etcd_stopped_nodes_serve_what_they_have_and_converge_after() {
+    let _one = ONE_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner());
     let mut servers = Servers::start();
     let (a, b) = (servers.node("a"), servers.node("b"));
     sh_ok(&a.mnt, "mkdir models/mlp");
@@ -268,4 +310,43 @@ fn with_etcd_stopped_nodes_serve_what_they_have_and_converge_after() {
     until_exists(&a.path("models/mlp/stable"), true);
     sh_ok(&a.mnt, &format!("cp {} models/mlp/", model_fixture("identity_float32.onnx").display()));
     until_exists(&b.path("models/mlp/v2"), true);
+}
+
+#[test]
+fn a_bounded_cache_keeps_the_most_recently_used_blobs() {
+    let _one = ONE_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner());
+    let servers = Servers::start();
+    let a = servers.node("a");
+    // A bound below any blob: each fetch evicts every other blob.
+    let b = servers.node_with("b", &["--blob-cache-bytes", "1"]);
+    for (model, file) in [("one", fixture("mlp.onnx")), ("two", model_fixture("identity_float32.onnx"))] {
+        sh_ok(&a.mnt, &format!("mkdir models/{model} && cp {} models/{model}/", file.display()));
+    }
+    until_exists(&b.path("models/two/v1"), true);
+    let digest = |model: &str| read(a.path(&format!("models/{model}/v1/digest")));
+    let cached = || -> Vec<String> {
+        let mut names: Vec<String> = std::fs::read_dir(b.data.join("blobs"))
+            .unwrap()
+            .map(|e| e.unwrap().file_name().to_string_lossy().replace('-', ":"))
+            .filter(|n| n.starts_with("sha256:"))
+            .collect();
+        names.sort();
+        names
+    };
+    let blob_of = |model: &str| {
+        let meta: serde_json::Value =
+            serde_json::from_str(&read(a.path(&format!("models/{model}/v1/meta.json")))).unwrap();
+        meta["files"].as_object().unwrap().values().next().unwrap().as_str().unwrap().to_string()
+    };
+    one_handle(&b.path("models/one/v1/infer"), mlp_request().as_bytes()).unwrap();
+    assert_eq!(cached(), [blob_of("one")], "{}", digest("one"));
+    let two = std::fs::read(b.path("models/two/v1/identity_float32.onnx")).unwrap();
+    assert_eq!(two, std::fs::read(model_fixture("identity_float32.onnx")).unwrap());
+    assert_eq!(cached(), [blob_of("two")]);
+    // The evicted blob comes back when used, the same bytes.
+    let one = std::fs::read(b.path("models/one/v1/mlp.onnx")).unwrap();
+    assert_eq!(one, std::fs::read(fixture("mlp.onnx")).unwrap());
+    assert_eq!(cached(), [blob_of("one")]);
+    // The loaded model runs on (its staged copy is its own).
+    one_handle(&b.path("models/one/v1/infer"), mlp_request().as_bytes()).unwrap();
 }

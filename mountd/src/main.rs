@@ -132,6 +132,11 @@ struct Cli {
     #[arg(long, value_name = "URL", requires = "blobs")]
     catalog: Option<String>,
 
+    /// With a shared store: the most bytes of blobs kept in the data dir; past it, the least
+    /// recently used go, to be fetched again when next used (0: no bound).
+    #[arg(long, default_value_t = 0, requires = "catalog")]
+    blob_cache_bytes: u64,
+
     /// This node's name in the cluster view of a shared store (default: the host name).
     #[arg(long, requires = "catalog")]
     node: Option<String>,
@@ -256,6 +261,7 @@ fn serve(cli: &Cli, data_dir: &Path, library: &Path, ready: Option<OwnedFd>) -> 
         (Some(catalog), Some(blobs)) => {
             let cluster = aifs::cluster::Cluster::connect(catalog, blobs).map_err(|e| e.to_string())?;
             store.share(cluster.clone());
+            store.set_blob_cache_limit(cli.blob_cache_bytes);
             cluster.mirror(&store).map_err(|e| format!("reading the shared catalog: {e}"))?;
             tracing::info!(catalog, blobs, "sharing the store");
             Some(cluster)

@@ -103,7 +103,7 @@ impl Fs {
             Node::Devices => Node::Device(self.device(name)?.id().to_string()),
             Node::Blobs => {
                 let digest: Digest = name.parse().map_err(|_| missing())?;
-                if !self.store.blobs().contains(&digest) || !self.store.local_blob(&digest)?.is_file() {
+                if !self.store.blobs().contains(&digest) {
                     return Err(missing());
                 }
                 Node::Blob(digest)
@@ -343,8 +343,7 @@ impl Fs {
     }
 
     pub(super) fn blob_len(&self, digest: &Digest) -> Result<u64> {
-        let path = self.store.local_blob(digest)?;
-        std::fs::metadata(&path).map(|m| m.len()).map_err(|e| Error::io(path.display().to_string(), e))
+        self.store.blob_len(digest)
     }
 
     /// The text of a generated file.

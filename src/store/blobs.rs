@@ -51,11 +51,25 @@ impl Store {
         self.blobs.join(digest.file_name())
     }
 
+    /// A blob's size: from the shared store if it is not here (without
+    /// fetching it: `ls -l` is not a first use).
+    pub fn blob_len(&self, digest: &Digest) -> Result<u64> {
+        let path = self.blob_path(digest);
+        match (fs::metadata(&path), self.shared.get()) {
+            (Ok(meta), _) => Ok(meta.len()),
+            (Err(e), Some(shared)) if e.kind() == std::io::ErrorKind::NotFound => shared.size(digest),
+            (Err(e), _) => Err(Error::io(path.display().to_string(), e)),
+        }
+    }
+
     /// The path of a blob on this node: with a shared store, a blob not in
     /// the local cache is fetched first, and refused
     /// ([`Error::CorruptBlob`]) if its bytes do not hash to its name.
     pub fn local_blob(&self, digest: &Digest) -> Result<PathBuf> {
         let path = self.blob_path(digest);
+        if self.shared.get().is_some() {
+            self.last_used.lock().unwrap().insert(*digest, std::time::Instant::now());
+        }
         let Some(shared) = self.shared.get().filter(|_| !path.is_file()) else { return Ok(path) };
         // One fetch at a time: a blob wanted twice is fetched once.
         let _fetching = self.fetching.lock().unwrap();
@@ -77,7 +91,44 @@ impl Store {
         if fetched.is_err() {
             let _ = remove_file_if_present(&tmp);
         }
-        fetched.map(|()| path)
+        fetched?;
+        self.evict(digest);
+        Ok(path)
+    }
+
+    /// Past the cache's bound ([`Store::set_blob_cache_limit`]), removes
+    /// the least recently used blobs here but `keep`: they are in the
+    /// shared store, and a loaded model keeps its staged links. Under the
+    /// writer lock, so no import is between moving a blob in and
+    /// uploading it.
+    fn evict(&self, keep: &Digest) {
+        let limit = self.cache_limit.load(Ordering::Relaxed);
+        if limit == 0 || self.bytes.load(Ordering::Relaxed) <= limit {
+            return;
+        }
+        let _w = self.writer.lock().unwrap();
+        let Ok(dir) = fs::read_dir(&self.blobs) else { return };
+        let last_used = self.last_used.lock().unwrap().clone();
+        // Never used since the start: oldest.
+        let mut here: Vec<(Option<std::time::Instant>, Digest, u64)> = dir
+            .filter_map(|e| {
+                let e = e.ok()?;
+                let digest: Digest = e.file_name().to_string_lossy().parse().ok()?;
+                Some((last_used.get(&digest).copied(), digest, e.metadata().ok()?.len()))
+            })
+            .filter(|(_, digest, _)| digest != keep)
+            .collect();
+        here.sort();
+        for (_, digest, len) in here {
+            if self.bytes.load(Ordering::Relaxed) <= limit {
+                break;
+            }
+            if remove_file_if_present(&self.blob_path(&digest)).is_ok() {
+                self.bytes.fetch_sub(len, Ordering::Relaxed);
+                self.last_used.lock().unwrap().remove(&digest);
+                tracing::debug!(blob = %digest, "evicted from the local cache");
+            }
+        }
     }
 
     /// Bytes of all blobs on disk.

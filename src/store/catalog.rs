@@ -219,10 +219,14 @@ impl Store {
     /// space (deleting a version), which must work on a full disk.
     pub(super) fn put_unchecked(&self, model: Model) -> Result<Arc<Model>> {
         let json = serde_json::to_vec(&model).expect("a model record always serializes");
-        self.commit_shared(&model.name, Some(&json))?;
+        let model = Arc::new(model);
+        if self.commit_shared(&model.name, Some(&json))? {
+            // Committed for every node: readers see it even if the local
+            // disk fails now (it is the record later writes start from).
+            self.models.write().unwrap().insert(model.name.clone(), model.clone());
+        }
         self.db.insert(model.name.as_bytes(), json)?;
         self.db.flush()?;
-        let model = Arc::new(model);
         self.models.write().unwrap().insert(model.name.clone(), model.clone());
         Ok(model)
     }
@@ -232,18 +236,24 @@ impl Store {
     /// node read it, the newer record is mirrored here and the write fails
     /// with [`Error::Conflict`], for [`Store::retrying`] to compute again.
     /// The caller holds the writer lock.
-    pub(super) fn commit_shared(&self, name: &str, record: Option<&[u8]>) -> Result<()> {
-        let Some(shared) = self.shared.get() else { return Ok(()) };
+    /// Returns whether it committed to a shared store (`false`: none).
+    pub(super) fn commit_shared(&self, name: &str, record: Option<&[u8]>) -> Result<bool> {
+        let Some(shared) = self.shared.get() else { return Ok(false) };
         let seen = self.revisions.lock().unwrap().get(name).copied().unwrap_or(0);
         match shared.commit(name, record, seen)? {
             Committed::At(revision) => {
-                self.revisions.lock().unwrap().insert(name.to_string(), revision);
-                Ok(())
+                let mut revisions = self.revisions.lock().unwrap();
+                match record {
+                    Some(_) => revisions.insert(name.to_string(), revision),
+                    // Absent again: created against 0 next time.
+                    None => revisions.remove(name),
+                };
+                Ok(true)
             }
             Committed::Changed(now) => {
                 match &now {
                     Some((bytes, revision)) => self.apply_remote_locked(name, Some(bytes), *revision)?,
-                    None => self.apply_remote_locked(name, None, seen + 1)?,
+                    None => self.apply_remote_locked(name, None, i64::MAX)?,
                 }
                 Err(Error::Conflict(name.to_string()))
             }
@@ -294,7 +304,9 @@ impl Store {
             if !model.versions.is_empty() {
                 return Err(Error::NotEmpty(format!("models/{name}")));
             }
-            self.commit_shared(name, None)?;
+            if self.commit_shared(name, None)? {
+                self.models.write().unwrap().remove(name);
+            }
             self.db.remove(name.as_bytes())?;
             self.db.flush()?;
             self.models.write().unwrap().remove(name);

@@ -125,11 +125,17 @@ impl Store {
 
         let size = files.iter().map(|(_, u)| u.len).sum();
         let text = Version::manifest(&manifest);
-        // Moved into the blob directory by the first try; uploaded to a
-        // shared store before the first commit that names them.
+        // A shared store has the blobs before any record names them; sent
+        // from the files just hashed, before the writer lock (an upload
+        // takes as long as the bytes do).
+        if let Some(shared) = self.shared.get() {
+            for ((_, upload), digest) in files.iter().zip(&digests) {
+                shared.upload(digest, upload.path.as_deref().expect("a live upload has a path"))?;
+            }
+        }
+        // Moved into the blob directory by the first try.
         let mut files = Some(files);
         let mut added: Vec<(Digest, u64)> = Vec::new();
-        let mut uploaded = false;
         // Computed again if another node changed the model's record first.
         let committed = self.retrying(|| {
             let _w = self.writer.lock().unwrap();
@@ -163,12 +169,6 @@ impl Store {
                     }
                 }
                 sync_dir(&self.blobs)?;
-            }
-            if let (Some(shared), false) = (self.shared.get(), uploaded) {
-                for digest in manifest.values() {
-                    shared.upload(digest, &self.blob_path(digest))?;
-                }
-                uploaded = true;
             }
             let mut record = (*current).clone();
             record.next_version = record.next_version.max(number + 1);

@@ -73,6 +73,11 @@ pub struct Store {
     revisions: Mutex<std::collections::HashMap<String, i64>>,
     /// Held while a blob is fetched from the shared store.
     fetching: Mutex<()>,
+    /// With a shared store: the most bytes of blobs kept here (0: no
+    /// bound), and when each was last used, for evicting the least
+    /// recently used first.
+    cache_limit: AtomicU64,
+    last_used: Mutex<std::collections::HashMap<Digest, std::time::Instant>>,
 }
 
 /// A catalog and blob store shared by many nodes (docs/SCALE.md; built by
@@ -91,6 +96,8 @@ pub trait Shared: Send + Sync {
     /// Puts a blob into the shared store if it is not there (create-only:
     /// an object named by its digest already holds these bytes).
     fn upload(&self, digest: &Digest, path: &Path) -> Result<()>;
+    /// A blob's size, without fetching it.
+    fn size(&self, digest: &Digest) -> Result<u64>;
     /// Fetches a blob into `to` (a new file); returns the digest of the
     /// bytes written, hashed as they came.
     fn download(&self, digest: &Digest, to: &Path) -> Result<Digest>;
@@ -145,6 +152,8 @@ impl Store {
             shared: std::sync::OnceLock::new(),
             revisions: Mutex::new(Default::default()),
             fetching: Mutex::new(()),
+            cache_limit: AtomicU64::new(0),
+            last_used: Mutex::new(Default::default()),
         };
         store.recover()?;
         Ok(store)
@@ -154,6 +163,12 @@ impl Store {
     /// the caller then mirrors the shared catalog ([`Store::resync`]).
     pub fn share(&self, shared: Arc<dyn Shared>) {
         let _ = self.shared.set(shared);
+    }
+
+    /// Bounds the blobs kept here when the store is shared: past `bytes`,
+    /// the least recently used go (they are fetched again when next used).
+    pub fn set_blob_cache_limit(&self, bytes: u64) {
+        self.cache_limit.store(bytes, std::sync::atomic::Ordering::Relaxed);
     }
 
     pub fn shared(&self) -> Option<&Arc<dyn Shared>> {
@@ -188,31 +203,44 @@ impl Store {
         if revisions.get(name).is_some_and(|&seen| seen >= revision) {
             return Ok(());
         }
+        // Readers' copy first: it is what later writes are computed from,
+        // and it must not fall behind the revision recorded (below) if the
+        // local disk fails.
         match record {
             Some(bytes) => {
                 let model: Model = serde_json::from_slice(bytes)
                     .map_err(|e| Error::CorruptRecord { key: name.to_string(), why: e.to_string() })?;
-                self.db.insert(name.as_bytes(), bytes)?;
                 self.models.write().unwrap().insert(name.to_string(), Arc::new(model));
+                revisions.insert(name.to_string(), revision);
+                self.db.insert(name.as_bytes(), bytes)?;
             }
             None => {
-                self.db.remove(name.as_bytes())?;
                 self.models.write().unwrap().remove(name);
+                // An absent model's revision is 0, as etcd has it: a new
+                // one of that name is created against 0.
+                revisions.remove(name);
+                self.db.remove(name.as_bytes())?;
             }
         }
         self.db.flush()?;
-        revisions.insert(name.to_string(), revision);
         Ok(())
     }
 
-    /// Makes the local catalog the shared one as read at one moment:
+    /// Makes the local catalog the shared one as read at revision `read`:
     /// `records` is every model (name, record, revision); models not among
-    /// them are removed here.
-    pub fn resync(&self, records: Vec<SharedRecord>) -> Result<()> {
+    /// them are removed here, unless this node wrote them after the read.
+    pub fn resync(&self, records: Vec<SharedRecord>, read: i64) -> Result<()> {
         let _w = self.writer.lock().unwrap();
         let names: std::collections::BTreeSet<&str> = records.iter().map(|(n, _, _)| n.as_str()).collect();
-        let gone: Vec<String> =
-            self.models.read().unwrap().keys().filter(|n| !names.contains(n.as_str())).cloned().collect();
+        let gone: Vec<String> = {
+            let revisions = self.revisions.lock().unwrap();
+            let models = self.models.read().unwrap();
+            models
+                .keys()
+                .filter(|n| !names.contains(n.as_str()) && revisions.get(*n).is_none_or(|&r| r <= read))
+                .cloned()
+                .collect()
+        };
         for name in gone {
             self.revisions.lock().unwrap().remove(&name);
             self.apply_remote_locked(&name, None, 0)?;
