@@ -46,6 +46,12 @@ impl Drop for Generating {
     }
 }
 
+/// A turn of a language model's job ([`Shared::turn`]).
+enum Turn {
+    Continue(Box<Generating>),
+    Start(Prompt, Arc<crate::store::Version>, u32),
+}
+
 /// Whether a job is a language model's.
 pub(super) fn generates(job: &Job) -> bool {
     job.inner().version.as_ref().is_some_and(|v| v.signature.generates)
@@ -57,28 +63,9 @@ impl Shared {
     /// Returns the generation to park when others wait: the caller queues
     /// it again ([`Shared::park`]) once it has given the turn's slot back.
     pub(super) fn generate(&self, d: usize, job: &Arc<Job>, pool: &Arc<Pool>) -> Option<Box<Generating>> {
-        let parked = {
-            let mut inner = job.inner();
-            match inner.state.status {
-                Status::Running => match inner.generating.take() {
-                    Some(g) => Ok(g),
-                    None => return None,
-                },
-                Status::Queued => {
-                    inner.state.status = Status::Running;
-                    inner.state.started = Some(SystemTime::now());
-                    inner.state.batch_size = Some(1);
-                    inner.state.queue_us = inner.queued_at.take().map(|t| t.elapsed().as_micros() as u64);
-                    let prompt = inner.request.take().and_then(|r| r.prompt);
-                    let version = inner.version.clone();
-                    Err((prompt, version, inner.config.max_tokens))
-                }
-                _ => return None, // ended meanwhile
-            }
-        };
-        let mut g = match parked {
-            Ok(g) => g,
-            Err((Some(prompt), Some(version), max_tokens)) => {
+        let mut g = match self.turn(job)? {
+            Turn::Continue(g) => g,
+            Turn::Start(prompt, version, max_tokens) => {
                 match self.start_generation(d, &version, pool, &prompt, max_tokens) {
                     Ok(g) => g,
                     Err(e) => {
@@ -86,10 +73,6 @@ impl Shared {
                         return None;
                     }
                 }
-            }
-            Err(_) => {
-                self.fail(job, &Error::Internal("a language model's job without its prompt".into()));
-                return None;
             }
         };
         loop {
@@ -148,6 +131,31 @@ impl Shared {
             self.metrics.latency(&job.model, job.version, queue_us, compute_us);
             self.end(job, Status::Done, Ok(Arc::new(answer)));
             return None;
+        }
+    }
+
+    /// What this turn of `job` does: go on with its parked generation, or
+    /// start it (the job was queued); `None` if it ended meanwhile.
+    fn turn(&self, job: &Arc<Job>) -> Option<Turn> {
+        let mut inner = job.inner();
+        match inner.state.status {
+            Status::Running => inner.generating.take().map(Turn::Continue),
+            Status::Queued => {
+                inner.state.status = Status::Running;
+                inner.state.started = Some(SystemTime::now());
+                inner.state.batch_size = Some(1);
+                inner.state.queue_us = inner.queued_at.take().map(|t| t.elapsed().as_micros() as u64);
+                let prompt = inner.request.take().and_then(|r| r.prompt);
+                match (prompt, inner.version.clone()) {
+                    (Some(prompt), Some(version)) => Some(Turn::Start(prompt, version, inner.config.max_tokens)),
+                    _ => {
+                        drop(inner);
+                        self.fail(job, &Error::Internal("a language model's job without its prompt".into()));
+                        None
+                    }
+                }
+            }
+            _ => None, // ended meanwhile
         }
     }
 
