@@ -3,15 +3,15 @@
 //! on a GGUF, greedy, from the prompt token ids of the llama.cpp reference
 //! file. Prints one JSON line per prompt: time to first token, tokens per
 //! second after it, and whether the ids equal llama.cpp's. With
-//! `AIFS_REPACK=1`, Q4_1/Q5_0/Q5_1 weights are first converted to Q8_0, as
-//! the daemon's GGUF backend loads them (`src/backend/gguf.rs`, `REPACKED`):
-//! the floor then runs the same weights as the daemon.
+//! `AIFS_REPACK=1`, Q4_1/Q5_0/Q5_1 weights are first converted to Q8_0 by
+//! the daemon's own code (`aifs::backend::repack_gguf`): the floor then runs
+//! the same weights as the daemon.
 //!
 //!     cargo run --release --example generate_floor -- GGUF tests/fixtures/smollm2_llamacpp.json [TOKENS]
 
 use std::time::Instant;
 
-use candle_core::quantized::{gguf_file, GgmlDType, QTensor};
+use candle_core::quantized::gguf_file;
 use candle_core::{Device, Tensor};
 use candle_transformers::models::quantized_llama::ModelWeights;
 
@@ -28,23 +28,7 @@ fn main() {
     let mut file = std::fs::File::open(gguf).expect("the GGUF opens");
     let content = gguf_file::Content::read(&mut file).expect("a GGUF");
     let weights = if std::env::var_os("AIFS_REPACK").is_some() {
-        let mut tensors = Vec::new();
-        for name in content.tensor_infos.keys() {
-            let t = content.tensor(&mut file, name, &Device::Cpu).unwrap();
-            let t = match t.dtype() {
-                GgmlDType::Q4_1 | GgmlDType::Q5_0 | GgmlDType::Q5_1 => {
-                    QTensor::quantize(&t.dequantize(&Device::Cpu).unwrap(), GgmlDType::Q8_0).unwrap()
-                }
-                _ => t,
-            };
-            tensors.push((name.as_str(), t));
-        }
-        let metadata: Vec<_> = content.metadata.iter().map(|(k, v)| (k.as_str(), v)).collect();
-        let tensors: Vec<_> = tensors.iter().map(|(k, t)| (*k, t)).collect();
-        let mut bytes = std::io::Cursor::new(Vec::new());
-        gguf_file::write(&mut bytes, &metadata, &tensors).unwrap();
-        bytes.set_position(0);
-        let repacked = gguf_file::Content::read(&mut bytes).unwrap();
+        let (repacked, mut bytes) = aifs::backend::repack_gguf(content, &mut file).expect("the model repacks");
         ModelWeights::from_gguf(repacked, &mut bytes, &Device::Cpu).expect("the model loads")
     } else {
         ModelWeights::from_gguf(content, &mut file, &Device::Cpu).expect("the model loads")

@@ -124,6 +124,17 @@ impl Cluster {
         self.runtime.block_on(async { tokio::time::timeout(DEADLINE, future).await.ok() })
     }
 
+    /// One request to etcd, within [`DEADLINE`], its failure an [`Error`].
+    fn ask_etcd<T>(
+        &self,
+        request: impl std::future::Future<Output = std::result::Result<T, etcd_client::Error>>,
+    ) -> Result<T> {
+        let answer =
+            self.call(request).ok_or_else(|| self.unreachable("no answer"))?.map_err(|e| self.etcd_error(e))?;
+        self.reached();
+        Ok(answer)
+    }
+
     fn key(&self, model: &str) -> String {
         format!("{}{model}", self.models_prefix)
     }
@@ -172,11 +183,7 @@ impl Cluster {
     /// of the read.
     fn read_all(&self) -> Result<(Vec<SharedRecord>, i64)> {
         let mut etcd = self.etcd.clone();
-        let response = self
-            .call(etcd.get(self.models_prefix.as_str(), Some(GetOptions::new().with_prefix())))
-            .ok_or_else(|| self.unreachable("no answer"))?
-            .map_err(|e| self.etcd_error(e))?;
-        self.reached();
+        let response = self.ask_etcd(etcd.get(self.models_prefix.as_str(), Some(GetOptions::new().with_prefix())))?;
         let revision = response.header().map_or(0, |h| h.revision());
         let records = response
             .kvs()
@@ -307,9 +314,7 @@ impl Shared for Cluster {
             .and_then(vec![write])
             .or_else(vec![TxnOp::get(key.as_str(), None)]);
         let mut etcd = self.etcd.clone();
-        let response =
-            self.call(etcd.txn(txn)).ok_or_else(|| self.unreachable("no answer"))?.map_err(|e| self.etcd_error(e))?;
-        self.reached();
+        let response = self.ask_etcd(etcd.txn(txn))?;
         if response.succeeded() {
             return Ok(Committed::At(response.header().map_or(seen + 1, |h| h.revision())));
         }

@@ -70,8 +70,8 @@ impl Backend for Gguf {
         details.insert("architecture".into(), model.arch.clone().into());
         details.insert("parameters".into(), parameters.into());
         details.insert("quantization".into(), quantization(&model.content).into());
-        details.insert("context_length".into(), model.context.into());
-        details.insert("chat_template".into(), model.template.is_some().into());
+        details.insert("context_length".into(), model.text.context.into());
+        details.insert("chat_template".into(), model.text.template.is_some().into());
         if let Some(Value::String(n)) = meta.get("general.name") {
             details.insert("name".into(), n.clone().into());
         }
@@ -100,22 +100,13 @@ impl Backend for Gguf {
             |e: candle_core::Error| Error::InvalidModel { name: name.clone(), why: first_line(&e.to_string()) };
         let (content, mut repacked) = repack(model.content, &mut file).map_err(invalid)?;
         let weights = ModelWeights::from_gguf(content, &mut repacked, &Device::Cpu).map_err(invalid)?;
-        Ok(Box::new(Llama(Arc::new(Loaded {
-            weights,
-            tokenizer: model.tokenizer,
-            template: model.template,
-            ends: model.ends,
-            bos: model.bos,
-            eos: model.eos,
-            context: model.context,
-            kv_bytes_per_token: model.kv_bytes_per_token,
-        }))))
+        Ok(Box::new(Llama(Arc::new(Loaded { weights, text: model.text }))))
     }
 }
 
 /// Tensor types whose CPU kernels in candle are scalar (no SIMD path):
-/// loaded as Q8_0 instead. Q4_1 weights run 2.4x faster so (SmolLM2-135M:
-/// 27 to 65 tokens/s here, docs/BENCHMARKS.md). Lossy, but far finer than
+/// loaded as Q8_0 instead. Q4_1 weights run about 2x faster so (SmolLM2-135M
+/// through the mount: 26 to ~50 tokens/s here, docs/BENCHMARKS.md). Lossy, but far finer than
 /// the file's own 4- or 5-bit steps: Q8_0 keeps 255 levels per block of 32
 /// where these keep 16 or 32. Memory: 8.5 bits a weight instead of 5-6,
 /// and twice that while loading. Loading SmolLM2-135M takes 1.5 s so.
@@ -123,7 +114,7 @@ const REPACKED: &[GgmlDType] = &[GgmlDType::Q4_1, GgmlDType::Q5_0, GgmlDType::Q5
 
 /// The file's tensors with those of [`REPACKED`] types as Q8_0, as an
 /// in-memory GGUF for `ModelWeights::from_gguf` (which reads a file).
-fn repack(content: Content, file: &mut File) -> candle_core::Result<(Content, std::io::Cursor<Vec<u8>>)> {
+pub fn repack(content: Content, file: &mut File) -> candle_core::Result<(Content, std::io::Cursor<Vec<u8>>)> {
     let mut bytes = std::io::Cursor::new(Vec::new());
     {
         // The tensors go once written: at most the weights twice in memory
@@ -153,16 +144,24 @@ pub fn signature() -> Signature {
     Signature { inputs: vec![text("prompt")], outputs: vec![text("text")], generates: true }
 }
 
-/// A GGUF's header read and checked, with its tokenizer and template.
+/// A GGUF's header read and checked, with what it says of text.
 struct Model {
     content: Content,
     arch: String,
-    context: usize,
+    text: Text,
+}
+
+/// What turns a request into tokens and tokens into text, and the limits
+/// on them: all from the file's metadata.
+struct Text {
     tokenizer: Tokenizer,
-    template: Option<String>,
+    /// The chat template, compiled once.
+    template: Option<minijinja::Environment<'static>>,
+    /// Tokens that end a turn.
     ends: Vec<u32>,
     bos: String,
     eos: String,
+    context: usize,
     /// Bytes of KV cache per token: keys and values, f32, every layer.
     kv_bytes_per_token: u64,
 }
@@ -239,11 +238,12 @@ impl Model {
             .collect();
         ends.sort_unstable();
         ends.dedup();
-        let template = text("tokenizer.chat_template");
-        if let Some(t) = &template {
-            chat_environment(t).map_err(|e| invalid(format!("its chat template does not load: {e}")))?;
-        }
-        Ok((name.clone(), Model { content, arch, context, tokenizer, template, ends, bos, eos, kv_bytes_per_token }))
+        let template = text("tokenizer.chat_template")
+            .map(|t| chat_environment(&t))
+            .transpose()
+            .map_err(|e| invalid(format!("its chat template does not load: {e}")))?;
+        let text = Text { tokenizer, template, ends, bos, eos, context, kv_bytes_per_token };
+        Ok((name.clone(), Model { content, arch, text }))
     }
 }
 
@@ -269,13 +269,7 @@ fn chat_environment(template: &str) -> std::result::Result<minijinja::Environmen
 
 struct Loaded {
     weights: ModelWeights,
-    tokenizer: Tokenizer,
-    template: Option<String>,
-    ends: Vec<u32>,
-    bos: String,
-    eos: String,
-    context: usize,
-    kv_bytes_per_token: u64,
+    text: Text,
 }
 
 /// A loaded GGUF: the weights and tokenizer, shared by its generations.
@@ -287,7 +281,7 @@ impl Instance for Llama {
     }
 
     fn generate(&mut self, prompt: &Prompt, default_max_tokens: u32) -> Result<Box<dyn super::Generation>> {
-        let m = &self.0;
+        let m = &self.0.text;
         let ids = m.prompt_ids(prompt)?;
         if ids.is_empty() {
             return Err(Error::BadInput("the prompt is no tokens".into()));
@@ -320,8 +314,8 @@ impl Instance for Llama {
             Sampling::All { temperature: prompt.temperature }
         };
         Ok(Box::new(LlamaGeneration {
-            model: m.weights.clone(),
-            shared: m.clone(),
+            model: self.0.weights.clone(),
+            shared: self.0.clone(),
             prompt: ids,
             generated: Vec::new(),
             max_tokens,
@@ -333,13 +327,12 @@ impl Instance for Llama {
     }
 }
 
-impl Loaded {
+impl Text {
     /// The prompt's token ids: its messages through the chat template (a
     /// model without one gets the text alone), or the raw prompt.
     fn prompt_ids(&self, prompt: &Prompt) -> Result<Vec<u32>> {
         let (text, special) = match (&prompt.input, &self.template) {
-            (PromptInput::Chat(messages), Some(template)) => {
-                let env = chat_environment(template).map_err(|e| Error::Internal(e.to_string()))?;
+            (PromptInput::Chat(messages), Some(env)) => {
                 let ctx = minijinja::context! {
                     messages => messages
                         .iter()
@@ -394,7 +387,7 @@ impl super::Generation for LlamaGeneration {
     }
 
     fn kv_bytes(&self) -> u64 {
-        ((self.prompt.len() + self.max_tokens) as u64).saturating_mul(self.shared.kv_bytes_per_token)
+        ((self.prompt.len() + self.max_tokens) as u64).saturating_mul(self.shared.text.kv_bytes_per_token)
     }
 
     fn step(&mut self) -> Result<super::Token> {
@@ -406,12 +399,12 @@ impl super::Generation for LlamaGeneration {
         let x = CTensor::new(input, &Device::Cpu).and_then(|t| t.unsqueeze(0)).map_err(fail)?;
         let logits = self.model.forward(&x, pos).and_then(|l| l.squeeze(0)).map_err(fail)?;
         let id = self.sampler.sample(&logits).map_err(fail)?;
-        if self.shared.ends.contains(&id) {
+        if self.shared.text.ends.contains(&id) {
             return Ok(super::Token { id, text: String::new(), end: Some(super::Finish::Stop) });
         }
         self.generated.push(id);
         let text = tokenizers::tokenizer::step_decode_stream(
-            &self.shared.tokenizer,
+            &self.shared.text.tokenizer,
             vec![id],
             false,
             &mut self.decoded,
@@ -420,7 +413,7 @@ impl super::Generation for LlamaGeneration {
         )
         .map_err(|e| Error::Backend { backend: NAME, message: format!("decoding token {id}: {e}") })?
         .unwrap_or_default();
-        let full = self.prompt.len() + self.generated.len() >= self.shared.context;
+        let full = self.prompt.len() + self.generated.len() >= self.shared.text.context;
         let end = (self.generated.len() >= self.max_tokens || full).then_some(super::Finish::Length);
         Ok(super::Token { id, text, end })
     }

@@ -37,7 +37,7 @@ mod gguf;
 mod ort;
 
 pub use self::candle::Candle;
-pub use self::gguf::{Gguf, ARCHITECTURES as GGUF_ARCHITECTURES};
+pub use self::gguf::{repack as repack_gguf, Gguf};
 pub use self::ort::{find_onnxruntime, OnnxRuntime, ONNXRUNTIME_LIB};
 
 /// A version's files as a backend sees them: name → path of the bytes.

@@ -220,14 +220,19 @@ impl Store {
     pub(super) fn put_unchecked(&self, model: Model) -> Result<Arc<Model>> {
         let json = serde_json::to_vec(&model).expect("a model record always serializes");
         let model = Arc::new(model);
-        if self.commit_shared(&model.name, Some(&json))? {
-            // Committed for every node: readers see it even if the local
-            // disk fails now (it is the record later writes start from).
-            self.models.write().unwrap().insert(model.name.clone(), model.clone());
+        let publish = || self.models.write().unwrap().insert(model.name.clone(), model.clone());
+        // Committed for every node: readers see it even if the local disk
+        // fails now (it is the record later writes start from). Alone, it
+        // is published once durable.
+        let shared = self.commit_shared(&model.name, Some(&json))?;
+        if shared {
+            publish();
         }
         self.db.insert(model.name.as_bytes(), json)?;
         self.db.flush()?;
-        self.models.write().unwrap().insert(model.name.clone(), model.clone());
+        if !shared {
+            publish();
+        }
         Ok(model)
     }
 
@@ -304,12 +309,16 @@ impl Store {
             if !model.versions.is_empty() {
                 return Err(Error::NotEmpty(format!("models/{name}")));
             }
-            if self.commit_shared(name, None)? {
+            // As in put_unchecked: gone for readers once committed.
+            let shared = self.commit_shared(name, None)?;
+            if shared {
                 self.models.write().unwrap().remove(name);
             }
             self.db.remove(name.as_bytes())?;
             self.db.flush()?;
-            self.models.write().unwrap().remove(name);
+            if !shared {
+                self.models.write().unwrap().remove(name);
+            }
             Ok(())
         })
     }
