@@ -1,37 +1,65 @@
-//! The in-process floor for the generation benchmarks: candle's quantized
-//! llama called directly (no mount, no daemon, no tokenizer, no template)
-//! on a GGUF, greedy, from the prompt token ids of the llama.cpp reference
-//! file. Prints one JSON line per prompt: time to first token, tokens per
-//! second after it, and whether the ids equal llama.cpp's. With
-//! `AIFS_REPACK=1`, Q4_1/Q5_0/Q5_1 weights are first converted to Q8_0 by
-//! the daemon's own code (`aifs::backend::repack_gguf`): the floor then runs
-//! the same weights as the daemon.
+//! The in-process floors for the generation benchmarks, on a GGUF, greedy,
+//! from the prompt token ids of the llama.cpp reference file (no mount, no
+//! daemon, no tokenizer, no template):
 //!
-//!     cargo run --release --example generate_floor -- GGUF tests/fixtures/smollm2_llamacpp.json [TOKENS]
+//! - `aifs`: the daemon's own forward pass (`aifs::backend::gguf::llama`)
+//!   called directly: what the mount adds is the difference;
+//! - `candle`: candle-transformers' `quantized_llama`, the stock candle
+//!   model, for comparison.
+//!
+//! Prints one JSON line per prompt: time to first token, tokens per second
+//! after it, and whether the ids equal llama.cpp's.
+//!
+//!     cargo run --release --example generate_floor -- aifs|candle GGUF tests/fixtures/smollm2_llamacpp.json [TOKENS]
 
 use std::time::Instant;
 
+use aifs::backend::gguf::llama;
 use candle_core::quantized::gguf_file;
 use candle_core::{Device, Tensor};
 use candle_transformers::models::quantized_llama::ModelWeights;
 
+/// One way to run the model: the next token after `ids`, which follow the
+/// `pos` positions it has already seen.
+trait Floor {
+    fn next(&mut self, ids: &[u32], pos: usize) -> u32;
+}
+
+struct Aifs<'a>(&'a llama::Weights, llama::Cache);
+
+impl Floor for Aifs<'_> {
+    fn next(&mut self, ids: &[u32], _pos: usize) -> u32 {
+        llama::argmax(&self.0.forward(ids, &mut self.1).unwrap()).unwrap()
+    }
+}
+
+struct Candle(ModelWeights);
+
+impl Floor for Candle {
+    fn next(&mut self, ids: &[u32], pos: usize) -> u32 {
+        let x = Tensor::new(ids, &Device::Cpu).unwrap().unsqueeze(0).unwrap();
+        llama::argmax(&self.0.forward(&x, pos).unwrap().squeeze(0).unwrap()).unwrap()
+    }
+}
+
 fn main() {
+    // As the daemon does (its threads are candle's, counted once).
+    aifs::backend::settle_thread_count();
     let args: Vec<String> = std::env::args().collect();
-    let (gguf, reference) = match &args[..] {
-        [_, g, r] | [_, g, r, _] => (g, r),
+    let (way, gguf, reference) = match &args[..] {
+        [_, w, g, r] | [_, w, g, r, _] if w == "aifs" || w == "candle" => (w, g, r),
         _ => {
-            eprintln!("usage: generate_floor GGUF REFERENCE.json [TOKENS]");
+            eprintln!("usage: generate_floor aifs|candle GGUF REFERENCE.json [TOKENS]");
             std::process::exit(2);
         }
     };
-    let tokens: usize = args.get(3).map_or(32, |t| t.parse().expect("TOKENS is a number"));
+    let tokens: usize = args.get(4).map_or(32, |t| t.parse().expect("TOKENS is a number"));
     let mut file = std::fs::File::open(gguf).expect("the GGUF opens");
     let content = gguf_file::Content::read(&mut file).expect("a GGUF");
-    let weights = if std::env::var_os("AIFS_REPACK").is_some() {
-        let (repacked, mut bytes) = aifs::backend::repack_gguf(content, &mut file).expect("the model repacks");
-        ModelWeights::from_gguf(repacked, &mut bytes, &Device::Cpu).expect("the model loads")
+    let (ours, stock) = if way == "aifs" {
+        (Some(llama::Weights::load(&content, &mut file, 4096).expect("the model loads")), None)
     } else {
-        ModelWeights::from_gguf(content, &mut file, &Device::Cpu).expect("the model loads")
+        (None, Some(ModelWeights::from_gguf(content, &mut file, &Device::Cpu).expect("the model loads")))
     };
     let cases: Vec<serde_json::Value> =
         serde_json::from_slice(&std::fs::read(reference).expect("the reference reads")).expect("JSON");
@@ -39,18 +67,17 @@ fn main() {
         let prompt: Vec<u32> =
             case["prompt_ids"].as_array().unwrap().iter().map(|v| v.as_u64().unwrap() as u32).collect();
         let want: Vec<u32> = case["ids"].as_array().unwrap().iter().map(|v| v.as_u64().unwrap() as u32).collect();
-        let mut model = weights.clone();
-        let start = Instant::now();
-        let next = |model: &mut ModelWeights, ids: &[u32], pos: usize| -> u32 {
-            let x = Tensor::new(ids, &Device::Cpu).unwrap().unsqueeze(0).unwrap();
-            let logits = model.forward(&x, pos).unwrap().squeeze(0).unwrap();
-            logits.argmax(0).unwrap().to_scalar::<u32>().unwrap()
+        let mut floor: Box<dyn Floor> = match (&ours, &stock) {
+            (Some(w), _) => Box::new(Aifs(w, w.cache(prompt.len() + tokens))),
+            (_, Some(m)) => Box::new(Candle(m.clone())),
+            _ => unreachable!(),
         };
-        let mut ids = vec![next(&mut model, &prompt, 0)];
+        let start = Instant::now();
+        let mut ids = vec![floor.next(&prompt, 0)];
         let first = start.elapsed();
         while ids.len() < tokens {
             let pos = prompt.len() + ids.len() - 1;
-            let id = next(&mut model, &ids[ids.len() - 1..], pos);
+            let id = floor.next(&ids[ids.len() - 1..], pos);
             ids.push(id);
         }
         let rest = start.elapsed() - first;

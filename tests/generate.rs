@@ -87,7 +87,7 @@ fn greedy_answers_follow_llamacpp_up_to_near_ties() {
         }
     }
     eprintln!("{equal} of 5 prompts give llama.cpp's 32 greedy tokens");
-    assert!(equal >= 1);
+    assert!(equal >= 2);
 
     // Plain text: one user message; the answer is the text and a newline,
     // the same as the JSON chunks' text.

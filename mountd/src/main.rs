@@ -150,6 +150,8 @@ struct Cli {
 mod helper;
 
 fn main() -> ExitCode {
+    // First, while this is the only thread.
+    aifs::backend::settle_thread_count();
     // Run as `aifs` by mount.fuse3 (or as mount.fuse.aifs by mount(8)):
     // SOURCE MOUNTPOINT -o OPTIONS becomes the daemon's flags.
     let args = match helper::daemon_args(std::env::args_os().collect()) {

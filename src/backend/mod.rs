@@ -17,7 +17,7 @@
 //!
 //! Backends: ONNX Runtime ([`OnnxRuntime`], `ort.rs`); sentence embeddings
 //! on candle ([`Candle`], `candle.rs`); language models from GGUF on
-//! candle ([`Gguf`], `gguf.rs`: they generate, see [`Generation`]); a fake one for hermetic tests
+//! candle ([`Gguf`], `gguf/`: they generate, see [`Generation`]); a fake one for hermetic tests
 //! (`fake.rs`, behind the `fake-backend` feature). No
 //! backend panics on a missing library: failures are [`Error::Backend`].
 
@@ -33,12 +33,30 @@ use crate::tensor::{Signature, Tensor};
 mod candle;
 #[cfg(any(test, feature = "fake-backend"))]
 pub mod fake;
-mod gguf;
+pub mod gguf;
 mod ort;
 
 pub use self::candle::Candle;
-pub use self::gguf::{repack as repack_gguf, Gguf};
+pub use self::gguf::Gguf;
 pub use self::ort::{find_onnxruntime, OnnxRuntime, ONNXRUNTIME_LIB};
+
+/// Fixes the number of threads candle's CPU kernels use at the number it
+/// would choose (its physical cores, or `RAYON_NUM_THREADS` or
+/// `CANDLE_NUM_THREADS` when set), by setting `RAYON_NUM_THREADS`. Without
+/// it candle reads /proc/cpuinfo again at every parallel operation: about
+/// a millisecond a token for a small language model. Call it at the start
+/// of `main`, before any other thread exists (it sets an environment
+/// variable).
+pub fn settle_thread_count() {
+    if std::env::var_os("RAYON_NUM_THREADS").is_none() {
+        let n = std::env::var("CANDLE_NUM_THREADS")
+            .ok()
+            .and_then(|n| n.parse::<usize>().ok())
+            .filter(|&n| n > 0)
+            .unwrap_or_else(candle_core::utils::get_num_threads);
+        std::env::set_var("RAYON_NUM_THREADS", n.to_string());
+    }
+}
 
 /// A version's files as a backend sees them: name → path of the bytes.
 pub type Files = BTreeMap<String, PathBuf>;

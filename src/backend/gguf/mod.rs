@@ -1,11 +1,12 @@
-//! Language models from one GGUF file, on candle: the quantized llama
-//! family (`candle-transformers`' `quantized_llama`), CPU only.
+//! Language models from one GGUF file, on candle: the llama family, CPU
+//! only. The forward pass is `llama.rs`; Q4_1 weights run on our own
+//! kernel (the `aifs-kernels` crate).
 //!
 //! The GGUF alone is enough: the tokenizer (vocabulary, merges, special
 //! tokens) and the chat template come from its metadata. A version loads
 //! once ([`Llama`], the weights shared); each request is a [`Generation`](super::Generation)
-//! with its own copy of the model's layers (they hold its KV cache; the
-//! weights inside are shared, so a copy costs nothing). The engine steps
+//! with its own KV cache, allocated for its prompt and `max_tokens` when
+//! it starts. The engine steps
 //! generations one token at a time (`engine/generate.rs`).
 //!
 //! Promises: an import is refused with the reason when the file is not
@@ -19,10 +20,7 @@ use std::sync::Arc;
 
 use candle_core::quantized::gguf_file::{Content, Value};
 use candle_core::quantized::tokenizer::TokenizerFromGguf;
-use candle_core::quantized::{GgmlDType, QTensor};
-use candle_core::{Device, Tensor as CTensor};
 use candle_transformers::generation::{LogitsProcessor, Sampling};
-use candle_transformers::models::quantized_llama::{ModelWeights, MAX_SEQ_LEN};
 use tokenizers::Tokenizer;
 
 use crate::codec::prompt::{Prompt, PromptInput};
@@ -33,8 +31,10 @@ use crate::tensor::{DType, Signature, TensorSpec};
 use super::{first_line, Backend, Details, Files, Instance, Stop};
 use crate::tensor::Tensor;
 
-/// The `general.architecture`s that load: candle's quantized llama reads
-/// these (Mistral and other llama-shaped models say `llama`).
+pub mod llama;
+
+/// The `general.architecture`s that load (Mistral and other llama-shaped
+/// models say `llama`; mixtures of experts are refused, see `llama.rs`).
 pub const ARCHITECTURES: &[&str] = &["llama"];
 
 /// Control tokens that end a turn, besides the file's own EOS/EOT ids (as
@@ -42,6 +42,10 @@ pub const ARCHITECTURES: &[&str] = &["llama"];
 const END_OF_TURN: &[&str] = &["<|im_end|>", "<|eot_id|>", "<|end|>", "<end_of_turn>", "<|endoftext|>", "<EOT>"];
 
 const NAME: &str = "candle-gguf";
+
+/// The longest context a version is given, whatever its file says: its
+/// RoPE tables are made for that many positions at load.
+const MAX_CONTEXT: usize = 4096;
 
 /// The most instructions one rendering of a chat template may take.
 const TEMPLATE_FUEL: u64 = 1_000_000;
@@ -98,44 +102,9 @@ impl Backend for Gguf {
         let mut file = File::open(path).map_err(|e| Error::io(path.display().to_string(), e))?;
         let invalid =
             |e: candle_core::Error| Error::InvalidModel { name: name.clone(), why: first_line(&e.to_string()) };
-        let (content, mut repacked) = repack(model.content, &mut file).map_err(invalid)?;
-        let weights = ModelWeights::from_gguf(content, &mut repacked, &Device::Cpu).map_err(invalid)?;
+        let weights = llama::Weights::load(&model.content, &mut file, model.text.context).map_err(invalid)?;
         Ok(Box::new(Llama(Arc::new(Loaded { weights, text: model.text }))))
     }
-}
-
-/// Tensor types whose CPU kernels in candle are scalar (no SIMD path):
-/// loaded as Q8_0 instead. Q4_1 weights run about 2x faster so (SmolLM2-135M
-/// through the mount: 26 to ~50 tokens/s here, docs/BENCHMARKS.md). Lossy, but far finer than
-/// the file's own 4- or 5-bit steps: Q8_0 keeps 255 levels per block of 32
-/// where these keep 16 or 32. Memory: 8.5 bits a weight instead of 5-6,
-/// and twice that while loading. Loading SmolLM2-135M takes 1.5 s so.
-const REPACKED: &[GgmlDType] = &[GgmlDType::Q4_1, GgmlDType::Q5_0, GgmlDType::Q5_1];
-
-/// The file's tensors with those of [`REPACKED`] types as Q8_0, as an
-/// in-memory GGUF for `ModelWeights::from_gguf` (which reads a file).
-pub fn repack(content: Content, file: &mut File) -> candle_core::Result<(Content, std::io::Cursor<Vec<u8>>)> {
-    let mut bytes = std::io::Cursor::new(Vec::new());
-    {
-        // The tensors go once written: at most the weights twice in memory
-        // (here, then as loaded from the buffer).
-        let mut tensors = Vec::with_capacity(content.tensor_infos.len());
-        for name in content.tensor_infos.keys() {
-            let t = content.tensor(file, name, &Device::Cpu)?;
-            let t = if REPACKED.contains(&t.dtype()) {
-                QTensor::quantize(&t.dequantize(&Device::Cpu)?, GgmlDType::Q8_0)?
-            } else {
-                t
-            };
-            tensors.push((name.as_str(), t));
-        }
-        let metadata: Vec<(&str, &Value)> = content.metadata.iter().map(|(k, v)| (k.as_str(), v)).collect();
-        let tensors: Vec<(&str, &QTensor)> = tensors.iter().map(|(k, t)| (*k, t)).collect();
-        candle_core::quantized::gguf_file::write(&mut bytes, &metadata, &tensors)?;
-    }
-    bytes.set_position(0);
-    let content = Content::read(&mut bytes)?;
-    Ok((content, bytes))
 }
 
 /// What a generating model takes and returns: text.
@@ -217,7 +186,7 @@ impl Model {
         let kv_bytes_per_token = [dim("block_count"), dim("attention.head_count_kv"), dim("embedding_length") / heads]
             .iter()
             .fold(2 * 4, |bytes: u64, &n| bytes.saturating_mul(n as u64));
-        let context = (number(&format!("{arch}.context_length")).unwrap_or(2048) as usize).min(MAX_SEQ_LEN);
+        let context = (number(&format!("{arch}.context_length")).unwrap_or(2048) as usize).min(MAX_CONTEXT);
         let mut tokenizer = Tokenizer::from_gguf(&content)
             .map_err(|e| invalid(format!("its tokenizer does not load: {}", first_line(&e.to_string()))))?;
         if text("tokenizer.ggml.pre").as_deref() == Some("smollm") {
@@ -268,7 +237,7 @@ fn chat_environment(template: &str) -> std::result::Result<minijinja::Environmen
 }
 
 struct Loaded {
-    weights: ModelWeights,
+    weights: llama::Weights,
     text: Text,
 }
 
@@ -314,7 +283,7 @@ impl Instance for Llama {
             Sampling::All { temperature: prompt.temperature }
         };
         Ok(Box::new(LlamaGeneration {
-            model: self.0.weights.clone(),
+            cache: self.0.weights.cache(ids.len() + max_tokens),
             shared: self.0.clone(),
             prompt: ids,
             generated: Vec::new(),
@@ -363,9 +332,9 @@ impl Text {
     }
 }
 
-/// One request's generation: its own layers (KV cache), its tokens.
+/// One request's generation: its KV cache, its tokens.
 struct LlamaGeneration {
-    model: ModelWeights,
+    cache: llama::Cache,
     shared: Arc<Loaded>,
     prompt: Vec<u32>,
     generated: Vec<u32>,
@@ -392,12 +361,11 @@ impl super::Generation for LlamaGeneration {
 
     fn step(&mut self) -> Result<super::Token> {
         let fail = |e: candle_core::Error| Error::Backend { backend: NAME, message: first_line(&e.to_string()) };
-        let (input, pos) = match self.generated.last() {
-            None => (self.prompt.as_slice(), 0),
-            Some(last) => (std::slice::from_ref(last), self.prompt.len() + self.generated.len() - 1),
+        let input = match self.generated.last() {
+            None => self.prompt.as_slice(),
+            Some(last) => std::slice::from_ref(last),
         };
-        let x = CTensor::new(input, &Device::Cpu).and_then(|t| t.unsqueeze(0)).map_err(fail)?;
-        let logits = self.model.forward(&x, pos).and_then(|l| l.squeeze(0)).map_err(fail)?;
+        let logits = self.shared.weights.forward(input, &mut self.cache).map_err(fail)?;
         let id = self.sampler.sample(&logits).map_err(fail)?;
         if self.shared.text.ends.contains(&id) {
             return Ok(super::Token { id, text: String::new(), end: Some(super::Finish::Stop) });

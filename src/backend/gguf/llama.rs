@@ -1,0 +1,555 @@
+//! The llama forward pass, on candle's tensors and quantized matmuls.
+//!
+//! The weights load once ([`Weights`], shared by every generation of a
+//! version); a generation owns only its [`Cache`] (its keys and values,
+//! room for its prompt and `max_tokens` allocated at the start). Q4_1
+//! weights run on our SIMD kernel (`aifs_kernels::q4_1`), every other type on
+//! candle's. The arithmetic follows llama.cpp where that costs nothing:
+//! RoPE's angles are computed as ggml computes them, the heads of a
+//! key/value group attend together without copying the keys.
+//!
+//! Promises: [`Weights::load`] refuses, with the reason, a file missing a
+//! tensor or with a shape that does not fit its metadata, and a
+//! mixture-of-experts model; [`Weights::forward`] returns the logits of
+//! the last position given, or an error, never a panic on bad input ids.
+
+use std::fs::File;
+
+use candle_core::quantized::gguf_file::Content;
+use candle_core::quantized::{GgmlDType, QMatMul, QStorage, QTensor};
+use candle_core::{DType, Device, Module, Result, Tensor, D};
+use candle_nn::kv_cache::KvCache;
+
+use aifs_kernels::q4_1;
+
+/// One transformer block.
+#[derive(Debug)]
+struct Layer {
+    attn_norm: Tensor,
+    /// Queries, keys and values.
+    qkv: Stacked,
+    out: QMatMul,
+    ffn_norm: Tensor,
+    /// The gate and the up projection.
+    gate_up: Stacked,
+    down: QMatMul,
+}
+
+/// Matrices that multiply the same input. Stacked into one matrix when
+/// they have the same type: one matmul then quantizes the input once and
+/// splits one larger job among the threads, instead of several.
+#[derive(Debug)]
+enum Stacked {
+    One(QMatMul, Vec<usize>),
+    Apart(Vec<QMatMul>),
+}
+
+impl Stacked {
+    fn new(parts: Vec<QTensor>) -> Result<Self> {
+        let dtype = parts[0].dtype();
+        if parts.iter().any(|p| p.dtype() != dtype) {
+            return Ok(Stacked::Apart(parts.into_iter().map(QMatMul::from_qtensor).collect::<Result<_>>()?));
+        }
+        let (mut rows, mut bytes) = (Vec::new(), Vec::new());
+        for p in &parts {
+            rows.push(p.shape().dims2()?.0);
+            bytes.extend_from_slice(&p.data()?);
+        }
+        let cols = parts[0].shape().dims2()?.1;
+        drop(parts);
+        let shape = (rows.iter().sum::<usize>(), cols);
+        let t = if dtype == GgmlDType::Q4_1 {
+            let blocks =
+                q4_1::from_bytes(&bytes).ok_or_else(|| candle_core::Error::Msg("not whole Q4_1 blocks".into()))?;
+            QTensor::new(QStorage::Cpu(Box::new(blocks)), shape)?
+        } else {
+            QTensor::new(QStorage::from_data(bytes.into(), &Device::Cpu, dtype)?, shape)?
+        };
+        Ok(Stacked::One(QMatMul::from_qtensor(t)?, rows))
+    }
+
+    /// Each matrix times `x`, in order.
+    fn forward(&self, x: &Tensor) -> Result<Vec<Tensor>> {
+        match self {
+            Stacked::Apart(ms) => ms.iter().map(|m| m.forward(x)).collect(),
+            Stacked::One(m, rows) => {
+                let y = m.forward(x)?;
+                let mut start = 0;
+                rows.iter()
+                    .map(|&n| {
+                        start += n;
+                        y.narrow(D::Minus1, start - n, n)
+                    })
+                    .collect()
+            }
+        }
+    }
+}
+
+/// A llama model's weights and shape.
+#[derive(Debug)]
+pub struct Weights {
+    embed: QTensor,
+    layers: Vec<Layer>,
+    norm: Tensor,
+    output: QMatMul,
+    heads: usize,
+    kv_heads: usize,
+    head_dim: usize,
+    eps: f64,
+    /// RoPE's cosines and sines: (positions, head_dim / 2).
+    cos: Tensor,
+    sin: Tensor,
+}
+
+/// One generation's keys and values, and how many positions it holds.
+pub struct Cache {
+    layers: Vec<KvCache>,
+    len: usize,
+    /// Positions it has room for (allocated at the first forward pass).
+    room: usize,
+}
+
+impl Cache {
+    /// Positions already processed.
+    pub fn len(&self) -> usize {
+        self.len
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+}
+
+impl Weights {
+    /// The weights of `content` (read from `file`), for at most `context`
+    /// positions.
+    pub fn load(content: &Content, file: &mut File, context: usize) -> Result<Self> {
+        let meta = |key: &str| {
+            content
+                .metadata
+                .get(&format!("llama.{key}"))
+                .ok_or_else(|| candle_core::Error::Msg(format!("metadata llama.{key} is missing")))
+        };
+        let number = |key: &str| {
+            meta(key).and_then(|v| {
+                v.to_u64()
+                    .or_else(|_| v.to_u32().map(u64::from))
+                    .map(|n| n as usize)
+                    .map_err(|_| candle_core::Error::Msg(format!("metadata llama.{key} is not a count")))
+            })
+        };
+        let real = |key: &str| meta(key).and_then(|v| v.to_f32().or_else(|_| v.to_f64().map(|f| f as f32)));
+        if number("expert_count").is_ok_and(|n| n > 0) {
+            candle_core::bail!("mixture-of-experts llama models are not supported");
+        }
+        let (heads, kv_heads, layers, width) = (
+            number("attention.head_count")?,
+            number("attention.head_count_kv")?,
+            number("block_count")?,
+            number("embedding_length")?,
+        );
+        if heads == 0 || kv_heads == 0 || heads % kv_heads != 0 || width % heads != 0 || (width / heads) % 2 != 0 {
+            candle_core::bail!("{heads} heads, {kv_heads} key/value heads and width {width} do not fit together");
+        }
+        let head_dim = width / heads;
+        let eps = real("attention.layer_norm_rms_epsilon").unwrap_or(1e-5) as f64;
+        let base = real("rope.freq_base").unwrap_or(10_000.0);
+        let rope_dims = number("rope.dimension_count").unwrap_or(head_dim);
+        if rope_dims != head_dim {
+            candle_core::bail!("partial RoPE ({rope_dims} of {head_dim} dimensions) is not supported");
+        }
+        let mut tensor = |name: &str| load_tensor(content, file, name);
+        // Llama 3.1's long-context frequency factors, when the file has them.
+        let factors = if content.tensor_infos.contains_key("rope_freqs.weight") {
+            Some(tensor("rope_freqs.weight")?.dequantize(&Device::Cpu)?.to_vec1::<f32>()?)
+        } else {
+            None
+        };
+        let (cos, sin) = rope_tables(context, head_dim, base, factors.as_deref())?;
+        // Every weight with the shape the metadata implies, checked here
+        // rather than found wrong by the first request.
+        let shape_of = |name: &str| content.tensor_infos.get(name).map(|i| i.shape.dims().to_vec()).unwrap_or_default();
+        let (vocab, ff) = match (&shape_of("token_embd.weight")[..], &shape_of("blk.0.ffn_gate.weight")[..]) {
+            ([vocab, w], [ff, w2]) if *w == width && *w2 == width => (*vocab, *ff),
+            _ => candle_core::bail!("token_embd or blk.0.ffn_gate do not fit width {width}"),
+        };
+        let mut weight = |name: &str, dims: &[usize]| -> Result<QTensor> {
+            let t = tensor(name)?;
+            if t.shape().dims() != dims {
+                candle_core::bail!("{name} is {:?}, not {dims:?}", t.shape().dims());
+            }
+            Ok(t)
+        };
+        let kv = kv_heads * head_dim;
+        let embed = weight("token_embd.weight", &[vocab, width])?;
+        let output =
+            if content.tensor_infos.contains_key("output.weight") { "output.weight" } else { "token_embd.weight" };
+        let output = QMatMul::from_qtensor(weight(output, &[vocab, width])?)?;
+        let norm = weight("output_norm.weight", &[width])?.dequantize(&Device::Cpu)?;
+        let mut blocks = Vec::with_capacity(layers);
+        for i in 0..layers {
+            let mut w = |what: &str, dims: &[usize]| weight(&format!("blk.{i}.{what}.weight"), dims);
+            blocks.push(Layer {
+                attn_norm: w("attn_norm", &[width])?.dequantize(&Device::Cpu)?,
+                qkv: Stacked::new(vec![
+                    w("attn_q", &[width, width])?,
+                    w("attn_k", &[kv, width])?,
+                    w("attn_v", &[kv, width])?,
+                ])?,
+                out: QMatMul::from_qtensor(w("attn_output", &[width, width])?)?,
+                ffn_norm: w("ffn_norm", &[width])?.dequantize(&Device::Cpu)?,
+                gate_up: Stacked::new(vec![w("ffn_gate", &[ff, width])?, w("ffn_up", &[ff, width])?])?,
+                down: QMatMul::from_qtensor(w("ffn_down", &[width, ff])?)?,
+            });
+        }
+        Ok(Weights { embed, layers: blocks, norm, output, heads, kv_heads, head_dim, eps, cos, sin })
+    }
+
+    /// An empty cache with room for `positions`.
+    pub fn cache(&self, positions: usize) -> Cache {
+        Cache { layers: self.layers.iter().map(|_| KvCache::new(2, positions)).collect(), len: 0, room: positions }
+    }
+
+    /// Runs `ids` at the cache's next positions; the logits of the last.
+    pub fn forward(&self, ids: &[u32], cache: &mut Cache) -> Result<Tensor> {
+        let (t, start) = (ids.len(), cache.len);
+        let room = cache.room.min(self.cos.dim(0)?);
+        if t == 0 || start + t > room {
+            candle_core::bail!(
+                "positions {start}..{} are outside the {room} the cache and context have room for",
+                start + t
+            );
+        }
+        let vocab = self.embed.shape().dims2()?.0;
+        if let Some(id) = ids.iter().find(|&&id| id as usize >= vocab) {
+            candle_core::bail!("token id {id} is outside the vocabulary of {vocab}");
+        }
+        let ids = Tensor::new(ids, &Device::Cpu)?;
+        let mut x = self.embed.embedding(&ids)?.unsqueeze(0)?; // (1, t, width)
+        let cos = self.cos.narrow(0, start, t)?;
+        let sin = self.sin.narrow(0, start, t)?;
+        let mask = (t > 1).then(|| self.mask(t, start)).transpose()?;
+        for (layer, kv) in self.layers.iter().zip(cache.layers.iter_mut()) {
+            let h = candle_nn::ops::rms_norm(&x, &layer.attn_norm, self.eps as f32)?;
+            let [q, k, v] =
+                <[Tensor; 3]>::try_from(layer.qkv.forward(&h)?).map_err(|_| candle_core::Error::Msg("qkv".into()))?;
+            let heads = |y: Tensor, n: usize| y.reshape((1, t, n, self.head_dim))?.transpose(1, 2)?.contiguous();
+            let q = candle_nn::rotary_emb::rope_i(&heads(q, self.heads)?, &cos, &sin)?;
+            let k = candle_nn::rotary_emb::rope_i(&heads(k, self.kv_heads)?, &cos, &sin)?;
+            let v = heads(v, self.kv_heads)?;
+            let (k, v) = kv.append(&k, &v)?; // (1, kv_heads, start + t, head_dim)
+                                             // The heads sharing a key/value head attend as one batch of rows.
+            let group = self.heads / self.kv_heads;
+            let q = q.reshape((1, self.kv_heads, group * t, self.head_dim))?;
+            let mut scores = (q.matmul(&k.t()?)? * (1.0 / (self.head_dim as f64).sqrt()))?;
+            if let Some(mask) = &mask {
+                scores = scores.broadcast_add(mask)?;
+            }
+            let p = candle_nn::ops::softmax_last_dim(&scores)?;
+            let o = p.matmul(&v)?.reshape((1, self.heads, t, self.head_dim))?.transpose(1, 2)?.reshape((
+                1,
+                t,
+                self.heads * self.head_dim,
+            ))?;
+            x = (x + layer.out.forward(&o)?)?;
+            let h = candle_nn::ops::rms_norm(&x, &layer.ffn_norm, self.eps as f32)?;
+            let [gate, up] = <[Tensor; 2]>::try_from(layer.gate_up.forward(&h)?)
+                .map_err(|_| candle_core::Error::Msg("gate_up".into()))?;
+            let ff = (candle_nn::ops::silu(&gate)? * up)?;
+            x = (x + layer.down.forward(&ff)?)?;
+        }
+        cache.len += t;
+        let last = x.narrow(1, t - 1, 1)?;
+        let last = candle_nn::ops::rms_norm(&last, &self.norm, self.eps as f32)?;
+        self.output.forward(&last)?.flatten_all()
+    }
+
+    /// The causal mask of `t` new positions after `start` cached ones,
+    /// for the rows of a key/value group (`group` copies of the `t` rows).
+    fn mask(&self, t: usize, start: usize) -> Result<Tensor> {
+        let group = self.heads / self.kv_heads;
+        let total = start + t;
+        let mask: Vec<f32> = (0..group * t)
+            .flat_map(|row| {
+                let pos = start + row % t;
+                (0..total).map(move |col| if col > pos { f32::NEG_INFINITY } else { 0.0 })
+            })
+            .collect();
+        Tensor::from_vec(mask, (group * t, total), &Device::Cpu)
+    }
+}
+
+/// A tensor of the file, as it runs best: Q4_1 as [`q4_1::BlockQ4_1`] for
+/// our kernel; Q5_0 and Q5_1, whose kernels in candle are scalar, as Q8_0
+/// (about twice as fast, and finer than their 5-bit steps, for 8.5 bits a
+/// weight instead of 5.5-6); every other type as candle reads it.
+fn load_tensor(content: &Content, file: &mut File, name: &str) -> Result<QTensor> {
+    let t = content.tensor(file, name, &Device::Cpu)?;
+    match t.dtype() {
+        GgmlDType::Q4_1 => {
+            let blocks = q4_1::from_bytes(&t.data()?)
+                .ok_or_else(|| candle_core::Error::Msg(format!("{name}: not whole Q4_1 blocks")))?;
+            QTensor::new(QStorage::Cpu(Box::new(blocks)), t.shape().clone())
+        }
+        GgmlDType::Q5_0 | GgmlDType::Q5_1 => QTensor::quantize(&t.dequantize(&Device::Cpu)?, GgmlDType::Q8_0),
+        _ => Ok(t),
+    }
+}
+
+/// RoPE's tables as ggml computes them: the angle of pair `i` at position
+/// `p` is `p·base^(-2i/d)`, the power taken by repeated multiplication in
+/// f32, divided by the pair's frequency factor when there is one.
+fn rope_tables(positions: usize, head_dim: usize, base: f32, factors: Option<&[f32]>) -> Result<(Tensor, Tensor)> {
+    let pairs = head_dim / 2;
+    if factors.is_some_and(|f| f.len() != pairs) {
+        candle_core::bail!("rope_freqs has {} factors, not {pairs}", factors.map_or(0, <[f32]>::len));
+    }
+    let scale = base.powf(-2.0 / head_dim as f32);
+    let (mut cos, mut sin) = (Vec::with_capacity(positions * pairs), Vec::with_capacity(positions * pairs));
+    for p in 0..positions {
+        let mut theta = p as f32;
+        for i in 0..pairs {
+            let angle = theta / factors.map_or(1.0, |f| f[i]);
+            cos.push(angle.cos());
+            sin.push(angle.sin());
+            theta *= scale;
+        }
+    }
+    Ok((
+        Tensor::from_vec(cos, (positions, pairs), &Device::Cpu)?,
+        Tensor::from_vec(sin, (positions, pairs), &Device::Cpu)?,
+    ))
+}
+
+/// The largest logit's index (greedy decoding).
+pub fn argmax(logits: &Tensor) -> Result<u32> {
+    logits.to_dtype(DType::F32)?.argmax(D::Minus1)?.to_scalar::<u32>()
+}
+
+#[cfg(test)]
+mod tests {
+    use std::io::Seek;
+
+    use candle_core::quantized::gguf_file::{self, Value};
+
+    use super::*;
+
+    const WIDTH: usize = 64;
+    const HEADS: usize = 4;
+    const KV_HEADS: usize = 2;
+    const FF: usize = 96;
+    const VOCAB: usize = 40;
+    const LAYERS: usize = 2;
+    const HEAD_DIM: usize = WIDTH / HEADS;
+
+    /// Numbers from a fixed generator, in [-scale, scale).
+    fn numbers(seed: &mut u32, n: usize, scale: f32) -> Vec<f32> {
+        (0..n)
+            .map(|_| {
+                *seed = seed.wrapping_mul(1_664_525).wrapping_add(1_013_904_223);
+                ((*seed >> 8) as f32 / (1u32 << 24) as f32 * 2.0 - 1.0) * scale
+            })
+            .collect()
+    }
+
+    /// A tiny llama's tensors (name, rows, columns, values): norms near 1,
+    /// matrices small enough that activations stay in range.
+    fn tensors() -> Vec<(String, Vec<usize>, Vec<f32>)> {
+        let mut seed = 7;
+        let mut t = vec![("token_embd.weight".to_string(), vec![VOCAB, WIDTH], numbers(&mut seed, VOCAB * WIDTH, 1.0))];
+        let norm = |seed: &mut u32| numbers(seed, WIDTH, 0.2).into_iter().map(|x| 1.0 + x).collect::<Vec<_>>();
+        for i in 0..LAYERS {
+            let kv = KV_HEADS * HEAD_DIM;
+            for (what, rows, cols) in [
+                ("attn_q", WIDTH, WIDTH),
+                ("attn_k", kv, WIDTH),
+                ("attn_v", kv, WIDTH),
+                ("attn_output", WIDTH, WIDTH),
+                ("ffn_gate", FF, WIDTH),
+                ("ffn_up", FF, WIDTH),
+                ("ffn_down", WIDTH, FF),
+            ] {
+                let scale = 1.0 / (cols as f32).sqrt();
+                t.push((format!("blk.{i}.{what}.weight"), vec![rows, cols], numbers(&mut seed, rows * cols, scale)));
+            }
+            t.push((format!("blk.{i}.attn_norm.weight"), vec![WIDTH], norm(&mut seed)));
+            t.push((format!("blk.{i}.ffn_norm.weight"), vec![WIDTH], norm(&mut seed)));
+        }
+        t.push(("output_norm.weight".to_string(), vec![WIDTH], norm(&mut seed)));
+        t
+    }
+
+    /// The tensors as a GGUF file, matrices of type `dtype`, with `extra`
+    /// metadata; and its content read back.
+    fn gguf(tensors: &[(String, Vec<usize>, Vec<f32>)], dtype: GgmlDType, extra: &[(&str, Value)]) -> (File, Content) {
+        let mut meta: Vec<(&str, Value)> = vec![
+            ("general.architecture", Value::String("llama".into())),
+            ("llama.attention.head_count", Value::U32(HEADS as u32)),
+            ("llama.attention.head_count_kv", Value::U32(KV_HEADS as u32)),
+            ("llama.block_count", Value::U32(LAYERS as u32)),
+            ("llama.embedding_length", Value::U32(WIDTH as u32)),
+            ("llama.attention.layer_norm_rms_epsilon", Value::F32(1e-5)),
+            ("llama.rope.freq_base", Value::F32(10_000.0)),
+        ];
+        meta.extend(extra.iter().cloned());
+        let q: Vec<(&str, QTensor)> = tensors
+            .iter()
+            .map(|(name, shape, values)| {
+                let t = Tensor::from_vec(values.clone(), shape.as_slice(), &Device::Cpu).unwrap();
+                let dtype = if shape.len() == 2 { dtype } else { GgmlDType::F32 };
+                (name.as_str(), QTensor::quantize(&t, dtype).unwrap())
+            })
+            .collect();
+        let mut file = tempfile::tempfile().unwrap();
+        let meta: Vec<(&str, &Value)> = meta.iter().map(|(k, v)| (*k, v)).collect();
+        let q: Vec<(&str, &QTensor)> = q.iter().map(|(k, t)| (*k, t)).collect();
+        gguf_file::write(&mut file, &meta, &q).unwrap();
+        file.rewind().unwrap();
+        let content = Content::read(&mut file).unwrap();
+        (file, content)
+    }
+
+    /// The llama equations written out plainly, in f32, on the tensors'
+    /// own values: the logits after `ids`.
+    fn reference(tensors: &[(String, Vec<usize>, Vec<f32>)], ids: &[u32]) -> Vec<f32> {
+        let w = |name: &str| &tensors.iter().find(|(n, _, _)| n == name).unwrap().2;
+        let matvec = |m: &[f32], x: &[f32]| {
+            m.chunks(x.len()).map(|row| row.iter().zip(x).map(|(a, b)| a * b).sum()).collect::<Vec<f32>>()
+        };
+        let norm = |x: &[f32], g: &[f32]| {
+            let rms = (x.iter().map(|v| v * v).sum::<f32>() / x.len() as f32 + 1e-5).sqrt();
+            x.iter().zip(g).map(|(v, g)| v / rms * g).collect::<Vec<f32>>()
+        };
+        let rope = |x: &mut [f32], pos: usize| {
+            for head in x.chunks_mut(HEAD_DIM) {
+                for i in 0..HEAD_DIM / 2 {
+                    let angle = pos as f32 * 10_000f32.powf(-2.0 * i as f32 / HEAD_DIM as f32);
+                    let (a, b) = (head[2 * i], head[2 * i + 1]);
+                    head[2 * i] = a * angle.cos() - b * angle.sin();
+                    head[2 * i + 1] = a * angle.sin() + b * angle.cos();
+                }
+            }
+        };
+        let embed = w("token_embd.weight");
+        let mut xs: Vec<Vec<f32>> = ids.iter().map(|&id| embed[id as usize * WIDTH..][..WIDTH].to_vec()).collect();
+        for l in 0..LAYERS {
+            let w = |what: &str| w(&format!("blk.{l}.{what}.weight"));
+            let (mut ks, mut vs) = (Vec::new(), Vec::new());
+            let mut outs = Vec::new();
+            for (pos, x) in xs.iter().enumerate() {
+                let h = norm(x, w("attn_norm"));
+                let mut q = matvec(w("attn_q"), &h);
+                let mut k = matvec(w("attn_k"), &h);
+                rope(&mut q, pos);
+                rope(&mut k, pos);
+                ks.push(k);
+                vs.push(matvec(w("attn_v"), &h));
+                let mut o = vec![0f32; WIDTH];
+                for head in 0..HEADS {
+                    let kvh = head / (HEADS / KV_HEADS);
+                    let qh = &q[head * HEAD_DIM..][..HEAD_DIM];
+                    let scores: Vec<f32> = ks
+                        .iter()
+                        .map(|k| {
+                            qh.iter().zip(&k[kvh * HEAD_DIM..][..HEAD_DIM]).map(|(a, b)| a * b).sum::<f32>()
+                                / (HEAD_DIM as f32).sqrt()
+                        })
+                        .collect();
+                    let max = scores.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+                    let e: Vec<f32> = scores.iter().map(|s| (s - max).exp()).collect();
+                    let sum: f32 = e.iter().sum();
+                    for (p, v) in e.iter().zip(&vs) {
+                        for d in 0..HEAD_DIM {
+                            o[head * HEAD_DIM + d] += p / sum * v[kvh * HEAD_DIM + d];
+                        }
+                    }
+                }
+                outs.push(matvec(w("attn_output"), &o));
+            }
+            for (x, o) in xs.iter_mut().zip(outs) {
+                x.iter_mut().zip(o).for_each(|(x, o)| *x += o);
+                let h = norm(x, w("ffn_norm"));
+                let (g, u) = (matvec(w("ffn_gate"), &h), matvec(w("ffn_up"), &h));
+                let f: Vec<f32> = g.iter().zip(&u).map(|(g, u)| g / (1.0 + (-g).exp()) * u).collect();
+                x.iter_mut().zip(matvec(w("ffn_down"), &f)).for_each(|(x, d)| *x += d);
+            }
+        }
+        matvec(embed, &norm(xs.last().unwrap(), w("output_norm.weight")))
+    }
+
+    fn max_diff(a: &[f32], b: &[f32]) -> f32 {
+        a.iter().zip(b).map(|(a, b)| (a - b).abs()).fold(0.0, f32::max)
+    }
+
+    const IDS: [u32; 6] = [3, 17, 29, 5, 39, 0];
+
+    #[test]
+    fn the_forward_pass_is_the_llama_equations() {
+        let t = tensors();
+        let (mut file, content) = gguf(&t, GgmlDType::F32, &[]);
+        let w = Weights::load(&content, &mut file, 16).unwrap();
+        let want = reference(&t, &IDS);
+        // The prompt at once, and then token by token: the same logits.
+        let mut cache = w.cache(IDS.len());
+        let got = w.forward(&IDS, &mut cache).unwrap().to_vec1::<f32>().unwrap();
+        assert!(max_diff(&got, &want) < 1e-4, "{got:?}\n{want:?}");
+        let mut cache = w.cache(IDS.len());
+        w.forward(&IDS[..2], &mut cache).unwrap();
+        let mut last = None;
+        for id in &IDS[2..] {
+            last = Some(w.forward(&[*id], &mut cache).unwrap().to_vec1::<f32>().unwrap());
+        }
+        assert!(max_diff(&last.unwrap(), &want) < 1e-4);
+        assert_eq!(cache.len(), IDS.len());
+        // Past the cache's room, or the vocabulary: an error, not a panic.
+        assert!(w.forward(&[1], &mut cache).is_err());
+        let mut cache = w.cache(4);
+        let err = w.forward(&[VOCAB as u32], &mut cache).unwrap_err().to_string();
+        assert!(err.contains("token id 40 is outside the vocabulary of 40"), "{err}");
+    }
+
+    #[test]
+    fn q4_1_weights_run_on_our_kernel_close_to_the_equations() {
+        let t = tensors();
+        let (mut file, content) = gguf(&t, GgmlDType::Q4_1, &[]);
+        let w = Weights::load(&content, &mut file, 16).unwrap();
+        // The reference on what the Q4_1 blocks stand for.
+        let dequantized: Vec<_> = t
+            .iter()
+            .map(|(name, shape, _)| {
+                let q = content.tensor(&mut file, name, &Device::Cpu).unwrap();
+                (
+                    name.clone(),
+                    shape.clone(),
+                    q.dequantize(&Device::Cpu).unwrap().flatten_all().unwrap().to_vec1::<f32>().unwrap(),
+                )
+            })
+            .collect();
+        let want = reference(&dequantized, &IDS);
+        let got = w.forward(&IDS, &mut w.cache(IDS.len())).unwrap().to_vec1::<f32>().unwrap();
+        // Activations are rounded to 8 bits before each matmul.
+        let scale = want.iter().fold(0f32, |m, x| m.max(x.abs()));
+        assert!(max_diff(&got, &want) < 0.05 * scale, "{got:?}\n{want:?}");
+    }
+
+    #[test]
+    fn files_that_do_not_fit_are_refused_with_the_reason() {
+        let t = tensors();
+        let err = |t: &[(String, Vec<usize>, Vec<f32>)], extra: &[(&str, Value)]| {
+            let (mut file, content) = gguf(t, GgmlDType::F32, extra);
+            Weights::load(&content, &mut file, 16).unwrap_err().to_string()
+        };
+        assert!(err(&t, &[("llama.expert_count", Value::U32(8))]).contains("mixture-of-experts"));
+        assert!(err(&t, &[("llama.attention.head_count_kv", Value::U32(3))]).contains("do not fit together"));
+        let mut wrong = t.clone();
+        let k = wrong.iter_mut().find(|(n, _, _)| n == "blk.1.attn_k.weight").unwrap();
+        k.1 = vec![HEAD_DIM, WIDTH];
+        k.2.truncate(HEAD_DIM * WIDTH);
+        let e = err(&wrong, &[]);
+        assert!(e.contains("blk.1.attn_k.weight is [16, 64], not [32, 64]"), "{e}");
+        let missing: Vec<_> = t.iter().filter(|(n, _, _)| n != "blk.0.ffn_up.weight").cloned().collect();
+        let e = err(&missing, &[]);
+        assert!(e.contains("blk.0.ffn_up.weight"), "{e}");
+    }
+}
