@@ -1,16 +1,18 @@
 """Generation benchmark: time to first token and tokens per second for the
 five prompts of tests/fixtures/smollm2_llamacpp.json (greedy, 32 tokens),
-through an aifs mount, against llama.cpp in process and candle in process
-on the same GGUF, in the same run, with the same threads (2).
+through an aifs mount, against the same forward pass in process (aifs's, on
+candle), candle-transformers' quantized llama in process, and llama.cpp in
+process, on the same GGUF, in the same run, with the same threads (2).
 
     python3 scripts/bench_generate.py MNT GGUF [LLAMA_PYTHON]
 
 MNT must have the GGUF imported as models/smollm (`cp GGUF MNT/models/smollm/`).
 LLAMA_PYTHON: a Python with llama-cpp-python (see scripts/llamacpp_reference.py);
-without it the llama.cpp row is skipped. The candle floor is
+without it the llama.cpp row is skipped. The in-process floors are
 `target/debug/examples/generate_floor` (built if missing; dependencies,
-candle among them, are optimized in debug builds too, as the daemon's are). Prints one JSON
-object: per way, the median time to first token (ms) and tokens/s.
+candle and aifs-kernels among them, are optimized in debug builds too, as
+the daemon's are). Prints one JSON object: per way, the median time to
+first token (ms) and tokens/s, and the mount's ratios to each.
 """
 
 import json
@@ -71,19 +73,16 @@ def mount(mnt):
     return out
 
 
-def candle(gguf):
+def floor(way, gguf):
+    """`generate_floor`'s rows: `aifs` (the daemon's forward pass, in
+    process) or `candle` (candle-transformers' quantized llama)."""
     binary = os.path.join(REPO, "target/debug/examples/generate_floor")
     if not os.path.exists(binary):
         subprocess.run(["cargo", "build", "--example", "generate_floor"], cwd=REPO, check=True)
-    out = []
     for _ in range(2):  # the first is a warm-up
-        # The weights the daemon runs: Q4_1 as Q8_0 (see src/backend/gguf.rs).
-        lines = subprocess.run([binary, gguf, REFERENCE, str(TOKENS)], check=True, capture_output=True,
-                               text=True, env=dict(os.environ, AIFS_REPACK="1")).stdout
-    for line in lines.splitlines():
-        d = json.loads(line)
-        out.append({"ttft_ms": d["ttft_ms"], "tokens_per_s": d["tokens_per_s"]})
-    return out
+        lines = subprocess.run([binary, way, gguf, REFERENCE, str(TOKENS)], check=True, capture_output=True,
+                               text=True).stdout
+    return [{"ttft_ms": d["ttft_ms"], "tokens_per_s": d["tokens_per_s"]} for d in map(json.loads, lines.splitlines())]
 
 
 def median(rows, key):
@@ -94,16 +93,16 @@ def main():
     if len(sys.argv) not in (3, 4):
         raise SystemExit(__doc__)
     mnt, gguf = sys.argv[1], sys.argv[2]
-    ways = {"mount": mount(mnt), "candle": candle(gguf)}
+    ways = {"mount": mount(mnt), "in process": floor("aifs", gguf), "candle": floor("candle", gguf)}
     if len(sys.argv) == 4:
         ways["llama.cpp"] = json.loads(subprocess.run([sys.argv[3], "-c", LLAMA, gguf, REFERENCE], check=True,
                                                       capture_output=True, text=True).stdout)
     result = {way: {"ttft_ms": median(rows, "ttft_ms"), "tokens_per_s": median(rows, "tokens_per_s")}
               for way, rows in ways.items()}
-    for floor in ("candle", "llama.cpp"):
-        if floor in result:
-            result[f"mount/{floor} tokens_per_s"] = round(
-                result["mount"]["tokens_per_s"] / result[floor]["tokens_per_s"], 2)
+    for base in ("in process", "candle", "llama.cpp"):
+        if base in result:
+            for key in ("tokens_per_s", "ttft_ms"):
+                result[f"mount/{base} {key}"] = round(result["mount"][key] / result[base][key], 2)
     print(json.dumps(result, indent=1))
 
 
