@@ -6,4 +6,7 @@
 //! slower. Each kernel is a candle quantized type, so candle's matmul, its
 //! threads and its tensors run it unchanged.
 
+// Each unsafe operation in its own block with its reason, even in an unsafe fn.
+#![deny(unsafe_op_in_unsafe_fn)]
+
 pub mod q4_1;

@@ -12,8 +12,9 @@
 //! Promises: a dot product is `Σ_blocks d_x·d_y·Σ q_x·q_y + m_x·s_y`, the
 //! integer part exact, on AVX2 (chosen when the CPU has it, at run time:
 //! the build targets baseline x86-64) or in portable code that computes
-//! the same; activations are quantized as ggml's `quantize_row_q8_1` does
-//! (scale `max|x|/127`, ties to even), so results follow llama.cpp's.
+//! the same float for finite activations; activations are quantized as
+//! ggml's `quantize_row_q8_1` does (scale `max|x|/127`, ties to even), so
+//! results follow llama.cpp's.
 
 use candle_core::quantized::k_quants::GgmlType;
 use candle_core::quantized::GgmlDType;
@@ -57,7 +58,7 @@ impl BlockQ4_1 {
 /// Blocks from a GGUF tensor's raw bytes (copied: the bytes need not be
 /// aligned). `None` when the length is not a whole number of blocks.
 pub fn from_bytes(bytes: &[u8]) -> Option<Vec<BlockQ4_1>> {
-    (bytes.len() % std::mem::size_of::<BlockQ4_1>() == 0).then(|| bytemuck::pod_collect_to_vec(bytes))
+    bytes.len().is_multiple_of(std::mem::size_of::<BlockQ4_1>()).then(|| bytemuck::pod_collect_to_vec(bytes))
 }
 
 impl GgmlType for BlockQ4_1 {
@@ -91,7 +92,13 @@ impl GgmlType for BlockQ4_1 {
     }
 
     fn vec_dot(n: usize, xs: &[Self], ys: &[BlockQ8_1]) -> f32 {
-        Self::vec_dot_4(n, xs, xs, xs, xs, ys).0
+        let [d] = dot_rows(n, [xs], ys);
+        d
+    }
+
+    fn vec_dot_2(n: usize, xs0: &[Self], xs1: &[Self], ys: &[BlockQ8_1]) -> (f32, f32) {
+        let [a, b] = dot_rows(n, [xs0, xs1], ys);
+        (a, b)
     }
 
     fn vec_dot_4(
@@ -102,22 +109,26 @@ impl GgmlType for BlockQ4_1 {
         xs3: &[Self],
         ys: &[BlockQ8_1],
     ) -> (f32, f32, f32, f32) {
-        let blocks = n / BLOCK;
-        let rows = [&xs0[..blocks], &xs1[..blocks], &xs2[..blocks], &xs3[..blocks]];
-        let ys = &ys[..blocks];
-        #[cfg(target_arch = "x86_64")]
-        if avx2() {
-            // SAFETY: the CPU has AVX2, FMA and F16C (checked just above).
-            let [a, b, c, d] = unsafe { x86::dot4(rows, ys) };
-            return (a, b, c, d);
-        }
-        let [a, b, c, d] = rows.map(|xs| dot(xs, ys));
+        let [a, b, c, d] = dot_rows(n, [xs0, xs1, xs2, xs3], ys);
         (a, b, c, d)
     }
 
     fn vec_dot_unopt(_n: usize, xs: &[Self], ys: &[BlockQ8_1]) -> f32 {
         dot(xs, ys)
     }
+}
+
+/// `N` rows' dot products with the first `n` values of `ys`, on AVX2 when
+/// the CPU has it.
+fn dot_rows<const N: usize>(n: usize, rows: [&[BlockQ4_1]; N], ys: &[BlockQ8_1]) -> [f32; N] {
+    let blocks = n / BLOCK;
+    let (rows, ys) = (rows.map(|r| &r[..blocks]), &ys[..blocks]);
+    #[cfg(target_arch = "x86_64")]
+    if avx2() {
+        // SAFETY: the CPU has AVX2, FMA and F16C (checked just above).
+        return unsafe { x86::dot(rows, ys) };
+    }
+    rows.map(|xs| dot(xs, ys))
 }
 
 /// The portable dot product, in the order the AVX2 one adds.
@@ -218,35 +229,35 @@ mod x86 {
 
     use super::{BlockQ4_1, BlockQ8_1};
 
-    /// Four rows of weights against one row of activations: each block of
-    /// activations is loaded and converted once for the four.
+    /// `N` rows of weights against one row of activations: each block of
+    /// activations is loaded and converted once for the `N`.
     ///
     /// # Safety
     /// The CPU has AVX2, FMA and F16C.
     #[target_feature(enable = "avx2,fma,f16c")]
-    pub unsafe fn dot4(rows: [&[BlockQ4_1]; 4], ys: &[BlockQ8_1]) -> [f32; 4] {
-        assert!(rows.iter().all(|r| r.len() >= ys.len()));
+    pub unsafe fn dot<const N: usize>(rows: [&[BlockQ4_1]; N], ys: &[BlockQ8_1]) -> [f32; N] {
         let nibble = _mm256_set1_epi8(0x0F);
         let ones = _mm256_set1_epi16(1);
-        let mut acc = [_mm256_setzero_ps(); 4];
+        let mut acc = [_mm256_setzero_ps(); N];
         // Lane 1 of each: the sum of m·s (lane 0 gathers nothing of use).
-        let mut mins = [_mm_setzero_ps(); 4];
+        let mut mins = [_mm_setzero_ps(); N];
         for (i, y) in ys.iter().enumerate() {
-            let qy = _mm256_loadu_si256(y.qs.as_ptr().cast());
+            // SAFETY: `qs` is 32 bytes; an unaligned load.
+            let qy = unsafe { _mm256_loadu_si256(y.qs.as_ptr().cast()) };
             let dy_sy = f16_pair(y.d, y.s);
-            for r in 0..4 {
-                // SAFETY: i < ys.len() <= rows[r].len() (asserted above).
-                let x = unsafe { rows[r].get_unchecked(i) };
+            for r in 0..N {
+                let x = &rows[r][i];
                 // [d_x·d_y, m_x·s_y, 0, 0]
                 let scales = _mm_mul_ps(f16_pair(x.d, x.m), dy_sy);
                 mins[r] = _mm_add_ps(mins[r], scales);
-                let bytes = _mm_loadu_si128(x.qs.as_ptr().cast());
+                // SAFETY: `qs` is 16 bytes; an unaligned load.
+                let bytes = unsafe { _mm_loadu_si128(x.qs.as_ptr().cast()) };
                 let qx = _mm256_and_si256(_mm256_set_m128i(_mm_srli_epi16::<4>(bytes), bytes), nibble);
                 let sums = _mm256_madd_epi16(_mm256_maddubs_epi16(qx, qy), ones);
                 acc[r] = _mm256_fmadd_ps(_mm256_broadcastss_ps(scales), _mm256_cvtepi32_ps(sums), acc[r]);
             }
         }
-        [0, 1, 2, 3].map(|r| hsum(acc[r]) + _mm_cvtss_f32(_mm_movehdup_ps(mins[r])))
+        std::array::from_fn(|r| hsum(acc[r]) + _mm_cvtss_f32(_mm_movehdup_ps(mins[r])))
     }
 
     /// One block of activations as `round(x·127/max)` into `qs`; their sum.
@@ -281,7 +292,7 @@ mod x86 {
     }
 
     #[target_feature(enable = "avx2")]
-    unsafe fn hsum(x: __m256) -> f32 {
+    fn hsum(x: __m256) -> f32 {
         let q = _mm_add_ps(_mm256_extractf128_ps::<1>(x), _mm256_castps256_ps128(x));
         let h = _mm_add_ps(q, _mm_movehl_ps(q, q));
         _mm_cvtss_f32(_mm_add_ss(h, _mm_movehdup_ps(h)))
@@ -320,8 +331,10 @@ mod tests {
         BlockQ8_1::from_float(&x, &mut y);
         let (a, b, c, d) = BlockQ4_1::vec_dot_4(k, &rows[0], &rows[1], &rows[2], &rows[3], &y);
         for (r, got) in [a, b, c, d].into_iter().enumerate() {
-            // The portable code adds in the same order: the same float.
+            // The portable code adds in the same order: the same float;
+            // and one row at a time gives what four at a time do.
             assert_eq!(got, dot(&rows[r], &y), "row {r}");
+            assert_eq!(got, BlockQ4_1::vec_dot(k, &rows[r], &y), "row {r}");
             // And both are the dot product of what the blocks stand for.
             let mut w = vec![0f32; k];
             BlockQ4_1::to_float(&rows[r], &mut w);

@@ -87,7 +87,7 @@ impl Plan {
             .map_err(|e| invalid(format!("config.json: {}", first_line(&e.to_string()))))?;
         // candle divides by the head count, and the tokenizer subtracts its
         // two special tokens from the length: refused here, not a panic.
-        if config.num_attention_heads == 0 || config.hidden_size % config.num_attention_heads != 0 {
+        if config.num_attention_heads == 0 || !config.hidden_size.is_multiple_of(config.num_attention_heads) {
             return Err(invalid("config.json: hidden_size must be a multiple of num_attention_heads (> 0)".into()));
         }
         let modules = optional_json(files, "modules.json")?;

@@ -8,16 +8,20 @@
 //! RoPE's angles are computed as ggml computes them, the heads of a
 //! key/value group attend together without copying the keys.
 //!
-//! Promises: [`Weights::load`] refuses, with the reason, a file missing a
-//! tensor or with a shape that does not fit its metadata, and a
-//! mixture-of-experts model; [`Weights::forward`] returns the logits of
-//! the last position given, or an error, never a panic on bad input ids.
+//! Promises: [`Dims::of`] (at import, from the header alone) refuses with
+//! the reason a file whose dimensions do not fit together or whose
+//! tensors are missing or of another shape, a mixture of experts, RoPE
+//! scaling; after it, [`Weights::load`] reads no tensor of an unexpected
+//! shape. [`Weights::forward`] returns the logits of the last position
+//! given, or an error (positions past the cache's room, an id outside the
+//! vocabulary), never a panic.
 
 use std::fs::File;
+use std::sync::Arc;
 
 use candle_core::quantized::gguf_file::Content;
 use candle_core::quantized::{GgmlDType, QMatMul, QStorage, QTensor};
-use candle_core::{DType, Device, Module, Result, Tensor, D};
+use candle_core::{bail, DType, Device, Module, Result, Tensor, D};
 use candle_nn::kv_cache::KvCache;
 
 use aifs_kernels::q4_1;
@@ -27,36 +31,35 @@ use aifs_kernels::q4_1;
 struct Layer {
     attn_norm: Tensor,
     /// Queries, keys and values.
-    qkv: Stacked,
+    qkv: Stacked<3>,
     out: QMatMul,
     ffn_norm: Tensor,
     /// The gate and the up projection.
-    gate_up: Stacked,
+    gate_up: Stacked<2>,
     down: QMatMul,
 }
 
-/// Matrices that multiply the same input. Stacked into one matrix when
-/// they have the same type: one matmul then quantizes the input once and
-/// splits one larger job among the threads, instead of several.
+/// `N` matrices that multiply the same input. Stacked into one matrix
+/// when they have the same type: one matmul then quantizes the input once
+/// and splits one larger job among the threads, instead of `N`.
 #[derive(Debug)]
-enum Stacked {
-    One(QMatMul, Vec<usize>),
+enum Stacked<const N: usize> {
+    One(QMatMul, [usize; N]),
     Apart(Vec<QMatMul>),
 }
 
-impl Stacked {
-    fn new(parts: Vec<QTensor>) -> Result<Self> {
+impl<const N: usize> Stacked<N> {
+    fn new(parts: [QTensor; N]) -> Result<Self> {
         let dtype = parts[0].dtype();
         if parts.iter().any(|p| p.dtype() != dtype) {
             return Ok(Stacked::Apart(parts.into_iter().map(QMatMul::from_qtensor).collect::<Result<_>>()?));
         }
-        let (mut rows, mut bytes) = (Vec::new(), Vec::new());
-        for p in &parts {
-            rows.push(p.shape().dims2()?.0);
+        let rows = parts.each_ref().map(|p| p.shape().dims()[0]);
+        let cols = parts[0].shape().dims()[1];
+        let mut bytes = Vec::new();
+        for p in parts {
             bytes.extend_from_slice(&p.data()?);
         }
-        let cols = parts[0].shape().dims2()?.1;
-        drop(parts);
         let shape = (rows.iter().sum::<usize>(), cols);
         let t = if dtype == GgmlDType::Q4_1 {
             let blocks =
@@ -69,9 +72,9 @@ impl Stacked {
     }
 
     /// Each matrix times `x`, in order.
-    fn forward(&self, x: &Tensor) -> Result<Vec<Tensor>> {
-        match self {
-            Stacked::Apart(ms) => ms.iter().map(|m| m.forward(x)).collect(),
+    fn forward(&self, x: &Tensor) -> Result<[Tensor; N]> {
+        let out: Vec<Tensor> = match self {
+            Stacked::Apart(ms) => ms.iter().map(|m| m.forward(x)).collect::<Result<_>>()?,
             Stacked::One(m, rows) => {
                 let y = m.forward(x)?;
                 let mut start = 0;
@@ -80,27 +83,29 @@ impl Stacked {
                         start += n;
                         y.narrow(D::Minus1, start - n, n)
                     })
-                    .collect()
+                    .collect::<Result<_>>()?
             }
-        }
+        };
+        out.try_into().map_err(|_| candle_core::Error::Msg("stacked outputs".into()))
     }
 }
 
 /// A llama model's weights and shape.
 #[derive(Debug)]
 pub struct Weights {
-    embed: QTensor,
+    embed: Arc<QTensor>,
     layers: Vec<Layer>,
     norm: Tensor,
     output: QMatMul,
-    heads: usize,
-    kv_heads: usize,
-    head_dim: usize,
-    eps: f64,
+    dims: Dims,
     /// RoPE's cosines and sines: (positions, head_dim / 2).
     cos: Tensor,
     sin: Tensor,
 }
+
+/// Positions of a prompt run at once (llama.cpp's default micro-batch):
+/// the attention's scores are `heads × CHUNK × positions` floats.
+pub const CHUNK: usize = 512;
 
 /// One generation's keys and values, and how many positions it holds.
 pub struct Cache {
@@ -108,6 +113,8 @@ pub struct Cache {
     len: usize,
     /// Positions it has room for (allocated at the first forward pass).
     room: usize,
+    /// A forward pass failed midway: the layers disagree on `len`.
+    broken: bool,
 }
 
 impl Cache {
@@ -121,44 +128,140 @@ impl Cache {
     }
 }
 
+/// A llama's dimensions, from its metadata, checked against every tensor
+/// the forward pass reads: from the header alone, no weight read.
+#[derive(Debug, Clone, Copy)]
+pub struct Dims {
+    heads: usize,
+    kv_heads: usize,
+    head_dim: usize,
+    layers: usize,
+    width: usize,
+    ff: usize,
+    vocab: usize,
+    eps: f64,
+    base: f32,
+}
+
+/// Tensors in each block.
+const BLOCK_TENSORS: [&str; 9] =
+    ["attn_norm", "attn_q", "attn_k", "attn_v", "attn_output", "ffn_norm", "ffn_gate", "ffn_up", "ffn_down"];
+
+impl Dims {
+    /// The dimensions of the llama in `content`, or why it cannot run:
+    /// a mixture of experts, RoPE scaling or partial RoPE, dimensions that
+    /// do not fit together, a tensor missing or of another shape.
+    pub fn of(content: &Content) -> Result<Dims> {
+        let meta = |key: &str| content.metadata.get(&format!("llama.{key}"));
+        let number = |key: &str| -> Result<Option<usize>> {
+            meta(key)
+                .map(|v| {
+                    v.to_u64()
+                        .or_else(|_| v.to_u32().map(u64::from))
+                        .map(|n| n as usize)
+                        .map_err(|_| candle_core::Error::Msg(format!("metadata llama.{key} is not a count")))
+                })
+                .transpose()
+        };
+        let count =
+            |key: &str| number(key)?.ok_or_else(|| candle_core::Error::Msg(format!("metadata llama.{key} is missing")));
+        let real = |key: &str| meta(key).and_then(|v| v.to_f32().ok().or_else(|| v.to_f64().ok().map(|f| f as f32)));
+        if number("expert_count")?.is_some_and(|n| n > 0) {
+            bail!("mixture-of-experts llama models are not supported");
+        }
+        if let Some(kind) = meta("rope.scaling.type").and_then(|v| v.to_string().ok()).filter(|k| *k != "none") {
+            bail!("RoPE scaling ({kind}) is not supported");
+        }
+        let (heads, kv_heads, layers, width) = (
+            count("attention.head_count")?,
+            count("attention.head_count_kv")?,
+            count("block_count")?,
+            count("embedding_length")?,
+        );
+        if width == 0
+            || heads == 0
+            || kv_heads == 0
+            || heads % kv_heads != 0
+            || width % heads != 0
+            || (width / heads) % 2 != 0
+        {
+            bail!("{heads} heads, {kv_heads} key/value heads and width {width} do not fit together");
+        }
+        let head_dim = width / heads;
+        if let Some(rope) = number("rope.dimension_count")?.filter(|&r| r != head_dim) {
+            bail!("partial RoPE ({rope} of {head_dim} dimensions) is not supported");
+        }
+        if layers == 0 || layers > content.tensor_infos.len() / BLOCK_TENSORS.len() {
+            bail!("block_count {layers} does not fit the file's {} tensors", content.tensor_infos.len());
+        }
+        let shape = |name: &str| {
+            content
+                .tensor_infos
+                .get(name)
+                .map(|i| i.shape.dims().to_vec())
+                .ok_or_else(|| candle_core::Error::Msg(format!("tensor {name} is missing")))
+        };
+        let (vocab, ff) = match (&shape("token_embd.weight")?[..], &shape("blk.0.ffn_gate.weight")?[..]) {
+            ([vocab, w], [ff, w2]) if *w == width && *w2 == width && *vocab > 0 && *ff > 0 => (*vocab, *ff),
+            (e, g) => bail!("token_embd.weight {e:?} and blk.0.ffn_gate.weight {g:?} do not fit width {width}"),
+        };
+        let dims = Dims {
+            heads,
+            kv_heads,
+            head_dim,
+            layers,
+            width,
+            ff,
+            vocab,
+            eps: real("attention.layer_norm_rms_epsilon").unwrap_or(1e-5) as f64,
+            base: real("rope.freq_base").unwrap_or(10_000.0),
+        };
+        for i in 0..layers {
+            for what in BLOCK_TENSORS {
+                let name = format!("blk.{i}.{what}.weight");
+                let want = dims.shape(what);
+                if shape(&name)? != want {
+                    bail!("{name} is {:?}, not {want:?}", shape(&name)?);
+                }
+            }
+        }
+        for (name, want) in [
+            ("output_norm.weight", vec![width]),
+            ("output.weight", vec![vocab, width]),
+            ("rope_freqs.weight", vec![head_dim / 2]),
+        ] {
+            match shape(name) {
+                Ok(got) if got != want => bail!("{name} is {got:?}, not {want:?}"),
+                Err(e) if name == "output_norm.weight" => return Err(e),
+                _ => {}
+            }
+        }
+        Ok(dims)
+    }
+
+    /// Bytes of KV cache a position takes: keys and values, f32, every layer.
+    pub fn kv_bytes_per_token(&self) -> u64 {
+        [self.layers, self.kv_heads, self.head_dim].iter().fold(2 * 4, |b: u64, &n| b.saturating_mul(n as u64))
+    }
+
+    /// The shape of a block's tensor.
+    fn shape(&self, what: &str) -> Vec<usize> {
+        let kv = self.kv_heads * self.head_dim;
+        match what {
+            "attn_norm" | "ffn_norm" => vec![self.width],
+            "attn_k" | "attn_v" => vec![kv, self.width],
+            "ffn_gate" | "ffn_up" => vec![self.ff, self.width],
+            "ffn_down" => vec![self.width, self.ff],
+            _ => vec![self.width, self.width],
+        }
+    }
+}
+
 impl Weights {
     /// The weights of `content` (read from `file`), for at most `context`
     /// positions.
     pub fn load(content: &Content, file: &mut File, context: usize) -> Result<Self> {
-        let meta = |key: &str| {
-            content
-                .metadata
-                .get(&format!("llama.{key}"))
-                .ok_or_else(|| candle_core::Error::Msg(format!("metadata llama.{key} is missing")))
-        };
-        let number = |key: &str| {
-            meta(key).and_then(|v| {
-                v.to_u64()
-                    .or_else(|_| v.to_u32().map(u64::from))
-                    .map(|n| n as usize)
-                    .map_err(|_| candle_core::Error::Msg(format!("metadata llama.{key} is not a count")))
-            })
-        };
-        let real = |key: &str| meta(key).and_then(|v| v.to_f32().or_else(|_| v.to_f64().map(|f| f as f32)));
-        if number("expert_count").is_ok_and(|n| n > 0) {
-            candle_core::bail!("mixture-of-experts llama models are not supported");
-        }
-        let (heads, kv_heads, layers, width) = (
-            number("attention.head_count")?,
-            number("attention.head_count_kv")?,
-            number("block_count")?,
-            number("embedding_length")?,
-        );
-        if heads == 0 || kv_heads == 0 || heads % kv_heads != 0 || width % heads != 0 || (width / heads) % 2 != 0 {
-            candle_core::bail!("{heads} heads, {kv_heads} key/value heads and width {width} do not fit together");
-        }
-        let head_dim = width / heads;
-        let eps = real("attention.layer_norm_rms_epsilon").unwrap_or(1e-5) as f64;
-        let base = real("rope.freq_base").unwrap_or(10_000.0);
-        let rope_dims = number("rope.dimension_count").unwrap_or(head_dim);
-        if rope_dims != head_dim {
-            candle_core::bail!("partial RoPE ({rope_dims} of {head_dim} dimensions) is not supported");
-        }
+        let dims = Dims::of(content)?;
         let mut tensor = |name: &str| load_tensor(content, file, name);
         // Llama 3.1's long-context frequency factors, when the file has them.
         let factors = if content.tensor_infos.contains_key("rope_freqs.weight") {
@@ -166,109 +269,102 @@ impl Weights {
         } else {
             None
         };
-        let (cos, sin) = rope_tables(context, head_dim, base, factors.as_deref())?;
-        // Every weight with the shape the metadata implies, checked here
-        // rather than found wrong by the first request.
-        let shape_of = |name: &str| content.tensor_infos.get(name).map(|i| i.shape.dims().to_vec()).unwrap_or_default();
-        let (vocab, ff) = match (&shape_of("token_embd.weight")[..], &shape_of("blk.0.ffn_gate.weight")[..]) {
-            ([vocab, w], [ff, w2]) if *w == width && *w2 == width => (*vocab, *ff),
-            _ => candle_core::bail!("token_embd or blk.0.ffn_gate do not fit width {width}"),
+        let (cos, sin) = rope_tables(context, dims.head_dim, dims.base, factors.as_deref())?;
+        let vector = |t: QTensor| t.dequantize(&Device::Cpu);
+        // Shared by the input and the output when the file has no output.weight.
+        let embed = Arc::new(tensor("token_embd.weight")?);
+        let output = if content.tensor_infos.contains_key("output.weight") {
+            QMatMul::from_qtensor(tensor("output.weight")?)?
+        } else {
+            QMatMul::from_arc(embed.clone())?
         };
-        let mut weight = |name: &str, dims: &[usize]| -> Result<QTensor> {
-            let t = tensor(name)?;
-            if t.shape().dims() != dims {
-                candle_core::bail!("{name} is {:?}, not {dims:?}", t.shape().dims());
-            }
-            Ok(t)
-        };
-        let kv = kv_heads * head_dim;
-        let embed = weight("token_embd.weight", &[vocab, width])?;
-        let output =
-            if content.tensor_infos.contains_key("output.weight") { "output.weight" } else { "token_embd.weight" };
-        let output = QMatMul::from_qtensor(weight(output, &[vocab, width])?)?;
-        let norm = weight("output_norm.weight", &[width])?.dequantize(&Device::Cpu)?;
-        let mut blocks = Vec::with_capacity(layers);
-        for i in 0..layers {
-            let mut w = |what: &str, dims: &[usize]| weight(&format!("blk.{i}.{what}.weight"), dims);
-            blocks.push(Layer {
-                attn_norm: w("attn_norm", &[width])?.dequantize(&Device::Cpu)?,
-                qkv: Stacked::new(vec![
-                    w("attn_q", &[width, width])?,
-                    w("attn_k", &[kv, width])?,
-                    w("attn_v", &[kv, width])?,
-                ])?,
-                out: QMatMul::from_qtensor(w("attn_output", &[width, width])?)?,
-                ffn_norm: w("ffn_norm", &[width])?.dequantize(&Device::Cpu)?,
-                gate_up: Stacked::new(vec![w("ffn_gate", &[ff, width])?, w("ffn_up", &[ff, width])?])?,
-                down: QMatMul::from_qtensor(w("ffn_down", &[width, ff])?)?,
+        let norm = vector(tensor("output_norm.weight")?)?;
+        let mut layers = Vec::new();
+        for i in 0..dims.layers {
+            let mut t = |what: &str| tensor(&format!("blk.{i}.{what}.weight"));
+            layers.push(Layer {
+                attn_norm: vector(t("attn_norm")?)?,
+                qkv: Stacked::new([t("attn_q")?, t("attn_k")?, t("attn_v")?])?,
+                out: QMatMul::from_qtensor(t("attn_output")?)?,
+                ffn_norm: vector(t("ffn_norm")?)?,
+                gate_up: Stacked::new([t("ffn_gate")?, t("ffn_up")?])?,
+                down: QMatMul::from_qtensor(t("ffn_down")?)?,
             });
         }
-        Ok(Weights { embed, layers: blocks, norm, output, heads, kv_heads, head_dim, eps, cos, sin })
+        Ok(Weights { embed, layers, norm, output, dims, cos, sin })
     }
 
     /// An empty cache with room for `positions`.
     pub fn cache(&self, positions: usize) -> Cache {
-        Cache { layers: self.layers.iter().map(|_| KvCache::new(2, positions)).collect(), len: 0, room: positions }
+        let layers = self.layers.iter().map(|_| KvCache::new(2, positions)).collect();
+        Cache { layers, len: 0, room: positions, broken: false }
     }
 
     /// Runs `ids` at the cache's next positions; the logits of the last.
+    /// A long prompt runs in chunks of [`CHUNK`] positions, which bounds
+    /// the attention's scores in memory. After an error the cache is
+    /// unusable (some layers may hold positions others do not).
     pub fn forward(&self, ids: &[u32], cache: &mut Cache) -> Result<Tensor> {
-        let (t, start) = (ids.len(), cache.len);
+        let start = cache.len;
         let room = cache.room.min(self.cos.dim(0)?);
-        if t == 0 || start + t > room {
-            candle_core::bail!(
+        if cache.broken {
+            bail!("this generation's cache was left incomplete by a failed step");
+        }
+        if ids.is_empty() || start + ids.len() > room {
+            bail!(
                 "positions {start}..{} are outside the {room} the cache and context have room for",
-                start + t
+                start + ids.len()
             );
         }
-        let vocab = self.embed.shape().dims2()?.0;
-        if let Some(id) = ids.iter().find(|&&id| id as usize >= vocab) {
-            candle_core::bail!("token id {id} is outside the vocabulary of {vocab}");
+        if let Some(id) = ids.iter().find(|&&id| id as usize >= self.dims.vocab) {
+            bail!("token id {id} is outside the vocabulary of {}", self.dims.vocab);
         }
-        let ids = Tensor::new(ids, &Device::Cpu)?;
-        let mut x = self.embed.embedding(&ids)?.unsqueeze(0)?; // (1, t, width)
+        cache.broken = true;
+        let mut logits = None;
+        for chunk in ids.chunks(CHUNK) {
+            logits = Some(self.forward_chunk(chunk, cache)?);
+        }
+        cache.broken = false;
+        logits.ok_or_else(|| candle_core::Error::Msg("no positions".into()))
+    }
+
+    fn forward_chunk(&self, ids: &[u32], cache: &mut Cache) -> Result<Tensor> {
+        let Dims { heads, kv_heads, head_dim, eps, .. } = self.dims;
+        let (t, start, eps) = (ids.len(), cache.len, eps as f32);
+        let mut x = self.embed.embedding(&Tensor::new(ids, &Device::Cpu)?)?.unsqueeze(0)?; // (1, t, width)
         let cos = self.cos.narrow(0, start, t)?;
         let sin = self.sin.narrow(0, start, t)?;
         let mask = (t > 1).then(|| self.mask(t, start)).transpose()?;
         for (layer, kv) in self.layers.iter().zip(cache.layers.iter_mut()) {
-            let h = candle_nn::ops::rms_norm(&x, &layer.attn_norm, self.eps as f32)?;
-            let [q, k, v] =
-                <[Tensor; 3]>::try_from(layer.qkv.forward(&h)?).map_err(|_| candle_core::Error::Msg("qkv".into()))?;
-            let heads = |y: Tensor, n: usize| y.reshape((1, t, n, self.head_dim))?.transpose(1, 2)?.contiguous();
-            let q = candle_nn::rotary_emb::rope_i(&heads(q, self.heads)?, &cos, &sin)?;
-            let k = candle_nn::rotary_emb::rope_i(&heads(k, self.kv_heads)?, &cos, &sin)?;
-            let v = heads(v, self.kv_heads)?;
-            let (k, v) = kv.append(&k, &v)?; // (1, kv_heads, start + t, head_dim)
-                                             // The heads sharing a key/value head attend as one batch of rows.
-            let group = self.heads / self.kv_heads;
-            let q = q.reshape((1, self.kv_heads, group * t, self.head_dim))?;
-            let mut scores = (q.matmul(&k.t()?)? * (1.0 / (self.head_dim as f64).sqrt()))?;
+            let h = candle_nn::ops::rms_norm(&x, &layer.attn_norm, eps)?;
+            let [q, k, v] = layer.qkv.forward(&h)?;
+            let split = |y: Tensor, n: usize| y.reshape((1, t, n, head_dim))?.transpose(1, 2)?.contiguous();
+            let q = candle_nn::rotary_emb::rope_i(&split(q, heads)?, &cos, &sin)?;
+            let k = candle_nn::rotary_emb::rope_i(&split(k, kv_heads)?, &cos, &sin)?;
+            let (k, v) = kv.append(&k, &split(v, kv_heads)?)?; // (1, kv_heads, start + t, head_dim)
+                                                               // The query heads of a key/value head attend as one batch of rows.
+            let q = q.reshape((1, kv_heads, heads / kv_heads * t, head_dim))?;
+            let mut scores = (q.matmul(&k.t()?)? * (1.0 / (head_dim as f64).sqrt()))?;
             if let Some(mask) = &mask {
                 scores = scores.broadcast_add(mask)?;
             }
             let p = candle_nn::ops::softmax_last_dim(&scores)?;
-            let o = p.matmul(&v)?.reshape((1, self.heads, t, self.head_dim))?.transpose(1, 2)?.reshape((
-                1,
-                t,
-                self.heads * self.head_dim,
-            ))?;
+            let o =
+                p.matmul(&v)?.reshape((1, heads, t, head_dim))?.transpose(1, 2)?.reshape((1, t, heads * head_dim))?;
             x = (x + layer.out.forward(&o)?)?;
-            let h = candle_nn::ops::rms_norm(&x, &layer.ffn_norm, self.eps as f32)?;
-            let [gate, up] = <[Tensor; 2]>::try_from(layer.gate_up.forward(&h)?)
-                .map_err(|_| candle_core::Error::Msg("gate_up".into()))?;
-            let ff = (candle_nn::ops::silu(&gate)? * up)?;
-            x = (x + layer.down.forward(&ff)?)?;
+            let h = candle_nn::ops::rms_norm(&x, &layer.ffn_norm, eps)?;
+            let [gate, up] = layer.gate_up.forward(&h)?;
+            x = (x + layer.down.forward(&(candle_nn::ops::silu(&gate)? * up)?)?)?;
         }
         cache.len += t;
-        let last = x.narrow(1, t - 1, 1)?;
-        let last = candle_nn::ops::rms_norm(&last, &self.norm, self.eps as f32)?;
+        let last = candle_nn::ops::rms_norm(&x.narrow(1, t - 1, 1)?, &self.norm, eps)?;
         self.output.forward(&last)?.flatten_all()
     }
 
     /// The causal mask of `t` new positions after `start` cached ones,
     /// for the rows of a key/value group (`group` copies of the `t` rows).
     fn mask(&self, t: usize, start: usize) -> Result<Tensor> {
-        let group = self.heads / self.kv_heads;
+        let group = self.dims.heads / self.dims.kv_heads;
         let total = start + t;
         let mask: Vec<f32> = (0..group * t)
             .flat_map(|row| {
@@ -303,7 +399,7 @@ fn load_tensor(content: &Content, file: &mut File, name: &str) -> Result<QTensor
 fn rope_tables(positions: usize, head_dim: usize, base: f32, factors: Option<&[f32]>) -> Result<(Tensor, Tensor)> {
     let pairs = head_dim / 2;
     if factors.is_some_and(|f| f.len() != pairs) {
-        candle_core::bail!("rope_freqs has {} factors, not {pairs}", factors.map_or(0, <[f32]>::len));
+        bail!("rope_freqs has {} factors, not {pairs}", factors.map_or(0, <[f32]>::len));
     }
     let scale = base.powf(-2.0 / head_dim as f32);
     let (mut cos, mut sin) = (Vec::with_capacity(positions * pairs), Vec::with_capacity(positions * pairs));
@@ -542,6 +638,12 @@ mod tests {
         };
         assert!(err(&t, &[("llama.expert_count", Value::U32(8))]).contains("mixture-of-experts"));
         assert!(err(&t, &[("llama.attention.head_count_kv", Value::U32(3))]).contains("do not fit together"));
+        assert!(err(&t, &[("llama.rope.scaling.type", Value::String("yarn".into()))]).contains("RoPE scaling (yarn)"));
+        // Hostile counts are refused before anything is allocated for them.
+        let e = err(&t, &[("llama.block_count", Value::U64(1 << 40))]);
+        assert!(e.contains("block_count 1099511627776 does not fit the file's 20 tensors"), "{e}");
+        let e = err(&t, &[("llama.embedding_length", Value::U64(1 << 40))]);
+        assert!(e.contains("do not fit width 1099511627776"), "{e}");
         let mut wrong = t.clone();
         let k = wrong.iter_mut().find(|(n, _, _)| n == "blk.1.attn_k.weight").unwrap();
         k.1 = vec![HEAD_DIM, WIDTH];

@@ -11,8 +11,9 @@
 //!
 //! Promises: an import is refused with the reason when the file is not
 //! GGUF, is truncated, holds a tensor type candle cannot read, is of an
-//! architecture not in [`ARCHITECTURES`], or has a tokenizer or chat
-//! template that does not load. Tokens are decoded incrementally and only
+//! architecture not in [`ARCHITECTURES`], is not a llama `llama.rs` runs
+//! ([`llama::Dims::of`]: shapes, experts, RoPE scaling), or has a
+//! tokenizer or chat template that does not load. Tokens are decoded incrementally and only
 //! whole UTF-8 characters are returned.
 
 use std::fs::File;
@@ -176,16 +177,8 @@ impl Model {
                 ARCHITECTURES.join(", ")
             )));
         }
-        for key in ["block_count", "embedding_length", "attention.head_count", "attention.head_count_kv"] {
-            if number(&format!("{arch}.{key}")).is_none_or(|n| n == 0) {
-                return Err(invalid(format!("metadata {arch}.{key} is missing")));
-            }
-        }
-        let dim = |key: &str| number(&format!("{arch}.{key}")).unwrap_or(0) as usize;
-        let heads = dim("attention.head_count");
-        let kv_bytes_per_token = [dim("block_count"), dim("attention.head_count_kv"), dim("embedding_length") / heads]
-            .iter()
-            .fold(2 * 4, |bytes: u64, &n| bytes.saturating_mul(n as u64));
+        let dims = llama::Dims::of(&content).map_err(|e| invalid(first_line(&e.to_string())))?;
+        let kv_bytes_per_token = dims.kv_bytes_per_token();
         let context = (number(&format!("{arch}.context_length")).unwrap_or(2048) as usize).min(MAX_CONTEXT);
         let mut tokenizer = Tokenizer::from_gguf(&content)
             .map_err(|e| invalid(format!("its tokenizer does not load: {}", first_line(&e.to_string()))))?;
