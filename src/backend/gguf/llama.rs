@@ -3,8 +3,8 @@
 //! The weights load once ([`Weights`], shared by every generation of a
 //! version); a generation owns only its [`Cache`] (its keys and values,
 //! room for its prompt and `max_tokens` allocated at the start). Q4_1
-//! weights run on our SIMD kernel (`aifs_kernels::q4_1`), every other type on
-//! candle's. The arithmetic follows llama.cpp where that costs nothing:
+//! weights run on our SIMD kernel (`aifs_kernels::q4_1`), Q5_0 and Q5_1 as
+//! Q8_0 (see [`load_tensor`]), every other type on candle's. The arithmetic follows llama.cpp where that costs nothing:
 //! RoPE's angles are computed as ggml computes them, the heads of a
 //! key/value group attend together without copying the keys.
 //!
@@ -341,8 +341,9 @@ impl Weights {
             let split = |y: Tensor, n: usize| y.reshape((1, t, n, head_dim))?.transpose(1, 2)?.contiguous();
             let q = candle_nn::rotary_emb::rope_i(&split(q, heads)?, &cos, &sin)?;
             let k = candle_nn::rotary_emb::rope_i(&split(k, kv_heads)?, &cos, &sin)?;
-            let (k, v) = kv.append(&k, &split(v, kv_heads)?)?; // (1, kv_heads, start + t, head_dim)
-                                                               // The query heads of a key/value head attend as one batch of rows.
+            // Keys and values so far: (1, kv_heads, start + t, head_dim). The
+            // query heads of a key/value head attend as one batch of rows.
+            let (k, v) = kv.append(&k, &split(v, kv_heads)?)?;
             let q = q.reshape((1, kv_heads, heads / kv_heads * t, head_dim))?;
             let mut scores = (q.matmul(&k.t()?)? * (1.0 / (head_dim as f64).sqrt()))?;
             if let Some(mask) = &mask {
