@@ -17,7 +17,7 @@
 //! results follow llama.cpp's.
 
 use candle_core::quantized::k_quants::GgmlType;
-use candle_core::quantized::GgmlDType;
+use candle_core::quantized::{GgmlDType, QStorage, QTensor};
 use half::f16;
 
 /// Values in one block of either type.
@@ -55,10 +55,22 @@ impl BlockQ4_1 {
     }
 }
 
-/// Blocks from a GGUF tensor's raw bytes (copied: the bytes need not be
-/// aligned). `None` when the length is not a whole number of blocks.
-pub fn from_bytes(bytes: &[u8]) -> Option<Vec<BlockQ4_1>> {
-    bytes.len().is_multiple_of(std::mem::size_of::<BlockQ4_1>()).then(|| bytemuck::pod_collect_to_vec(bytes))
+/// A candle quantized tensor of `shape` (rows, columns) from a GGUF Q4_1
+/// tensor's raw bytes (copied: they need not be aligned), whose matmuls
+/// run on this kernel.
+///
+/// Made here, not by the caller, on purpose: the tensor's storage is a
+/// `Box<dyn QuantizedType>`, and the crate that makes that box compiles
+/// candle's generic matmul loop for these blocks. This crate is optimized
+/// in debug builds; a caller may not be (the matmul's bookkeeping,
+/// unoptimized, cost a tenth of a token's time).
+pub fn qtensor(bytes: &[u8], shape: (usize, usize)) -> candle_core::Result<QTensor> {
+    let size = std::mem::size_of::<BlockQ4_1>();
+    if !bytes.len().is_multiple_of(size) || bytes.len() / size * BLOCK != shape.0 * shape.1 {
+        candle_core::bail!("{} bytes are not the Q4_1 blocks of a {shape:?} tensor", bytes.len());
+    }
+    let blocks: Vec<BlockQ4_1> = bytemuck::pod_collect_to_vec(bytes);
+    QTensor::new(QStorage::Cpu(Box::new(blocks)), shape)
 }
 
 impl GgmlType for BlockQ4_1 {

@@ -62,9 +62,7 @@ impl<const N: usize> Stacked<N> {
         }
         let shape = (rows.iter().sum::<usize>(), cols);
         let t = if dtype == GgmlDType::Q4_1 {
-            let blocks =
-                q4_1::from_bytes(&bytes).ok_or_else(|| candle_core::Error::Msg("not whole Q4_1 blocks".into()))?;
-            QTensor::new(QStorage::Cpu(Box::new(blocks)), shape)?
+            q4_1::qtensor(&bytes, shape)?
         } else {
             QTensor::new(QStorage::from_data(bytes.into(), &Device::Cpu, dtype)?, shape)?
         };
@@ -384,11 +382,7 @@ impl Weights {
 fn load_tensor(content: &Content, file: &mut File, name: &str) -> Result<QTensor> {
     let t = content.tensor(file, name, &Device::Cpu)?;
     match t.dtype() {
-        GgmlDType::Q4_1 => {
-            let blocks = q4_1::from_bytes(&t.data()?)
-                .ok_or_else(|| candle_core::Error::Msg(format!("{name}: not whole Q4_1 blocks")))?;
-            QTensor::new(QStorage::Cpu(Box::new(blocks)), t.shape().clone())
-        }
+        GgmlDType::Q4_1 if t.rank() == 2 => q4_1::qtensor(&t.data()?, t.shape().dims2()?),
         GgmlDType::Q5_0 | GgmlDType::Q5_1 => QTensor::quantize(&t.dequantize(&Device::Cpu)?, GgmlDType::Q8_0),
         _ => Ok(t),
     }
