@@ -231,7 +231,11 @@ impl Cluster {
                     cluster.state.lock().unwrap().nodes = nodes;
                     Ok::<(), etcd_client::Error>(())
                 };
-                if let Err(e) = tokio::time::timeout(DEADLINE, renewed).await.unwrap_or(Ok(())) {
+                let renewed = match tokio::time::timeout(DEADLINE, renewed).await {
+                    Ok(r) => r.map_err(|e| e.to_string()),
+                    Err(_) => Err(format!("no answer in {} s", DEADLINE.as_secs())),
+                };
+                if let Err(e) = renewed {
                     tracing::debug!("renewing the node's entry: {e}");
                     lease = None;
                 }
@@ -316,7 +320,8 @@ impl Shared for Cluster {
         let mut etcd = self.etcd.clone();
         let response = self.ask_etcd(etcd.txn(txn))?;
         if response.succeeded() {
-            return Ok(Committed::At(response.header().map_or(seen + 1, |h| h.revision())));
+            let header = response.header().ok_or_else(|| Error::Internal("etcd answered without a revision".into()))?;
+            return Ok(Committed::At(header.revision()));
         }
         let now = response.op_responses().into_iter().find_map(|op| match op {
             TxnOpResponse::Get(get) => Some(get.kvs().first().map(|kv| (kv.value().to_vec(), kv.mod_revision()))),
@@ -347,8 +352,15 @@ impl Shared for Cluster {
                 // the same whoever writes them.
                 let mut file = tokio::fs::File::open(path).await.map_err(|e| e.to_string())?;
                 let mut writer = object_store::buffered::BufWriter::new(blobs.clone(), object.clone());
-                tokio::io::copy(&mut file, &mut writer).await.map_err(|e| e.to_string())?;
-                writer.shutdown().await.map_err(|e| e.to_string())
+                let copied = match tokio::io::copy(&mut file, &mut writer).await {
+                    Ok(_) => writer.shutdown().await,
+                    Err(e) => Err(e),
+                };
+                if copied.is_err() {
+                    // No unfinished multipart upload left in the bucket.
+                    let _ = writer.abort().await;
+                }
+                copied.map_err(|e| e.to_string())
             }
         };
         // A large blob takes longer than one call's deadline.

@@ -120,8 +120,7 @@ impl Shared {
             // The last bytes come with the end, not before it: a reader
             // that stops at the last line and closes must not find the
             // job running (its close would cancel it).
-            let mut answer = (*job.streamed()).clone();
-            answer.extend_from_slice(&bytes);
+            let answer = job.take_streamed(&bytes);
             let compute_us = g.started.elapsed().as_micros() as u64;
             let queue_us = {
                 let mut inner = job.inner();
@@ -129,7 +128,7 @@ impl Shared {
                 inner.state.queue_us.unwrap_or(0)
             };
             self.metrics.latency(&job.model, job.version, queue_us, compute_us);
-            self.end(job, Status::Done, Ok(Arc::new(answer)));
+            self.end(job, Status::Done, Ok(answer));
             return None;
         }
     }

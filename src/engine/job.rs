@@ -279,9 +279,12 @@ impl Job {
         }
     }
 
-    /// The answer streamed so far.
-    pub(super) fn streamed(&self) -> Arc<Vec<u8>> {
-        self.inner().streamed.clone()
+    /// The whole answer, to end the job with: what was streamed and then
+    /// `last`, taken out of the job (a reader in between waits for the end).
+    pub(super) fn take_streamed(&self, last: &[u8]) -> Arc<Vec<u8>> {
+        let mut all = std::mem::take(&mut self.inner().streamed);
+        Arc::make_mut(&mut all).extend_from_slice(last);
+        all
     }
 
     /// Ends the job unless it already ended, and wakes its waiters. Returns

@@ -209,6 +209,11 @@ pub(super) fn read_answer<F>(job: Arc<Job>, handle: Arc<Handle>, size: usize, do
 where
     F: FnOnce(Result<Vec<u8>>) -> bool + Send + 'static,
 {
+    if size == 0 {
+        // Nothing fits: answered now (waiting would find nothing to take).
+        done(Ok(Vec::new()));
+        return;
+    }
     let at = handle.with_answer_pos(|pos| *pos);
     let waiting = job.clone();
     waiting.when_output(at, move |output| {

@@ -103,7 +103,7 @@ impl Fs {
             Node::Devices => Node::Device(self.device(name)?.id().to_string()),
             Node::Blobs => {
                 let digest: Digest = name.parse().map_err(|_| missing())?;
-                if !self.store.blobs().contains(&digest) {
+                if !self.store.has_blob(&digest) {
                     return Err(missing());
                 }
                 Node::Blob(digest)

@@ -35,11 +35,31 @@ impl Store {
         }
         for digest in &referenced {
             if !self.blob_path(digest).exists() {
-                tracing::error!(blob = %digest, "catalog references a blob that is missing from the store");
+                // Alone, a loss; with a shared store (set after this), a
+                // blob not fetched yet or evicted.
+                tracing::warn!(blob = %digest, "catalog references a blob that is not here (lost, or in a shared store)");
             }
         }
         self.bytes.store(bytes, Ordering::Relaxed);
         Ok(())
+    }
+
+    /// Removes those of `digests` no version references any more (they
+    /// belonged to a version just gone). Under the writer lock. A blob
+    /// that cannot be removed now is collected at the next start.
+    pub(super) fn drop_unreferenced<'a>(&self, digests: impl IntoIterator<Item = &'a Digest>) {
+        let referenced = self.referenced_blobs();
+        for digest in digests.into_iter().filter(|d| !referenced.contains(d)) {
+            let path = self.blob_path(digest);
+            let len = fs::metadata(&path).map(|m| m.len()).unwrap_or(0);
+            match remove_file_if_present(&path) {
+                Ok(()) => {
+                    self.bytes.fetch_sub(len, Ordering::Relaxed);
+                    self.last_used.lock().unwrap().remove(digest);
+                }
+                Err(e) => tracing::warn!("{e}"),
+            }
+        }
     }
 
     pub(super) fn referenced_blobs(&self) -> BTreeSet<Digest> {
@@ -71,11 +91,26 @@ impl Store {
             self.last_used.lock().unwrap().insert(*digest, std::time::Instant::now());
         }
         let Some(shared) = self.shared.get().filter(|_| !path.is_file()) else { return Ok(path) };
-        // One fetch at a time: a blob wanted twice is fetched once.
-        let _fetching = self.fetching.lock().unwrap();
-        if path.is_file() {
-            return Ok(path);
+        let (fetching, arrived) = &self.fetching;
+        {
+            let mut now = fetching.lock().unwrap();
+            while now.contains(digest) {
+                now = arrived.wait(now).unwrap();
+            }
+            if path.is_file() {
+                return Ok(path);
+            }
+            now.insert(*digest);
         }
+        // Whatever the fetch's end (a panic included), others may try.
+        struct Done<'a>(&'a (std::sync::Mutex<std::collections::HashSet<Digest>>, std::sync::Condvar), Digest);
+        impl Drop for Done<'_> {
+            fn drop(&mut self) {
+                self.0 .0.lock().unwrap_or_else(|e| e.into_inner()).remove(&self.1);
+                self.0 .1.notify_all();
+            }
+        }
+        let done = Done(&self.fetching, *digest);
         let n = self.next_temp.fetch_add(1, Ordering::Relaxed);
         let tmp = self.blobs.join(format!("tmp-{}-fetch-{n}", std::process::id()));
         let fetched = shared.download(digest, &tmp).and_then(|actual| {
@@ -91,6 +126,7 @@ impl Store {
         if fetched.is_err() {
             let _ = remove_file_if_present(&tmp);
         }
+        drop(done);
         fetched?;
         self.evict(digest);
         Ok(path)
@@ -134,6 +170,12 @@ impl Store {
     /// Bytes of all blobs on disk.
     pub fn size(&self) -> u64 {
         self.bytes.load(Ordering::Relaxed)
+    }
+
+    /// Whether a version references the blob `digest`.
+    pub fn has_blob(&self, digest: &Digest) -> bool {
+        let models = self.models.read().unwrap();
+        models.values().flat_map(|m| m.versions.values()).any(|v| v.files.values().any(|d| d == digest))
     }
 
     /// Digests of every blob in the store, sorted.

@@ -4,8 +4,6 @@
 //! writer lock.
 
 use std::collections::BTreeMap;
-use std::fs;
-use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::UNIX_EPOCH;
 
@@ -14,7 +12,6 @@ use serde::{Deserialize, Serialize};
 use crate::error::{Error, Result};
 use crate::tensor::Signature;
 
-use super::blobs::remove_file_if_present;
 use super::names::{resolve_target, validate_alias, validate_name, LATEST};
 use super::trust::{Signer, Trust};
 use super::{now_secs, Committed, Digest, Store};
@@ -366,19 +363,7 @@ impl Store {
         self.check_deletable(&record, number)?;
         let removed = record.versions.remove(&number).expect("checked above");
         self.put_unchecked(record)?;
-        let referenced = self.referenced_blobs();
-        // The version is gone; a blob that cannot be removed now is
-        // collected at the next start.
-        for digest in removed.files.values().filter(|d| !referenced.contains(d)) {
-            let path = self.blob_path(digest);
-            let len = fs::metadata(&path).map(|m| m.len()).unwrap_or(0);
-            match remove_file_if_present(&path) {
-                Ok(()) => {
-                    self.bytes.fetch_sub(len, Ordering::Relaxed);
-                }
-                Err(e) => tracing::warn!("{e}"),
-            }
-        }
+        self.drop_unreferenced(removed.files.values());
         Ok(())
     }
 

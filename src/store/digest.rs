@@ -21,12 +21,12 @@ impl Digest {
         Digest(Sha256::digest(bytes).into())
     }
 
-    /// The digest a hasher fed so far makes.
     /// A hasher for bytes that arrive in pieces ([`Digest::finish`]).
     pub fn hasher() -> Sha256 {
         Sha256::new()
     }
 
+    /// The digest a hasher fed so far makes.
     pub fn finish(hasher: Sha256) -> Digest {
         Digest(hasher.finalize().into())
     }

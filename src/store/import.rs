@@ -204,8 +204,12 @@ impl Store {
                 // than waiting for the next start-up.
                 let _w = self.writer.lock().unwrap();
                 let referenced = self.referenced_blobs();
-                for (digest, _) in added.iter().filter(|(d, _)| !referenced.contains(d)) {
-                    let _ = remove_file_if_present(&self.blob_path(digest));
+                for (digest, len) in &added {
+                    if referenced.contains(digest) {
+                        self.bytes.fetch_add(*len, Ordering::Relaxed);
+                    } else {
+                        let _ = remove_file_if_present(&self.blob_path(digest));
+                    }
                 }
                 other
             }

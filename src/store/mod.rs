@@ -71,8 +71,9 @@ pub struct Store {
     /// Each model's revision in the shared catalog, as this node last saw
     /// it: a write commits only if the record is still at it.
     revisions: Mutex<std::collections::HashMap<String, i64>>,
-    /// Held while a blob is fetched from the shared store.
-    fetching: Mutex<()>,
+    /// Blobs being fetched from the shared store now, and the signal that
+    /// one arrived: a blob wanted twice is fetched once, others meanwhile.
+    fetching: (Mutex<std::collections::HashSet<Digest>>, std::sync::Condvar),
     /// With a shared store: the most bytes of blobs kept here (0: no
     /// bound), and when each was last used, for evicting the least
     /// recently used first.
@@ -151,7 +152,7 @@ impl Store {
             bytes: AtomicU64::new(0),
             shared: std::sync::OnceLock::new(),
             revisions: Mutex::new(Default::default()),
-            fetching: Mutex::new(()),
+            fetching: Default::default(),
             cache_limit: AtomicU64::new(0),
             last_used: Mutex::new(Default::default()),
         };
@@ -203,6 +204,15 @@ impl Store {
         if revisions.get(name).is_some_and(|&seen| seen >= revision) {
             return Ok(());
         }
+        // The blobs of the record replaced: those no version references
+        // now go from this node's cache too (below).
+        let before: Vec<Digest> = self
+            .models
+            .read()
+            .unwrap()
+            .get(name)
+            .map(|m| m.versions.values().flat_map(|v| v.files.values().copied()).collect())
+            .unwrap_or_default();
         // Readers' copy first: it is what later writes are computed from,
         // and it must not fall behind the revision recorded (below) if the
         // local disk fails.
@@ -223,6 +233,7 @@ impl Store {
             }
         }
         self.db.flush()?;
+        self.drop_unreferenced(&before);
         Ok(())
     }
 

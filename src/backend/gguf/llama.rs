@@ -471,9 +471,14 @@ mod tests {
         t
     }
 
-    /// The tensors as a GGUF file, matrices of type `dtype`, with `extra`
-    /// metadata; and its content read back.
-    fn gguf(tensors: &[(String, Vec<usize>, Vec<f32>)], dtype: GgmlDType, extra: &[(&str, Value)]) -> (File, Content) {
+    /// The tensors as a GGUF file, matrices of type `dtype` (those named in
+    /// `q8_0` of type Q8_0), with `extra` metadata; and its content read back.
+    fn gguf_mixed(
+        tensors: &[(String, Vec<usize>, Vec<f32>)],
+        dtype: GgmlDType,
+        q8_0: &[&str],
+        extra: &[(&str, Value)],
+    ) -> (File, Content) {
         let mut meta: Vec<(&str, Value)> = vec![
             ("general.architecture", Value::String("llama".into())),
             ("llama.attention.head_count", Value::U32(HEADS as u32)),
@@ -488,7 +493,11 @@ mod tests {
             .iter()
             .map(|(name, shape, values)| {
                 let t = Tensor::from_vec(values.clone(), shape.as_slice(), &Device::Cpu).unwrap();
-                let dtype = if shape.len() == 2 { dtype } else { GgmlDType::F32 };
+                let dtype = match shape.len() {
+                    2 if q8_0.contains(&name.as_str()) => GgmlDType::Q8_0,
+                    2 => dtype,
+                    _ => GgmlDType::F32,
+                };
                 (name.as_str(), QTensor::quantize(&t, dtype).unwrap())
             })
             .collect();
@@ -499,6 +508,24 @@ mod tests {
         file.rewind().unwrap();
         let content = Content::read(&mut file).unwrap();
         (file, content)
+    }
+
+    fn gguf(tensors: &[(String, Vec<usize>, Vec<f32>)], dtype: GgmlDType, extra: &[(&str, Value)]) -> (File, Content) {
+        gguf_mixed(tensors, dtype, &[], extra)
+    }
+
+    /// Each tensor of the file as its blocks stand for, in f32.
+    fn dequantized(file: &mut File, content: &Content) -> Vec<(String, Vec<usize>, Vec<f32>)> {
+        let mut names: Vec<&String> = content.tensor_infos.keys().collect();
+        names.sort();
+        names
+            .into_iter()
+            .map(|name| {
+                let q = content.tensor(file, name, &Device::Cpu).unwrap();
+                let values = q.dequantize(&Device::Cpu).unwrap().flatten_all().unwrap().to_vec1::<f32>().unwrap();
+                (name.clone(), q.shape().dims().to_vec(), values)
+            })
+            .collect()
     }
 
     /// The llama equations written out plainly, in f32, on the tensors'
@@ -600,28 +627,29 @@ mod tests {
         assert!(err.contains("token id 40 is outside the vocabulary of 40"), "{err}");
     }
 
-    #[test]
-    fn q4_1_weights_run_on_our_kernel_close_to_the_equations() {
-        let t = tensors();
-        let (mut file, content) = gguf(&t, GgmlDType::Q4_1, &[]);
+    /// The logits of `IDS` from the file, against the equations on what
+    /// its blocks stand for: close, as activations are rounded to 8 bits
+    /// before each quantized matmul.
+    fn close_to_the_equations(mut file: File, content: Content) {
         let w = Weights::load(&content, &mut file, 16).unwrap();
-        // The reference on what the Q4_1 blocks stand for.
-        let dequantized: Vec<_> = t
-            .iter()
-            .map(|(name, shape, _)| {
-                let q = content.tensor(&mut file, name, &Device::Cpu).unwrap();
-                (
-                    name.clone(),
-                    shape.clone(),
-                    q.dequantize(&Device::Cpu).unwrap().flatten_all().unwrap().to_vec1::<f32>().unwrap(),
-                )
-            })
-            .collect();
-        let want = reference(&dequantized, &IDS);
+        let want = reference(&dequantized(&mut file, &content), &IDS);
         let got = w.forward(&IDS, &mut w.cache(IDS.len())).unwrap().to_vec1::<f32>().unwrap();
-        // Activations are rounded to 8 bits before each matmul.
         let scale = want.iter().fold(0f32, |m, x| m.max(x.abs()));
         assert!(max_diff(&got, &want) < 0.05 * scale, "{got:?}\n{want:?}");
+    }
+
+    #[test]
+    fn q4_1_weights_run_on_our_kernel_close_to_the_equations() {
+        let (file, content) = gguf(&tensors(), GgmlDType::Q4_1, &[]);
+        close_to_the_equations(file, content);
+    }
+
+    #[test]
+    fn matrices_of_mixed_types_run_apart() {
+        // As in Q4_K_M files: some of q/k/v and gate/up of another type.
+        let (file, content) =
+            gguf_mixed(&tensors(), GgmlDType::Q4_1, &["blk.0.attn_v.weight", "blk.1.ffn_up.weight"], &[]);
+        close_to_the_equations(file, content);
     }
 
     #[test]

@@ -374,8 +374,8 @@ impl super::Generation for LlamaGeneration {
         )
         .map_err(|e| Error::Backend { backend: NAME, message: format!("decoding token {id}: {e}") })?
         .unwrap_or_default();
-        let full = self.prompt.len() + self.generated.len() >= self.shared.text.context;
-        let end = (self.generated.len() >= self.max_tokens || full).then_some(super::Finish::Length);
+        // max_tokens fits the context (checked in `generate`).
+        let end = (self.generated.len() >= self.max_tokens).then_some(super::Finish::Length);
         Ok(super::Token { id, text, end })
     }
 }
