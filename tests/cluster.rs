@@ -296,7 +296,8 @@ fn with_etcd_stopped_nodes_serve_what_they_have_and_converge_after() {
     assert!(String::from_utf8_lossy(&out.stderr).contains("Resource temporarily unavailable"), "{out:?}");
     assert!(!a.path("models/mlp/stable").exists());
     let out = sh(&b.mnt, "mkdir models/new");
-    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("Resource temporarily unavailable"), "{out:?}");
+    assert!(!b.path("models/new").exists());
     let status: serde_json::Value = serde_json::from_str(&read(a.path("status"))).unwrap();
     assert!(status["shared"]["unreachable_since"].is_string(), "{status}");
 
@@ -317,13 +318,18 @@ fn a_bounded_cache_keeps_the_most_recently_used_blobs() {
     let _one = ONE_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner());
     let servers = Servers::start();
     let a = servers.node("a");
-    // A bound below any blob: each fetch evicts every other blob.
-    let b = servers.node_with("b", &["--blob-cache-bytes", "1"]);
-    for (model, file) in [("one", fixture("mlp.onnx")), ("two", model_fixture("identity_float32.onnx"))] {
+    let files = [
+        ("one", fixture("mlp.onnx")),
+        ("two", model_fixture("identity_float32.onnx")),
+        ("three", model_fixture("identity_int32.onnx")),
+    ];
+    // A bound that holds any two of the three blobs, not all three.
+    let total: u64 = files.iter().map(|(_, f)| std::fs::metadata(f).unwrap().len()).sum();
+    let b = servers.node_with("b", &["--blob-cache-bytes", &(total - 1).to_string()]);
+    for (model, file) in &files {
         sh_ok(&a.mnt, &format!("mkdir models/{model} && cp {} models/{model}/", file.display()));
     }
-    until_exists(&b.path("models/two/v1"), true);
-    let digest = |model: &str| read(a.path(&format!("models/{model}/v1/digest")));
+    until_exists(&b.path("models/three/v1"), true);
     let cached = || -> Vec<String> {
         let mut names: Vec<String> = std::fs::read_dir(b.data.join("blobs"))
             .unwrap()
@@ -338,15 +344,27 @@ fn a_bounded_cache_keeps_the_most_recently_used_blobs() {
             serde_json::from_str(&read(a.path(&format!("models/{model}/v1/meta.json")))).unwrap();
         meta["files"].as_object().unwrap().values().next().unwrap().as_str().unwrap().to_string()
     };
+    let sorted = |mut v: Vec<String>| {
+        v.sort();
+        v
+    };
+    // Each first use fetches the blob, the same bytes.
+    let use_file = |model: &str| {
+        let (_, file) = files.iter().find(|(m, _)| *m == model).unwrap();
+        let name = file.file_name().unwrap().to_string_lossy();
+        let got = std::fs::read(b.path(&format!("models/{model}/v1/{name}"))).unwrap();
+        assert_eq!(got, std::fs::read(file).unwrap(), "{model}");
+    };
     one_handle(&b.path("models/one/v1/infer"), mlp_request().as_bytes()).unwrap();
-    assert_eq!(cached(), [blob_of("one")], "{}", digest("one"));
-    let two = std::fs::read(b.path("models/two/v1/identity_float32.onnx")).unwrap();
-    assert_eq!(two, std::fs::read(model_fixture("identity_float32.onnx")).unwrap());
-    assert_eq!(cached(), [blob_of("two")]);
-    // The evicted blob comes back when used, the same bytes.
-    let one = std::fs::read(b.path("models/one/v1/mlp.onnx")).unwrap();
-    assert_eq!(one, std::fs::read(fixture("mlp.onnx")).unwrap());
-    assert_eq!(cached(), [blob_of("one")]);
+    use_file("two");
+    assert_eq!(cached(), sorted(vec![blob_of("one"), blob_of("two")]));
+    // One used again, then three: two is the least recently used.
+    use_file("one");
+    use_file("three");
+    assert_eq!(cached(), sorted(vec![blob_of("one"), blob_of("three")]));
+    // The evicted blob comes back when used.
+    use_file("two");
+    assert_eq!(cached(), sorted(vec![blob_of("two"), blob_of("three")]));
     // The loaded model runs on (its staged copy is its own).
     one_handle(&b.path("models/one/v1/infer"), mlp_request().as_bytes()).unwrap();
 }

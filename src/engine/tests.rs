@@ -515,12 +515,15 @@ fn parked_generations_do_not_count_against_max_queue() {
     let a = r.submit("lm", v, r#"{"prompt": "a", "max_tokens": 200}"#);
     let tokens = |j: &Job| j.snapshot().generation.map_or(0, |g| g.tokens);
     wait_until("it generates", || tokens(&a) >= 1);
-    // Its turns are queued behind each new request, yet the user's queue
-    // of one still has room.
-    for _ in 0..5 {
-        let b = r.submit("lm", v, "x");
-        assert!(output(&b).unwrap().starts_with("t0 t1 "));
-    }
+    // A second generation: from its first token on, the two take turns,
+    // one of them parked (queued again) while the other runs.
+    let b = r.submit("lm", v, r#"{"prompt": "b", "max_tokens": 50}"#);
+    wait_until("both generate", || tokens(&b) >= 1);
+    assert!(tokens(&a) < 200 && tokens(&b) < 50, "the test needs both still generating");
+    // Yet the queue of one still has room: a parked turn is not a request waiting.
+    let c = r.submit_as(0, "lm", v, "c").expect("a parked generation took the queue's room");
+    assert!(output(&c).unwrap().starts_with("t0 t1 "));
+    assert!(output(&b).unwrap().contains("\"completion_tokens\":50"));
     r.engine.cancel(&a).unwrap();
 }
 
