@@ -121,13 +121,7 @@ impl Shared {
             // that stops at the last line and closes must not find the
             // job running (its close would cancel it).
             let answer = job.take_streamed(&bytes);
-            let compute_us = g.started.elapsed().as_micros() as u64;
-            let queue_us = {
-                let mut inner = job.inner();
-                inner.state.compute_us = Some(compute_us);
-                inner.state.queue_us.unwrap_or(0)
-            };
-            self.metrics.latency(&job.model, job.version, queue_us, compute_us);
+            self.record_compute(job, g.started.elapsed().as_micros() as u64);
             self.end(job, Status::Done, Ok(answer));
             return None;
         }
@@ -140,10 +134,7 @@ impl Shared {
         match inner.state.status {
             Status::Running => inner.generating.take().map(Turn::Continue),
             Status::Queued => {
-                inner.state.status = Status::Running;
-                inner.state.started = Some(SystemTime::now());
-                inner.state.batch_size = Some(1);
-                inner.state.queue_us = inner.queued_at.take().map(|t| t.elapsed().as_micros() as u64);
+                inner.start(SystemTime::now(), 1);
                 let prompt = inner.request.take().and_then(|r| r.prompt);
                 match (prompt, inner.version.clone()) {
                     (Some(prompt), Some(version)) => Some(Turn::Start(prompt, version, inner.config.max_tokens)),

@@ -157,6 +157,16 @@ pub(super) struct Inner {
     pub(super) generating: Option<Box<super::generate::Generating>>,
 }
 
+impl Inner {
+    /// A queued job starts running now, in a batch of `batch_size`.
+    pub(super) fn start(&mut self, now: SystemTime, batch_size: usize) {
+        self.state.status = Status::Running;
+        self.state.started = Some(now);
+        self.state.batch_size = Some(batch_size);
+        self.state.queue_us = self.queued_at.take().map(|t| t.elapsed().as_micros() as u64);
+    }
+}
+
 impl Job {
     pub(super) fn new(
         id: u64,

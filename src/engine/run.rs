@@ -17,6 +17,16 @@ use super::Shared;
 impl Shared {
     /// A job's answer in its request's codec, if it is within
     /// `max_output_bytes` both as the model returned it and as encoded.
+    /// A job's compute time, in its times and its model's latency metrics.
+    pub(super) fn record_compute(&self, job: &Job, compute_us: u64) {
+        let queue_us = {
+            let mut inner = job.inner();
+            inner.state.compute_us = Some(compute_us);
+            inner.state.queue_us.unwrap_or(0)
+        };
+        self.metrics.latency(&job.model, job.version, queue_us, compute_us);
+    }
+
     fn encode(&self, job: &Job, request: &Request, outputs: Vec<Tensor>) -> Result<Vec<u8>> {
         let limit = self.config.max_output_bytes;
         let too_big = |bytes: u64| if bytes > limit { Err(Error::OutputTooBig { limit }) } else { Ok(()) };
@@ -60,10 +70,7 @@ impl Shared {
                 continue; // cancelled or timed out meanwhile
             }
             inner.run = Some(run.clone());
-            inner.state.status = Status::Running;
-            inner.state.started = Some(now);
-            inner.state.batch_size = Some(jobs.len());
-            inner.state.queue_us = inner.queued_at.take().map(|t| t.elapsed().as_micros() as u64);
+            inner.start(now, jobs.len());
             version = version.or(inner.version.clone());
             live.push((j.clone(), inner.request.take().expect("queued jobs have a request")));
         }
@@ -84,12 +91,7 @@ impl Shared {
         match outputs {
             Ok(outputs) => {
                 for ((job, request), out) in live.iter().zip(outputs) {
-                    let queue_us = {
-                        let mut inner = job.inner();
-                        inner.state.compute_us = Some(compute_us);
-                        inner.state.queue_us.unwrap_or(0)
-                    };
-                    self.metrics.latency(model, number, queue_us, compute_us);
+                    self.record_compute(job, compute_us);
                     match self.encode(job, request, out) {
                         Ok(bytes) => self.end(job, Status::Done, Ok(Arc::new(bytes))),
                         Err(e) => self.end(job, Status::Failed, Err(Failure::of(&e))),

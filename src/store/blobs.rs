@@ -77,7 +77,14 @@ impl Store {
         let path = self.blob_path(digest);
         match (fs::metadata(&path), self.shared.get()) {
             (Ok(meta), _) => Ok(meta.len()),
-            (Err(e), Some(shared)) if e.kind() == std::io::ErrorKind::NotFound => shared.size(digest),
+            (Err(e), Some(shared)) if e.kind() == std::io::ErrorKind::NotFound => {
+                if let Some(&len) = self.remote_sizes.lock().unwrap().get(digest) {
+                    return Ok(len);
+                }
+                let len = shared.size(digest)?;
+                self.remote_sizes.lock().unwrap().insert(*digest, len);
+                Ok(len)
+            }
             (Err(e), _) => Err(Error::io(path.display().to_string(), e)),
         }
     }

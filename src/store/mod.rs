@@ -79,6 +79,9 @@ pub struct Store {
     /// recently used first.
     cache_limit: AtomicU64,
     last_used: Mutex<std::collections::HashMap<Digest, std::time::Instant>>,
+    /// Sizes of blobs not here, as the shared store said (a blob's size
+    /// never changes: it is named by its bytes).
+    remote_sizes: Mutex<std::collections::HashMap<Digest, u64>>,
 }
 
 /// A catalog and blob store shared by many nodes (docs/SCALE.md; built by
@@ -155,6 +158,7 @@ impl Store {
             fetching: Default::default(),
             cache_limit: AtomicU64::new(0),
             last_used: Mutex::new(Default::default()),
+            remote_sizes: Mutex::new(Default::default()),
         };
         store.recover()?;
         Ok(store)
