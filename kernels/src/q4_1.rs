@@ -161,7 +161,7 @@ fn dot(xs: &[BlockQ4_1], ys: &[BlockQ8_1]) -> f32 {
 }
 
 /// The eight lanes added as the AVX2 code adds them.
-fn hsum8(a: [f32; 8]) -> f32 {
+pub(crate) fn hsum8(a: [f32; 8]) -> f32 {
     let q = [a[0] + a[4], a[1] + a[5], a[2] + a[6], a[3] + a[7]];
     let h = [q[0] + q[2], q[1] + q[3]];
     h[0] + h[1]
@@ -193,19 +193,7 @@ impl GgmlType for BlockQ8_1 {
     fn from_float(xs: &[f32], ys: &mut [Self]) {
         for (xs, y) in xs.chunks_exact(BLOCK).zip(ys.iter_mut()) {
             let max = xs.iter().fold(0f32, |m, x| m.max(x.abs()));
-            #[cfg(target_arch = "x86_64")]
-            if avx2() {
-                // SAFETY: the CPU has AVX2 (checked just above).
-                let sum = unsafe { x86::quantize(xs, max, &mut y.qs) };
-                y.set_scale(max, sum);
-                continue;
-            }
-            let id = if max != 0.0 { 127.0 / max } else { 0.0 };
-            let mut sum = 0i32;
-            for (q, x) in y.qs.iter_mut().zip(xs) {
-                *q = (x * id).round_ties_even() as i8;
-                sum += i32::from(*q);
-            }
+            let sum = round_block(xs, max, &mut y.qs);
             y.set_scale(max, sum);
         }
     }
@@ -227,16 +215,33 @@ impl GgmlType for BlockQ8_1 {
     }
 }
 
+/// One block of activations as `round(x·127/max)` (ties to even) into
+/// `qs`, as ggml's AVX2 code rounds them; their sum.
+pub(crate) fn round_block(xs: &[f32], max: f32, qs: &mut [i8; BLOCK]) -> i32 {
+    #[cfg(target_arch = "x86_64")]
+    if avx2() {
+        // SAFETY: the CPU has AVX2 (checked just above).
+        return unsafe { x86::quantize(xs, max, qs) };
+    }
+    let id = if max != 0.0 { 127.0 / max } else { 0.0 };
+    let mut sum = 0i32;
+    for (q, x) in qs.iter_mut().zip(xs) {
+        *q = (x * id).round_ties_even() as i8;
+        sum += i32::from(*q);
+    }
+    sum
+}
+
 /// Whether the AVX2 dot product can run (std caches the CPUID answer).
 #[cfg(target_arch = "x86_64")]
-fn avx2() -> bool {
+pub(crate) fn avx2() -> bool {
     std::arch::is_x86_feature_detected!("avx2")
         && std::arch::is_x86_feature_detected!("fma")
         && std::arch::is_x86_feature_detected!("f16c")
 }
 
 #[cfg(target_arch = "x86_64")]
-mod x86 {
+pub(crate) mod x86 {
     use std::arch::x86_64::*;
 
     use super::{BlockQ4_1, BlockQ8_1};
@@ -308,7 +313,7 @@ mod x86 {
     }
 
     #[target_feature(enable = "avx2")]
-    fn hsum(x: __m256) -> f32 {
+    pub(crate) fn hsum(x: __m256) -> f32 {
         let q = _mm_add_ps(_mm256_extractf128_ps::<1>(x), _mm256_castps256_ps128(x));
         let h = _mm_add_ps(q, _mm_movehl_ps(q, q));
         _mm_cvtss_f32(_mm_add_ss(h, _mm_movehdup_ps(h)))
