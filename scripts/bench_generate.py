@@ -3,16 +3,23 @@ five prompts of tests/fixtures/smollm2_llamacpp.json (greedy, 32 tokens),
 through an aifs mount, against the same forward pass in process (aifs's, on
 candle), candle-transformers' quantized llama in process, and llama.cpp in
 process, on the same GGUF, in the same run, with the same threads (2).
+This machine's speed drifts by a fifth from minute to minute, so the mount
+and its floors run in alternation, ROUNDS times, and each ratio is the
+median of the rounds' ratios.
 
     python3 scripts/bench_generate.py MNT GGUF [LLAMA_PYTHON]
 
 MNT must have the GGUF imported as models/smollm (`cp GGUF MNT/models/smollm/`).
 LLAMA_PYTHON: a Python with llama-cpp-python (see scripts/llamacpp_reference.py);
 without it the llama.cpp row is skipped. The in-process floors are
-`target/debug/examples/generate_floor` (built if missing; dependencies,
-candle and aifs-kernels among them, are optimized in debug builds too, as
-the daemon's are). Prints one JSON object: per way, the median time to
-first token (ms) and tokens/s, and the mount's ratios to each.
+`target/release/examples/generate_floor` (built first, so never older
+than the daemon's code), release as the daemon should be
+(`target/release/aifs-mountd`): in a debug build the daemon's own code
+around each token (scheduling, streaming, FUSE) runs unoptimized, which
+the floor has no counterpart for. Prints one JSON
+object: per way, the median over rounds of each round's median time to
+first token (ms) and tokens/s; the mount's ratios to each (the median of
+the rounds' ratios); and every round's numbers.
 """
 
 import json
@@ -25,6 +32,7 @@ import time
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 REFERENCE = os.path.join(REPO, "tests/fixtures/smollm2_llamacpp.json")
 TOKENS = 32
+ROUNDS = 3
 
 LLAMA = r"""
 import json, sys, time
@@ -76,9 +84,7 @@ def mount(mnt):
 def floor(way, gguf):
     """`generate_floor`'s rows: `aifs` (the daemon's forward pass, in
     process) or `candle` (candle-transformers' quantized llama)."""
-    binary = os.path.join(REPO, "target/debug/examples/generate_floor")
-    if not os.path.exists(binary):
-        subprocess.run(["cargo", "build", "--example", "generate_floor"], cwd=REPO, check=True)
+    binary = os.path.join(REPO, "target/release/examples/generate_floor")
     for _ in range(2):  # the first is a warm-up
         lines = subprocess.run([binary, way, gguf, REFERENCE, str(TOKENS)], check=True, capture_output=True,
                                text=True).stdout
@@ -89,20 +95,36 @@ def median(rows, key):
     return round(statistics.median(r[key] for r in rows), 1)
 
 
+def summary(rows):
+    return {"ttft_ms": median(rows, "ttft_ms"), "tokens_per_s": median(rows, "tokens_per_s")}
+
+
 def main():
     if len(sys.argv) not in (3, 4):
         raise SystemExit(__doc__)
     mnt, gguf = sys.argv[1], sys.argv[2]
-    ways = {"mount": mount(mnt), "in process": floor("aifs", gguf), "candle": floor("candle", gguf)}
-    if len(sys.argv) == 4:
-        ways["llama.cpp"] = json.loads(subprocess.run([sys.argv[3], "-c", LLAMA, gguf, REFERENCE], check=True,
-                                                      capture_output=True, text=True).stdout)
-    result = {way: {"ttft_ms": median(rows, "ttft_ms"), "tokens_per_s": median(rows, "tokens_per_s")}
-              for way, rows in ways.items()}
+    subprocess.run(["cargo", "build", "--release", "--example", "generate_floor"], cwd=REPO, check=True)
+    rounds = []
+    for _ in range(ROUNDS):
+        ways = {"mount": mount(mnt), "in process": floor("aifs", gguf)}
+        if len(sys.argv) == 4:
+            ways["llama.cpp"] = json.loads(subprocess.run([sys.argv[3], "-c", LLAMA, gguf, REFERENCE], check=True,
+                                                          capture_output=True, text=True).stdout)
+        rounds.append({way: summary(rows) for way, rows in ways.items()})
+    # candle-transformers' model is far behind: once is enough.
+    candle = summary(floor("candle", gguf))
+    result = {way: {key: round(statistics.median(r[way][key] for r in rounds), 1) for key in ("ttft_ms", "tokens_per_s")}
+              for way in rounds[0]}
+    result["candle"] = candle
     for base in ("in process", "candle", "llama.cpp"):
-        if base in result:
-            for key in ("tokens_per_s", "ttft_ms"):
-                result[f"mount/{base} {key}"] = round(result["mount"][key] / result[base][key], 2)
+        for key in ("tokens_per_s", "ttft_ms"):
+            if base == "candle":
+                result[f"mount/{base} {key}"] = round(result["mount"][key] / candle[key], 2)
+            elif base in result:
+                ratios = [r["mount"][key] / r[base][key] for r in rounds]
+                result[f"mount/{base} {key}"] = round(statistics.median(ratios), 2)
+                result[f"mount/{base} {key}, each round"] = [round(x, 2) for x in ratios]
+    result["rounds"] = rounds
     print(json.dumps(result, indent=1))
 
 
