@@ -38,7 +38,7 @@ LLAMA = r"""
 import json, sys, time
 import llama_cpp, numpy as np
 from llama_cpp import Llama
-llm = Llama(model_path=sys.argv[1], n_ctx=2048, n_threads=2, n_batch=512, verbose=False)
+llm = Llama(model_path=sys.argv[1], n_ctx=2048, n_threads=2, n_batch=512, n_ubatch=512, flash_attn=False, verbose=False)
 out = []
 for case in json.load(open(sys.argv[2])):
     for _ in range(2):  # the first is a warm-up

@@ -43,7 +43,10 @@ def chat(user):
 def main():
     if len(sys.argv) != 3:
         raise SystemExit(__doc__)
-    llm = Llama(model_path=sys.argv[1], n_ctx=2048, n_threads=2, n_batch=512, verbose=False, logits_all=False)
+    # Flash attention off and 512-position micro-batches: the computation
+    # aifs's forward pass follows to the bit (kernels/src/ggml.rs).
+    llm = Llama(model_path=sys.argv[1], n_ctx=2048, n_threads=2, n_batch=512, n_ubatch=512, flash_attn=False,
+                verbose=False, logits_all=False)
     out = []
     for user in PROMPTS:
         ids = llm.tokenize(chat(user).encode(), add_bos=False, special=True)

@@ -29,27 +29,29 @@ use half::slice::HalfFloatSliceExt;
 use rayon::prelude::*;
 
 /// Lanes of an AVX-512 register of f32: ggml's unit of summation.
-pub const LANES: usize = 16;
+const LANES: usize = 16;
 
-/// Defines a function whose body is compiled twice, for AVX2, FMA and
-/// F16C (run when the CPU has them: `mul_add` is then one instruction, not
-/// a call to the C library) and portably; both compute the same floats.
+/// Defines `$name`, whose body is compiled twice: for AVX2, FMA and F16C
+/// (run when the CPU has them: `mul_add` is then one instruction, not a
+/// call to the C library) and portably, as `$portable` (what runs without
+/// them, and what the tests compare with); both compute the same floats.
 macro_rules! with_fma {
-    ($(#[$m:meta])* $vis:vis fn $name:ident($($arg:ident: $ty:ty),* $(,)?) $(-> $ret:ty)? $body:block) => {
+    ($(#[$m:meta])* $vis:vis fn $name:ident / $portable:ident($($arg:ident: $ty:ty),* $(,)?) $(-> $ret:ty)? $body:block) => {
+        #[inline(always)]
+        fn $portable($($arg: $ty),*) $(-> $ret)? $body
+
         $(#[$m])*
         $vis fn $name($($arg: $ty),*) $(-> $ret)? {
-            #[inline(always)]
-            fn body($($arg: $ty),*) $(-> $ret)? $body
             #[cfg(target_arch = "x86_64")]
             if crate::q4_1::avx2() {
                 #[target_feature(enable = "avx2,fma,f16c")]
                 unsafe fn fast($($arg: $ty),*) $(-> $ret)? {
-                    body($($arg),*)
+                    $portable($($arg),*)
                 }
                 // SAFETY: the CPU has AVX2, FMA and F16C (checked just above).
                 return unsafe { fast($($arg),*) };
             }
-            body($($arg),*)
+            $portable($($arg),*)
         }
     };
 }
@@ -57,7 +59,7 @@ macro_rules! with_fma {
 /// ggml's AVX-512 `ggml_v_expf` for one value: a polynomial on the
 /// fraction, scaled by a power of two; 0 below about -104, inf above 88.4.
 #[inline(always)]
-pub fn expf(x: f32) -> f32 {
+fn expf(x: f32) -> f32 {
     // ggml's constants, written there as hex floats (in the comments).
     let c = f32::from_bits;
     let r = c(0x4B40_0000); // 0x1.8p23: adding it rounds to an integer
@@ -92,15 +94,20 @@ fn scale_by_power_of_two(j: f32, n: i32) -> f32 {
 
 /// SiLU as ggml's vector code computes it.
 #[inline(always)]
-pub fn silu(x: f32) -> f32 {
+fn silu(x: f32) -> f32 {
     x / (1.0 + expf(0.0 - x))
 }
 
 with_fma! {
-    /// `gate ← silu(gate)·up`, ggml's `swiglu`.
-    pub fn swiglu(gate: &mut [f32], up: &[f32]) {
-        for (g, &u) in gate.iter_mut().zip(up) {
-            *g = silu(*g) * u;
+    /// `gate ← silu(gate)·up` on rows of `width` values, ggml's `swiglu`:
+    /// its vector code for each row's whole registers, then its scalar
+    /// code (the C library's `exp`) for the rest.
+    pub fn swiglu / swiglu_portable(gate: &mut [f32], up: &[f32], width: usize) {
+        let vector = width / LANES * LANES;
+        for (gate, up) in gate.chunks_mut(width).zip(up.chunks(width)) {
+            for (i, (g, &u)) in gate.iter_mut().zip(up).enumerate() {
+                *g = if i < vector { silu(*g) } else { *g / (1.0 + (-*g).exp()) } * u;
+            }
         }
     }
 }
@@ -124,7 +131,7 @@ with_fma! {
     /// RoPE on one position's heads (each `head_dim` values, in adjacent
     /// pairs: llama's "normal" mode), `cos` and `sin` one per pair; the
     /// products fused as GCC fuses them in ggml.
-    pub fn rope(x: &mut [f32], head_dim: usize, cos: &[f32], sin: &[f32]) {
+    pub fn rope / rope_portable(x: &mut [f32], head_dim: usize, cos: &[f32], sin: &[f32]) {
         for head in x.chunks_exact_mut(head_dim) {
             for ((pair, &c), &s) in head.chunks_exact_mut(2).zip(cos).zip(sin) {
                 let (x0, x1) = (pair[0], pair[1]);
@@ -151,7 +158,9 @@ impl KvCache {
     /// Room for `room` positions of `kv_heads` heads of `head_dim` values.
     pub fn new(kv_heads: usize, head_dim: usize, room: usize) -> Self {
         let size = kv_heads * head_dim * room;
-        KvCache { kv_heads, head_dim, room, keys: vec![f16::ZERO; size], values_t: vec![f16::ZERO; size] }
+        // Zeroed by the allocator (untouched pages): a long context's cache
+        // costs nothing until its positions are written.
+        KvCache { kv_heads, head_dim, room, keys: bytemuck::zeroed_vec(size), values_t: bytemuck::zeroed_vec(size) }
     }
 
     /// Keys and values (position by position, head by head) for the
@@ -159,7 +168,7 @@ impl KvCache {
     pub fn store(&mut self, start: usize, k: &[f32], v: &[f32]) {
         let (d, room) = (self.head_dim, self.room);
         let width = self.kv_heads * d;
-        assert!(k.len() == v.len() && start + k.len() / width <= room);
+        assert!(k.len() == v.len() && k.len().is_multiple_of(width) && start + k.len() / width <= room);
         for (i, (k, v)) in k.chunks_exact(width).zip(v.chunks_exact(width)).enumerate() {
             let pos = start + i;
             for (g, (k, v)) in k.chunks_exact(d).zip(v.chunks_exact(d)).enumerate() {
@@ -173,8 +182,9 @@ impl KvCache {
 
     /// Attention of the queries `q` (`heads` a position, position by
     /// position from `start`, after RoPE) to the positions stored, each to
-    /// itself and those before it; the result in the same layout. A
-    /// batch's rows run in parallel on rayon's pool.
+    /// itself and those before it; the result in the same layout. Rows
+    /// run in parallel on rayon's threads (candle's matmuls run on its
+    /// own pool), unless there is too little work to share.
     pub fn attend(&self, q: &[f32], heads: usize, start: usize) -> Vec<f32> {
         let (d, room) = (self.head_dim, self.room);
         let mut q16 = vec![f16::ZERO; q.len()];
@@ -191,8 +201,8 @@ impl KvCache {
             let values_t = &self.values_t[g * d * room..(g + 1) * d * room];
             attend(order, &q16[row * d..(row + 1) * d], keys, values_t, room, start + i + 1, scratch, out);
         };
-        if order == Order::Single {
-            // A few rows of little work: not worth waking the pool.
+        if order == Order::Single && q.len() * (start + 1) < 1 << 18 {
+            // A few rows of little work: not worth waking rayon's threads.
             let mut scratch = Scratch::default();
             out.chunks_mut(d).enumerate().for_each(|r| row(&mut scratch, r));
         } else {
@@ -205,7 +215,7 @@ impl KvCache {
 /// How ggml sums a dot product of f16 vectors, which depends on how many
 /// positions a batch has.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Order {
+enum Order {
     /// Several positions: llamafile's tinyBLAS, one register of 16 lanes
     /// (element `i` in lane `i mod 16`).
     Batch,
@@ -217,7 +227,7 @@ pub enum Order {
 /// What a dot product does with the elements after its last whole
 /// register.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Tail {
+enum Tail {
     /// They are padded with zeros to a whole register.
     Zeros,
     /// They are multiplied one by one and added in f64, after the
@@ -227,7 +237,7 @@ pub enum Tail {
 
 /// Scratch space for [`attend`], reused between calls.
 #[derive(Default)]
-pub struct Scratch {
+struct Scratch {
     scores: Vec<f32>,
     probs: Vec<f16>,
 }
@@ -260,7 +270,9 @@ fn attend(
     softmax(scores, 1.0 / (d as f32).sqrt());
     probs.resize(n, f16::ZERO);
     probs.convert_from_f32_slice(scores);
-    // ggml's rows of positions are padded (to 256) with probability 0.
+    // The rows ggml multiplies are as long as its cache's used cells
+    // rounded up to 256 (llama.cpp's `get_n_kv`, as in llama-cpp-python
+    // 0.3.36), the rest weighing 0: whole registers, no f64 tail.
     dots(order, Tail::Zeros, &values_t[..(d - 1) * stride + n], stride, probs, out);
 }
 
@@ -268,7 +280,7 @@ with_fma! {
     /// ggml's `soft_max` of `scores · scale` in place: `exp(s - max)` with
     /// [`expf`], summed in f64 one 16-lane reduction at a time, then
     /// scaled by the sum's inverse rounded to f32.
-    fn softmax(scores: &mut [f32], scale: f32) {
+    fn softmax / softmax_portable(scores: &mut [f32], scale: f32) {
         let mut max = f32::NEG_INFINITY;
         for s in scores.iter_mut() {
             *s *= scale;
@@ -300,29 +312,30 @@ fn reduce(l: &[f32; LANES]) -> f32 {
 }
 
 /// `Σ a·b` over f16 values, summed in `order`.
-pub fn dot(order: Order, tail: Tail, a: &[f16], b: &[f16]) -> f32 {
+#[cfg(test)]
+fn dot(order: Order, tail: Tail, a: &[f16], b: &[f16]) -> f32 {
     let mut out = [0.0];
     dots(order, tail, a, a.len(), b, &mut out);
     out[0]
 }
 
 /// `out[r] = Σ rows[r·stride..][..x.len()] · x` for each `r`, summed in
-/// `order` (see [`dot`]).
-pub fn dots(order: Order, tail: Tail, rows: &[f16], stride: usize, x: &[f16], out: &mut [f32]) {
+/// `order`.
+fn dots(order: Order, tail: Tail, rows: &[f16], stride: usize, x: &[f16], out: &mut [f32]) {
     assert!(out.is_empty() || rows.len() >= (out.len() - 1) * stride + x.len());
     #[cfg(target_arch = "x86_64")]
     if crate::q4_1::avx2() {
         // SAFETY: the CPU has AVX2, FMA and F16C (checked just above).
         return unsafe { x86::dots(order, tail, rows, stride, x, out) };
     }
+    dots_portable(order, tail, rows, stride, x, out);
+}
+
+/// [`dots`] without AVX2.
+fn dots_portable(order: Order, tail: Tail, rows: &[f16], stride: usize, x: &[f16], out: &mut [f32]) {
     for (r, o) in out.iter_mut().enumerate() {
-        *o = finish(
-            order,
-            tail,
-            &rows[r * stride..][..x.len()],
-            x,
-            registers(order, tail, &rows[r * stride..][..x.len()], x),
-        );
+        let a = &rows[r * stride..][..x.len()];
+        *o = finish(order, tail, a, x, registers(order, &a[..whole(order, tail, a.len())], x));
     }
 }
 
@@ -358,13 +371,13 @@ fn finish(order: Order, tail: Tail, a: &[f16], b: &[f16], registers: [f32; LANES
     sum
 }
 
-/// The 16 lanes of `order`'s registers over the elements that go through
-/// them (missing ones zero), the registers added together pairwise.
-fn registers(order: Order, tail: Tail, a: &[f16], b: &[f16]) -> [f32; LANES] {
-    let w = whole(order, tail, a.len());
+/// The 16 lanes of `order`'s registers over `a` (the elements that go
+/// through them; a last partial register padded with zeros) times `b`,
+/// the registers added together pairwise.
+fn registers(order: Order, a: &[f16], b: &[f16]) -> [f32; LANES] {
     let mut acc = [[0.0f32; LANES]; 4];
     let per = width(order) / LANES;
-    for (c, (ca, cb)) in a[..w].chunks(LANES).zip(b[..w].chunks(LANES)).enumerate() {
+    for (c, (ca, cb)) in a.chunks(LANES).zip(b[..a.len()].chunks(LANES)).enumerate() {
         let acc = &mut acc[c % per];
         for ((l, x), y) in acc.iter_mut().zip(ca).zip(cb) {
             *l = x.to_f32().mul_add(y.to_f32(), *l);
@@ -407,15 +420,18 @@ mod x86 {
             Order::Batch => 1,
             Order::Single => 4,
         };
-        let load = |s: &[f16]| {
-            // SAFETY: `s` has 8 f16 (16 bytes); an unaligned load.
+        let load = |s: &[f16; 8]| {
+            // SAFETY: `s` is 8 f16 (16 bytes); an unaligned load.
             _mm256_cvtph_ps(unsafe { _mm_loadu_si128(s.as_ptr().cast()) })
         };
+        fn eight(s: &[f16], at: usize) -> &[f16; 8] {
+            s[at..].first_chunk().expect("8 values")
+        }
         let full = a.len() / LANES * LANES;
         for (c, i) in (0..full).step_by(LANES).enumerate() {
             let r = 2 * (c % per);
-            acc[r] = _mm256_fmadd_ps(load(&a[i..i + 8]), load(&b[i..i + 8]), acc[r]);
-            acc[r + 1] = _mm256_fmadd_ps(load(&a[i + 8..i + 16]), load(&b[i + 8..i + 16]), acc[r + 1]);
+            acc[r] = _mm256_fmadd_ps(load(eight(a, i)), load(eight(b, i)), acc[r]);
+            acc[r + 1] = _mm256_fmadd_ps(load(eight(a, i + 8)), load(eight(b, i + 8)), acc[r + 1]);
         }
         if full < a.len() {
             let pad = |s: &[f16]| {
@@ -425,8 +441,8 @@ mod x86 {
             };
             let (pa, pb) = (pad(&a[full..]), pad(&b[full..a.len()]));
             let r = 2 * (full / LANES % per);
-            acc[r] = _mm256_fmadd_ps(load(&pa[..8]), load(&pb[..8]), acc[r]);
-            acc[r + 1] = _mm256_fmadd_ps(load(&pa[8..]), load(&pb[8..]), acc[r + 1]);
+            acc[r] = _mm256_fmadd_ps(load(eight(&pa, 0)), load(eight(&pb, 0)), acc[r]);
+            acc[r + 1] = _mm256_fmadd_ps(load(eight(&pa, 8)), load(eight(&pb, 8)), acc[r + 1]);
         }
         let (lo, hi) = match order {
             Order::Batch => (acc[0], acc[1]),
@@ -459,27 +475,110 @@ mod tests {
             .collect()
     }
 
+    fn halves(seed: u32, n: usize) -> Vec<f16> {
+        data(seed, n).into_iter().map(f16::from_f32).collect()
+    }
+
+    /// Pairs (x, result's bits) from llama.cpp's own AVX-512 build
+    /// (libggml-cpu of llama-cpp-python 0.3.36): `ggml_vec_soft_max_f32`
+    /// with max 0 and `ggml_vec_silu_f32` on 16 values each, called through
+    /// ctypes. Subnormal results included.
+    const GGML_EXP: [(f32, u32); 16] = [
+        (0.0, 0x3f80_0000),
+        (-1.0, 0x3ebc_5ab3),
+        (1.0, 0x402d_f855),
+        (-0.5, 0x3f1b_4597),
+        (-10.0, 0x383e_6bce),
+        (-87.3, 0x0084_c38b),
+        (-103.9, 0x0000_0001),
+        (-104.5, 0x0000_0000),
+        (88.3, 0x7f27_ba47),
+        (88.8, 0x7f80_0000),
+        (10.5, 0x470d_db80),
+        (-0.001, 0x3f7f_be7f),
+        (3.7, 0x4221_ca0b),
+        (-50.0, 0x1b69_2beb),
+        (20.0, 0x4de7_5844),
+        (-20.0, 0x310d_a432),
+    ];
+    const GGML_SILU: [(f32, u32); 16] = [
+        (0.0, 0x0000_0000),
+        (-1.0, 0xbe89_b2b0),
+        (1.0, 0x3f3b_26a7),
+        (-0.5, 0xbe41_4d03),
+        (-10.0, 0xb9ee_03fb),
+        (-87.3, 0x83b5_1923),
+        (-103.9, 0x8000_0000),
+        (5.0, 0x409e_eddc),
+        (88.3, 0x42b0_999a),
+        (100.0, 0x42c8_0000),
+        (10.5, 0x4127_fed1),
+        (-0.001, 0xba03_01a8),
+        (3.7, 0x4067_1634),
+        (-50.0, 0x9e36_2a4f),
+        (20.0, 0x41a0_0000),
+        (-20.0, 0xb331_0d40),
+    ];
+
     #[test]
-    fn expf_is_close_to_exp_and_saturates_like_ggml() {
+    fn exp_and_silu_are_ggmls_to_the_bit() {
+        for (x, bits) in GGML_EXP {
+            assert_eq!(expf(x).to_bits(), bits, "exp({x})");
+        }
+        for (x, bits) in GGML_SILU {
+            assert_eq!(silu(x).to_bits(), bits, "silu({x})");
+        }
         for x in data(1, 10_000).iter().map(|x| x * 40.0) {
-            let (ours, exact) = (expf(x), (x as f64).exp());
-            assert!(((ours as f64 - exact) / exact).abs() < 3e-7, "{x}: {ours} vs {exact}");
+            let (ours, exact) = (expf(x), f64::from(x).exp());
+            assert!(((f64::from(ours) - exact) / exact).abs() < 3e-7, "{x}: {ours} vs {exact}");
         }
         assert_eq!(expf(f32::NEG_INFINITY), 0.0);
-        assert_eq!(expf(-200.0), 0.0);
-        assert_eq!(expf(200.0), f32::INFINITY);
-        assert_eq!(expf(0.0), 1.0);
-        // Results below f32's normal range are rounded once, not flushed.
-        assert!(expf(-100.0) > 0.0 && expf(-100.0) < f32::MIN_POSITIVE);
+    }
+
+    #[test]
+    fn the_fast_code_computes_the_portable_floats() {
+        // SwiGLU over two rows whose width leaves a scalar tail (40 = 2·16 + 8).
+        let (gate, up) = (data(2, 80).iter().map(|x| x * 8.0).collect::<Vec<_>>(), data(3, 80));
+        let (mut fast, mut portable) = (gate.clone(), gate.clone());
+        swiglu(&mut fast, &up, 40);
+        swiglu_portable(&mut portable, &up, 40);
+        assert_eq!(bits(&fast), bits(&portable));
+        // The tail is the C library's exp, the rest ggml's.
+        let want = |i: usize| gate[i] / (1.0 + (-gate[i]).exp()) * up[i];
+        assert_eq!(fast[39].to_bits(), want(39).to_bits());
+        assert_eq!(fast[0].to_bits(), (silu(gate[0]) * up[0]).to_bits());
+
+        let (cos, sin) = (data(4, 8), data(5, 8));
+        let (mut fast, mut portable) = (data(6, 32), data(6, 32));
+        rope(&mut fast, 16, &cos, &sin);
+        rope_portable(&mut portable, 16, &cos, &sin);
+        assert_eq!(bits(&fast), bits(&portable));
+
+        let (mut fast, mut portable) = (data(7, 100), data(7, 100));
+        softmax(&mut fast, 0.125);
+        softmax_portable(&mut portable, 0.125);
+        assert_eq!(bits(&fast), bits(&portable));
+        assert!((fast.iter().map(|&p| f64::from(p)).sum::<f64>() - 1.0).abs() < 1e-6);
+
+        // Several rows `stride` apart, in both orders and both tails.
+        let (rows, x) = (halves(8, 5 * 90), halves(9, 70));
+        for (order, tail) in [(Order::Batch, Tail::Zeros), (Order::Single, Tail::Zeros), (Order::Single, Tail::F64)] {
+            let (mut fast, mut portable) = ([0.0; 5], [0.0; 5]);
+            dots(order, tail, &rows, 90, &x, &mut fast);
+            dots_portable(order, tail, &rows, 90, &x, &mut portable);
+            assert_eq!(bits(&fast), bits(&portable), "{order:?} {tail:?}");
+            assert_eq!(fast[3].to_bits(), dot(order, tail, &rows[270..340], &x).to_bits());
+        }
+    }
+
+    fn bits(v: &[f32]) -> Vec<u32> {
+        v.iter().map(|x| x.to_bits()).collect()
     }
 
     /// The sum of `a·b` as ggml's registers form it, one product at a time.
     fn lanes(order: Order, tail: Tail, a: &[f16], b: &[f16]) -> f32 {
-        let (registers, width) = match order {
-            Order::Batch => (1, LANES),
-            Order::Single => (4, 4 * LANES),
-        };
-        let whole = if tail == Tail::F64 { a.len() / width * width } else { a.len() };
+        let registers = width(order) / LANES;
+        let whole = whole(order, tail, a.len());
         let mut acc = vec![[0.0f32; LANES]; registers];
         for i in 0..whole {
             let l = &mut acc[i / LANES % registers][i % LANES];
@@ -492,12 +591,12 @@ mod tests {
             }
             acc.truncate(half);
         }
-        let mut sum = reduce(&acc[0]) as f64;
+        let mut sum = f64::from(reduce(&acc[0]));
         if whole == a.len() {
             return sum as f32;
         }
         for i in whole..a.len() {
-            sum += (a[i].to_f32() * b[i].to_f32()) as f64;
+            sum += f64::from(a[i].to_f32() * b[i].to_f32());
         }
         sum as f32
     }
@@ -505,43 +604,54 @@ mod tests {
     #[test]
     fn dot_products_sum_in_ggml_registers_order() {
         for n in [1, 15, 16, 17, 63, 64, 80, 200, 256] {
-            let a: Vec<f16> = data(2, n).iter().map(|&x| f16::from_f32(x)).collect();
-            let b: Vec<f16> = data(3, n).iter().map(|&x| f16::from_f32(x)).collect();
+            let (a, b) = (halves(2, n), halves(3, n));
             let exact: f64 = a.iter().zip(&b).map(|(x, y)| x.to_f64() * y.to_f64()).sum();
             for (order, tail) in [(Order::Batch, Tail::Zeros), (Order::Single, Tail::Zeros), (Order::Single, Tail::F64)]
             {
                 let ours = dot(order, tail, &a, &b);
-                let want = lanes(order, tail, &a, &b);
-                assert_eq!(ours.to_bits(), want.to_bits(), "{order:?} {tail:?} n = {n}");
-                let portable = finish(order, tail, &a, &b, registers(order, tail, &a, &b));
-                assert_eq!(portable.to_bits(), want.to_bits(), "portable: {order:?} {tail:?} n = {n}");
-                assert!((ours as f64 - exact).abs() < 1e-4);
+                assert_eq!(ours.to_bits(), lanes(order, tail, &a, &b).to_bits(), "{order:?} {tail:?} n = {n}");
+                assert!((f64::from(ours) - exact).abs() < 1e-4);
             }
         }
         // The orders differ: they are not the same sum twice.
-        let a: Vec<f16> = data(4, 256).iter().map(|&x| f16::from_f32(x)).collect();
-        let b: Vec<f16> = data(5, 256).iter().map(|&x| f16::from_f32(x)).collect();
+        let (a, b) = (halves(4, 256), halves(5, 256));
         assert!((0..200).any(|s| {
             let (a, b) = (&a[s % 50..s % 50 + 128], &b[s / 50..s / 50 + 128]);
             dot(Order::Batch, Tail::Zeros, a, b) != dot(Order::Single, Tail::Zeros, a, b)
         }));
     }
 
+    /// Attention through the cache, against softmax(q·k/√d)·v in f64 on
+    /// the same f16 values: heads sharing key/value heads, a head size that
+    /// is and one that is not a whole number of registers, a cache with
+    /// room to spare, filled by a prompt and then one position.
     #[test]
-    fn attention_weighs_the_values_by_the_softmax_of_the_scores() {
-        let (d, n) = (8, 5);
-        let h = |v: Vec<f32>| v.into_iter().map(f16::from_f32).collect::<Vec<_>>();
-        let (q, k, v) = (h(data(4, d)), h(data(5, n * d)), h(data(6, n * d)));
-        let mut out = vec![0.0; d];
-        for order in [Order::Batch, Order::Single] {
-            attend(order, &q, &k, &v, n, n, &mut Scratch::default(), &mut out);
-            let s: Vec<f64> = (0..n)
-                .map(|p| (0..d).map(|i| q[i].to_f64() * k[p * d + i].to_f64()).sum::<f64>() / (d as f64).sqrt())
-                .collect();
-            let z: f64 = s.iter().map(|s| s.exp()).sum();
-            for (i, o) in out.iter().enumerate() {
-                let want: f64 = (0..n).map(|p| s[p].exp() / z * v[i * n + p].to_f64()).sum();
-                assert!((*o as f64 - want).abs() < 2e-3, "{i}: {o} vs {want}");
+    fn the_cache_attends_each_position_to_those_before_it() {
+        let (heads, kv_heads, room) = (4, 2, 12);
+        for d in [16, 80] {
+            let (q, k, v) = (data(10, 6 * heads * d), data(11, 6 * kv_heads * d), data(12, 6 * kv_heads * d));
+            let mut cache = KvCache::new(kv_heads, d, room);
+            cache.store(0, &k[..5 * kv_heads * d], &v[..5 * kv_heads * d]);
+            let prompt = cache.attend(&q[..5 * heads * d], heads, 0);
+            cache.store(5, &k[5 * kv_heads * d..], &v[5 * kv_heads * d..]);
+            let last = cache.attend(&q[5 * heads * d..], heads, 5);
+            let got: Vec<f32> = prompt.into_iter().chain(last).collect();
+            let h = |x: f32| f64::from(f16::from_f32(x).to_f32());
+            for pos in 0..6 {
+                for head in 0..heads {
+                    let g = head / (heads / kv_heads);
+                    let qv = |i: usize| h(q[(pos * heads + head) * d + i]);
+                    let at = |t: &[f32], p: usize, i: usize| h(t[(p * kv_heads + g) * d + i]);
+                    let s: Vec<f64> = (0..=pos)
+                        .map(|p| (0..d).map(|i| qv(i) * at(&k, p, i)).sum::<f64>() / (d as f64).sqrt())
+                        .collect();
+                    let z: f64 = s.iter().map(|s| s.exp()).sum();
+                    for i in 0..d {
+                        let want: f64 = (0..=pos).map(|p| s[p].exp() / z * at(&v, p, i)).sum();
+                        let ours = f64::from(got[(pos * heads + head) * d + i]);
+                        assert!((ours - want).abs() < 2e-3, "d {d} position {pos} head {head} [{i}]: {ours} vs {want}");
+                    }
+                }
             }
         }
     }

@@ -103,14 +103,14 @@ pub struct Weights {
     sin: Vec<f32>,
 }
 
-/// Positions of a prompt run at once (llama.cpp's default micro-batch):
-/// the attention's scores are `heads × CHUNK × positions` floats.
+/// Positions of a prompt run at once: llama.cpp's default micro-batch
+/// (`n_ubatch`), which matters to the bit: ggml sums a batch's attention
+/// otherwise than one position's (see `aifs_kernels::ggml`).
 pub const CHUNK: usize = 512;
 
 /// One generation's keys and values, and how many positions it holds.
 pub struct Cache {
-    /// Allocated at the first forward pass.
-    layers: Vec<Option<ggml::KvCache>>,
+    layers: Vec<ggml::KvCache>,
     len: usize,
     /// Positions it has room for.
     room: usize,
@@ -297,8 +297,10 @@ impl Weights {
 
     /// An empty cache with room for `positions`.
     pub fn cache(&self, positions: usize) -> Cache {
-        let layers = self.layers.iter().map(|_| None).collect();
-        Cache { layers, len: 0, room: positions.min(self.cos.len() / (self.dims.head_dim / 2)), broken: false }
+        let room = positions.min(self.cos.len() / (self.dims.head_dim / 2));
+        let layers =
+            self.layers.iter().map(|_| ggml::KvCache::new(self.dims.kv_heads, self.dims.head_dim, room)).collect();
+        Cache { layers, len: 0, room, broken: false }
     }
 
     /// Runs `ids` at the cache's next positions; the logits of the last.
@@ -321,9 +323,6 @@ impl Weights {
             bail!("token id {id} is outside the vocabulary of {}", self.dims.vocab);
         }
         cache.broken = true;
-        for layer in cache.layers.iter_mut().filter(|l| l.is_none()) {
-            *layer = Some(ggml::KvCache::new(self.dims.kv_heads, self.dims.head_dim, room));
-        }
         let mut logits = None;
         for chunk in ids.chunks(CHUNK) {
             logits = Some(self.forward_chunk(chunk, cache)?);
@@ -337,7 +336,6 @@ impl Weights {
         let (t, start, eps) = (ids.len(), cache.len, eps as f32);
         let mut x = self.embed.embedding(&Tensor::new(ids, &Device::Cpu)?)?.unsqueeze(0)?; // (1, t, width)
         for (layer, kv) in self.layers.iter().zip(cache.layers.iter_mut()) {
-            let kv = kv.as_mut().ok_or_else(|| candle_core::Error::Msg("no cache".into()))?;
             let [q, k, v] = layer.qkv.forward(&rms_norm(&x, &layer.attn_norm, eps)?)?;
             // Position by position, head by head.
             let (mut q, mut k) = (values(&q)?, values(&k)?);
@@ -352,7 +350,7 @@ impl Weights {
             x = (x + layer.out.forward(&o)?)?;
             let [gate, up] = layer.gate_up.forward(&rms_norm(&x, &layer.ffn_norm, eps)?)?;
             let mut g = values(&gate)?;
-            ggml::swiglu(&mut g, &values(&up)?);
+            ggml::swiglu(&mut g, &values(&up)?, self.dims.ff);
             x = (x + layer.down.forward(&Tensor::from_vec(g, gate.shape(), &Device::Cpu)?)?)?;
         }
         cache.len += t;
@@ -632,6 +630,20 @@ mod tests {
         let mut cache = w.cache(4);
         let err = w.forward(&[VOCAB as u32], &mut cache).unwrap_err().to_string();
         assert!(err.contains("token id 40 is outside the vocabulary of 40"), "{err}");
+    }
+
+    /// A prompt longer than a chunk (its last chunk one position, which
+    /// ggml sums otherwise), in a cache with room to spare.
+    #[test]
+    fn a_prompt_longer_than_a_chunk_is_the_llama_equations() {
+        let t = tensors();
+        let (mut file, content) = gguf(&t, GgmlDType::F32, &[]);
+        let w = Weights::load(&content, &mut file, 600).unwrap();
+        let ids: Vec<u32> = (0..CHUNK as u32 + 1).map(|i| (i * 7 + 3) % VOCAB as u32).collect();
+        let want = reference(&t, &ids);
+        let got = w.forward(&ids, &mut w.cache(600)).unwrap().to_vec1::<f32>().unwrap();
+        let close = want.iter().fold(0f32, |m, x| m.max(x.abs())) * 1e-5;
+        assert!(max_diff(&got, &want) < close, "{got:?}\n{want:?}");
     }
 
     /// The logits of `IDS` from the file, against the equations on what

@@ -1,6 +1,7 @@
 //! Language models from one GGUF file, on candle: the llama family, CPU
-//! only. The forward pass is `llama.rs`; Q4_1 weights run on our own
-//! kernel (the `aifs-kernels` crate).
+//! only. The forward pass is `llama.rs`; Q4_1 and Q8_0 weights run on our
+//! own kernels, and the rest of the arithmetic is llama.cpp's (the
+//! `aifs-kernels` crate).
 //!
 //! The GGUF alone is enough: the tokenizer (vocabulary, merges, special
 //! tokens) and the chat template come from its metadata. A version loads
@@ -132,7 +133,7 @@ struct Text {
     bos: String,
     eos: String,
     context: usize,
-    /// Bytes of KV cache per token: keys and values, f32, every layer.
+    /// Bytes of KV cache per token: keys and values, f16, every layer.
     kv_bytes_per_token: u64,
 }
 
