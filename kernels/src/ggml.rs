@@ -465,15 +465,7 @@ mod x86 {
 mod tests {
     use super::*;
 
-    fn data(seed: u32, n: usize) -> Vec<f32> {
-        let mut s = seed;
-        (0..n)
-            .map(|_| {
-                s = s.wrapping_mul(1_664_525).wrapping_add(1_013_904_223);
-                (s >> 8) as f32 / (1 << 24) as f32 * 4.0 - 2.0
-            })
-            .collect()
-    }
+    use crate::test_data as data;
 
     fn halves(seed: u32, n: usize) -> Vec<f16> {
         data(seed, n).into_iter().map(f16::from_f32).collect()

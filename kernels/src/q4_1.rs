@@ -17,7 +17,7 @@
 //! results follow llama.cpp's.
 
 use candle_core::quantized::k_quants::GgmlType;
-use candle_core::quantized::{GgmlDType, QStorage, QTensor};
+use candle_core::quantized::{GgmlDType, QTensor};
 use half::f16;
 
 /// Values in one block of either type.
@@ -56,21 +56,9 @@ impl BlockQ4_1 {
 }
 
 /// A candle quantized tensor of `shape` (rows, columns) from a GGUF Q4_1
-/// tensor's raw bytes (copied: they need not be aligned), whose matmuls
-/// run on this kernel.
-///
-/// Made here, not by the caller, on purpose: the tensor's storage is a
-/// `Box<dyn QuantizedType>`, and the crate that makes that box compiles
-/// candle's generic matmul loop for these blocks. This crate is optimized
-/// in debug builds; a caller may not be (the matmul's bookkeeping,
-/// unoptimized, cost a tenth of a token's time).
+/// tensor's raw bytes, whose matmuls run on this kernel.
 pub fn qtensor(bytes: &[u8], shape: (usize, usize)) -> candle_core::Result<QTensor> {
-    let size = std::mem::size_of::<BlockQ4_1>();
-    if !bytes.len().is_multiple_of(size) || bytes.len() / size * BLOCK != shape.0 * shape.1 {
-        candle_core::bail!("{} bytes are not the Q4_1 blocks of a {shape:?} tensor", bytes.len());
-    }
-    let blocks: Vec<BlockQ4_1> = bytemuck::pod_collect_to_vec(bytes);
-    QTensor::new(QStorage::Cpu(Box::new(blocks)), shape)
+    crate::qtensor::<BlockQ4_1>(bytes, shape)
 }
 
 impl GgmlType for BlockQ4_1 {
@@ -327,15 +315,7 @@ mod tests {
     use super::*;
 
     /// Rows of weights and activations from a fixed generator.
-    fn data(seed: u32, n: usize) -> Vec<f32> {
-        let mut s = seed;
-        (0..n)
-            .map(|_| {
-                s = s.wrapping_mul(1_664_525).wrapping_add(1_013_904_223);
-                (s >> 8) as f32 / (1u32 << 24) as f32 * 2.0 - 1.0
-            })
-            .collect()
-    }
+    use crate::test_data as data;
 
     #[test]
     fn the_dot_products_agree_with_the_dequantized_ones() {

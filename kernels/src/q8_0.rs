@@ -14,7 +14,7 @@
 //! in portable code that computes the same float.
 
 use candle_core::quantized::k_quants::GgmlType;
-use candle_core::quantized::{GgmlDType, QStorage, QTensor};
+use candle_core::quantized::{GgmlDType, QTensor};
 use half::f16;
 
 use crate::q4_1::{avx2, hsum8, round_block, BLOCK};
@@ -30,15 +30,9 @@ pub struct BlockQ8_0 {
 const _: () = assert!(std::mem::size_of::<BlockQ8_0>() == 34);
 
 /// A candle quantized tensor of `shape` (rows, columns) from a GGUF Q8_0
-/// tensor's raw bytes (copied), whose matmuls run on this kernel. Made
-/// here for the reason [`crate::q4_1::qtensor`] gives.
+/// tensor's raw bytes, whose matmuls run on this kernel.
 pub fn qtensor(bytes: &[u8], shape: (usize, usize)) -> candle_core::Result<QTensor> {
-    let size = std::mem::size_of::<BlockQ8_0>();
-    if !bytes.len().is_multiple_of(size) || bytes.len() / size * BLOCK != shape.0 * shape.1 {
-        candle_core::bail!("{} bytes are not the Q8_0 blocks of a {shape:?} tensor", bytes.len());
-    }
-    let blocks: Vec<BlockQ8_0> = bytemuck::pod_collect_to_vec(bytes);
-    QTensor::new(QStorage::Cpu(Box::new(blocks)), shape)
+    crate::qtensor::<BlockQ8_0>(bytes, shape)
 }
 
 impl GgmlType for BlockQ8_0 {
@@ -121,15 +115,7 @@ mod x86 {
 mod tests {
     use super::*;
 
-    fn data(seed: u32, n: usize) -> Vec<f32> {
-        let mut s = seed;
-        (0..n)
-            .map(|_| {
-                s = s.wrapping_mul(1_664_525).wrapping_add(1_013_904_223);
-                (s >> 8) as f32 / (1 << 24) as f32 * 4.0 - 2.0
-            })
-            .collect()
-    }
+    use crate::test_data as data;
 
     #[test]
     fn the_simd_dot_is_the_portable_one_and_the_dequantized_one() {
