@@ -4,8 +4,8 @@ through an aifs mount, against the same forward pass in process (aifs's, on
 candle), candle-transformers' quantized llama in process, and llama.cpp in
 process, on the same GGUF, in the same run, with the same threads (2).
 This machine's speed drifts by a fifth from minute to minute, so the mount
-and its floors run in alternation, ROUNDS times, and each ratio is the
-median of the rounds' ratios.
+and its floors run in alternation, ROUNDS times (mount and floor taking
+turns to go first), and each ratio is the median of the rounds' ratios.
 
     python3 scripts/bench_generate.py MNT GGUF [LLAMA_PYTHON]
 
@@ -32,7 +32,7 @@ import time
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 REFERENCE = os.path.join(REPO, "tests/fixtures/smollm2_llamacpp.json")
 TOKENS = 32
-ROUNDS = 3
+ROUNDS = 4
 
 LLAMA = r"""
 import json, sys, time
@@ -105,8 +105,14 @@ def main():
     mnt, gguf = sys.argv[1], sys.argv[2]
     subprocess.run(["cargo", "build", "--release", "--example", "generate_floor"], cwd=REPO, check=True)
     rounds = []
-    for _ in range(ROUNDS):
-        ways = {"mount": mount(mnt), "in process": floor("aifs", gguf)}
+    for r in range(ROUNDS):
+        # Mount and floor take turns going first: what ran just before
+        # (llama.cpp, a build) must not favour one of them.
+        if r % 2 == 0:
+            ways = {"mount": mount(mnt), "in process": floor("aifs", gguf)}
+        else:
+            ways = {"in process": floor("aifs", gguf)}
+            ways["mount"] = mount(mnt)
         if len(sys.argv) == 4:
             ways["llama.cpp"] = json.loads(subprocess.run([sys.argv[3], "-c", LLAMA, gguf, REFERENCE], check=True,
                                                           capture_output=True, text=True).stdout)
