@@ -170,17 +170,14 @@ impl GgmlType for BlockQ8_1 {
 
     fn to_float(xs: &[Self], ys: &mut [f32]) {
         for (x, ys) in xs.iter().zip(ys.chunks_exact_mut(BLOCK)) {
-            let d = x.d.to_f32();
-            for (y, q) in ys.iter_mut().zip(x.qs) {
-                *y = f32::from(q) * d;
-            }
+            dequantize_q8(x.d, &x.qs, ys);
         }
     }
 
     /// ggml's `quantize_row_q8_1` (its AVX2 form: `127/max`, ties to even).
     fn from_float(xs: &[f32], ys: &mut [Self]) {
         for (xs, y) in xs.chunks_exact(BLOCK).zip(ys.iter_mut()) {
-            let max = xs.iter().fold(0f32, |m, x| m.max(x.abs()));
+            let max = max_abs(xs);
             let sum = round_block(xs, max, &mut y.qs);
             y.set_scale(max, sum);
         }
@@ -218,6 +215,19 @@ pub(crate) fn round_block(xs: &[f32], max: f32, qs: &mut [i8; BLOCK]) -> i32 {
         sum += i32::from(*q);
     }
     sum
+}
+
+/// A Q8 block's values, `d·q`, into `ys`.
+pub(crate) fn dequantize_q8(d: f16, qs: &[i8; BLOCK], ys: &mut [f32]) {
+    let d = d.to_f32();
+    for (y, &q) in ys.iter_mut().zip(qs) {
+        *y = f32::from(q) * d;
+    }
+}
+
+/// The largest magnitude among `xs` (a Q8 block's scale is it / 127).
+pub(crate) fn max_abs(xs: &[f32]) -> f32 {
+    xs.iter().fold(0f32, |m, x| m.max(x.abs()))
 }
 
 /// Whether the AVX2 dot product can run (std caches the CPUID answer).

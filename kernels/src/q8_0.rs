@@ -17,7 +17,7 @@ use candle_core::quantized::k_quants::GgmlType;
 use candle_core::quantized::{GgmlDType, QTensor};
 use half::f16;
 
-use crate::q4_1::{avx2, hsum8, round_block, BLOCK};
+use crate::q4_1::{avx2, dequantize_q8, hsum8, max_abs, round_block, BLOCK};
 
 /// 32 values: `x = d·q`.
 #[derive(Debug, Clone, Copy, PartialEq, bytemuck::Pod, bytemuck::Zeroable)]
@@ -42,17 +42,14 @@ impl GgmlType for BlockQ8_0 {
 
     fn to_float(xs: &[Self], ys: &mut [f32]) {
         for (x, ys) in xs.iter().zip(ys.chunks_exact_mut(BLOCK)) {
-            let d = x.d.to_f32();
-            for (y, q) in ys.iter_mut().zip(x.qs) {
-                *y = f32::from(q) * d;
-            }
+            dequantize_q8(x.d, &x.qs, ys);
         }
     }
 
     /// ggml's `quantize_row_q8_0` (its AVX2 form: `127/max`, ties to even).
     fn from_float(xs: &[f32], ys: &mut [Self]) {
         for (xs, y) in xs.chunks_exact(BLOCK).zip(ys.iter_mut()) {
-            let max = xs.iter().fold(0f32, |m, x| m.max(x.abs()));
+            let max = max_abs(xs);
             round_block(xs, max, &mut y.qs);
             y.d = f16::from_f32(max / 127.0);
         }

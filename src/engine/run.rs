@@ -15,8 +15,6 @@ use super::job::{Failure, Job, Status};
 use super::loaded::Pool;
 use super::Shared;
 impl Shared {
-    /// A job's answer in its request's codec, if it is within
-    /// `max_output_bytes` both as the model returned it and as encoded.
     /// A job's compute time, in its times and its model's latency metrics.
     pub(super) fn record_compute(&self, job: &Job, compute_us: u64) {
         let queue_us = {
@@ -27,6 +25,8 @@ impl Shared {
         self.metrics.latency(&job.model, job.version, queue_us, compute_us);
     }
 
+    /// A job's answer in its request's codec, if it is within
+    /// `max_output_bytes` both as the model returned it and as encoded.
     fn encode(&self, job: &Job, request: &Request, outputs: Vec<Tensor>) -> Result<Vec<u8>> {
         let limit = self.config.max_output_bytes;
         let too_big = |bytes: u64| if bytes > limit { Err(Error::OutputTooBig { limit }) } else { Ok(()) };

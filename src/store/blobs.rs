@@ -64,7 +64,7 @@ impl Store {
 
     pub(super) fn referenced_blobs(&self) -> BTreeSet<Digest> {
         let models = self.models.read().unwrap();
-        models.values().flat_map(|m| m.versions.values()).flat_map(|v| v.files.values().copied()).collect()
+        models.values().flat_map(|m| m.blobs()).collect()
     }
 
     pub fn blob_path(&self, digest: &Digest) -> PathBuf {
@@ -182,7 +182,7 @@ impl Store {
     /// Whether a version references the blob `digest`.
     pub fn has_blob(&self, digest: &Digest) -> bool {
         let models = self.models.read().unwrap();
-        models.values().flat_map(|m| m.versions.values()).any(|v| v.files.values().any(|d| d == digest))
+        models.values().any(|m| m.blobs().any(|d| d == *digest))
     }
 
     /// Digests of every blob in the store, sorted.

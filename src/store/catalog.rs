@@ -195,6 +195,11 @@ impl Model {
         self.versions.keys().next_back().copied()
     }
 
+    /// The blobs its versions reference (a blob twice if two do).
+    pub fn blobs(&self) -> impl Iterator<Item = Digest> + '_ {
+        self.versions.values().flat_map(|v| v.files.values().copied())
+    }
+
     /// The version an alias (or `latest`) points at.
     pub fn resolve_alias(&self, alias: &str) -> Option<u32> {
         if alias == LATEST {

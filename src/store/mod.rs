@@ -210,13 +210,8 @@ impl Store {
         }
         // The blobs of the record replaced: those no version references
         // now go from this node's cache too (below).
-        let before: Vec<Digest> = self
-            .models
-            .read()
-            .unwrap()
-            .get(name)
-            .map(|m| m.versions.values().flat_map(|v| v.files.values().copied()).collect())
-            .unwrap_or_default();
+        let before: Vec<Digest> =
+            self.models.read().unwrap().get(name).map(|m| m.blobs().collect()).unwrap_or_default();
         // Readers' copy first: it is what later writes are computed from,
         // and it must not fall behind the revision recorded (below) if the
         // local disk fails.
