@@ -20,25 +20,6 @@ use aifs::store::Store;
 use clap::Parser;
 use signal_hook::consts::{SIGINT, SIGTERM};
 
-#[global_allocator]
-static ALLOC: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
-
-/// jemalloc's options, read once at its start (the symbol carries the
-/// crate's `_rjem_` prefix). One arena, and no separate one for large
-/// buffers, so a buffer freed by one thread is reused by the next request
-/// whichever thread it runs on; freed pages are kept (no decay) rather
-/// than returned and faulted in again, and [`purge_memory_periodically`]
-/// gives them back instead. A 64 MB request: ~230 MB/s with the default
-/// decay, ~400 MB/s this way.
-#[export_name = "_rjem_malloc_conf"]
-static MALLOC_CONF: MallocConf =
-    MallocConf(c"oversize_threshold:0,narenas:1,dirty_decay_ms:-1,muzzy_decay_ms:-1".as_ptr());
-
-#[repr(transparent)]
-struct MallocConf(*const libc::c_char);
-// SAFETY: points at a string constant; nothing writes through it.
-unsafe impl Sync for MallocConf {}
-
 /// Mount the aifs tree: AI models, compute devices and inference jobs as files.
 ///
 /// Detaches once the mount is ready unless --foreground is given. Logging
@@ -148,6 +129,7 @@ struct Cli {
 }
 
 mod helper;
+mod memory;
 
 fn main() -> ExitCode {
     // First, while this is the only thread.
@@ -169,33 +151,6 @@ fn main() -> ExitCode {
             tracing::error!("{msg}");
             ExitCode::FAILURE
         }
-    }
-}
-
-/// Every 10 s, hands the memory jemalloc keeps for reuse back to the
-/// kernel: under load that costs one round of page faults per period, and
-/// an idle daemon shrinks back within 10 s of its last request.
-fn purge_memory_periodically() {
-    let spawned = std::thread::Builder::new().name("purge".into()).spawn(|| loop {
-        std::thread::sleep(std::time::Duration::from_secs(10));
-        // "arena.4096.purge": 4096 is MALLCTL_ARENAS_ALL. SAFETY: a
-        // documented mallctl that reads and writes nothing.
-        let rc = unsafe {
-            tikv_jemalloc_sys::mallctl(
-                c"arena.4096.purge".as_ptr(),
-                std::ptr::null_mut(),
-                std::ptr::null_mut(),
-                std::ptr::null_mut(),
-                0,
-            )
-        };
-        if rc != 0 {
-            tracing::warn!("returning free memory to the kernel failed (jemalloc error {rc})");
-            return;
-        }
-    });
-    if let Err(e) = spawned {
-        tracing::warn!("not returning free memory to the kernel: {e}");
     }
 }
 
@@ -332,7 +287,7 @@ fn serve(cli: &Cli, data_dir: &Path, library: &Path, ready: Option<OwnedFd>) -> 
         .map_err(|e| format!("mounting on {}: {e}", mountpoint.display()))?;
     tracing::info!(mountpoint = %mountpoint.display(), "mounted");
 
-    purge_memory_periodically();
+    memory::purge_periodically();
     let mut unmounter = session.unmount_callable();
     let mountpoint_for_signal = mountpoint.clone();
     let engine_for_signal = engine.clone();
