@@ -36,6 +36,10 @@ pub(super) struct Generating {
     kv_bytes: u64,
     /// Tokens generated (an end-of-turn token is not counted).
     tokens: usize,
+    /// Steps taken: tokens the model produced, an end-of-turn one
+    /// included (it costs a forward pass like any other). The rate counts
+    /// these, as llama.cpp's does.
+    steps: usize,
     started: Instant,
     first_token: Option<Instant>,
 }
@@ -89,6 +93,7 @@ impl Shared {
             };
             let now = Instant::now();
             let first = *g.first_token.get_or_insert(now);
+            g.steps += 1;
             let (mut bytes, stopped) = if token.end == Some(Finish::Stop) && token.text.is_empty() {
                 (Vec::new(), false)
             } else {
@@ -102,7 +107,7 @@ impl Shared {
                 max_tokens: g.generation.max_tokens(),
                 first_token_us: Some((first - g.started).as_micros() as u64),
                 tokens_per_s: match (now - first).as_secs_f64() {
-                    t if t > 0.0 => (g.tokens.saturating_sub(1)) as f64 / t,
+                    t if t > 0.0 => (g.steps - 1) as f64 / t,
                     _ => 0.0,
                 },
             };
@@ -170,6 +175,7 @@ impl Shared {
             pool: pool.clone(),
             kv_bytes,
             tokens: 0,
+            steps: 0,
             started,
             first_token: None,
         }))

@@ -82,7 +82,8 @@ pub struct Progress {
     pub max_tokens: usize,
     /// From the start of its run to its first token.
     pub first_token_us: Option<u64>,
-    /// Tokens per second after the first.
+    /// Tokens per second after the first, an end-of-turn token counted
+    /// (it takes a step like any other).
     pub tokens_per_s: f64,
 }
 
