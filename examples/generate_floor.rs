@@ -7,10 +7,15 @@
 //! - `candle`: candle-transformers' `quantized_llama`, the stock candle
 //!   model, for comparison.
 //!
-//! Prints one JSON line per prompt: time to first token, tokens per second
-//! after it, and whether the ids equal llama.cpp's.
+//! Like the daemon, it stops at `TOKENS` tokens or at the file's end of
+//! turn (EOS, EOT), whose step counts in the rate. Prints one JSON line
+//! per prompt: time to first token, tokens per second after it, and
+//! whether the ids equal llama.cpp's. With `--serve` it
+//! loads the model once and then runs the prompt whose index each line of
+//! its input names, printing its line at once: `scripts/bench_generate.py`
+//! runs it request by request in turn with the mount.
 //!
-//!     cargo run --release --example generate_floor -- aifs|candle GGUF tests/fixtures/smollm2_llamacpp.json [TOKENS]
+//!     cargo run --release --example generate_floor -- aifs|candle GGUF tests/fixtures/smollm2_llamacpp.json [TOKENS] [--serve]
 
 use std::time::Instant;
 
@@ -45,17 +50,25 @@ impl Floor for Candle {
 fn main() {
     // As the daemon does (its threads are candle's, counted once).
     aifs::backend::settle_thread_count();
-    let args: Vec<String> = std::env::args().collect();
+    let mut args: Vec<String> = std::env::args().collect();
+    let serve = args.last().is_some_and(|a| a == "--serve");
+    if serve {
+        args.pop();
+    }
     let (way, gguf, reference) = match &args[..] {
         [_, w, g, r] | [_, w, g, r, _] if w == "aifs" || w == "candle" => (w, g, r),
         _ => {
-            eprintln!("usage: generate_floor aifs|candle GGUF REFERENCE.json [TOKENS]");
+            eprintln!("usage: generate_floor aifs|candle GGUF REFERENCE.json [TOKENS] [--serve]");
             std::process::exit(2);
         }
     };
     let tokens: usize = args.get(4).map_or(32, |t| t.parse().expect("TOKENS is a number"));
     let mut file = std::fs::File::open(gguf).expect("the GGUF opens");
     let content = gguf_file::Content::read(&mut file).expect("a GGUF");
+    let ends: Vec<u32> = ["tokenizer.ggml.eos_token_id", "tokenizer.ggml.eot_token_id"]
+        .iter()
+        .filter_map(|key| content.metadata.get(*key)?.to_u32().ok())
+        .collect();
     let (ours, stock) = if way == "aifs" {
         (Some(llama::Weights::load(&content, &mut file, 4096).expect("the model loads")), None)
     } else {
@@ -63,7 +76,7 @@ fn main() {
     };
     let cases: Vec<serde_json::Value> =
         serde_json::from_slice(&std::fs::read(reference).expect("the reference reads")).expect("JSON");
-    for case in cases {
+    let run = |case: &serde_json::Value| {
         let prompt: Vec<u32> =
             case["prompt_ids"].as_array().unwrap().iter().map(|v| v.as_u64().unwrap() as u32).collect();
         let want: Vec<u32> = case["ids"].as_array().unwrap().iter().map(|v| v.as_u64().unwrap() as u32).collect();
@@ -72,26 +85,40 @@ fn main() {
             (_, Some(m)) => Box::new(Candle(m.clone())),
             _ => unreachable!(),
         };
+        // As the daemon: up to `tokens` tokens, or to the end of the turn,
+        // whose step is timed and counted in the rate but is not a token.
         let start = Instant::now();
         let mut ids = vec![floor.next(&prompt, 0)];
         let first = start.elapsed();
-        while ids.len() < tokens {
+        while !ends.contains(&ids[ids.len() - 1]) && ids.len() < tokens {
             let pos = prompt.len() + ids.len() - 1;
             let id = floor.next(&ids[ids.len() - 1..], pos);
             ids.push(id);
         }
         let rest = start.elapsed() - first;
+        let steps = ids.len();
+        if ends.contains(&ids[ids.len() - 1]) {
+            ids.pop();
+        }
         let n = want.len().min(ids.len());
         println!(
             "{}",
             serde_json::json!({
                 "prompt": case["prompt"],
                 "ttft_ms": first.as_secs_f64() * 1e3,
-                "tokens_per_s": (ids.len() - 1) as f64 / rest.as_secs_f64(),
+                "tokens_per_s": (steps - 1) as f64 / rest.as_secs_f64(),
                 "equal": ids[..n] == want[..n],
                 "first_diff": (0..n).find(|&i| ids[i] != want[i]),
                 "ids": ids,
             })
         );
+    };
+    if !serve {
+        cases.iter().for_each(run);
+        return;
+    }
+    for line in std::io::stdin().lines() {
+        let line = line.expect("the input reads");
+        run(&cases[line.trim().parse::<usize>().expect("a prompt's index")]);
     }
 }

@@ -3,9 +3,19 @@ five prompts of tests/fixtures/smollm2_llamacpp.json (greedy, 32 tokens),
 through an aifs mount, against the same forward pass in process (aifs's, on
 candle), candle-transformers' quantized llama in process, and llama.cpp in
 process, on the same GGUF, in the same run, with the same threads (2).
-This machine's speed drifts by a fifth from minute to minute, so the mount
-and its floors run in alternation, ROUNDS times (mount and floor taking
-turns to go first), and each ratio is the median of the rounds' ratios.
+
+Every way does the same work: it stops at 32 tokens or at the end of the
+turn, and a rate counts the steps after the first token, the one that
+produced the end of the turn included (as llama.cpp's timings and the
+daemon's `times` do).
+
+This machine's speed drifts by a fifth from minute to minute, so the ways
+take turns request by request: each way loads once and then waits for the
+next prompt (the mount is one; `generate_floor --serve` and a llama.cpp
+process read a prompt's index per line), and each sample is one prompt run
+by every way in a row, the order rotating from sample to sample. A ratio
+is the median over the samples of the per-sample ratio: a slow minute
+slows both sides of it.
 
     python3 scripts/bench_generate.py MNT GGUF [LLAMA_PYTHON]
 
@@ -16,10 +26,10 @@ without it the llama.cpp row is skipped. The in-process floors are
 than the daemon's code), release as the daemon should be
 (`target/release/aifs-mountd`): in a debug build the daemon's own code
 around each token (scheduling, streaming, FUSE) runs unoptimized, which
-the floor has no counterpart for. Prints one JSON
-object: per way, the median over rounds of each round's median time to
-first token (ms) and tokens/s; the mount's ratios to each (the median of
-the rounds' ratios); and every round's numbers.
+the floor has no counterpart for. Prints one JSON object: per way, the
+median time to first token (ms) and tokens/s over the samples; the
+mount's ratios to each (median, and the quartiles, of the per-sample
+ratios).
 """
 
 import json
@@ -31,72 +41,87 @@ import time
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 REFERENCE = os.path.join(REPO, "tests/fixtures/smollm2_llamacpp.json")
+FLOOR = os.path.join(REPO, "target/release/examples/generate_floor")
 TOKENS = 32
-ROUNDS = 4
+ROUNDS = 8  # samples = ROUNDS x prompts
 
 LLAMA = r"""
 import json, sys, time
 import llama_cpp, numpy as np
 from llama_cpp import Llama
 llm = Llama(model_path=sys.argv[1], n_ctx=2048, n_threads=2, n_batch=512, n_ubatch=512, flash_attn=False, verbose=False)
-out = []
-for case in json.load(open(sys.argv[2])):
-    for _ in range(2):  # the first is a warm-up
-        llm.reset()
-        t = time.monotonic()
-        llm.eval(case["prompt_ids"])
-        n = llm.n_vocab()
-        first = None
-        for i in range(%d):
-            logits = np.ctypeslib.as_array(llama_cpp.llama_get_logits_ith(llm.ctx, -1), shape=(n,))
-            tok = int(logits.argmax())
-            if first is None:
-                first = time.monotonic() - t
-            llm.eval([tok])
-        total = time.monotonic() - t
-    out.append({"ttft_ms": first * 1e3, "tokens_per_s": (%d - 1) / (total - first)})
-print(json.dumps(out))
-""" % (TOKENS, TOKENS)
-
-
-def mount(mnt):
-    infer = os.path.join(mnt, "models/smollm/latest/infer")
-    out = []
-    for case in json.load(open(REFERENCE)):
-        body = json.dumps({"messages": [{"role": "user", "content": case["prompt"]}],
-                           "max_tokens": TOKENS}).encode()
-        for _ in range(2):  # the first is a warm-up (and loads the model)
-            f = os.open(infer, os.O_RDWR)
-            t = time.monotonic()
-            os.write(f, body)
-            data = os.read(f, 1 << 16)
+cases = json.load(open(sys.argv[2]))
+for line in sys.stdin:
+    case = cases[int(line)]
+    llm.reset()
+    t = time.monotonic()
+    llm.eval(case["prompt_ids"])
+    n = llm.n_vocab()
+    first, tokens, steps = None, 0, 0
+    while True:
+        logits = np.ctypeslib.as_array(llama_cpp.llama_get_logits_ith(llm.ctx, -1), shape=(n,))
+        tok = int(logits.argmax())
+        steps += 1
+        if first is None:
             first = time.monotonic() - t
-            while chunk := os.read(f, 1 << 16):
-                data += chunk
-            total = time.monotonic() - t
-            os.close(f)
+        if tok == llm.token_eos():
+            break
+        tokens += 1
+        if tokens == %d:
+            break
+        llm.eval([tok])
+    total = time.monotonic() - t
+    print(json.dumps({"ttft_ms": first * 1e3, "tokens_per_s": (steps - 1) / (total - first)}), flush=True)
+""" % TOKENS
+
+
+class Mount:
+    def __init__(self, mnt, cases):
+        self.infer = os.path.join(mnt, "models/smollm/latest/infer")
+        self.bodies = [json.dumps({"messages": [{"role": "user", "content": c["prompt"]}],
+                                   "max_tokens": TOKENS}).encode() for c in cases]
+
+    def run(self, i):
+        f = os.open(self.infer, os.O_RDWR)
+        t = time.monotonic()
+        os.write(f, self.bodies[i])
+        data = os.read(f, 1 << 16)
+        first = time.monotonic() - t
+        while chunk := os.read(f, 1 << 16):
+            data += chunk
+        total = time.monotonic() - t
+        os.close(f)
         last = json.loads(data.splitlines()[-1])
-        n = last["completion_tokens"]
-        out.append({"ttft_ms": first * 1e3, "tokens_per_s": (n - 1) / (total - first), "tokens": n})
-    return out
+        # The end of the turn takes a step, like a token (no stop strings
+        # here: "stop" is the end-of-turn token).
+        steps = last["completion_tokens"] + (last["finish_reason"] == "stop")
+        return {"ttft_ms": first * 1e3, "tokens_per_s": (steps - 1) / (total - first)}
 
 
-def floor(way, gguf):
-    """`generate_floor`'s rows: `aifs` (the daemon's forward pass, in
-    process) or `candle` (candle-transformers' quantized llama)."""
-    binary = os.path.join(REPO, "target/release/examples/generate_floor")
-    for _ in range(2):  # the first is a warm-up
-        lines = subprocess.run([binary, way, gguf, REFERENCE, str(TOKENS)], check=True, capture_output=True,
-                               text=True).stdout
-    return [{"ttft_ms": d["ttft_ms"], "tokens_per_s": d["tokens_per_s"]} for d in map(json.loads, lines.splitlines())]
+class Served:
+    """A process that loads the model once and runs the prompt whose
+    index each input line names, answering with one JSON line."""
+
+    def __init__(self, argv):
+        self.p = subprocess.Popen(argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+
+    def run(self, i):
+        self.p.stdin.write(f"{i}\n")
+        self.p.stdin.flush()
+        line = self.p.stdout.readline()
+        if not line:
+            raise SystemExit(f"{self.p.args[0]} ended")
+        d = json.loads(line)
+        return {"ttft_ms": d["ttft_ms"], "tokens_per_s": d["tokens_per_s"]}
+
+    def close(self):
+        self.p.stdin.close()
+        self.p.wait()
 
 
-def median(rows, key):
-    return round(statistics.median(r[key] for r in rows), 1)
-
-
-def summary(rows):
-    return {"ttft_ms": median(rows, "ttft_ms"), "tokens_per_s": median(rows, "tokens_per_s")}
+def quartiles(values):
+    q = statistics.quantiles(values, n=4)
+    return [round(q[0], 2), round(statistics.median(values), 2), round(q[2], 2)]
 
 
 def main():
@@ -104,33 +129,37 @@ def main():
         raise SystemExit(__doc__)
     mnt, gguf = sys.argv[1], sys.argv[2]
     subprocess.run(["cargo", "build", "--release", "--example", "generate_floor"], cwd=REPO, check=True)
-    rounds = []
-    for r in range(ROUNDS):
-        # Mount and floor take turns going first: what ran just before
-        # (llama.cpp, a build) must not favour one of them.
-        if r % 2 == 0:
-            ways = {"mount": mount(mnt), "in process": floor("aifs", gguf)}
-        else:
-            ways = {"in process": floor("aifs", gguf)}
-            ways["mount"] = mount(mnt)
-        if len(sys.argv) == 4:
-            ways["llama.cpp"] = json.loads(subprocess.run([sys.argv[3], "-c", LLAMA, gguf, REFERENCE], check=True,
-                                                          capture_output=True, text=True).stdout)
-        rounds.append({way: summary(rows) for way, rows in ways.items()})
-    # candle-transformers' model is far behind: once is enough.
-    candle = summary(floor("candle", gguf))
-    result = {way: {key: round(statistics.median(r[way][key] for r in rounds), 1) for key in ("ttft_ms", "tokens_per_s")}
-              for way in rounds[0]}
-    result["candle"] = candle
-    for base in ("in process", "candle", "llama.cpp"):
+    cases = json.load(open(REFERENCE))
+    ways = {"mount": Mount(mnt, cases), "in process": Served([FLOOR, "aifs", gguf, REFERENCE, str(TOKENS), "--serve"])}
+    if len(sys.argv) == 4:
+        ways["llama.cpp"] = Served([sys.argv[3], "-c", LLAMA, gguf, REFERENCE])
+    names = list(ways)
+    for i in range(len(cases)):  # warm-up (the mount loads the model)
+        for way in ways.values():
+            way.run(i)
+    samples = []
+    for s in range(ROUNDS * len(cases)):
+        i = s % len(cases)
+        order = names[s % len(names):] + names[:s % len(names)]
+        samples.append({name: ways[name].run(i) for name in order})
+    for way in ways.values():
+        if isinstance(way, Served):
+            way.close()
+    # candle-transformers' model is far behind: one pass is enough.
+    lines = subprocess.run([FLOOR, "candle", gguf, REFERENCE, str(TOKENS)], check=True, capture_output=True,
+                           text=True).stdout.splitlines()
+    candle = [json.loads(line) for line in lines]
+    result = {}
+    for name in names:
+        result[name] = {key: round(statistics.median(s[name][key] for s in samples), 1)
+                        for key in ("ttft_ms", "tokens_per_s")}
+    result["candle"] = {key: round(statistics.median(d[key] for d in candle), 1) for key in ("ttft_ms", "tokens_per_s")}
+    for base in names[1:]:
         for key in ("tokens_per_s", "ttft_ms"):
-            if base == "candle":
-                result[f"mount/{base} {key}"] = round(result["mount"][key] / candle[key], 2)
-            elif base in result:
-                ratios = [r["mount"][key] / r[base][key] for r in rounds]
-                result[f"mount/{base} {key}"] = round(statistics.median(ratios), 2)
-                result[f"mount/{base} {key}, each round"] = [round(x, 2) for x in ratios]
-    result["rounds"] = rounds
+            result[f"mount/{base} {key} (quartiles)"] = quartiles([s["mount"][key] / s[base][key] for s in samples])
+    for key in ("tokens_per_s", "ttft_ms"):
+        result[f"mount/candle {key}"] = round(result["mount"][key] / result["candle"][key], 2)
+    result["samples"] = len(samples)
     print(json.dumps(result, indent=1))
 
 
