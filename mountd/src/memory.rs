@@ -11,19 +11,23 @@ use tikv_jemallocator::Jemalloc;
 #[global_allocator]
 static ALLOC: Allocator = Allocator;
 
-/// jemalloc, except that a zeroed buffer under [`ZERO_BY_MEMSET_BELOW`]
-/// is cleared with `memset`. jemalloc clears a reused buffer of 16 KiB or
-/// more by handing its pages back (`MADV_DONTNEED`: a system call, and a
-/// TLB flush on every core the daemon runs on), so that each page faults
-/// in again, zeroed, at its first write. candle allocates every matmul's
-/// output zeroed and then writes all of it: a language model took ~280
-/// page faults and 6 `madvise` calls a token, and batched candle
-/// embeddings ran 15% slower than with `memset` (docs/BENCHMARKS.md). A
-/// large zeroed buffer (a long KV cache, written position by position)
-/// still gets jemalloc's untouched pages.
+/// jemalloc, except that a zeroed buffer in [`ZERO_BY_MEMSET`] is cleared
+/// with `memset`. jemalloc clears a reused buffer of 16 KiB or more (its
+/// "large" sizes) by handing its pages back (`MADV_DONTNEED`: a system
+/// call, and a TLB flush on every core the daemon runs on), so that each
+/// page faults in again, zeroed, at its first write. candle allocates
+/// every matmul's output zeroed and then writes all of it: a language
+/// model took ~280 page faults and 6 `madvise` calls a token, and batched
+/// candle embeddings ran 15% slower than with `memset`
+/// (docs/BENCHMARKS.md). Outside the range jemalloc's own zeroing stays:
+/// a smaller buffer it clears with `memset` itself when reused, and
+/// leaves a fresh one untouched; a larger one is more often written
+/// sparsely (sled's 40 metric histograms of 512 KiB, allocated at start
+/// and mostly never written: 20 MB more idle RSS if cleared; a long KV
+/// cache, written position by position).
 pub struct Allocator;
 
-const ZERO_BY_MEMSET_BELOW: usize = 1 << 20;
+const ZERO_BY_MEMSET: std::ops::Range<usize> = 16 << 10..512 << 10;
 
 // SAFETY: every call goes to jemalloc with the caller's arguments;
 // `alloc_zeroed` clears all `layout.size()` bytes of what it returns.
@@ -33,7 +37,7 @@ unsafe impl GlobalAlloc for Allocator {
     }
 
     unsafe fn alloc_zeroed(&self, layout: Layout) -> *mut u8 {
-        if layout.size() >= ZERO_BY_MEMSET_BELOW {
+        if !ZERO_BY_MEMSET.contains(&layout.size()) {
             return Jemalloc.alloc_zeroed(layout);
         }
         let p = Jemalloc.alloc(layout);
@@ -99,6 +103,10 @@ pub fn purge_periodically() {
 mod tests {
     use super::*;
 
+    /// The tests share jemalloc's one arena: one test's `calloc` may take
+    /// and purge the pages another freed to reuse. They run one at a time.
+    static ONE_AT_A_TIME: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
     /// Minor page faults of the calling thread so far.
     fn faults() -> i64 {
         // SAFETY: getrusage fills the struct it is given.
@@ -125,6 +133,7 @@ mod tests {
 
     #[test]
     fn a_reused_buffer_is_zeroed_without_faulting_its_pages_in_again() {
+        let _one = ONE_AT_A_TIME.lock().unwrap();
         // A language model's logits (49,152 floats), over and over.
         let size = 196_608;
         zeroed_then_written(size);
@@ -138,8 +147,32 @@ mod tests {
     }
 
     #[test]
+    fn a_large_zeroed_buffer_is_not_touched_until_written() {
+        let _one = ONE_AT_A_TIME.lock().unwrap();
+        // Fresh or reused, jemalloc hands it over as pages not yet in
+        // memory: a sparse table of 512 KiB costs only what is written.
+        let size = ZERO_BY_MEMSET.end;
+        let layout = Layout::from_size_align(size, 4096).unwrap();
+        zeroed_then_written(size); // one to reuse
+                                   // SAFETY: a non-zero size, freed with the same layout; mincore
+                                   // reads the mapping of the pages allocated and writes one byte
+                                   // per page into `resident`.
+        unsafe {
+            let p = ALLOC.alloc_zeroed(layout);
+            assert!(!p.is_null());
+            let mut resident = vec![0u8; size / 4096];
+            assert_eq!(libc::mincore(p.cast(), size, resident.as_mut_ptr()), 0);
+            ALLOC.dealloc(p, layout);
+            let touched = resident.iter().filter(|&&r| r & 1 == 1).count();
+            assert_eq!(touched, 0, "{touched} of {} pages in memory before any write", size / 4096);
+        }
+    }
+
+    #[test]
     fn buffers_of_every_size_come_zeroed() {
-        for size in [1, 4096, 16 << 10, ZERO_BY_MEMSET_BELOW - 1, ZERO_BY_MEMSET_BELOW, 8 << 20] {
+        let _one = ONE_AT_A_TIME.lock().unwrap();
+        let (start, end) = (ZERO_BY_MEMSET.start, ZERO_BY_MEMSET.end);
+        for size in [1, 4096, start - 1, start, end - 1, end, 8 << 20] {
             zeroed_then_written(size);
             zeroed_then_written(size); // reused, written before
         }
