@@ -541,12 +541,13 @@ fn the_rate_counts_the_step_that_ends_the_turn() {
     // Three tokens, then the end of the turn: four steps of 50 ms, three
     // intervals after the first. Sleeps only ever run long, so the rate
     // is at most 3 / 0.15 s = 20/s; not counting the last step would make
-    // it at most 2 / 0.15 s = 13.3/s.
+    // it at most 2 / 0.15 s = 13.3/s. Above that, the sleeps may run 74 ms
+    // long in all.
     let r = rig(1);
     let v = r.model("lm", &generator(3, 50), ModelConfig::default());
     let job = r.submit("lm", v, "a");
     assert_eq!(output(&job).unwrap(), answer(3));
     let progress = job.snapshot().generation.unwrap();
     assert_eq!(progress.tokens, 3, "the end of the turn is not a token of the answer");
-    assert!((16.0..=20.0).contains(&progress.tokens_per_s), "{progress:?}");
+    assert!((13.4..=20.0).contains(&progress.tokens_per_s), "{progress:?}");
 }
