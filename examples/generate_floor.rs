@@ -7,8 +7,8 @@
 //! - `candle`: candle-transformers' `quantized_llama`, the stock candle
 //!   model, for comparison.
 //!
-//! Like the daemon, it stops at `TOKENS` tokens or at the file's end of
-//! turn (EOS, EOT), whose step counts in the rate. Prints one JSON line
+//! Like the daemon, it stops at `TOKENS` tokens or at the end of the turn
+//! (`end_of_turn_ids`), whose step counts in the rate. Prints one JSON line
 //! per prompt: time to first token, tokens per second after it, and
 //! whether the ids equal llama.cpp's. With `--serve` it
 //! loads the model once and then runs the prompt whose index each line of
@@ -65,10 +65,7 @@ fn main() {
     let tokens: usize = args.get(4).map_or(32, |t| t.parse().expect("TOKENS is a number"));
     let mut file = std::fs::File::open(gguf).expect("the GGUF opens");
     let content = gguf_file::Content::read(&mut file).expect("a GGUF");
-    let ends: Vec<u32> = ["tokenizer.ggml.eos_token_id", "tokenizer.ggml.eot_token_id"]
-        .iter()
-        .filter_map(|key| content.metadata.get(*key)?.to_u32().ok())
-        .collect();
+    let ends = aifs::backend::gguf::end_of_turn_ids(&content);
     let (ours, stock) = if way == "aifs" {
         (Some(llama::Weights::load(&content, &mut file, 4096).expect("the model loads")), None)
     } else {

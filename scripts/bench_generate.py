@@ -51,6 +51,7 @@ import llama_cpp, numpy as np
 from llama_cpp import Llama
 llm = Llama(model_path=sys.argv[1], n_ctx=2048, n_threads=2, n_batch=512, n_ubatch=512, flash_attn=False, verbose=False)
 cases = json.load(open(sys.argv[2]))
+vocab = llama_cpp.llama_model_get_vocab(llm.model)
 for line in sys.stdin:
     case = cases[int(line)]
     llm.reset()
@@ -64,14 +65,15 @@ for line in sys.stdin:
         steps += 1
         if first is None:
             first = time.monotonic() - t
-        if tok == llm.token_eos():
+        if llama_cpp.llama_vocab_is_eog(vocab, tok):
             break
         tokens += 1
         if tokens == %d:
             break
         llm.eval([tok])
     total = time.monotonic() - t
-    print(json.dumps({"ttft_ms": first * 1e3, "tokens_per_s": (steps - 1) / (total - first)}), flush=True)
+    print(json.dumps({"ttft_ms": first * 1e3, "tokens_per_s": (steps - 1) / (total - first), "tokens": tokens}),
+          flush=True)
 """ % TOKENS
 
 
@@ -80,6 +82,7 @@ class Mount:
         self.infer = os.path.join(mnt, "models/smollm/latest/infer")
         self.bodies = [json.dumps({"messages": [{"role": "user", "content": c["prompt"]}],
                                    "max_tokens": TOKENS}).encode() for c in cases]
+        self.prompt_tokens = [len(c["prompt_ids"]) for c in cases]
 
     def run(self, i):
         f = os.open(self.infer, os.O_RDWR)
@@ -95,7 +98,11 @@ class Mount:
         # The end of the turn takes a step, like a token (no stop strings
         # here: "stop" is the end-of-turn token).
         steps = last["completion_tokens"] + (last["finish_reason"] == "stop")
-        return {"ttft_ms": first * 1e3, "tokens_per_s": (steps - 1) / (total - first)}
+        if last["prompt_tokens"] != self.prompt_tokens[i]:
+            raise SystemExit(f"prompt {i}: the mount's prompt is {last['prompt_tokens']} tokens, "
+                             f"the reference's {self.prompt_tokens[i]}")
+        return {"ttft_ms": first * 1e3, "tokens_per_s": (steps - 1) / (total - first),
+                "tokens": last["completion_tokens"]}
 
 
 class Served:
@@ -112,7 +119,10 @@ class Served:
         if not line:
             raise SystemExit(f"{self.p.args[0]} ended")
         d = json.loads(line)
-        return {"ttft_ms": d["ttft_ms"], "tokens_per_s": d["tokens_per_s"]}
+        if d.get("equal") is False:
+            raise SystemExit(f"prompt {i}: {self.p.args[0]}'s tokens differ from llama.cpp's at {d['first_diff']}")
+        tokens = d["tokens"] if "tokens" in d else len(d["ids"])
+        return {"ttft_ms": d["ttft_ms"], "tokens_per_s": d["tokens_per_s"], "tokens": tokens}
 
     def close(self):
         self.p.stdin.close()
@@ -141,7 +151,11 @@ def main():
     for s in range(ROUNDS * len(cases)):
         i = s % len(cases)
         order = names[s % len(names):] + names[:s % len(names)]
-        samples.append({name: ways[name].run(i) for name in order})
+        sample = {name: ways[name].run(i) for name in order}
+        # Equal work: every way stopped where llama.cpp's reference did.
+        if any(r["tokens"] != len(cases[i]["ids"]) for r in sample.values()):
+            raise SystemExit(f"prompt {i}: answers of unequal length: {sample}")
+        samples.append(sample)
     for way in ways.values():
         if isinstance(way, Served):
             way.close()

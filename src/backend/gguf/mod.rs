@@ -194,13 +194,7 @@ impl Model {
         let token = |id: Option<u64>| id.and_then(|id| tokenizer.id_to_token(id as u32));
         let bos = token(number("tokenizer.ggml.bos_token_id")).unwrap_or_default();
         let eos = token(number("tokenizer.ggml.eos_token_id")).unwrap_or_default();
-        let mut ends: Vec<u32> = ["tokenizer.ggml.eos_token_id", "tokenizer.ggml.eot_token_id"]
-            .iter()
-            .filter_map(|k| number(k).map(|id| id as u32))
-            .chain(END_OF_TURN.iter().filter_map(|t| tokenizer.token_to_id(t)))
-            .collect();
-        ends.sort_unstable();
-        ends.dedup();
+        let ends = end_of_turn_ids(&content);
         let template = text("tokenizer.chat_template")
             .map(|t| chat_environment(&t))
             .transpose()
@@ -211,6 +205,31 @@ impl Model {
 }
 
 /// The most common tensor type among the weights, e.g. `Q4_1`.
+/// The ids that end a turn: the file's EOS and EOT ids, and the
+/// [`END_OF_TURN`] tokens its vocabulary has.
+pub fn end_of_turn_ids(content: &Content) -> Vec<u32> {
+    let meta = &content.metadata;
+    let vocabulary = match meta.get("tokenizer.ggml.tokens") {
+        Some(Value::Array(tokens)) => tokens.as_slice(),
+        _ => &[],
+    };
+    let named = vocabulary.iter().enumerate().filter_map(|(id, token)| match token {
+        Value::String(t) if END_OF_TURN.contains(&t.as_str()) => Some(id as u32),
+        _ => None,
+    });
+    let mut ends: Vec<u32> = ["tokenizer.ggml.eos_token_id", "tokenizer.ggml.eot_token_id"]
+        .iter()
+        .filter_map(|key| {
+            let id = meta.get(*key)?;
+            id.to_u32().ok().or_else(|| id.to_u64().ok().map(|id| id as u32))
+        })
+        .chain(named)
+        .collect();
+    ends.sort_unstable();
+    ends.dedup();
+    ends
+}
+
 fn quantization(content: &Content) -> String {
     let mut counts = std::collections::BTreeMap::new();
     for info in content.tensor_infos.values().filter(|i| i.shape.rank() == 2) {
@@ -378,5 +397,29 @@ impl super::Generation for LlamaGeneration {
         // max_tokens fits the context (checked in `generate`).
         let end = (self.generated.len() >= self.max_tokens).then_some(super::Finish::Length);
         Ok(super::Token { id, text, end })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use candle_core::quantized::gguf_file::VersionedMagic;
+
+    use super::*;
+
+    #[test]
+    fn a_turn_ends_at_the_files_ids_and_the_named_end_tokens_it_has() {
+        let tokens = ["a", "<|im_end|>", "b", "<|endoftext|>", "<|eot_id|>", "<end>"];
+        let metadata = [
+            ("tokenizer.ggml.tokens", Value::Array(tokens.iter().map(|t| Value::String(t.to_string())).collect())),
+            ("tokenizer.ggml.eos_token_id", Value::U32(2)),
+            ("tokenizer.ggml.eot_token_id", Value::U64(5)),
+        ];
+        let content = Content {
+            magic: VersionedMagic::GgufV3,
+            metadata: metadata.into_iter().map(|(k, v)| (k.to_string(), v)).collect(),
+            tensor_infos: Default::default(),
+            tensor_data_offset: 0,
+        };
+        assert_eq!(end_of_turn_ids(&content), [1, 2, 3, 4, 5]);
     }
 }
