@@ -36,10 +36,6 @@ pub(super) struct Generating {
     kv_bytes: u64,
     /// Tokens generated (an end-of-turn token is not counted).
     tokens: usize,
-    /// Steps taken: tokens the model produced, an end-of-turn one
-    /// included (it costs a forward pass like any other). The rate counts
-    /// these, as llama.cpp's does.
-    steps: usize,
     started: Instant,
     first_token: Option<Instant>,
 }
@@ -93,21 +89,24 @@ impl Shared {
             };
             let now = Instant::now();
             let first = *g.first_token.get_or_insert(now);
-            g.steps += 1;
-            let (mut bytes, stopped) = if token.end == Some(Finish::Stop) && token.text.is_empty() {
+            let end_of_turn = token.end == Some(Finish::Stop) && token.text.is_empty();
+            let (mut bytes, stopped) = if end_of_turn {
                 (Vec::new(), false)
             } else {
                 g.tokens += 1;
                 g.answer.push(token.id, &token.text)
             };
             let end = if stopped { Some(Finish::Stop) } else { token.end };
+            // The rate counts every step, the one that ends the turn too (it
+            // costs a forward pass like any token), as llama.cpp counts it.
+            let steps = g.tokens + usize::from(end_of_turn);
             let progress = Progress {
                 prompt_tokens: g.generation.prompt_tokens(),
                 tokens: g.tokens,
                 max_tokens: g.generation.max_tokens(),
                 first_token_us: Some((first - g.started).as_micros() as u64),
                 tokens_per_s: match (now - first).as_secs_f64() {
-                    t if t > 0.0 => (g.steps - 1) as f64 / t,
+                    t if t > 0.0 => steps.saturating_sub(1) as f64 / t,
                     _ => 0.0,
                 },
             };
@@ -175,7 +174,6 @@ impl Shared {
             pool: pool.clone(),
             kv_bytes,
             tokens: 0,
-            steps: 0,
             started,
             first_token: None,
         }))

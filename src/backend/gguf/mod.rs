@@ -204,7 +204,6 @@ impl Model {
     }
 }
 
-/// The most common tensor type among the weights, e.g. `Q4_1`.
 /// The ids that end a turn: the file's EOS and EOT ids, and the
 /// [`END_OF_TURN`] tokens its vocabulary has.
 pub fn end_of_turn_ids(content: &Content) -> Vec<u32> {
@@ -230,6 +229,7 @@ pub fn end_of_turn_ids(content: &Content) -> Vec<u32> {
     ends
 }
 
+/// The most common tensor type among the weights, e.g. `Q4_1`.
 fn quantization(content: &Content) -> String {
     let mut counts = std::collections::BTreeMap::new();
     for info in content.tensor_infos.values().filter(|i| i.shape.rank() == 2) {
